@@ -1,0 +1,61 @@
+"""KV cache: preallocated per-layer tensors with per-row lengths.
+
+Glossary
+- **slot**: an index along the cache's sequence axis. Row b's token at position p lives in slot p, so a row's
+  valid entries are slots ``[0, lengths[b])`` and ragged rows simply have different lengths.
+- **rollback**: lowering a row's length; entries past it are dead and are overwritten by the next write,
+  so the cache never serves a stale entry (attention masks everything at or past the row's length).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """K and V for every layer, each # [B, Hkv, S_max, D]; ``lengths[b]`` valid slots per row (host ints)."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.lengths: list[int] = [0] * batch
+        self.max_len = max_len
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def nbytes(self) -> int:
+        """Bytes held by the preallocated tensors."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def advance(self, n_new: list[int]) -> None:
+        """Mark ``n_new[b]`` more slots of row b as valid (after a forward wrote them)."""
+        self.lengths = [n + m for n, m in zip(self.lengths, n_new)]
+
+    def truncate(self, row: int, length: int) -> None:
+        """Roll row back to ``length`` valid slots."""
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
+        self.lengths[row] = length
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop every row not in ``rows`` (finished sequences), keeping order."""
+        if rows == list(range(self.batch)):
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.k[0].device)
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
+        self.lengths = [self.lengths[r] for r in rows]

@@ -1,0 +1,188 @@
+"""The decode loop: schedule -> forward -> sample -> commit -> emit.
+
+Glossary
+- **row**: one sequence in the batch. Rows are ragged (different prompt lengths) and stop independently (EOS,
+  stop string, max new tokens, context window); a finished row leaves the batch and its cache row is dropped.
+- **TTFT**: time to first token, from the call to the first sampled token of a row.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ponder.errors import PonderError
+from ponder.model.loader import Loaded
+from ponder.sampling import SamplingParams, make_generators, sample, top2_gap
+
+Prompt = str | Sequence[int] | Sequence[dict[str, str]]  # text, token ids, or chat messages
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "eos", "stop", "length" (max new tokens or context window)
+    ttft_s: float = 0.0
+    seconds: float = 0.0
+    top2_gaps: list[float] = field(default_factory=list)  # per output token: the target's top-1 vs top-2 logit margin
+
+
+@dataclass
+class StreamEvent:
+    row: int  # index of the prompt in the call
+    text: str  # new text since the previous event of this row
+    token_ids: list[int]
+    finished: bool
+    completion: Completion
+
+
+@dataclass
+class _Row:
+    index: int
+    completion: Completion
+    generator: torch.Generator | None
+    emitted: int = 0  # characters of completion.text already streamed
+
+
+class Engine:
+    """Batched, KV-cached generation with one model."""
+
+    def __init__(self, loaded: Loaded) -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.context_window = self.model.config.max_position_embeddings
+        self.eos_ids = _eos_ids(loaded)
+
+    # --- input ----------------------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        """Token ids for a text (through the chat template when ``chat``), chat messages, or ids as given."""
+        if isinstance(prompt, str):
+            if chat:
+                return self._chat_ids([{"role": "user", "content": prompt}])
+            return list(self.tokenizer(prompt)["input_ids"])
+        items = list(prompt)
+        if items and all(isinstance(m, dict) for m in items):
+            return self._chat_ids(items)
+        if items and all(isinstance(t, int) and 0 <= t < self.model.config.vocab_size for t in items):
+            return items
+        raise PonderError("a prompt must be a non-empty string, a list of chat messages or a list of valid token ids")
+
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise PonderError("this model's tokenizer has no chat template; pass a plain prompt instead")
+        for m in messages:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise PonderError(f"a chat message needs string 'role' and 'content', got {m!r}")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+
+    # --- output ---------------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool = False) -> list[Completion]:
+        """Generate for every prompt in one batch; returns completions in prompt order."""
+        done: dict[int, Completion] = {}
+        for event in self.stream(prompts, params, chat):
+            if event.finished:
+                done[event.row] = event.completion
+        return [done[i] for i in range(len(done))]
+
+    def stream(self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool = False) -> Iterator[StreamEvent]:
+        """Yield text as it is generated, one event per row per step, batched over all prompts."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or not prompts:
+            raise PonderError("prompts must be a non-empty list (wrap a single prompt in a list)")
+        ids = [self.encode(p, chat) for p in prompts]
+        for i, p in enumerate(ids):
+            if len(p) >= self.context_window:
+                raise PonderError(
+                    f"prompt {i} is {len(p)} tokens, longer than the model's context window of "
+                    f"{self.context_window} tokens; shorten it"
+                )
+        with torch.inference_mode():
+            yield from self._run(ids, params)
+
+    def _run(self, ids: list[list[int]], params: SamplingParams) -> Iterator[StreamEvent]:
+        start = time.perf_counter()
+        gens = make_generators(params, len(ids), self.model.device)
+        rows = [_Row(i, Completion(p), g) for i, (p, g) in enumerate(zip(ids, gens))]
+        max_len = min(self.context_window, max(map(len, ids)) + params.max_new_tokens)
+        cache = self.model.new_cache(len(rows), max_len)
+        logits = self._prefill(ids, cache)
+        while rows:
+            tokens, gaps = self._pick(logits, rows, params)
+            events = [self._commit(r, t, g, params, cache.lengths[i], start) for i, (r, t, g) in enumerate(zip(rows, tokens, gaps))]
+            yield from events
+            alive = [i for i, e in enumerate(events) if not e.finished]
+            if not alive:
+                return
+            cache.keep_rows(alive)
+            rows = [rows[i] for i in alive]
+            step = torch.tensor([[tokens[i]] for i in alive], device=self.model.device)
+            logits = self.model(step, cache)[:, -1]
+
+    def _prefill(self, ids: list[list[int]], cache: Any) -> torch.Tensor:
+        """Run the prompts (right-padded to one length) and return each row's last logits # [B, V]."""
+        width = max(map(len, ids))
+        batch = torch.zeros(len(ids), width, dtype=torch.long)
+        for i, p in enumerate(ids):
+            batch[i, : len(p)] = torch.tensor(p)
+        return self.model(batch.to(self.model.device), cache, [len(p) for p in ids], last_only=True)[:, -1]
+
+    def _pick(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> tuple[list[int], list[float]]:
+        tokens = sample(logits, params, [r.generator for r in rows])
+        return tokens.tolist(), top2_gap(logits).tolist()
+
+    def _commit(self, row: _Row, token: int, gap: float, params: SamplingParams, cached: int, start: float) -> StreamEvent:
+        """Append one token to a row, detokenize, and decide whether the row is finished."""
+        c = row.completion
+        if not c.output_ids:
+            c.ttft_s = time.perf_counter() - start
+        c.output_ids.append(token)
+        c.top2_gaps.append(gap)
+        c.text = self.tokenizer.decode(c.output_ids, skip_special_tokens=True)
+        if token in self.eos_ids and not params.ignore_eos:
+            c.finish_reason = "eos"
+        elif (cut := _first_stop(c.text, params.stop)) is not None:
+            c.text, c.finish_reason = c.text[:cut], "stop"
+        elif len(c.output_ids) >= params.max_new_tokens or cached + 1 >= self.context_window:
+            c.finish_reason = "length"
+        finished = c.finish_reason is not None
+        end = len(c.text) if finished else _safe_end(c.text, params.stop)
+        delta, row.emitted = c.text[row.emitted : end], max(row.emitted, end)
+        if finished:
+            c.seconds = time.perf_counter() - start
+        return StreamEvent(row.index, delta, [token], finished, c)
+
+
+def _eos_ids(loaded: Loaded) -> set[int]:
+    ids = set(loaded.model.config.eos_token_ids)
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(loaded.tokenizer.eos_token_id)
+    gen_cfg = loaded.path / "generation_config.json"
+    if gen_cfg.is_file():
+        import json
+
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+    return ids
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def _safe_end(text: str, stops: tuple[str, ...]) -> int:
+    """How much of ``text`` can be streamed: hold back a possible stop-string prefix and an incomplete character."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end -= k
+                break
+    return end

