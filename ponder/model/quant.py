@@ -13,13 +13,16 @@ import torch
 from torch import nn
 
 from ponder.model.llama import LlamaModel
+from ponder.model.packed import pack_linears
 
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def convert_dtype(model: LlamaModel, dtype: str) -> LlamaModel:
+def convert_dtype(model: LlamaModel, dtype: str, pack: bool = True) -> LlamaModel:
+    """Cast or quantize the weights; ``pack`` puts float linears into the fastest CPU layout (same math)."""
     if dtype in FLOAT_DTYPES:
-        return model.to(FLOAT_DTYPES[dtype]) if dtype != "fp32" else model
+        model = model.to(FLOAT_DTYPES[dtype]) if dtype != "fp32" else model
+        return pack_linears(model) if pack else model
     if dtype == "int8":
         return quantize_int8(model)
     raise ValueError(f"unknown dtype {dtype}")
