@@ -110,11 +110,8 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf(raw)
 
 
-def load_model(path: Path, dtype: str = "fp32", pack: bool = True) -> LlamaModel:
-    """Our model with the weights in ``path``, converted to ``dtype`` (fp32, bf16, fp16 or int8 weights).
-
-    ``pack`` stores float linears in oneDNN's prepacked layout on CPU (faster, same math up to summation order).
-    """
+def load_model(path: Path, dtype: str = "fp32") -> LlamaModel:
+    """Our model with the weights in ``path``, converted to ``dtype`` (fp32, bf16, fp16 or int8 weights)."""
     if dtype not in DTYPES:
         raise PonderError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     cfg = read_config(path)
@@ -127,7 +124,7 @@ def load_model(path: Path, dtype: str = "fp32", pack: bool = True) -> LlamaModel
     model.eval().requires_grad_(False)
     from ponder.model.quant import convert_dtype
 
-    return convert_dtype(model, dtype, pack)
+    return convert_dtype(model, dtype)
 
 
 def _inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -191,7 +188,7 @@ class Loaded:
     dtype: str
 
 
-def load(name: str = DEFAULT_MODEL, dtype: str = "fp32", pack: bool = True) -> Loaded:
+def load(name: str = DEFAULT_MODEL, dtype: str = "fp32") -> Loaded:
     """Load ``name`` (see module docstring) as a ``Loaded`` bundle."""
     path = resolve(name)
-    return Loaded(load_model(path, dtype, pack), load_tokenizer(path), name, path, dtype)
+    return Loaded(load_model(path, dtype), load_tokenizer(path), name, path, dtype)

@@ -13,16 +13,14 @@ import torch
 from torch import nn
 
 from ponder.model.llama import LlamaModel
-from ponder.model.packed import pack_linears
 
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def convert_dtype(model: LlamaModel, dtype: str, pack: bool = True) -> LlamaModel:
-    """Cast or quantize the weights; ``pack`` puts float linears into the fastest CPU layout (same math)."""
+def convert_dtype(model: LlamaModel, dtype: str) -> LlamaModel:
+    """Cast (fp32, bf16, fp16) or quantize (int8) the weights."""
     if dtype in FLOAT_DTYPES:
-        model = model.to(FLOAT_DTYPES[dtype]) if dtype != "fp32" else model
-        return pack_linears(model) if pack else model
+        return model.to(FLOAT_DTYPES[dtype])
     if dtype == "int8":
         return quantize_int8(model)
     raise ValueError(f"unknown dtype {dtype}")

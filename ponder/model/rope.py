@@ -39,15 +39,20 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 def rope_tables(inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for every position, each # [max_positions, head_dim], fp32."""
+    """cos and signed sin for every position, each # [max_positions, head_dim], fp32.
+
+    The sin table's first half is negated, so that ``apply_rope`` needs one ``roll`` instead of slice, negate and
+    concatenate (the same products, so the same rounding as the textbook form).
+    """
     pos = torch.arange(max_positions, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    half = inv_freq.shape[0]
+    signed_sin = emb.sin()
+    signed_sin[:, :half].neg_()
+    return emb.cos(), signed_sin
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x # [B, T, H, D] by cos/sin # [B, T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x # [B, T, H, D] by cos / signed sin # [B, T, 1, D]: x*cos + rotate_half(x)*sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
