@@ -51,6 +51,22 @@ class KVCache:
             raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
         self.lengths[row] = length
 
+    def row(self, b: int) -> "KVCache":
+        """A one-row cache sharing row b's storage: a forward on it writes into this cache. Its length is its own;
+        copy it back with ``set_length`` after the forward."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[b : b + 1] for t in self.k]
+        view.v = [t[b : b + 1] for t in self.v]
+        view.lengths = [self.lengths[b]]
+        view.max_len = self.max_len
+        return view
+
+    def set_length(self, b: int, length: int) -> None:
+        """Declare row b's first ``length`` slots valid (after a forward through ``row(b)`` wrote them)."""
+        if not 0 <= length <= self.max_len:
+            raise ValueError(f"row {b}: length {length} outside [0, {self.max_len}]")
+        self.lengths[b] = length
+
     def keep_rows(self, rows: list[int]) -> None:
         """Drop every row not in ``rows`` (finished sequences), keeping order."""
         if rows == list(range(self.batch)):

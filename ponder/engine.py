@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ponder.cache import KVCache
 from ponder.errors import PonderError
 from ponder.model.loader import Loaded
 from ponder.sampling import SamplingParams, make_generators, sample, top2_gap
@@ -110,6 +111,7 @@ class Engine:
         rows = [_Row(i, Completion(p), g) for i, (p, g) in enumerate(zip(ids, gens))]
         max_len = min(self.context_window, max(map(len, ids)) + params.max_new_tokens)
         cache = self.model.new_cache(len(rows), max_len)
+        self.model.pack_for_rows(len(rows))
         logits = self._prefill(ids, cache)
         while rows:
             tokens, gaps = self._pick(logits, rows, params)
@@ -123,13 +125,19 @@ class Engine:
             step = torch.tensor([[tokens[i]] for i in alive], device=self.model.device)
             logits = self.model(step, cache)[:, -1]
 
-    def _prefill(self, ids: list[list[int]], cache: Any) -> torch.Tensor:
-        """Run the prompts (right-padded to one length) and return each row's last logits # [B, V]."""
-        width = max(map(len, ids))
-        batch = torch.zeros(len(ids), width, dtype=torch.long)
-        for i, p in enumerate(ids):
-            batch[i, : len(p)] = torch.tensor(p)
-        return self.model(batch.to(self.model.device), cache, [len(p) for p in ids], last_only=True)[:, -1]
+    def _prefill(self, ids: list[list[int]], cache: KVCache) -> torch.Tensor:
+        """Run each prompt into its cache row and return each row's last logits # [B, V].
+
+        Rows are prefilled one at a time: padding ragged prompts to one width would multiply the work by up to
+        B x (longest / mean length), and a prompt's own prefill is already a large matmul.
+        """
+        last = []
+        for b, p in enumerate(ids):
+            row = cache.row(b)
+            x = torch.tensor([p], device=self.model.device)
+            last.append(self.model(x, row, last_only=True)[:, -1])
+            cache.set_length(b, row.lengths[0])
+        return torch.cat(last)
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> tuple[list[int], list[float]]:
         tokens = sample(logits, params, [r.generator for r in rows])

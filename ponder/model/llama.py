@@ -18,6 +18,7 @@ from torch import nn
 
 from ponder.cache import KVCache
 from ponder.model.config import ModelConfig
+from ponder.model.linear import Linear
 from ponder.model.rope import apply_rope, inv_frequencies, rope_tables
 
 
@@ -32,6 +33,7 @@ class StepContext:
     read_len: int  # attention reads slots [0, read_len)
     mask: torch.Tensor | None  # [B or 1, 1, T, S] bool, True = may attend; None with `causal` or plain decode
     causal: bool  # SDPA's own causal mask applies (fresh rows, all the same length)
+    row_read: list[int] | None = None  # ragged decode: row b attends slots [0, row_read[b]), one SDPA call per row
 
 
 class Attention(nn.Module):
@@ -39,8 +41,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv_out = (self.n_heads + 2 * self.n_kv) * self.head_dim
-        self.wqkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.wqkv = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
+        self.wo = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
         """x # [B, T, E] -> attention output # [B, T, E]; writes this layer's K/V for the new tokens."""
@@ -73,11 +75,18 @@ def _write_kv(
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: StepContext, group: int) -> torch.Tensor:
     """q # [B, T, H, D] over keys/values # [B, Hkv, S, D] -> # [B, T, H, D]."""
     B, T, H, D = q.shape
-    if T == 1 and ctx.mask is None:
-        # One query per row and nothing to mask: fold each KV head's query group into the query axis,
-        # so GQA needs neither repeated K/V nor a mask.
+    if T == 1:
+        # One query per row: fold each KV head's query group into the query axis, so GQA needs no repeated K/V.
         qg = q.view(B, keys.shape[1], group, D)
-        return F.scaled_dot_product_attention(qg, keys, values).view(B, 1, H, D)
+        if ctx.row_read is None:
+            return F.scaled_dot_product_attention(qg, keys, values, attn_mask=ctx.mask).view(B, 1, H, D)
+        # Ragged rows: each row reads only its own valid slots instead of the longest row's span under a mask,
+        # which for mixed prompt lengths cuts the K/V bytes read several-fold.
+        out = [
+            F.scaled_dot_product_attention(qg[b : b + 1], keys[b : b + 1, :, :n], values[b : b + 1, :, :n])
+            for b, n in enumerate(ctx.row_read)
+        ]
+        return torch.cat(out).view(B, 1, H, D)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), keys, values, attn_mask=ctx.mask, is_causal=ctx.causal, enable_gqa=group > 1
     )
@@ -87,8 +96,8 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: Step
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.wgate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.wdown = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.wgate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.wdown = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x # [B, T, E] -> # [B, T, E] (SwiGLU)."""
@@ -118,7 +127,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), False)
@@ -137,6 +146,12 @@ class LlamaModel(nn.Module):
         return KVCache(
             cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, self.dtype, self.device
         )
+
+    def pack_for_rows(self, rows: int) -> None:
+        """Prepare the projections' batched CPU kernel for up to ``rows`` tokens per forward (see ``linear.py``)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack_rows(rows)
 
     # --- the three stages ---------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -192,6 +207,8 @@ class LlamaModel(nn.Module):
         cos, sin = self._rope_at(pos, read_len)
         if uniform and not needs_window and (T == 1 or start == 0):
             return StepContext(cos, sin, start, None, read_len, None, causal=T > 1)
+        if T == 1 and not needs_window:
+            return StepContext(cos, sin, None, pos, read_len, None, False, row_read=[n + 1 for n in lengths])
         keys = torch.arange(read_len, device=dev)
         mask = keys[None, None, :] <= pos[:, :, None]  # [B or 1, T, S]
         if window is not None:

@@ -32,6 +32,7 @@ def quantize_int8(model: LlamaModel) -> LlamaModel:
         head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
         head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone(), requires_grad=False)
         model.lm_head = head
+    _to_plain_linears(model)
     engines = torch.backends.quantized.supported_engines
     if "fbgemm" in engines:
         torch.backends.quantized.engine = "fbgemm"
@@ -42,3 +43,13 @@ def quantize_int8(model: LlamaModel) -> LlamaModel:
         from torch.ao.quantization import quantize_dynamic
 
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def _to_plain_linears(model: nn.Module) -> None:
+    """quantize_dynamic only swaps modules whose type is exactly ``nn.Linear``: hand it plain ones."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and type(child) is not nn.Linear:
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(parent, name, plain)
