@@ -16,7 +16,7 @@ import torch
 
 from ponder.cache import KVCache
 from ponder.errors import PonderError
-from ponder.model.loader import Loaded
+from ponder.model.loader import Loaded, eos_token_ids
 from ponder.sampling import SamplingParams, make_generators, sample, top2_gap
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]  # text, token ids, or chat messages
@@ -57,7 +57,7 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.context_window = self.model.config.max_position_embeddings
-        self.eos_ids = _eos_ids(loaded)
+        self.eos_ids = eos_token_ids(loaded.path, self.model.config, loaded.tokenizer)
 
     # --- input ----------------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
@@ -163,19 +163,6 @@ class Engine:
         if finished:
             c.seconds = time.perf_counter() - start
         return StreamEvent(row.index, delta, [token], finished, c)
-
-
-def _eos_ids(loaded: Loaded) -> set[int]:
-    ids = set(loaded.model.config.eos_token_ids)
-    if loaded.tokenizer.eos_token_id is not None:
-        ids.add(loaded.tokenizer.eos_token_id)
-    gen_cfg = loaded.path / "generation_config.json"
-    if gen_cfg.is_file():
-        import json
-
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
-    return ids
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

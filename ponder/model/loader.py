@@ -35,7 +35,7 @@ def cache_root() -> Path:
 def resolve(name: str) -> Path:
     """Local directory holding config.json, *.safetensors and tokenizer files for ``name``."""
     if name in BUILTIN_MODELS:
-        return _gguf_dir(_builtin_gguf(name))
+        return _gguf_dir(builtin_gguf(name))
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -52,7 +52,7 @@ def resolve(name: str) -> Path:
     )
 
 
-def _builtin_gguf(name: str) -> Path:
+def builtin_gguf(name: str) -> Path:
     module, filename, package = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -175,6 +175,21 @@ def load_tokenizer(path: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise PonderError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}")
+
+
+def eos_token_ids(path: Path, cfg: ModelConfig, tokenizer: Any) -> set[int]:
+    """Every id that ends a sequence: config.json's, the tokenizer's and generation_config.json's."""
+    ids = set(cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    gen_cfg = path / "generation_config.json"
+    if gen_cfg.is_file():
+        try:
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        except (OSError, json.JSONDecodeError) as e:
+            raise PonderError(f"cannot read {gen_cfg}: {e}")
+        ids.update(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+    return ids
 
 
 @dataclass

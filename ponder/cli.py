@@ -1,0 +1,208 @@
+"""The ``ponder`` command: ``generate``, ``info`` and ``bench``.
+
+A user mistake (``PonderError``) prints one line, ``ponder: error: ...``, and exits 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from ponder.errors import PonderError
+
+if TYPE_CHECKING:
+
+    from ponder.engine import Completion, Engine, Prompt
+    from ponder.model.config import ModelConfig
+    from ponder.model.loader import Loaded
+    from ponder.sampling import SamplingParams
+
+DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
+        return int(args.func(args) or 0)
+    except PonderError as e:
+        print(f"ponder: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ponder: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `ponder generate ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ponder import DEFAULT_MODEL, __version__
+
+    parser = argparse.ArgumentParser(prog="ponder", description="Token-adaptive inference for decoder-only LLMs.")
+    parser.add_argument("--version", action="version", version=f"ponder {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate text from a prompt (streams)")
+    gen.add_argument("prompt", nargs="+", help="prompt text; several prompts run as one batch")
+    _model_args(gen, DEFAULT_MODEL)
+    gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    gen.add_argument("--system", help="system message (chat mode)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    gen.add_argument("--no-stream", action="store_true", help="print the text only when done")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="summary of a model: architecture, layers, heads, parameters, memory")
+    _model_args(info, DEFAULT_MODEL)
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="measure speed and fidelity of methods and peers side by side")
+    from ponder import bench as bench_mod
+
+    bench_mod.add_arguments(bench)
+    bench.set_defaults(func=bench_mod.run)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--model", default=default, help=f"model name, HF dir, .gguf file or hub id (default {default})")
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="weight dtype (int8 is lossy)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import ponder
+    from ponder.engine import Engine
+    from ponder.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+    )
+    engine = Engine(ponder.load(args.model, args.dtype))
+    prompts = [_as_prompt(p, args) for p in args.prompt]
+    chat = not args.raw
+    if chat and not getattr(engine.tokenizer, "chat_template", None):
+        chat = False
+        prompts = list(args.prompt)
+    start = time.perf_counter()
+    if len(prompts) == 1 and not args.no_stream:
+        completions = _stream_one(engine, prompts[0], params, chat)
+    else:
+        completions = engine.generate(prompts, params, chat=chat)
+        for i, c in enumerate(completions):
+            header = f"--- [{i}] " if len(completions) > 1 else ""
+            print(f"{header}{c.text}" if not header else f"{header}\n{c.text}")
+    _print_stats(completions, time.perf_counter() - start)
+    return 0
+
+
+def _as_prompt(text: str, args: argparse.Namespace) -> Prompt:
+    if args.raw:
+        return text
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return messages + [{"role": "user", "content": text}]
+
+
+def _stream_one(engine: Engine, prompt: Prompt, params: SamplingParams, chat: bool) -> list[Completion]:
+    last = None
+    for event in engine.stream([prompt], params, chat=chat):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        last = event.completion
+    sys.stdout.write("\n")
+    assert last is not None  # stream() yields at least one event per prompt
+    return [last]
+
+
+def _print_stats(completions: list[Completion], seconds: float) -> None:
+    tokens = sum(len(c.output_ids) for c in completions)
+    ttft = min(c.ttft_s for c in completions)
+    reasons = ",".join(sorted({c.finish_reason for c in completions}))
+    print(
+        f"[{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s, TTFT {ttft * 1000:.0f} ms, "
+        f"finished: {reasons}]",
+        file=sys.stderr,
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import ponder
+
+    loaded = ponder.load(args.model, args.dtype)
+    for key, value in model_summary(loaded).items():
+        print(f"{key:<22} {value}")
+    return 0
+
+
+def model_summary(loaded: Loaded) -> dict[str, str]:
+    """Human-readable facts about a loaded model, in display order."""
+    model, cfg = loaded.model, loaded.model.config
+    params = model.config.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    params += sum(_layer_params(cfg) for _ in range(cfg.num_hidden_layers)) + cfg.hidden_size
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * _kv_elem_bytes(model)
+    rope = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) if cfg.rope_scaling else "default"
+    return {
+        "model": loaded.name,
+        "path": str(loaded.path),
+        "architecture": cfg.model_type,
+        "layers": str(cfg.num_hidden_layers),
+        "hidden size": str(cfg.hidden_size),
+        "intermediate size": str(cfg.intermediate_size),
+        "attention heads": f"{cfg.num_attention_heads} (KV heads {cfg.num_key_value_heads}, head dim {cfg.head_dim})",
+        "vocabulary": str(cfg.vocab_size),
+        "parameters": f"{params / 1e6:.1f} M" + (" (tied embeddings)" if cfg.tie_word_embeddings else ""),
+        "context length": str(cfg.max_position_embeddings)
+        + (f" (sliding window {cfg.sliding_window})" if cfg.sliding_window else ""),
+        "rope": f"theta {cfg.rope_theta:g}, scaling {rope}",
+        "dtype": loaded.dtype,
+        "weight memory": f"{_weight_bytes(model) / 2**20:.1f} MiB",
+        "KV cache per token": f"{kv_per_token / 1024:.1f} KiB",
+    }
+
+
+def _layer_params(c: ModelConfig) -> int:
+    qkv = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    bias = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim if c.attention_bias else 0
+    out = c.num_attention_heads * c.head_dim * c.hidden_size
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    return qkv + bias + out + mlp + 2 * c.hidden_size
+
+
+def _kv_elem_bytes(model: nn.Module) -> int:
+    return model.embed_tokens.weight.element_size()
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the model holds, counting shared tensors once (int8 packed weights too)."""
+    seen: set[int] = set()
+    total = 0
+    for t in model.state_dict().values():
+        if isinstance(t, torch.Tensor) and not t.is_quantized and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for m in model.modules():
+        if callable(getattr(m, "weight", None)):  # dynamically quantized linears expose weight()
+            w = m.weight()
+            total += w.numel() * w.element_size()
+    return total
+
+if __name__ == "__main__":
+    raise SystemExit(main())
