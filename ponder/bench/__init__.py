@@ -1,0 +1,160 @@
+"""``ponder bench``: speed and fidelity of ponder's methods and of the peers, side by side, in one run.
+
+Every method runs in its own child process (so its peak memory is its own) on the same prompt token ids.
+``baseline`` (ponder greedy, fp32) always runs first: every other method is compared with its output ids.
+Writes ``results.json`` (schema in the README), ``report.md`` and ``speed.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from ponder.bench.methods import MethodSpec, Output, llamacpp_available, parse_methods, parse_spec
+from ponder.bench.suites import Case, load_suite
+from ponder.errors import PonderError
+
+LLAMACPP_CRASH_HINT = (
+    " llama-cpp-python built with -march=native uses AMX kernels on CPUs that report AMX, and these crash where a"
+    " VM does not enable AMX: rebuild it without them, see the README (Peers: llama.cpp)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ponder import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model for every method (default {DEFAULT_MODEL})")
+    p.add_argument("--suite", default="builtin", help="builtin (default) or specbench:PATH")
+    p.add_argument("--methods", default="baseline,hf", help="comma-separated method specs (default baseline,hf)")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts of the suite (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=1, help="rows decoded together by ponder methods (default 1)")
+    p.add_argument("--second-turns", action="store_true", help="also run second turns (Spec-Bench MT-Bench rows)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per method (default: torch's choice)")
+    p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ponder.bench.report import write_outputs
+
+    specs = _check(args)
+    cases, eos, n_ctx = _prepare(args)
+    baseline = MethodSpec("baseline", "baseline")
+    results: dict[str, dict[str, Any]] = {}
+    ref = _run_baseline(args, baseline, cases, eos, n_ctx, results)
+    for spec in specs:
+        if spec.text == "baseline":
+            continue
+        if spec.name == "llamacpp" and not llamacpp_available():
+            print(f"{spec.text}: skipped (pip install llama-cpp-python, or pip install 'ponder[llamacpp]')",
+                  file=sys.stderr)
+            continue
+        results[spec.text] = _in_child(spec, args, cases, eos, n_ctx, ref)
+    write_outputs(Path(args.out), args, cases, results)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> list[MethodSpec]:
+    if args.limit is not None and args.limit < 1:
+        raise PonderError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.warmup < 0:
+        raise PonderError("--max-new-tokens and --batch-size must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise PonderError(f"--threads must be >= 1, got {args.threads}")
+    return parse_methods(args.methods)
+
+
+def _prepare(args: argparse.Namespace) -> tuple[list[Case], set[int], int]:
+    """Load the suite, tokenize every first turn through the chat template; EOS ids; llama.cpp context size."""
+    from ponder.model.loader import eos_token_ids, load_tokenizer, read_config, resolve
+
+    cases = load_suite(args.suite, args.second_turns)
+    firsts = [c for c in cases if c.turn == 1][: args.limit]
+    keep = {c.id for c in firsts}
+    cases = firsts + [c for c in cases if c.turn == 2 and c.id in keep]
+    path = resolve(args.model)
+    tokenizer, cfg = load_tokenizer(path), read_config(path)
+    for c in firsts:
+        c.prompt_ids = encode_turns(tokenizer, c.turns, [])
+    longest = max(len(c.prompt_ids) for c in firsts)
+    if longest + args.max_new_tokens > cfg.max_position_embeddings:
+        raise PonderError(
+            f"a prompt of {longest} tokens plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"context window of {cfg.max_position_embeddings}"
+        )
+    n_ctx = min(cfg.max_position_embeddings, 2 * longest + 3 * args.max_new_tokens + 64)  # room for second turns
+    return cases, eos_token_ids(path, cfg, tokenizer), n_ctx
+
+
+def encode_turns(tokenizer: Any, turns: list[str], answers: list[str]) -> list[int]:
+    """Prompt ids of a conversation: user turns interleaved with the assistant's earlier answers."""
+    messages: list[dict[str, str]] = []
+    for i, text in enumerate(turns):
+        messages.append({"role": "user", "content": text})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": answers[i]})
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    return list(tokenizer("\n\n".join(turns))["input_ids"])
+
+
+def _run_baseline(
+    args: argparse.Namespace, spec: MethodSpec, cases: list[Case], eos: set[int], n_ctx: int,
+    results: dict[str, dict[str, Any]],
+) -> dict[str, Output]:
+    """Run ponder greedy fp32 on first turns, then on second turns built from its own answers. It is always
+    reported (every speedup is relative to it), listed in --methods or not."""
+    firsts = [c for c in cases if c.turn == 1]
+    res = _in_child(spec, args, firsts, eos, n_ctx, None)
+    seconds = [c for c in cases if c.turn == 2]
+    if seconds:
+        from ponder.model.loader import load_tokenizer, resolve
+
+        tokenizer = load_tokenizer(resolve(args.model))
+        answers = {r["id"]: tokenizer.decode(r["output_ids"], skip_special_tokens=True) for r in res["prompts"]}
+        for c in seconds:
+            c.prompt_ids = encode_turns(tokenizer, c.turns, [answers[c.id]])
+        more = _in_child(spec, args, seconds, eos, n_ctx, None)
+        res = _merge(res, more)
+    results["baseline"] = res
+    return {f"{r['id']}/{r['turn']}": Output(r["output_ids"], 0, 0, r.pop("_gaps")) for r in res["prompts"]}
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    prompts = a["prompts"] + b["prompts"]
+    return {
+        "prompts": prompts,
+        "wall_seconds": a["wall_seconds"] + b["wall_seconds"],
+        "shares": {**a["shares"], **b["shares"]},
+        "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"]),
+        "top1": [x + y for x, y in zip(a["top1"], b["top1"])],
+        "batch_size": a["batch_size"],
+    }
+
+
+def _in_child(
+    spec: MethodSpec, args: argparse.Namespace, cases: list[Case], eos: set[int], n_ctx: int,
+    ref: dict[str, Output] | None,
+) -> dict[str, Any]:
+    from ponder.bench.worker import run_method
+
+    job = (spec, args.model, cases, eos, n_ctx, ref, args.max_new_tokens, args.batch_size, args.warmup, args.threads)
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        try:
+            return pool.submit(run_method, *job).result()
+        except PonderError:
+            raise
+        except BrokenProcessPool:
+            hint = LLAMACPP_CRASH_HINT if spec.name == "llamacpp" else ""
+            raise PonderError(f"method {spec.text} crashed: its process died (e.g. a segmentation fault).{hint}")
+        except Exception as e:  # a peer library failing is reported, not a traceback
+            raise PonderError(f"method {spec.text} failed: {type(e).__name__}: {e}")
+
+
+__all__ = ["add_arguments", "run", "parse_spec", "encode_turns"]

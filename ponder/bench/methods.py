@@ -1,0 +1,217 @@
+"""Bench methods: ponder's own and the peers users would pick instead.
+
+A method SPEC is ``name``, ``name:arg`` or ``name:key=value:key=value``; results are keyed by the SPEC as written.
+
+- ``baseline``: ponder greedy. Options ``dtype=fp32|bf16|fp16|int8`` and ``batch=N`` (rows decoded together).
+- ``hf``: transformers ``generate``, greedy, on the same weights (the same HF directory ponder loads).
+- ``hf-pld``: transformers prompt lookup decoding; option ``n`` = tokens proposed per step (default 10).
+- ``llamacpp``: llama-cpp-python on the same GGUF file, greedy; an optional extra, skipped with a hint if missing.
+
+Every runner takes prompt token ids and returns, per prompt, the new token ids (EOS included, as ponder's engine
+does), the wall seconds and the time to the first new token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ponder.errors import PonderError
+
+METHOD_OPTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
+    "baseline": {"dtype": str, "batch": int},
+    "hf": {},
+    "hf-pld": {"n": int},
+    "llamacpp": {},
+}
+PONDER_METHODS = {"baseline"}
+DTYPES = ("fp32", "bf16", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    text: str  # exactly as written on the command line
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_ponder(self) -> bool:
+        return self.name in PONDER_METHODS
+
+    @property
+    def dtype(self) -> str:
+        return str(self.options.get("dtype", "fp32"))
+
+    def batch(self, default: int) -> int:
+        return int(self.options.get("batch", default)) if self.is_ponder else 1
+
+
+def parse_spec(text: str) -> MethodSpec:
+    """``name[:key=value...]`` -> MethodSpec; unknown names or options raise PonderError."""
+    name, *parts = text.strip().split(":")
+    if name not in METHOD_OPTIONS:
+        raise PonderError(f"unknown method {name!r} in {text!r}: choose from {', '.join(METHOD_OPTIONS)}")
+    allowed = METHOD_OPTIONS[name]
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or key not in allowed:
+            valid = ", ".join(f"{k}=..." for k in allowed) or "none"
+            raise PonderError(f"bad option {part!r} for method {name!r}; valid options: {valid}")
+        try:
+            options[key] = allowed[key](value)
+        except ValueError:
+            raise PonderError(f"method {text!r}: option {key} needs a {allowed[key].__name__}, got {value!r}")
+    if options.get("dtype", "fp32") not in DTYPES:
+        raise PonderError(f"method {text!r}: dtype must be one of {', '.join(DTYPES)}")
+    if int(options.get("batch", 1)) < 1 or int(options.get("n", 1)) < 1:
+        raise PonderError(f"method {text!r}: batch and n must be >= 1")
+    return MethodSpec(text, name, options)
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    specs = [parse_spec(t) for t in text.split(",") if t.strip()]
+    if not specs:
+        raise PonderError("--methods is empty: give e.g. baseline,hf")
+    if len({s.text for s in specs}) != len(specs):
+        raise PonderError(f"--methods lists a method twice: {text}")
+    return specs
+
+
+@dataclass
+class Output:
+    ids: list[int]
+    seconds: float
+    ttft_s: float
+    top2_gaps: list[float] = field(default_factory=list)
+
+
+def llamacpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+# --- runners: each is built in the child process that runs its method ---------------------------------------------
+class PonderRunner:
+    def __init__(self, model: str, spec: MethodSpec, eos: set[int]) -> None:
+        import ponder
+        from ponder.engine import Engine
+
+        self.engine = Engine(ponder.load(model, spec.dtype))
+        self.model = self.engine.model
+
+    def run(self, batch: list[list[int]], max_new: int) -> list[Output]:
+        from ponder.sampling import SamplingParams
+
+        start = time.perf_counter()
+        done = self.engine.generate(batch, SamplingParams(max_new_tokens=max_new))
+        seconds = time.perf_counter() - start
+        return [Output(c.output_ids, seconds, c.ttft_s, c.top2_gaps) for c in done]
+
+    def top1_agreement(self, prompt: list[int], reference: list[int]) -> tuple[int, int]:
+        """(agreeing, total) argmax predictions of the reference continuation, teacher-forced in one forward."""
+        if not reference:
+            return 0, 0
+        ids = torch.tensor([prompt + reference])
+        with torch.inference_mode():
+            logits = self.model(ids, self.model.new_cache(1, ids.shape[1]))
+        predicted = logits[0, len(prompt) - 1 : -1].argmax(-1)
+        return int((predicted == torch.tensor(reference)).sum()), len(reference)
+
+
+class HFRunner:
+    def __init__(self, model: str, spec: MethodSpec, eos: set[int]) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from ponder.model.loader import resolve
+
+        self.hf = AutoModelForCausalLM.from_pretrained(str(resolve(model)), dtype=torch.float32).eval()
+        self.eos = sorted(eos)
+        self.extra = {"prompt_lookup_num_tokens": int(spec.options.get("n", 10))} if spec.name == "hf-pld" else {}
+
+    def run(self, batch: list[list[int]], max_new: int) -> list[Output]:
+        (prompt,) = batch
+        streamer = _FirstTokenTimer()
+        ids = torch.tensor([prompt])
+        start = time.perf_counter()
+        streamer.start = start
+        with torch.inference_mode():
+            out = self.hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                eos_token_id=self.eos, pad_token_id=self.eos[0], streamer=streamer, **self.extra,
+            )
+        seconds = time.perf_counter() - start
+        new = out[0, len(prompt) :].tolist()
+        return [Output(_cut_after_eos(new, set(self.eos)), seconds, streamer.ttft or seconds)]
+
+
+class _FirstTokenTimer:
+    """A transformers streamer that notes when the first generated token arrives (the first put() is the prompt)."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.calls = 0
+        self.ttft: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.ttft = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        pass
+
+
+class LlamaCppRunner:
+    def __init__(self, model: str, spec: MethodSpec, eos: set[int], n_ctx: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(
+            model_path=str(gguf_path(model)), n_ctx=n_ctx, n_threads=torch.get_num_threads(),
+            n_batch=512, verbose=False,
+        )
+        self.eos = eos
+
+    def run(self, batch: list[list[int]], max_new: int) -> list[Output]:
+        (prompt,) = batch
+        self.llm.reset()  # no prefix reuse between prompts: every method prefills every prompt
+        new: list[int] = []
+        start = time.perf_counter()
+        ttft = 0.0
+        for tok in self.llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            if not new:
+                ttft = time.perf_counter() - start
+            new.append(int(tok))
+            if tok in self.eos or len(new) >= max_new:
+                break
+        return [Output(new, time.perf_counter() - start, ttft)]
+
+
+def gguf_path(model: str) -> Path:
+    """The GGUF file behind ``model`` (the builtin default or a .gguf path); PonderError for HF directories."""
+    from ponder.model import loader
+
+    if model in loader.BUILTIN_MODELS:
+        return loader.builtin_gguf(model)
+    if model.endswith(".gguf") and Path(model).is_file():
+        return Path(model)
+    raise PonderError(f"llamacpp needs a GGUF model (the default or a .gguf file), not {model!r}")
+
+
+def make_runner(spec: MethodSpec, model: str, eos: set[int], n_ctx: int) -> Any:
+    if spec.is_ponder:
+        return PonderRunner(model, spec, eos)
+    if spec.name in ("hf", "hf-pld"):
+        return HFRunner(model, spec, eos)
+    return LlamaCppRunner(model, spec, eos, n_ctx)
+
+
+def _cut_after_eos(ids: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    return ids

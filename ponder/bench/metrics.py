@@ -1,0 +1,89 @@
+"""Per-prompt records and per-method aggregates.
+
+Glossary
+- **exact match**: a prompt's output ids equal the baseline's (ponder greedy, fp32) token for token.
+- **near tie**: a divergence that begins where the baseline's top-1 and top-2 logits differ by less than
+  ``NEAR_TIE``: floating-point summation order, not a logic error, decides such a token. Counted and listed per
+  method (with the gap) so a real bug is never hidden among them.
+- **tokens/s** of a method: all new tokens / all wall seconds; with batches, the throughput of the batches.
+- **speedup**: a method's tokens/s over ``baseline``'s in the same run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from statistics import mean
+from typing import Any
+
+NEAR_TIE = 1e-4
+
+
+def divergence(output: list[int], reference: list[int]) -> int | None:
+    """Index of the first differing token, or None when the two are identical."""
+    for i, (a, b) in enumerate(zip(output, reference)):
+        if a != b:
+            return i
+    return None if len(output) == len(reference) else min(len(output), len(reference))
+
+
+def near_tie_gap(output: list[int], reference: list[int], reference_gaps: list[float]) -> float | None:
+    """The baseline's top-2 logit gap where ``output`` leaves ``reference``, if that gap makes it a near tie."""
+    i = divergence(output, reference)
+    if i is None or i >= len(reference_gaps):
+        return None
+    gap = reference_gaps[i]
+    return gap if gap < NEAR_TIE else None
+
+
+def record(case: Any, spec: str, out: Any, reference: Any | None) -> dict[str, Any]:
+    """One results.json prompt record; ``reference`` is the baseline's Output for this case (None: this is it)."""
+    ref_ids = out.ids if reference is None else reference.ids
+    gap = None if reference is None else near_tie_gap(out.ids, reference.ids, reference.top2_gaps)
+    return {
+        "id": case.id,
+        "category": case.category,
+        "turn": case.turn,
+        "method": spec,
+        "prompt_tokens": len(case.prompt_ids),
+        "new_tokens": len(out.ids),
+        "seconds": out.seconds,
+        "tokens_per_s": len(out.ids) / out.seconds if out.seconds > 0 else 0.0,
+        "ttft_s": out.ttft_s,
+        "exact_match": out.ids == ref_ids,
+        "near_tie": gap is not None,
+        "near_tie_gap": gap,
+        "output_ids": out.ids,
+    }
+
+
+def aggregate(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+    """Method-level figures from its prompt records; ``wall_seconds`` counts each batch once."""
+    tokens = sum(r["new_tokens"] for r in records)
+    return {
+        "tokens_per_s": tokens / wall_seconds if wall_seconds > 0 else 0.0,
+        "exact_match": mean(r["exact_match"] for r in records),
+        "near_ties": sum(r["near_tie"] for r in records),
+        "near_tie_gaps": [r["near_tie_gap"] for r in records if r["near_tie"]],
+        "ttft_s": mean(r["ttft_s"] for r in records),
+        "new_tokens": tokens,
+        "seconds": wall_seconds,
+        "prompts": len(records),
+    }
+
+
+def by_category(records: list[dict[str, Any]], batch_seconds: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Aggregates per category; a batch's seconds are shared among its prompts by their token counts."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[r["category"]].append(r)
+    return {cat: aggregate(rs, sum(batch_seconds[_key(r)] for r in rs)) for cat, rs in sorted(groups.items())}
+
+
+def _key(r: dict[str, Any]) -> str:
+    return f"{r['id']}/{r['turn']}"
+
+
+def add_speedups(methods: dict[str, dict[str, Any]], reference: str = "baseline") -> None:
+    base = methods.get(reference, {}).get("tokens_per_s")
+    for m in methods.values():
+        m["speedup"] = m["tokens_per_s"] / base if base else None

@@ -1,0 +1,136 @@
+"""results.json, report.md and speed.png from the methods' raw results."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ponder.bench.metrics import add_speedups, aggregate, by_category
+from ponder.bench.suites import Case
+from ponder.errors import PonderError
+
+SCHEMA_VERSION = 1
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    methods: dict[str, dict[str, Any]] = {}
+    categories: dict[str, dict[str, Any]] = {}
+    prompts: list[dict[str, Any]] = []
+    for spec, res in raw.items():
+        recs = [{k: v for k, v in r.items() if not k.startswith("_")} for r in res["prompts"]]
+        agree, total = res["top1"]
+        methods[spec] = aggregate(recs, res["wall_seconds"]) | {
+            "peak_rss_mb": res["peak_rss_mb"],
+            "top1_agreement": agree / total if total else None,
+            "batch_size": res["batch_size"],
+        }
+        for cat, figures in by_category(recs, res["shares"]).items():
+            categories.setdefault(cat, {})[spec] = figures
+        prompts.extend(recs)
+    add_speedups(methods)
+    for per_method in categories.values():
+        add_speedups(per_method)
+    return {
+        "schema": SCHEMA_VERSION,
+        "model": args.model,
+        "suite": args.suite,
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {"max_new_tokens": args.max_new_tokens, "limit": args.limit, "batch_size": args.batch_size,
+                     "second_turns": args.second_turns, "warmup": args.warmup, "greedy": True,
+                     "prompts": len(cases)},
+        "methods": methods,
+        "categories": categories,
+        "prompts": prompts,
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"# ponder bench: {results['model']} on {results['suite']}",
+        "",
+        f"{results['date']}, {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
+        f"{results['settings']['prompts']} prompts, greedy, max {results['settings']['max_new_tokens']} new tokens.",
+        "",
+        "| method | batch | tokens/s | speedup | exact match | near ties | TTFT (s) | peak RSS (MB) | top-1 agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for spec, f in results["methods"].items():
+        top1 = "-" if f["top1_agreement"] is None else f"{f['top1_agreement']:.1%}"
+        lines.append(
+            f"| {spec} | {f['batch_size']} | {f['tokens_per_s']:.1f} | {_x(f['speedup'])} | {f['exact_match']:.0%} "
+            f"| {f['near_ties']} | {f['ttft_s']:.3f} | {f['peak_rss_mb']:.0f} | {top1} |"
+        )
+    specs = list(results["methods"])
+    lines += ["", "Tokens/s (speedup) per category:", "", "| category | " + " | ".join(specs) + " |",
+              "|---" * (len(specs) + 1) + "|"]
+    for cat, per in results["categories"].items():
+        cells = [f"{per[s]['tokens_per_s']:.1f} ({_x(per[s]['speedup'])})" if s in per else "-" for s in specs]
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _x(speedup: float | None) -> str:
+    return "-" if speedup is None else f"{speedup:.2f}x"
+
+
+def plot_speed(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = list(results["methods"])
+    speeds = [results["methods"][s]["tokens_per_s"] for s in specs]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(specs)), 3.6))
+    bars = ax.bar(specs, speeds, color=["#4c72b0" if s.startswith("baseline") else "#999999" for s in specs])
+    for bar, s in zip(bars, specs):
+        ax.annotate(_x(results["methods"][s]["speedup"]), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"{results['model']}, {results['suite']}", fontsize=10)
+    ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, args: argparse.Namespace, cases: list[Case], raw: dict[str, dict[str, Any]]) -> None:
+    results = build_results(args, cases, raw)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        report = markdown(results)
+        (out / "report.md").write_text(report)
+        plot_speed(results, out / "speed.png")
+    except OSError as e:
+        raise PonderError(f"cannot write bench results to {out}: {e}")
+    print(report)
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'speed.png'}")

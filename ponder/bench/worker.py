@@ -1,0 +1,52 @@
+"""What runs inside a method's child process: load, warm up, run every case, measure memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any
+
+import torch
+
+from ponder.bench.methods import MethodSpec, Output, make_runner
+from ponder.bench.metrics import record
+from ponder.bench.suites import Case
+
+
+def run_method(
+    spec: MethodSpec, model: str, cases: list[Case], eos: set[int], n_ctx: int, ref: dict[str, Output] | None,
+    max_new: int, batch_size: int, warmup: int, threads: int | None,
+) -> dict[str, Any]:
+    """Per-prompt records, total wall seconds (each batch once), per-prompt time shares, peak RSS, top-1 counts."""
+    from tqdm import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    runner = make_runner(spec, model, eos, n_ctx)
+    for _ in range(warmup):
+        runner.run([cases[0].prompt_ids], min(8, max_new))
+    size = spec.batch(batch_size)
+    prompts: list[dict[str, Any]] = []
+    shares: dict[str, float] = {}
+    wall, top1 = 0.0, [0, 0]
+    bar = tqdm(total=len(cases), desc=f"{spec.text:>16}", unit="prompt", file=sys.stderr, leave=True)
+    for i in range(0, len(cases), size):
+        group = cases[i : i + size]
+        outs = runner.run([c.prompt_ids for c in group], max_new)
+        wall += outs[0].seconds
+        tokens = sum(len(o.ids) for o in outs) or 1
+        for case, out in zip(group, outs):
+            key = f"{case.id}/{case.turn}"
+            rec = record(case, spec.text, out, None if ref is None else ref[key])
+            if ref is None:
+                rec["_gaps"] = out.top2_gaps
+            prompts.append(rec)
+            shares[key] = out.seconds * len(out.ids) / tokens
+            if ref is not None and spec.is_ponder and spec.dtype != "fp32":
+                agree, total = runner.top1_agreement(case.prompt_ids, ref[key].ids)
+                top1 = [top1[0] + agree, top1[1] + total]
+        bar.update(len(group))
+    bar.close()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"prompts": prompts, "wall_seconds": wall, "shares": shares, "peak_rss_mb": peak_mb, "top1": top1,
+            "batch_size": size}

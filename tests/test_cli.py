@@ -1,0 +1,122 @@
+"""The ``ponder`` command: each user mistake gives one line on stderr and exit code 1, never a traceback."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ponder.cli import main
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ponder: error: ")
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_generate_streams_text_and_reports_speed(capsys, tiny_dir: Path) -> None:
+    code, out, err = run_cli(capsys, "generate", "the sea is", "--model", str(tiny_dir), "--raw",
+                             "--max-new-tokens", "6", "--ignore-eos")
+    assert code == 0
+    assert out.strip()
+    assert "6 tokens" in err and "tokens/s" in err
+
+
+def test_generate_batch_prints_every_prompt(capsys, tiny_dir: Path) -> None:
+    code, out, _ = run_cli(capsys, "generate", "the sea", "a red car", "--model", str(tiny_dir),
+                           "--max-new-tokens", "3", "--ignore-eos")
+    assert code == 0
+    assert "--- [0]" in out and "--- [1]" in out
+
+
+def test_info_summarizes_the_model(capsys, tiny_dir: Path) -> None:
+    code, out, _ = run_cli(capsys, "info", "--model", str(tiny_dir))
+    assert code == 0
+    facts = {line[:22].strip(): line[23:] for line in out.splitlines()}
+    assert facts["layers"] == "3"
+    assert facts["architecture"] == "llama"
+    assert facts["attention heads"].startswith("4 (KV heads 2")
+
+
+def test_unknown_model(capsys) -> None:
+    code, _, err = run_cli(capsys, "info", "--model", "no-such-model")
+    assert_one_line_error(code, err, "unknown model")
+
+
+def test_missing_gguf_file(capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "info", "--model", str(tmp_path / "absent.gguf"))
+    assert_one_line_error(code, err, "not found")
+
+
+def test_truncated_weights(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, _, err = run_cli(capsys, "generate", "hi", "--model", str(broken))
+    assert_one_line_error(code, err, "truncated or corrupt")
+
+
+def test_corrupt_gguf(capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PONDER_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    code, _, err = run_cli(capsys, "info", "--model", str(bad))
+    assert_one_line_error(code, err, "truncated or corrupt")
+
+
+def test_unsupported_architecture(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "gpt2"
+    shutil.copytree(tiny_dir, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (other / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(capsys, "info", "--model", str(other))
+    assert_one_line_error(code, err, "unsupported architecture GPT2LMHeadModel")
+
+
+def test_prompt_longer_than_context(capsys, tiny_dir: Path) -> None:
+    long_prompt = " ".join(["the sea"] * 200)  # 400 tokens > the tiny model's 256
+    code, _, err = run_cli(capsys, "generate", long_prompt, "--model", str(tiny_dir), "--raw")
+    assert_one_line_error(code, err, "context window")
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [("--temperature", "-1", "temperature"), ("--top-p", "0", "top_p"), ("--top-p", "1.5", "top_p"),
+     ("--top-k", "-2", "top_k"), ("--max-new-tokens", "0", "max_new_tokens"), ("--seed", "-3", "seed")],
+)
+def test_invalid_sampling_parameters(capsys, tiny_dir: Path, flag: str, value: str, needle: str) -> None:
+    code, _, err = run_cli(capsys, "generate", "hi", "--model", str(tiny_dir), flag, value)
+    assert_one_line_error(code, err, needle)
+
+
+def test_unreadable_suite_file(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "bench", "--model", str(tiny_dir), "--suite", f"specbench:{tmp_path / 'nope.jsonl'}",
+                           "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "nope.jsonl")
+
+
+def test_malformed_suite_line(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text('{"question_id": 1, "category": "qa", "turns": ["the sea"]}\n{"question_id": 2, "turns": 5}\n')
+    code, _, err = run_cli(capsys, "bench", "--model", str(tiny_dir), "--suite", f"specbench:{suite}",
+                           "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "suite.jsonl:2")
+
+
+def test_unknown_bench_method(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "bench", "--model", str(tiny_dir), "--methods", "baseline,warp-drive",
+                           "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "warp-drive")
