@@ -1,13 +1,22 @@
 """Weight dtypes: fp32 (exact), bf16/fp16 (half-width weights and activations), int8 (lossy).
 
-``int8`` replaces every projection and the LM head with PyTorch's dynamically quantized linear (int8 weights,
-per-channel scales, activations quantized per call; fbgemm on x86 CPUs). The embedding stays fp32, so with tied
-embeddings the head gets its own int8 copy. Quantized modes are lossy: the bench reports their fidelity.
+``int8`` stores every decoder-layer projection as int8 weights with one fp32 scale per output channel
+(symmetric, round to nearest) and multiplies them with bf16 activations (``torch._weight_int8pack_mm``, a fused
+CPU/GPU kernel); the residual stream, norms, attention and the LM head stay fp32. Measured on SmolLM2-135M
+(3 chat prompts, 303 teacher-forced greedy tokens) and why it is built this way:
+
+| int8 variant                                              | top-1 agreement with fp32 |
+|-----------------------------------------------------------|---------------------------|
+| PyTorch dynamic quantization (int8 activations), all      | 53-60%                    |
+| weight-only int8, bf16 activations, head int8 too         | 96.4%                     |
+| weight-only int8, bf16 activations, fp32 head (this)      | 99.3%                     |
+
+Dynamic quantization rounds activations to int8 with one scale per tensor, and this model's activations carry
+large outlier channels, so every projection loses most of its precision. A bf16 head rounds logits to ~0.1, coarser
+than many top-2 margins. Quantized modes are lossy: the bench reports their fidelity.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import nn
@@ -26,30 +35,46 @@ def convert_dtype(model: LlamaModel, dtype: str) -> LlamaModel:
     raise ValueError(f"unknown dtype {dtype}")
 
 
+class Int8Linear(nn.Module):
+    """``y = x W^T + b`` with W stored as int8 # [out, in] times per-output-channel scales # [out]."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        # the kernel takes bf16 scales: round them first and quantize against the rounded value, so every weight
+        # stays within half a step of its original (rounding the scale up keeps the extreme values in range)
+        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(torch.bfloat16)
+        up = scale.float() < w.abs().amax(dim=1) / 127.0
+        scale = torch.where(up, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("qweight", q.contiguous())
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x # [..., in] -> # [..., out], in x's dtype."""
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(flat, self.qweight, self.scale).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer effectively multiplies by, # [out, in] fp32 (for tests and error bounds)."""
+        return self.qweight.float() * self.scale.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 def quantize_int8(model: LlamaModel) -> LlamaModel:
-    """Swap every ``nn.Linear`` (projections and head) for an int8 dynamically quantized one, in place."""
-    if model.config.tie_word_embeddings:
-        head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
-        head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone(), requires_grad=False)
-        model.lm_head = head
-    _to_plain_linears(model)
-    engines = torch.backends.quantized.supported_engines
-    if "fbgemm" in engines:
-        torch.backends.quantized.engine = "fbgemm"
-    elif "qnnpack" in engines:
-        torch.backends.quantized.engine = "qnnpack"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization announces its future move to torchao
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    """Swap every projection inside the decoder layers for an ``Int8Linear``, in place."""
+    for layer in model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child))
+    return model
 
 
-def _to_plain_linears(model: nn.Module) -> None:
-    """quantize_dynamic only swaps modules whose type is exactly ``nn.Linear``: hand it plain ones."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and type(child) is not nn.Linear:
-                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                plain.weight, plain.bias = child.weight, child.bias
-                setattr(parent, name, plain)
