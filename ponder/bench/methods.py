@@ -53,7 +53,8 @@ class MethodSpec:
 
 def parse_spec(text: str) -> MethodSpec:
     """``name[:key=value...]`` -> MethodSpec; unknown names or options raise PonderError."""
-    name, *parts = text.strip().split(":")
+    text = text.strip()
+    name, *parts = text.split(":")
     if name not in METHOD_OPTIONS:
         raise PonderError(f"unknown method {name!r} in {text!r}: choose from {', '.join(METHOD_OPTIONS)}")
     allowed = METHOD_OPTIONS[name]

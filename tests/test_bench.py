@@ -1,0 +1,109 @@
+"""``ponder bench``: method specs, suites, near-tie logic and a full run on a tiny model."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from ponder import bench
+from ponder.bench.methods import parse_methods, parse_spec
+from ponder.bench.metrics import divergence, near_tie_gap
+from ponder.bench.suites import BUILTIN, load_suite
+from ponder.errors import PonderError
+
+
+def test_spec_parsing() -> None:
+    s = parse_spec("baseline:dtype=int8:batch=4")
+    assert (s.name, s.dtype, s.batch(1), s.text) == ("baseline", "int8", 4, "baseline:dtype=int8:batch=4")
+    assert parse_spec("hf").batch(8) == 1  # peers run one prompt at a time
+    assert parse_spec("hf-pld:n=5").options == {"n": 5}
+    assert [m.text for m in parse_methods("baseline, hf")] == ["baseline", "hf"]
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [("nope", "unknown method"), ("baseline:dtype=int3", "dtype"), ("baseline:batch=x", "batch"),
+     ("baseline:batch=0", ">= 1"), ("hf:n=3", "bad option"), ("baseline:int8", "bad option"),
+     ("baseline,baseline", "twice"), (",", "empty")],
+)
+def test_bad_specs(text: str, needle: str) -> None:
+    with pytest.raises(PonderError, match=needle):
+        parse_methods(text)
+
+
+def test_suites(tmp_path: Path) -> None:
+    assert len(load_suite("builtin")) == len(BUILTIN)
+    assert {c.category for c in load_suite("builtin")} >= {"translation", "summarization", "qa", "rag"}
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"question_id": 1, "category": "qa", "turns": ["a", "b"]}\n\n'
+                 '{"question_id": 2, "category": "rag", "turns": ["c"]}\n')
+    assert [(c.id, c.turn) for c in load_suite(f"specbench:{f}")] == [("1", 1), ("2", 1)]
+    both = load_suite(f"specbench:{f}", second_turns=True)
+    assert [(c.id, c.turn, c.turns) for c in both][-1] == ("1", 2, ["a", "b"])
+    with pytest.raises(PonderError, match="unknown suite"):
+        load_suite("mmlu")
+    f.write_text("")
+    with pytest.raises(PonderError, match="no prompts"):
+        load_suite(f"specbench:{f}")
+
+
+def test_near_tie_logic() -> None:
+    ref, gaps = [5, 6, 7, 8], [3.0, 5e-5, 2.0, 1.0]
+    assert divergence([5, 6, 7, 8], ref) is None
+    assert divergence([5, 6], ref) == 2
+    assert near_tie_gap([5, 9, 7, 8], ref, gaps) == 5e-5  # diverges at a near tie
+    assert near_tie_gap([5, 6, 9], ref, gaps) is None  # diverges where the baseline was sure: a real mismatch
+    assert near_tie_gap(ref, ref, gaps) is None
+
+
+def _args(**kw) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    argv = [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    return p.parse_args(argv)
+
+
+def test_full_run_writes_the_documented_schema(tiny_dir: Path, tmp_path: Path) -> None:
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("\n".join(json.dumps(r) for r in [
+        {"question_id": 1, "category": "qa", "turns": ["the sea is", "and the sky is"]},
+        {"question_id": 2, "category": "rag", "turns": ["a red car and a blue"]},
+        {"question_id": 3, "category": "qa", "turns": ["one two three"]},
+    ]))
+    out = tmp_path / "out"
+    args = _args(model=tiny_dir, suite=f"specbench:{suite}", methods="baseline,hf,baseline:batch=3",
+                 max_new_tokens=8, out=out)
+    args.second_turns = True
+    assert bench.run(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert {"model", "suite", "machine", "date", "settings", "methods", "categories", "prompts"} <= set(r)
+    assert set(r["methods"]) == {"baseline", "hf", "baseline:batch=3"}
+    for figures in r["methods"].values():
+        assert {"tokens_per_s", "speedup", "exact_match", "near_ties", "ttft_s", "peak_rss_mb"} <= set(figures)
+        assert figures["exact_match"] == 1.0  # fp32 transformers and batched ponder match ponder greedy exactly
+        assert figures["peak_rss_mb"] > 50
+    assert r["methods"]["baseline"]["speedup"] == 1.0
+    assert r["methods"]["baseline:batch=3"]["batch_size"] == 3
+    assert len(r["prompts"]) == 3 * 4  # 3 first turns + 1 second turn, per method
+    assert {p["turn"] for p in r["prompts"]} == {1, 2}
+    keys = {"id", "category", "method", "new_tokens", "seconds", "tokens_per_s", "ttft_s", "exact_match",
+            "output_ids", "near_tie", "near_tie_gap"}
+    assert all(keys <= set(p) for p in r["prompts"])
+    assert set(r["categories"]) == {"qa", "rag"}
+    assert "| hf |" in (out / "report.md").read_text()
+    assert (out / "speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_llamacpp_needs_a_gguf_model(tiny_dir: Path, tmp_path: Path) -> None:
+    from ponder.bench.methods import gguf_path
+
+    with pytest.raises(PonderError, match="GGUF"):
+        gguf_path(str(tiny_dir))
+
+
+def test_user_mistakes_fail_before_any_work(tiny_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PonderError, match="--limit"):
+        bench.run(_args(model=tiny_dir, limit=0, out=tmp_path))
+    with pytest.raises(PonderError, match="context window"):
+        bench.run(_args(model=tiny_dir, max_new_tokens=5000, out=tmp_path))
