@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -97,6 +97,8 @@ class Engine:
             raise PonderError("prompts must be a non-empty list (wrap a single prompt in a list)")
         ids = [self.encode(p, chat) for p in prompts]
         for i, p in enumerate(ids):
+            if not p:
+                raise PonderError(f"prompt {i} is empty (it encodes to no tokens); give it some text")
             if len(p) >= self.context_window:
                 raise PonderError(
                     f"prompt {i} is {len(p)} tokens, longer than the model's context window of "
