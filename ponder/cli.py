@@ -15,15 +15,14 @@ import torch
 from torch import nn
 
 from ponder.errors import PonderError
+from ponder.model.loader import DTYPES
 
 if TYPE_CHECKING:
-
     from ponder.engine import Completion, Engine, Prompt
     from ponder.model.config import ModelConfig
     from ponder.model.loader import Loaded
     from ponder.sampling import SamplingParams
 
-DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--model", default=default, help=f"model name, HF dir, .gguf file or hub id (default {default})")
-    p.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="weight dtype (int8 is lossy)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weight dtype (int8 is lossy)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 
 
@@ -155,7 +154,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def model_summary(loaded: Loaded) -> dict[str, str]:
     """Human-readable facts about a loaded model, in display order."""
     model, cfg = loaded.model, loaded.model.config
-    params = model.config.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    params = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     params += sum(_layer_params(cfg) for _ in range(cfg.num_hidden_layers)) + cfg.hidden_size
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * _kv_elem_bytes(model)
     rope = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) if cfg.rope_scaling else "default"
@@ -191,18 +190,10 @@ def _kv_elem_bytes(model: nn.Module) -> int:
 
 
 def _weight_bytes(model: nn.Module) -> int:
-    """Bytes of every weight the model holds, counting shared tensors once (int8 packed weights too)."""
-    seen: set[int] = set()
-    total = 0
-    for t in model.state_dict().values():
-        if isinstance(t, torch.Tensor) and not t.is_quantized and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    for m in model.modules():
-        if callable(getattr(m, "weight", None)):  # dynamically quantized linears expose weight()
-            w = m.weight()
-            total += w.numel() * w.element_size()
-    return total
+    """Bytes of every weight and buffer the model holds (int8 weights and their scales too), shared ones once."""
+    unique = {t.data_ptr(): t for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

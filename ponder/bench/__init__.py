@@ -44,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from ponder.bench.report import write_outputs
 
     specs = _check(args)
-    cases, eos, n_ctx = _prepare(args)
+    cases, tokenizer, eos, n_ctx = _prepare(args)
     baseline = MethodSpec("baseline", "baseline")
     results: dict[str, dict[str, Any]] = {}
-    ref = _run_baseline(args, baseline, cases, eos, n_ctx, results)
+    ref = _run_baseline(args, baseline, cases, tokenizer, eos, n_ctx, results)
     for spec in specs:
         if spec.text == "baseline":
             continue
@@ -70,8 +70,9 @@ def _check(args: argparse.Namespace) -> list[MethodSpec]:
     return parse_methods(args.methods)
 
 
-def _prepare(args: argparse.Namespace) -> tuple[list[Case], set[int], int]:
-    """Load the suite, tokenize every first turn through the chat template; EOS ids; llama.cpp context size."""
+def _prepare(args: argparse.Namespace) -> tuple[list[Case], Any, set[int], int]:
+    """Load the suite and tokenize every first turn through the chat template; also return the tokenizer, the
+    EOS ids and llama.cpp's context size."""
     from ponder.model.loader import eos_token_ids, load_tokenizer, read_config, resolve
 
     cases = load_suite(args.suite, args.second_turns)
@@ -89,7 +90,7 @@ def _prepare(args: argparse.Namespace) -> tuple[list[Case], set[int], int]:
             f"context window of {cfg.max_position_embeddings}"
         )
     n_ctx = min(cfg.max_position_embeddings, 2 * longest + 3 * args.max_new_tokens + 64)  # room for second turns
-    return cases, eos_token_ids(path, cfg, tokenizer), n_ctx
+    return cases, tokenizer, eos_token_ids(path, cfg, tokenizer), n_ctx
 
 
 def encode_turns(tokenizer: Any, turns: list[str], answers: list[str]) -> list[int]:
@@ -105,7 +106,7 @@ def encode_turns(tokenizer: Any, turns: list[str], answers: list[str]) -> list[i
 
 
 def _run_baseline(
-    args: argparse.Namespace, spec: MethodSpec, cases: list[Case], eos: set[int], n_ctx: int,
+    args: argparse.Namespace, spec: MethodSpec, cases: list[Case], tokenizer: Any, eos: set[int], n_ctx: int,
     results: dict[str, dict[str, Any]],
 ) -> dict[str, Output]:
     """Run ponder greedy fp32 on first turns, then on second turns built from its own answers. It is always
@@ -114,9 +115,6 @@ def _run_baseline(
     res = _in_child(spec, args, firsts, eos, n_ctx, None)
     seconds = [c for c in cases if c.turn == 2]
     if seconds:
-        from ponder.model.loader import load_tokenizer, resolve
-
-        tokenizer = load_tokenizer(resolve(args.model))
         answers = {r["id"]: tokenizer.decode(r["output_ids"], skip_special_tokens=True) for r in res["prompts"]}
         for c in seconds:
             c.prompt_ids = encode_turns(tokenizer, c.turns, [answers[c.id]])

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from ponder.errors import PonderError
+from ponder.model.loader import DTYPES
 
 METHOD_OPTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
     "baseline": {"dtype": str, "batch": int},
@@ -30,7 +31,6 @@ METHOD_OPTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
     "llamacpp": {},
 }
 PONDER_METHODS = {"baseline"}
-DTYPES = ("fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
