@@ -5,6 +5,8 @@ Glossary
   valid entries are slots ``[0, lengths[b])`` and ragged rows simply have different lengths.
 - **rollback**: lowering a row's length; entries past it are dead and are overwritten by the next write,
   so the cache never serves a stale entry (attention masks everything at or past the row's length).
+- **compaction**: after a draft tree is verified, moving the accepted path's entries (scattered over the tree's
+  slots) to consecutive slots right after the row's prefix, then rolling back the rest.
 """
 
 from __future__ import annotations
@@ -50,6 +52,26 @@ class KVCache:
         if not 0 <= length <= self.lengths[row]:
             raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
         self.lengths[row] = length
+
+    def compact(self, row: int, start: int, keep: list[int]) -> None:
+        """Move row's slots ``start + keep[j]`` to ``start + j`` in every layer and set its length to
+        ``start + len(keep)``. ``keep`` ascends, so no entry is overwritten before it is read."""
+        if keep != list(range(len(keep))):
+            src = torch.tensor([start + k for k in keep], device=self.k[0].device)
+            n = len(keep)
+            for t in self.k + self.v:
+                t[row, :, start : start + n] = t[row].index_select(1, src)
+        self.set_length(row, start + len(keep))
+
+    def ensure(self, max_len: int) -> None:
+        """Grow the preallocated sequence axis to at least ``max_len`` slots (doubling), keeping the contents."""
+        if max_len <= self.max_len:
+            return
+        new = max(max_len, 2 * self.max_len)
+        grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], new - t.shape[2], t.shape[3])], dim=2)  # noqa: E731
+        self.k = [grow(t) for t in self.k]
+        self.v = [grow(t) for t in self.v]
+        self.max_len = new
 
     def row(self, b: int) -> "KVCache":
         """A one-row cache sharing row b's storage: a forward on it writes into this cache. Its length is its own;

@@ -1,23 +1,29 @@
-"""The decode loop: schedule -> forward -> sample -> commit -> emit.
+"""The decode loop: schedule -> (propose -> verify ->) forward -> sample -> commit -> emit.
 
 Glossary
 - **row**: one sequence in the batch. Rows are ragged (different prompt lengths) and stop independently (EOS,
   stop string, max new tokens, context window); a finished row leaves the batch and its cache row is dropped.
 - **TTFT**: time to first token, from the call to the first sampled token of a row.
+- **speculative step**: with a ``Speculator``, each step drafts a tree per row, verifies all of them in one target
+  forward (``LlamaModel.forward_tree``), keeps each row's accepted path in the cache and commits the accepted
+  tokens plus the bonus token. Rows accept different numbers of tokens; greedy output equals plain decoding's.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
 from ponder.cache import KVCache
 from ponder.errors import PonderError
 from ponder.model.loader import Loaded, eos_token_ids
-from ponder.sampling import SamplingParams, make_generators, sample, top2_gap
+from ponder.sampling import SamplingParams, make_generators, sample, top2_gap, warp
+
+if TYPE_CHECKING:
+    from ponder.speculate import DraftTree, Proposal, RowResult, Speculator
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]  # text, token ids, or chat messages
 
@@ -31,6 +37,32 @@ class Completion:
     ttft_s: float = 0.0
     seconds: float = 0.0
     top2_gaps: list[float] = field(default_factory=list)  # per output token: the target's top-1 vs top-2 logit margin
+    spec: "SpecCounts | None" = None  # speculative decoding counters (None without a speculator)
+
+
+@dataclass
+class SpecCounts:
+    """Per row: verify steps, draft nodes verified and accepted (also by depth), and the time of the batch steps
+    the row took part in, split into drafting and verifying."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    drafted_by_depth: list[int] = field(default_factory=list)  # [d - 1]: steps whose tree reached depth d
+    accepted_by_depth: list[int] = field(default_factory=list)  # [d - 1]: steps that accepted a node at depth d
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def add(self, depth_max: int, nodes: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        self.steps += 1
+        self.drafted += nodes
+        self.accepted += accepted
+        for lst, n in ((self.drafted_by_depth, depth_max), (self.accepted_by_depth, accepted)):
+            lst.extend([0] * (n - len(lst)))
+            for d in range(n):
+                lst[d] += 1
+        self.draft_s += draft_s
+        self.verify_s += verify_s
 
 
 @dataclass
@@ -48,12 +80,18 @@ class _Row:
     completion: Completion
     generator: torch.Generator | None
     emitted: int = 0  # characters of completion.text already streamed
+    draft_state: Any = None  # the drafter's per-row state (speculative decoding)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.completion.prompt_ids + self.completion.output_ids
 
 
 class Engine:
     """Batched, KV-cached generation with one model."""
 
-    def __init__(self, loaded: Loaded) -> None:
+    def __init__(self, loaded: Loaded, speculator: "Speculator | None" = None) -> None:
+        self.speculator = speculator
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.context_window = self.model.config.max_position_embeddings
@@ -105,7 +143,7 @@ class Engine:
                     f"{self.context_window} tokens; shorten it"
                 )
         with torch.inference_mode():
-            yield from self._run(ids, params)
+            yield from self._run(ids, params) if self.speculator is None else self._run_spec(ids, params)
 
     def _run(self, ids: list[list[int]], params: SamplingParams) -> Iterator[StreamEvent]:
         start = time.perf_counter()
@@ -117,7 +155,7 @@ class Engine:
         logits = self._prefill(ids, cache)
         while rows:
             tokens, gaps = self._pick(logits, rows, params)
-            events = [self._commit(r, t, g, params, cache.lengths[i], start) for i, (r, t, g) in enumerate(zip(rows, tokens, gaps))]
+            events = [self._commit(r, t, g, params, start) for r, t, g in zip(rows, tokens, gaps)]
             yield from events
             alive = [i for i, e in enumerate(events) if not e.finished]
             if not alive:
@@ -145,9 +183,10 @@ class Engine:
         tokens = sample(logits, params, [r.generator for r in rows])
         return tokens.tolist(), top2_gap(logits).tolist()
 
-    def _commit(self, row: _Row, token: int, gap: float, params: SamplingParams, cached: int, start: float) -> StreamEvent:
+    def _commit(self, row: _Row, token: int, gap: float, params: SamplingParams, start: float) -> StreamEvent:
         """Append one token to a row, detokenize, and decide whether the row is finished."""
         c = row.completion
+        cached = len(c.prompt_ids) + len(c.output_ids)  # tokens in the row's cache before this one is fed
         if not c.output_ids:
             c.ttft_s = time.perf_counter() - start
         c.output_ids.append(token)
@@ -165,6 +204,118 @@ class Engine:
         if finished:
             c.seconds = time.perf_counter() - start
         return StreamEvent(row.index, delta, [token], finished, c)
+
+
+    # --- speculative decoding -------------------------------------------------------------------------------------
+    def _run_spec(self, ids: list[list[int]], params: SamplingParams) -> Iterator[StreamEvent]:
+        spec = self.speculator
+        start = time.perf_counter()
+        gens = make_generators(params, len(ids), self.model.device)
+        rows = [_Row(i, Completion(p, spec=SpecCounts()), g) for i, (p, g) in enumerate(zip(ids, gens))]
+        max_len = min(self.context_window, max(map(len, ids)) + params.max_new_tokens) + spec.max_nodes + 2
+        cache = self.model.new_cache(len(rows), max_len)
+        spec.prepare(self.model, len(rows))
+        logits = self._prefill(ids, cache)
+        tokens, gaps = self._pick(logits, rows, params)
+        events = [self._commit(r, t, g, params, start) for r, t, g in zip(rows, tokens, gaps)]
+        for r in rows:
+            r.draft_state = spec.drafter.new_state(r.completion.prompt_ids)
+        while True:
+            yield from events
+            alive = [i for i, e in enumerate(events) if not e.finished]
+            if not alive:
+                return
+            cache.keep_rows(alive)
+            rows = [rows[i] for i in alive]
+            events = self._spec_step(rows, cache, params, start)
+
+    def _spec_step(self, rows: list[_Row], cache: KVCache, params: SamplingParams, start: float) -> list[StreamEvent]:
+        """Draft -> verify -> accept -> compact -> observe -> commit, for every row at once."""
+        from ponder.speculate import DraftBatch, DraftRow
+
+        spec = self.speculator
+        budgets = [spec.policy.budget(params.max_new_tokens - len(r.completion.output_ids)) for r in rows]
+        batch = DraftBatch([DraftRow(r.tokens, r.draft_state, n) for r, n in zip(rows, budgets)], self.model, cache)
+        t0 = time.perf_counter()
+        proposal = spec.drafter.propose(batch)
+        trees = [t.best(n) for t, n in zip(spec.policy.shape(proposal.trees), budgets)]
+        t1 = time.perf_counter()
+        captured: dict[int, torch.Tensor] = dict.fromkeys(proposal.capture)  # type: ignore[arg-type]
+        logits = self._verify(rows, trees, cache, proposal, captured)
+        results = self._accept(rows, trees, logits, cache, params)
+        for b, res in enumerate(results):
+            res.hidden = {layer: h[b, : len(trees[b]) + 1] for layer, h in captured.items() if h is not None}
+        t2 = time.perf_counter()
+        spec.drafter.observe(batch, results)
+        spec.policy.observe(trees, [r.path for r in results])
+        events = []
+        for row, tree, res in zip(rows, trees, results):
+            row.completion.spec.add(max(tree.depths(), default=0), len(tree), len(res.path), t1 - t0, t2 - t1)
+            events.append(self._commit_many(row, res.committed, res.gaps, params, start))
+        return events
+
+    def _verify(
+        self, rows: list[_Row], trees: list["DraftTree"], cache: KVCache, proposal: "Proposal",
+        captured: dict[int, torch.Tensor],
+    ) -> torch.Tensor:
+        """One target forward over every row's pending token and tree; logits # [B, T, V]."""
+        dev = self.model.device
+        T = max(len(t) for t in trees) + 1
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        depth = torch.zeros(len(rows), T, dtype=torch.long)
+        visible = torch.eye(T, dtype=torch.bool).repeat(len(rows), 1, 1)
+        for b, (row, tree) in enumerate(zip(rows, trees)):
+            n = len(tree) + 1
+            ids[b, :n] = torch.tensor([row.completion.output_ids[-1]] + tree.tokens)
+            depth[b, 1:n] = torch.tensor(tree.depths(), dtype=torch.long)
+            for i, p in enumerate(tree.parents):
+                visible[b, i + 1] |= visible[b, p + 1]
+        hidden = None
+        if proposal.hidden is not None:
+            hidden = torch.zeros(len(rows), T, proposal.hidden[0].shape[-1], dtype=self.model.dtype, device=dev)
+            for b, (h, tree) in enumerate(zip(proposal.hidden, trees)):
+                hidden[b, : len(tree) + 1] = h[: len(tree) + 1]
+        return self.model.forward_tree(
+            ids.to(dev), cache, depth.to(dev), visible.to(dev), proposal.start_layer if hidden is not None else 0, hidden,
+            captured,
+        )
+
+    def _accept(
+        self, rows: list[_Row], trees: list["DraftTree"], logits: torch.Tensor, cache: KVCache, params: SamplingParams
+    ) -> list["RowResult"]:
+        """Each row's accepted path and bonus token; the path's K/V is compacted right after the row's prefix."""
+        from ponder.speculate import RowResult
+        from ponder.speculate.accept import accept_greedy, accept_sampling
+
+        gaps_all = top2_gap(logits.flatten(0, 1)).view(logits.shape[:2]).tolist()
+        targets = logits.argmax(-1).tolist() if params.greedy else None
+        results = []
+        for b, (row, tree) in enumerate(zip(rows, trees)):
+            n = len(tree) + 1
+            if targets is not None:
+                path, bonus = accept_greedy(tree, targets[b][:n])
+            else:
+                path, bonus = accept_sampling(tree, warp(logits[b, :n], params), row.generator)
+            inputs = [0] + [i + 1 for i in path]  # verify inputs whose predictions were committed
+            cache.compact(b, cache.lengths[b], inputs)
+            committed = [tree.tokens[i] for i in path] + [bonus]
+            res = RowResult(tree, path, committed, logits[b, :n])
+            res.gaps = [gaps_all[b][j] for j in inputs]
+            results.append(res)
+        return results
+
+    def _commit_many(
+        self, row: _Row, tokens: list[int], gaps: list[float], params: SamplingParams, start: float
+    ) -> StreamEvent:
+        """Commit a verify step's tokens in order, stopping where the row finishes; one event for all of them."""
+        text, taken = "", []
+        for tok, gap in zip(tokens, gaps):
+            event = self._commit(row, tok, gap, params, start)
+            text += event.text
+            taken.append(tok)
+            if event.finished:
+                break
+        return StreamEvent(row.index, text, taken, event.finished, row.completion)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

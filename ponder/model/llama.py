@@ -147,11 +147,11 @@ class LlamaModel(nn.Module):
             cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, self.dtype, self.device
         )
 
-    def pack_for_rows(self, rows: int) -> None:
-        """Prepare the projections' batched CPU kernel for up to ``rows`` tokens per forward (see ``linear.py``)."""
+    def pack_for_rows(self, *sizes: int) -> None:
+        """Prepare the projections' batched CPU kernel for forwards of these token counts (see ``linear.py``)."""
         for m in self.modules():
             if isinstance(m, Linear):
-                m.pack_rows(rows)
+                m.pack_rows(*sizes)
 
     # --- the three stages ---------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -188,7 +188,54 @@ class LlamaModel(nn.Module):
             h = h[torch.arange(B, device=h.device), last].unsqueeze(1)
         return self.logits(h)
 
+    def forward_tree(
+        self, ids: torch.Tensor, cache: KVCache, depth: torch.Tensor, visible: torch.Tensor,
+        start_layer: int = 0, hidden: torch.Tensor | None = None, capture: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Verify forward: logits # [B, T, V] for draft trees, without advancing the cache.
+
+        ids # [B, T]: per row the pending token then the tree's nodes (right-padded); depth # [B, T]: 0 for the
+        pending token; visible # [B, T, T] bool: which of the row's new tokens each one attends to (itself and its
+        ancestors). K/V go to slots ``lengths[b] + j``; the caller keeps the accepted ones and rolls back the rest.
+        ``hidden`` # [B, T, E] replaces embedding and layers ``[0, start_layer)`` when a drafter already ran them.
+        ``capture``: its keys name layers l whose input hidden state (the output of layers ``[0, l)``) is stored
+        into it, # [B, T, E] (self-speculation uses them to judge exit layers).
+        """
+        ctx = self.tree_context(cache, depth, visible)
+        h = self.embed(ids) if hidden is None else hidden
+        at = start_layer
+        for layer in sorted(capture or {}):
+            if layer >= at:
+                h = self.run_layers(h, ctx, cache, at, layer)
+                capture[layer], at = h, layer
+        return self.logits(self.run_layers(h, ctx, cache, at))
+
     # --- per-step metadata ----------------------------------------------------------------------------------------
+    def tree_context(self, cache: KVCache, depth: torch.Tensor, visible: torch.Tensor) -> StepContext:
+        """StepContext for T tree tokens per row: positions ``lengths[b] + depth``, slots ``lengths[b] + j``, and a
+        mask letting each token see the row's cached prefix plus the new tokens ``visible`` marks."""
+        B, T = depth.shape
+        lengths = cache.lengths
+        if max(lengths) + T > cache.max_len:
+            raise ValueError(f"cache overflow: {max(lengths)} + {T} tokens > {cache.max_len} slots")
+        dev = self.device
+        L = torch.tensor(lengths, device=dev)[:, None]  # [B, 1]
+        pos = L + depth  # [B, T]
+        read_len = max(lengths) + T
+        keys = torch.arange(read_len, device=dev)[None, :]  # [1, S]
+        rel = keys - L  # [B, S]: key slot relative to the row's first new slot
+        in_tree = (rel >= 0) & (rel < T)
+        idx = rel.clamp(0, T - 1)
+        tree_part = visible.gather(2, idx[:, None, :].expand(B, T, read_len)) & in_tree[:, None, :]
+        mask = (rel < 0)[:, None, :] | tree_part  # [B, T, S]
+        if self.config.sliding_window is not None:
+            key_pos = torch.where(in_tree, L + depth.gather(1, idx), keys)  # [B, S]
+            mask &= key_pos[:, None, :] > pos[:, :, None] - self.config.sliding_window
+        cos, sin = self._rope_at(pos, read_len)
+        uniform = len(set(lengths)) == 1
+        slots = None if uniform else L + torch.arange(T, device=dev)[None, :]
+        return StepContext(cos, sin, lengths[0] if uniform else None, slots, read_len, mask[:, None], False)
+
     def step_context(self, cache: KVCache, T: int, n_new: list[int]) -> StepContext:
         """Rotations, write slots and attention mask for T new tokens per row, computed once for all layers."""
         lengths = cache.lengths

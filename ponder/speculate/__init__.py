@@ -1,0 +1,166 @@
+"""Lossless speculative decoding: drafters (one per file), the verify core's acceptance rules, the adaptive policy.
+
+A speculator SPEC names one drafter or a ``+``-joined combination, each with ``:key=value`` options, e.g.
+``pld``, ``recycling:k=8``, ``pld:max_ngram=4+recycling``, ``draft:MODEL:dtype=int8``, ``early-exit:layer=auto``.
+Policy options (``max_nodes``, ``min_prob``, ``adaptive``) may be given on any part and apply to the whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ponder.errors import PonderError
+from ponder.speculate.base import DraftBatch, Drafter, DraftRow, Proposal, RowResult
+from ponder.speculate.policy import CostCurve, DraftPolicy, PolicyOptions
+from ponder.speculate.tree import DraftTree, merge
+
+
+@dataclass(frozen=True)
+class Entry:
+    options: type  # frozen dataclass of the drafter's hyperparameters
+    build: Callable[[Any, Any], Drafter]  # (options, target Loaded) -> drafter
+    positional: str | None = None  # option filled by a bare ``:value`` (``draft:MODEL``)
+    help: str = ""
+
+
+def _registry() -> dict[str, Entry]:
+    from ponder.speculate import draft_model, early_exit, lookahead, pld, recycling
+
+    return {
+        "pld": Entry(pld.PLDOptions, lambda o, t: pld.PLD(o), help="prompt lookup / copy (2502.08923)"),
+        "lookahead": Entry(lookahead.LookaheadOptions, lambda o, t: lookahead.Lookahead(o),
+                           help="n-gram pool over prompt, output and the target's guesses (2312.12728)"),
+        "recycling": Entry(recycling.RecyclingOptions, lambda o, t: recycling.Recycling(o, t.model.config.vocab_size),
+                           help="Token Recycling: adjacency of top-k successors (2408.08696)"),
+        "draft": Entry(draft_model.DraftModelOptions, draft_model.DraftModel.build, positional="model",
+                       help="a separate draft model with the same tokenizer"),
+        "early-exit": Entry(early_exit.EarlyExitOptions, early_exit.EarlyExit.build,
+                            help="self-speculation with the first layers (2404.16710, 2404.18911; auto: 2504.05598)"),
+    }
+
+
+def drafter_names() -> list[str]:
+    return list(_registry())
+
+
+class Composite(Drafter):
+    """Several drafters, their trees merged into one per row (shared prefixes become one node)."""
+
+    def __init__(self, parts: list[Drafter]) -> None:
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+
+    def new_state(self, prompt_ids: list[int]) -> list[Any]:
+        return [p.new_state(prompt_ids) for p in self.parts]
+
+    def _view(self, batch: DraftBatch, i: int) -> DraftBatch:
+        rows = [DraftRow(r.tokens, r.state[i], r.budget) for r in batch.rows]
+        return DraftBatch(rows, batch.model, batch.cache)
+
+    def propose(self, batch: DraftBatch) -> Proposal:
+        props = [p.propose(self._view(batch, i)) for i, p in enumerate(self.parts)]
+        trees = [merge([pr.trees[b] for pr in props]) for b in range(len(batch.rows))]
+        return Proposal(trees)  # merged trees no longer match one drafter's hidden states: verify runs all layers
+
+    def observe(self, batch: DraftBatch, results: list[RowResult]) -> None:
+        for i, p in enumerate(self.parts):
+            p.observe(self._view(batch, i), results)
+
+
+@dataclass
+class Speculator:
+    """A drafter and the policy that sizes its trees; built from a SPEC by ``make_speculator``."""
+
+    drafter: Drafter
+    policy: DraftPolicy
+    text: str = ""
+    costs: dict[int, CostCurve] = field(default_factory=dict)  # verify cost curve per batch size
+
+    @property
+    def max_nodes(self) -> int:
+        return self.policy.options.max_nodes
+
+    def prepare(self, model: Any, rows: int) -> None:
+        """Pack the projections for verify-sized forwards and measure the verify cost curve (once per batch size)."""
+        model.pack_for_rows(*sorted({max(4, rows), 4 * rows, 8 * rows, 16 * rows} - {0}))
+        if rows not in self.costs:
+            self.costs[rows] = CostCurve.measure(model, rows, self.max_nodes + 1)
+        self.policy.cost = self.costs[rows]
+
+
+def parse(text: str) -> list[tuple[str, dict[str, str]]]:
+    """``a:k=v+b`` -> [("a", {"k": "v"}), ("b", {})]; a bare ``:value`` fills the drafter's positional option."""
+    reg = _registry()
+    parts = []
+    for chunk in text.split("+"):
+        name, *opts = chunk.strip().split(":")
+        if name not in reg:
+            raise PonderError(f"unknown drafter {name!r} in {text!r}: choose from {', '.join(reg)}")
+        options: dict[str, str] = {}
+        for o in opts:
+            key, eq, value = o.partition("=")
+            if not eq:
+                if reg[name].positional is None or reg[name].positional in options:
+                    raise PonderError(f"bad option {o!r} for {name!r}: write key=value")
+                key, value = reg[name].positional, o
+            options[key] = value
+        parts.append((name, options))
+    return parts
+
+
+def make_speculator(text: str, target: Any) -> Speculator:
+    """Build the drafters and policy a SPEC describes for the ``target`` (a ``ponder.load`` result)."""
+    reg = _registry()
+    policy_kw: dict[str, str] = {}
+    drafters = []
+    for name, options in parse(text):
+        entry = reg[name]
+        own = {k: v for k, v in options.items() if k not in _fields(PolicyOptions)}
+        policy_kw.update({k: v for k, v in options.items() if k in _fields(PolicyOptions)})
+        drafters.append(entry.build(_options(entry.options, own, name), target))
+    policy = DraftPolicy(_options(PolicyOptions, policy_kw, text))
+    drafter = drafters[0] if len(drafters) == 1 else Composite(drafters)
+    return Speculator(drafter, policy, text)
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _options(cls: type, raw: dict[str, str], where: str) -> Any:
+    fields = _fields(cls)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            valid = ", ".join(list(fields) + list(_fields(PolicyOptions)))
+            raise PonderError(f"unknown option {key!r} for {where!r}; valid options: {valid}")
+        kind = _KINDS.get(str(fields[key].type).split("|")[0].strip(), str)
+        try:
+            values[key] = _convert(kind, value)
+        except ValueError:
+            raise PonderError(f"option {key} of {where!r} needs a {getattr(kind, '__name__', kind)}, got {value!r}")
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise PonderError(f"{where}: {e}")
+
+
+_KINDS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _convert(kind: Any, value: str) -> Any:
+    if kind is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    return kind(value)
+
+
+__all__ = [
+    "Drafter", "DraftBatch", "DraftRow", "DraftTree", "Proposal", "RowResult", "Speculator", "make_speculator",
+    "parse", "drafter_names", "merge",
+]

@@ -1,0 +1,75 @@
+"""The drafter seam: ``propose`` draft trees for a batch of rows, ``observe`` what the target accepted.
+
+Glossary (see also ``tree.py``)
+- **pending token**: the last committed token of a row, the root of its next draft tree; its K/V is written by the
+  next verify forward.
+- **verify step**: one target forward over the pending tokens and all draft nodes of the batch.
+- **budget**: the most nodes a row's tree may have this step (the policy's cap; drafters may propose fewer).
+
+A drafter is a plain object made from one frozen options dataclass; its per-row run-time state lives in the
+object ``new_state`` returns, held by the engine next to the row (so finished rows drop their state with them).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ponder.cache import KVCache
+from ponder.speculate.tree import DraftTree
+
+
+@dataclass
+class DraftRow:
+    tokens: list[int]  # prompt + committed output; tokens[-1] is the pending token
+    state: Any  # what the drafter's new_state returned for this row
+    budget: int  # most nodes this row's tree may have
+
+
+@dataclass
+class DraftBatch:
+    rows: list[DraftRow]
+    model: Any  # the target LlamaModel (self-speculation drafts with its first layers)
+    cache: KVCache  # the target's cache: row b holds tokens[:-1]; drafters must leave lengths as they found them
+
+
+@dataclass
+class RowResult:
+    tree: DraftTree  # as verified (after the policy pruned it)
+    path: list[int]  # accepted node indices, root first
+    committed: list[int]  # accepted tokens then the bonus token
+    logits: torch.Tensor  # [T, V] target logits per verify input (index 0: the pending token)
+    gaps: list[float] = field(default_factory=list)  # per committed token: the target's top-1 vs top-2 logit margin
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> # [T, E], as Proposal.capture asked
+
+
+@dataclass
+class Proposal:
+    """Draft trees plus, optionally, hidden states a self-speculative drafter already computed for the verify
+    inputs (the pending token and every node) at layer ``start_layer``, so the verify forward skips those layers."""
+
+    trees: list[DraftTree]
+    start_layer: int = 0
+    hidden: list[torch.Tensor] | None = None  # per row # [len(tree) + 1, E]
+    capture: tuple[int, ...] = ()  # layers whose input hidden states the verify forward should report back
+
+
+class Drafter(ABC):
+    """Proposes draft trees; sees what was accepted."""
+
+    name: str = "drafter"
+
+    def new_state(self, prompt_ids: list[int]) -> Any:
+        """Per-row state for a new sequence (default: none)."""
+        return None
+
+    @abstractmethod
+    def propose(self, batch: DraftBatch) -> Proposal:
+        """One tree per row (possibly empty), at most ``row.budget`` nodes each."""
+
+    def observe(self, batch: DraftBatch, results: list[RowResult]) -> None:
+        """Learn from a verify step (default: nothing). ``batch.cache`` already holds the committed tokens'
+        K/V except the new pending token's."""

@@ -1,0 +1,150 @@
+"""Self-speculative decoding with early exit (LayerSkip arXiv 2404.16710, Kangaroo 2404.18911, DEL 2504.05598).
+
+The target drafts for itself: its first ``layer`` layers and its own head (``model.logits`` on the layer's hidden
+state) decode greedily, writing those layers' K/V into the target's cache. The verify forward then starts at
+``layer`` from the hidden states the drafting already computed (LayerSkip's cache reuse), so the first layers run
+once per token. Drafting stops early when the exit head's top-1 probability falls below ``threshold`` (Kangaroo's
+second early exit), or at ``k`` tokens.
+
+``layer=auto`` follows DEL: every ``probe`` verify steps the verify forward reports the hidden states entering each
+candidate exit layer; the shared head on them tells how often each layer's prediction matches the token the target
+committed. With those acceptance rates (running averages) and the measured costs (a layer, the head, the verify
+curve), the drafter picks the exit layer and draft length with the most expected tokens per second.
+
+The default model (SmolLM2) was not trained for early exit (LayerSkip trains with layer dropout and an early-exit
+loss), so its early layers draft poorly; the bench reports the acceptance per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ponder.speculate.base import DraftBatch, Drafter, Proposal, RowResult
+from ponder.speculate.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class EarlyExitOptions:
+    layer: str = "auto"  # exit layer, or "auto" (DEL)
+    k: int = 6  # most draft tokens per step
+    threshold: float = 0.4  # stop drafting when the exit head's top-1 probability is lower
+    probe: int = 4  # auto: measure every candidate layer's acceptance every `probe` verify steps
+
+    def __post_init__(self) -> None:
+        if self.layer != "auto" and not self.layer.isdigit():
+            raise ValueError(f"early-exit layer must be a layer number or auto, got {self.layer!r}")
+        if self.k < 1 or not 0 <= self.threshold < 1 or self.probe < 1:
+            raise ValueError("early-exit needs k >= 1, threshold in [0, 1) and probe >= 1")
+
+
+@dataclass
+class LayerStats:
+    """Running acceptance rate of each candidate exit layer's greedy prediction (DEL's per-layer tracking)."""
+
+    rate: dict[int, float] = field(default_factory=dict)
+    seen: dict[int, int] = field(default_factory=dict)
+
+    def update(self, layer: int, hits: int, total: int, decay: float = 0.95) -> None:
+        for i in range(total):
+            hit = 1.0 if i < hits else 0.0
+            self.rate[layer] = decay * self.rate.get(layer, 0.5) + (1 - decay) * hit
+        self.seen[layer] = self.seen.get(layer, 0) + total
+
+
+class EarlyExit(Drafter):
+    name = "early-exit"
+
+    def __init__(self, options: EarlyExitOptions, n_layers: int, head_layers: float) -> None:
+        self.options = options
+        self.n_layers = n_layers
+        self.head_layers = head_layers  # the head's cost in layers (SmolLM2: a 49k x 576 head ~ 8 layers)
+        if options.layer == "auto":
+            step = max(1, n_layers // 8)
+            self.candidates = list(range(step, n_layers - step + 1, step))
+            self.layer = self.candidates[len(self.candidates) // 3]
+        else:
+            self.layer = int(options.layer)
+            if not 1 <= self.layer < n_layers:
+                raise ValueError(f"early-exit layer must be in [1, {n_layers - 1}], got {self.layer}")
+            self.candidates = [self.layer]
+        self.stats = LayerStats()
+        self.steps = 0
+        self.k = options.k
+
+    @classmethod
+    def build(cls, options: EarlyExitOptions, target: Any) -> "EarlyExit":
+        cfg = target.model.config
+        layer_params = 4 * cfg.hidden_size * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+        try:
+            return cls(options, cfg.num_hidden_layers, cfg.vocab_size * cfg.hidden_size / layer_params)
+        except ValueError as e:
+            from ponder.errors import PonderError
+
+            raise PonderError(str(e))
+
+    def propose(self, batch: DraftBatch) -> Proposal:
+        model, cache, rows = batch.model, batch.cache, batch.rows
+        L, B = self.layer, len(rows)
+        start_lengths = list(cache.lengths)
+        feed = torch.tensor([[r.tokens[-1]] for r in rows], device=model.device)
+        hidden: list[list[torch.Tensor]] = [[] for _ in rows]
+        drafts: list[list[int]] = [[] for _ in rows]
+        scores: list[list[float]] = [[] for _ in rows]
+        active = [min(self.k, r.budget) > 0 for r in rows]
+        for step in range(self.k + 1):
+            ctx = model.step_context(cache, 1, [1] * B)
+            h = model.run_layers(model.embed(feed), ctx, cache, 0, L)  # [B, 1, E]
+            cache.advance([1] * B)
+            for b in range(B):
+                if len(hidden[b]) <= len(drafts[b]):
+                    hidden[b].append(h[b, 0])
+            if not any(active):
+                break
+            probs = torch.softmax(model.logits(h[:, 0]).float(), -1)
+            conf, tok = probs.max(-1)
+            for b, r in enumerate(rows):
+                if active[b] and (len(drafts[b]) >= min(self.k, r.budget) or float(conf[b]) < self.options.threshold):
+                    active[b] = False
+                if active[b]:
+                    drafts[b].append(int(tok[b]))
+                    scores[b].append(float(conf[b]))
+            if not any(active) and all(len(hidden[b]) > len(drafts[b]) for b in range(B)):
+                break
+            feed = tok.view(B, 1)
+        for b, n in enumerate(start_lengths):
+            cache.truncate(b, n)
+        trees = [DraftTree.chain(d, s, self.name) for d, s in zip(drafts, scores)]
+        self.steps += 1
+        if len(self.candidates) > 1 and self.steps % self.options.probe == 0:
+            # probe: verify from layer 0 so every candidate layer's input is computed and reported
+            return Proposal(trees, capture=tuple(self.candidates))
+        return Proposal(trees, L, [torch.stack(h) for h in hidden])
+
+    def observe(self, batch: DraftBatch, results: list[RowResult]) -> None:
+        model = batch.model
+        for res in results:
+            if not res.hidden:
+                continue
+            inputs = [0] + [i + 1 for i in res.path]  # verify inputs whose next token was committed
+            want = torch.tensor(res.committed, device=res.logits.device)
+            for layer, h in res.hidden.items():
+                guess = model.logits(h[inputs]).argmax(-1)
+                self.stats.update(layer, int((guess == want).sum()), len(inputs))
+        if self.stats.rate:
+            self._choose()
+
+    def _choose(self) -> None:
+        """DEL: the exit layer and draft length with the most expected tokens per unit of compute."""
+        N, head = self.n_layers, self.head_layers
+        best = (0.0, self.layer, self.k)
+        for layer, a in self.stats.rate.items():
+            a = min(a, 0.99)
+            for k in range(1, self.options.k + 1):
+                tau = (1 - a ** (k + 1)) / (1 - a)
+                cost = k * (layer + head) + (N - layer + head) + 0.15 * k * (N + head)  # drafts, verify, verify width
+                if tau / cost > best[0]:
+                    best = (tau / cost, layer, k)
+        _, self.layer, self.k = best

@@ -1,0 +1,148 @@
+"""Adaptive draft length and tree size, shared by every drafter (after SpecDec++, arXiv 2405.19715).
+
+SpecDec++ stops drafting once a trained head predicts that the chance of a rejection passes a threshold. We have no
+trained head, so each node's chance of acceptance comes from what the drafter reports (its ``score``: a match
+length, a draft probability, a successor rank), **calibrated online** against what the target really accepted,
+per drafter, depth and score bucket. A node's path probability (the product down from the root) estimates the
+chance that it is accepted; the expected tokens of a verify step is 1 + the sum of its nodes' path probabilities.
+
+On CPU a verify forward's cost grows with its token count, unevenly (MKL's GEMM kernels change at 4, 8 and 16
+rows), so the policy measures that cost curve once per engine (``CostCurve.measure``) and keeps the number of
+nodes per row that maximises expected tokens per second: ``sum_rows(1 + sum of kept path probs) / cost(B * T)``.
+Nodes whose path probability falls below ``min_prob`` are dropped as well (the SpecDec++ stopping rule).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ponder.speculate.tree import DraftTree
+
+MEASURED_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    max_nodes: int = 15  # most draft nodes per row per verify step
+    min_prob: float = 0.02  # drop nodes whose estimated chance of acceptance is lower
+    adaptive: bool = True  # size trees by expected tokens per second (False: keep the best max_nodes nodes)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_nodes <= 64:
+            raise ValueError(f"max_nodes must be in [0, 64], got {self.max_nodes}")
+        if not 0 <= self.min_prob < 1:
+            raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
+
+
+@dataclass
+class CostCurve:
+    """Seconds of one verify forward by total token count (rows x tokens per row)."""
+
+    seconds: dict[int, float] = field(default_factory=dict)
+
+    def __call__(self, n: int) -> float:
+        if not self.seconds:
+            return 1.0
+        sizes = sorted(self.seconds)
+        for s in sizes:
+            if s >= n:
+                return self.seconds[s]
+        big = sizes[-1]  # beyond the measured range: grow linearly from the last two points
+        prev = sizes[-2] if len(sizes) > 1 else 0
+        slope = (self.seconds[big] - self.seconds.get(prev, 0.0)) / max(big - prev, 1)
+        return self.seconds[big] + slope * (n - big)
+
+    @classmethod
+    def measure(cls, model: object, rows: int, max_tokens: int, prefix: int = 64, reps: int = 2) -> "CostCurve":
+        """Time ``model.forward_tree`` on scratch data for ``rows`` rows and each measured size up to max_tokens."""
+        sizes = [t for t in MEASURED_SIZES if t <= max_tokens] or [1]
+        cache = model.new_cache(rows, prefix + max(sizes))
+        out: dict[int, float] = {}
+        with torch.inference_mode():
+            model(torch.zeros(rows, prefix, dtype=torch.long, device=model.device), cache)
+            for t in sizes:
+                ids = torch.zeros(rows, t, dtype=torch.long, device=model.device)
+                depth = torch.arange(t, device=model.device)[None].expand(rows, t)
+                visible = torch.ones(t, t, dtype=torch.bool, device=model.device).tril()[None].expand(rows, t, t)
+                best = float("inf")
+                for _ in range(reps + 1):  # the first run warms up
+                    start = time.perf_counter()
+                    model.forward_tree(ids, cache, depth, visible)
+                    best = min(best, time.perf_counter() - start)
+                out[rows * t] = best
+        return cls(out)
+
+
+@dataclass
+class Calibration:
+    """Observed acceptance of tested nodes (parent accepted) per (source, depth, score bucket), with the drafter's
+    own score as a prior worth ``prior`` observations."""
+
+    prior: float = 2.0
+    counts: dict[tuple[str, int, int], list[float]] = field(default_factory=dict)
+
+    @staticmethod
+    def key(source: str, depth: int, score: float) -> tuple[str, int, int]:
+        return source, min(depth, 8), min(int(score * 5), 4)
+
+    def prob(self, source: str, depth: int, score: float) -> float:
+        acc, tested = self.counts.get(self.key(source, depth, score), (0.0, 0.0))
+        return (acc + self.prior * score) / (tested + self.prior)
+
+    def update(self, tree: DraftTree, path: list[int]) -> None:
+        accepted = set(path)
+        reached = accepted | {-1}
+        for i, (p, d) in enumerate(zip(tree.parents, tree.depths())):
+            if p in reached:
+                c = self.counts.setdefault(self.key(tree.sources[i], d, tree.scores[i]), [0.0, 0.0])
+                c[0] += i in accepted
+                c[1] += 1
+
+
+class DraftPolicy:
+    def __init__(self, options: PolicyOptions | None = None, cost: CostCurve | None = None) -> None:
+        self.options = options or PolicyOptions()
+        self.cost = cost or CostCurve()
+        self.calibration = Calibration()
+
+    def budget(self, remaining: int) -> int:
+        """Most nodes for a row that may still commit ``remaining`` tokens (a verify step commits up to depth + 1)."""
+        return max(0, min(self.options.max_nodes, remaining - 1))
+
+    def path_probs(self, tree: DraftTree) -> list[float]:
+        out: list[float] = []
+        for s, p, d, src in zip(tree.scores, tree.parents, tree.depths(), tree.sources):
+            c = self.calibration.prob(src, d, s)
+            out.append(c if p < 0 else out[p] * c)
+        return out
+
+    def shape(self, trees: list[DraftTree]) -> list[DraftTree]:
+        """Prune every row's tree to the nodes worth verifying this step (a tree's best nodes form a subtree)."""
+        ranked = []
+        for tree in trees:
+            probs = self.path_probs(tree)
+            order = sorted(range(len(tree)), key=lambda i: (-probs[i], i))
+            order = [i for i in order if probs[i] >= self.options.min_prob][: self.options.max_nodes]
+            ranked.append((tree, order, [probs[i] for i in order]))
+        n = self._common_size(ranked) if self.options.adaptive else self.options.max_nodes
+        return [tree.keep(sorted(order[:n])) for tree, order, _ in ranked]
+
+    def _common_size(self, ranked: list[tuple[DraftTree, list[int], list[float]]]) -> int:
+        """Nodes per row that maximise expected committed tokens per second of verify."""
+        rows = len(ranked)
+        longest = max((len(o) for _, o, _ in ranked), default=0)
+        best_n, best_rate = 0, -1.0
+        for n in range(longest + 1):
+            width = max(min(n, len(o)) for _, o, _ in ranked) + 1
+            tokens = sum(1 + sum(p[:n]) for _, _, p in ranked)
+            rate = tokens / self.cost(rows * width)
+            if rate > best_rate + 1e-12:
+                best_n, best_rate = n, rate
+        return best_n
+
+    def observe(self, trees: list[DraftTree], paths: list[list[int]]) -> None:
+        for tree, path in zip(trees, paths):
+            self.calibration.update(tree, path)
