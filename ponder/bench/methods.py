@@ -6,6 +6,9 @@ A method SPEC is ``name``, ``name:arg`` or ``name:key=value:key=value``; results
 - ``hf``: transformers ``generate``, greedy, on the same weights (the same HF directory ponder loads).
 - ``hf-pld``: transformers prompt lookup decoding; option ``n`` = tokens proposed per step (default 10).
 - ``llamacpp``: llama-cpp-python on the same GGUF file, greedy; an optional extra, skipped with a hint if missing.
+- speculative decoding: any speculator SPEC (``pld``, ``lookahead``, ``recycling``, ``early-exit``, ``draft:MODEL``,
+  combinations such as ``pld+recycling``) with its drafters' and policy's options (``recycling:k=8``); ``dtype=``
+  and ``batch=`` work as for ``baseline``, anywhere in the spec (``pld:dtype=int8``).
 
 Every runner takes prompt token ids and returns, per prompt, the new token ids (EOS included, as ponder's engine
 does), the wall seconds and the time to the first new token.
@@ -38,10 +41,11 @@ class MethodSpec:
     text: str  # exactly as written on the command line
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    speculator: str | None = None  # the speculator SPEC (drafters and their options) for speculative methods
 
     @property
     def is_ponder(self) -> bool:
-        return self.name in PONDER_METHODS
+        return self.name in PONDER_METHODS or self.speculator is not None
 
     @property
     def dtype(self) -> str:
@@ -53,10 +57,15 @@ class MethodSpec:
 
 def parse_spec(text: str) -> MethodSpec:
     """``name[:key=value...]`` -> MethodSpec; unknown names or options raise PonderError."""
+    from ponder import speculate
+
     text = text.strip()
     name, *parts = text.split(":")
+    if name.split("+")[0] in speculate.drafter_names():
+        return _speculative_spec(text)
     if name not in METHOD_OPTIONS:
-        raise PonderError(f"unknown method {name!r} in {text!r}: choose from {', '.join(METHOD_OPTIONS)}")
+        choices = ", ".join(list(METHOD_OPTIONS) + speculate.drafter_names())
+        raise PonderError(f"unknown method {name!r} in {text!r}: choose from {choices}")
     allowed = METHOD_OPTIONS[name]
     options: dict[str, Any] = {}
     for part in parts:
@@ -75,6 +84,31 @@ def parse_spec(text: str) -> MethodSpec:
     return MethodSpec(text, name, options)
 
 
+def _speculative_spec(text: str) -> MethodSpec:
+    """Split ``dtype=``/``batch=`` off a speculator SPEC and validate the rest."""
+    from ponder import speculate
+
+    chunks, options = [], {}
+    for chunk in text.split("+"):
+        kept = []
+        for i, part in enumerate(chunk.split(":")):
+            key, eq, value = part.partition("=")
+            if i and eq and key in ("dtype", "batch"):
+                options[key] = value
+            else:
+                kept.append(part)
+        chunks.append(":".join(kept))
+    rest = "+".join(chunks)
+    speculate.validate(rest)
+    if options.get("dtype", "fp32") not in DTYPES:
+        raise PonderError(f"method {text!r}: dtype must be one of {', '.join(DTYPES)}")
+    if not str(options.get("batch", "1")).isdigit() or int(options.get("batch", 1)) < 1:
+        raise PonderError(f"method {text!r}: batch must be an integer >= 1")
+    if "batch" in options:
+        options["batch"] = int(options["batch"])
+    return MethodSpec(text, rest.split(":")[0].split("+")[0], options, rest)
+
+
 def parse_methods(text: str) -> list[MethodSpec]:
     specs = [parse_spec(t) for t in text.split(",") if t.strip()]
     if not specs:
@@ -90,6 +124,7 @@ class Output:
     seconds: float
     ttft_s: float
     top2_gaps: list[float] = field(default_factory=list)
+    spec: Any = None  # engine.SpecCounts for speculative methods
 
 
 def llamacpp_available() -> bool:
@@ -101,9 +136,21 @@ class PonderRunner:
     def __init__(self, model: str, spec: MethodSpec, eos: set[int]) -> None:
         import ponder
         from ponder.engine import Engine
+        from ponder.speculate import make_speculator
 
-        self.engine = Engine(ponder.load(model, spec.dtype))
+        loaded = ponder.load(model, spec.dtype)
+        self.speculator = make_speculator(spec.speculator, loaded) if spec.speculator else None
+        self.engine = Engine(loaded, self.speculator)
         self.model = self.engine.model
+
+    def verify_costs(self, rows: int, max_tokens: int = 32) -> dict[int, float]:
+        """Seconds of one target forward by total tokens (the verify-cost curve), for this method's dtype."""
+        from ponder.speculate.policy import CostCurve
+
+        if self.speculator is not None:
+            self.speculator.prepare(self.model, rows)
+            return dict(self.speculator.costs[rows].seconds)
+        return CostCurve.measure(self.model, rows, max_tokens).seconds
 
     def run(self, batch: list[list[int]], max_new: int) -> list[Output]:
         from ponder.sampling import SamplingParams
@@ -111,7 +158,7 @@ class PonderRunner:
         start = time.perf_counter()
         done = self.engine.generate(batch, SamplingParams(max_new_tokens=max_new))
         seconds = time.perf_counter() - start
-        return [Output(c.output_ids, seconds, c.ttft_s, c.top2_gaps) for c in done]
+        return [Output(c.output_ids, seconds, c.ttft_s, c.top2_gaps, c.spec) for c in done]
 
     def top1_agreement(self, prompt: list[int], reference: list[int]) -> tuple[int, int]:
         """(agreeing, total) argmax predictions of the reference continuation, teacher-forced in one forward."""

@@ -7,6 +7,11 @@ Glossary
   method (with the gap) so a real bug is never hidden among them.
 - **tokens/s** of a method: all new tokens / all wall seconds; with batches, the throughput of the batches.
 - **speedup**: a method's tokens/s over ``baseline``'s in the same run.
+- speculative decoding (see ``ponder/speculate``): **tau** = tokens committed per verify step = 1 + accepted /
+  verify steps; **alpha** = accepted / drafted nodes; **acceptance by position** = per draft depth d, the share of
+  verify steps whose tree reached depth d that accepted a node at depth d; **forwards per token** = target forwards
+  (prefill + verify steps) / new tokens (1.0 for plain decoding); **draft / verify seconds**: time drafting vs
+  verifying (for batches, each step's time counts once per row).
 """
 
 from __future__ import annotations
@@ -53,13 +58,26 @@ def record(case: Any, spec: str, out: Any, reference: Any | None) -> dict[str, A
         "near_tie": gap is not None,
         "near_tie_gap": gap,
         "output_ids": out.ids,
+    } | _spec_fields(out.spec, len(out.ids))
+
+
+def _spec_fields(c: Any, tokens: int) -> dict[str, Any]:
+    if c is None:
+        return {}
+    return {
+        "verify_steps": c.steps, "drafted": c.drafted, "accepted": c.accepted,
+        "drafted_by_depth": c.drafted_by_depth, "accepted_by_depth": c.accepted_by_depth,
+        "draft_s": c.draft_s, "verify_s": c.verify_s,
+        "tau": 1 + c.accepted / c.steps if c.steps else 1.0,
+        "alpha": c.accepted / c.drafted if c.drafted else 0.0,
+        "forwards_per_token": (1 + c.steps) / tokens if tokens else 0.0,
     }
 
 
 def aggregate(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
     """Method-level figures from its prompt records; ``wall_seconds`` counts each batch once."""
     tokens = sum(r["new_tokens"] for r in records)
-    return {
+    return _spec_aggregate(records, tokens) | {
         "tokens_per_s": tokens / wall_seconds if wall_seconds > 0 else 0.0,
         "exact_match": mean(r["exact_match"] for r in records),
         "near_ties": sum(r["near_tie"] for r in records),
@@ -68,6 +86,26 @@ def aggregate(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, A
         "new_tokens": tokens,
         "seconds": wall_seconds,
         "prompts": len(records),
+    }
+
+
+def _spec_aggregate(records: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+    if not records or "verify_steps" not in records[0]:
+        return {}
+    steps = sum(r["verify_steps"] for r in records)
+    drafted = sum(r["drafted"] for r in records)
+    accepted = sum(r["accepted"] for r in records)
+    depth = max(len(r["drafted_by_depth"]) for r in records)
+    reached = [sum(r["drafted_by_depth"][d] for r in records if d < len(r["drafted_by_depth"])) for d in range(depth)]
+    took = [sum(r["accepted_by_depth"][d] for r in records if d < len(r["accepted_by_depth"])) for d in range(depth)]
+    return {
+        "tau": 1 + accepted / steps if steps else 1.0,
+        "alpha": accepted / drafted if drafted else 0.0,
+        "acceptance_by_position": [t / n if n else 0.0 for t, n in zip(took, reached)],
+        "forwards_per_token": (len(records) + steps) / tokens if tokens else 0.0,
+        "draft_s": sum(r["draft_s"] for r in records),
+        "verify_s": sum(r["verify_s"] for r in records),
+        "verify_steps": steps,
     }
 
 

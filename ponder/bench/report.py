@@ -49,6 +49,7 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
             "peak_rss_mb": res["peak_rss_mb"],
             "top1_agreement": agree / total if total else None,
             "batch_size": res["batch_size"],
+            "verify_cost_ms": res.get("verify_cost_ms", {}),
         }
         for cat, figures in by_category(recs, res["shares"]).items():
             categories.setdefault(cat, {})[spec] = figures
@@ -88,6 +89,23 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {spec} | {f['batch_size']} | {f['tokens_per_s']:.1f} | {_x(f['speedup'])} | {f['exact_match']:.0%} "
             f"| {f['near_ties']} | {f['ttft_s']:.3f} | {f['peak_rss_mb']:.0f} | {top1} |"
         )
+    spec_rows = [(s, f) for s, f in results["methods"].items() if "tau" in f]
+    if spec_rows:
+        lines += ["", "Speculative decoding (tau: tokens per verify step; alpha: accepted / drafted):", "",
+                  "| method | tau | alpha | forwards/token | draft s | verify s | acceptance by draft position |",
+                  "|---|---|---|---|---|---|---|"]
+        for s, f in spec_rows:
+            pos = " ".join(f"{a:.2f}" for a in f["acceptance_by_position"][:8])
+            lines.append(f"| {s} | {f['tau']:.2f} | {f['alpha']:.2f} | {f['forwards_per_token']:.2f} "
+                         f"| {f['draft_s']:.1f} | {f['verify_s']:.1f} | {pos} |")
+    curves = {s: f["verify_cost_ms"] for s, f in results["methods"].items() if f.get("verify_cost_ms")}
+    if curves:
+        sizes = sorted({int(n) for c in curves.values() for n in c})
+        lines += ["", "Verify-cost curve: ms per target forward by tokens in the forward (rows x tokens per row):", "",
+                  "| method | " + " | ".join(map(str, sizes)) + " |", "|---" * (len(sizes) + 1) + "|"]
+        for s, c in curves.items():
+            c = {int(n): v for n, v in c.items()}
+            lines.append(f"| {s} | " + " | ".join(f"{c[n]:.1f}" if n in c else "-" for n in sizes) + " |")
     specs = list(results["methods"])
     lines += ["", "Tokens/s (speedup) per category:", "", "| category | " + " | ".join(specs) + " |",
               "|---" * (len(specs) + 1) + "|"]
@@ -122,6 +140,31 @@ def plot_speed(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_categories(results: dict[str, Any], path: Path) -> None:
+    """Grouped bars: speedup over baseline per category, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(results["categories"])
+    specs = [s for s in results["methods"] if s != "baseline"]
+    if not cats or not specs:
+        return
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cats) * max(1, len(specs)) ** 0.5), 3.8))
+    width = 0.8 / len(specs)
+    for i, s in enumerate(specs):
+        ys = [results["categories"][c].get(s, {}).get("speedup") or 0.0 for c in cats]
+        ax.bar([j + i * width for j in range(len(cats))], ys, width, label=s)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], cats, rotation=20)
+    ax.set_ylabel("speedup over baseline")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_outputs(out: Path, args: argparse.Namespace, cases: list[Case], raw: dict[str, dict[str, Any]]) -> None:
     results = build_results(args, cases, raw)
     try:
@@ -130,7 +173,8 @@ def write_outputs(out: Path, args: argparse.Namespace, cases: list[Case], raw: d
         report = markdown(results)
         (out / "report.md").write_text(report)
         plot_speed(results, out / "speed.png")
+        plot_categories(results, out / "categories.png")
     except OSError as e:
         raise PonderError(f"cannot write bench results to {out}: {e}")
     print(report)
-    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'speed.png'}")
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'speed.png'}, {out / 'categories.png'}")

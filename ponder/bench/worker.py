@@ -23,9 +23,10 @@ def run_method(
     if threads:
         torch.set_num_threads(threads)
     runner = make_runner(spec, model, eos, n_ctx)
+    size = spec.batch(batch_size)
+    costs = runner.verify_costs(size) if spec.is_ponder else {}
     for _ in range(warmup):
         runner.run([cases[0].prompt_ids], min(8, max_new))
-    size = spec.batch(batch_size)
     prompts: list[dict[str, Any]] = []
     shares: dict[str, float] = {}
     wall, top1 = 0.0, [0, 0]
@@ -49,4 +50,4 @@ def run_method(
     bar.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"prompts": prompts, "wall_seconds": wall, "shares": shares, "peak_rss_mb": peak_mb, "top1": top1,
-            "batch_size": size}
+            "batch_size": size, "verify_cost_ms": {n: 1000 * t for n, t in sorted(costs.items())}}

@@ -110,6 +110,18 @@ def parse(text: str) -> list[tuple[str, dict[str, str]]]:
     return parts
 
 
+def validate(text: str) -> None:
+    """Check a SPEC's drafter names and options without building anything (PonderError when wrong)."""
+    reg = _registry()
+    parsed = parse(text)
+    policy_kw: dict[str, str] = {}
+    for name, options in parsed:
+        own = {k: v for k, v in options.items() if k not in _fields(PolicyOptions)}
+        policy_kw.update({k: v for k, v in options.items() if k in _fields(PolicyOptions)})
+        _options(reg[name].options, own, name)
+    _options(PolicyOptions, policy_kw, text)
+
+
 def make_speculator(text: str, target: Any) -> Speculator:
     """Build the drafters and policy a SPEC describes for the ``target`` (a ``ponder.load`` result)."""
     reg = _registry()
@@ -162,5 +174,5 @@ def _convert(kind: Any, value: str) -> Any:
 
 __all__ = [
     "Drafter", "DraftBatch", "DraftRow", "DraftTree", "Proposal", "RowResult", "Speculator", "make_speculator",
-    "parse", "drafter_names", "merge",
+    "parse", "validate", "drafter_names", "merge",
 ]
