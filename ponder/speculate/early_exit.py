@@ -9,7 +9,9 @@ second early exit), or at ``k`` tokens.
 ``layer=auto`` follows DEL: every ``probe`` verify steps the verify forward reports the hidden states entering each
 candidate exit layer; the shared head on them tells how often each layer's prediction matches the token the target
 committed. With those acceptance rates (running averages) and the measured costs (a layer, the head, the verify
-curve), the drafter picks the exit layer and draft length with the most expected tokens per second.
+curve), the drafter picks the exit layer and draft length with the most expected tokens per second. Whether drafting
+pays at all is measured, not modelled: the drafter times whole steps (tokens committed per wall second) with and
+without drafting, keeps whichever is faster, and retries the other every ``explore`` steps.
 
 The default model (SmolLM2) was not trained for early exit (LayerSkip trains with layer dropout and an early-exit
 loss), so its early layers draft poorly; the bench reports the acceptance per layer.
@@ -17,6 +19,7 @@ loss), so its early layers draft poorly; the bench reports the acceptance per la
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,13 +34,14 @@ class EarlyExitOptions:
     layer: str = "auto"  # exit layer, or "auto" (DEL)
     k: int = 6  # most draft tokens per step
     threshold: float = 0.4  # stop drafting when the exit head's top-1 probability is lower
-    probe: int = 4  # auto: measure every candidate layer's acceptance every `probe` verify steps
+    probe: int = 8  # auto: measure every candidate layer's acceptance every `probe` verify steps
+    explore: int = 16  # retry the slower of drafting / plain decoding every `explore` steps
 
     def __post_init__(self) -> None:
         if self.layer != "auto" and not self.layer.isdigit():
             raise ValueError(f"early-exit layer must be a layer number or auto, got {self.layer!r}")
-        if self.k < 1 or not 0 <= self.threshold < 1 or self.probe < 1:
-            raise ValueError("early-exit needs k >= 1, threshold in [0, 1) and probe >= 1")
+        if self.k < 1 or not 0 <= self.threshold < 1 or self.probe < 1 or self.explore < 2:
+            raise ValueError("early-exit needs k >= 1, threshold in [0, 1), probe >= 1 and explore >= 2")
 
 
 @dataclass
@@ -62,7 +66,7 @@ class EarlyExit(Drafter):
         self.n_layers = n_layers
         self.head_layers = head_layers  # the head's cost in layers (SmolLM2: a 49k x 576 head ~ 8 layers)
         if options.layer == "auto":
-            step = max(1, n_layers // 8)
+            step = max(1, n_layers // 5)  # ~4 candidates: each costs a head evaluation per probe
             self.candidates = list(range(step, n_layers - step + 1, step))
             self.layer = self.candidates[len(self.candidates) // 3]
         else:
@@ -73,6 +77,27 @@ class EarlyExit(Drafter):
         self.stats = LayerStats()
         self.steps = 0
         self.k = options.k
+        self.rate = {True: 0.0, False: 0.0}  # drafting? -> running tokens per second of whole steps
+        self.drafting = True
+        self.last: tuple[float, int] | None = None  # (time the last step began, tokens it committed)
+
+    def new_state(self, prompt_ids: list[int]) -> None:
+        self.last = None  # the time since the previous request is not a step
+        return None
+
+    def _pick_mode(self) -> bool:
+        """Time the step that just ended, then decide whether this one drafts."""
+        now = time.perf_counter()
+        if self.last is not None and self.last[1]:
+            r = self.last[1] / max(now - self.last[0], 1e-9)
+            old = self.rate[self.drafting]
+            self.rate[self.drafting] = r if old == 0 else 0.8 * old + 0.2 * r
+        self.last = (now, 0)
+        if 0.0 in self.rate.values():
+            return self.rate[True] == 0.0  # try each mode once
+        if self.steps % self.options.explore == 0:
+            return self.rate[True] < self.rate[False]  # retry the slower one
+        return self.rate[True] >= self.rate[False]
 
     @classmethod
     def build(cls, options: EarlyExitOptions, target: Any) -> "EarlyExit":
@@ -93,7 +118,13 @@ class EarlyExit(Drafter):
         hidden: list[list[torch.Tensor]] = [[] for _ in rows]
         drafts: list[list[int]] = [[] for _ in rows]
         scores: list[list[float]] = [[] for _ in rows]
-        active = [min(self.k, r.budget) > 0 for r in rows]
+        self.drafting = self._pick_mode()
+        active = [self.drafting and min(self.k, r.budget) > 0 for r in rows]
+        probing = len(self.candidates) > 1 and (self.steps + 1) % self.options.probe == 0
+        if not any(active):  # paused (no layer pays off) or no budget: plain decoding, still probing when due
+            self.steps += 1
+            empty = [DraftTree() for _ in rows]
+            return Proposal(empty, capture=tuple(self.candidates)) if probing else Proposal(empty)
         for step in range(self.k + 1):
             ctx = model.step_context(cache, 1, [1] * B)
             h = model.run_layers(model.embed(feed), ctx, cache, 0, L)  # [B, 1, E]
@@ -125,6 +156,8 @@ class EarlyExit(Drafter):
 
     def observe(self, batch: DraftBatch, results: list[RowResult]) -> None:
         model = batch.model
+        if self.last is not None:
+            self.last = (self.last[0], sum(len(r.committed) for r in results))
         for res in results:
             if not res.hidden:
                 continue
