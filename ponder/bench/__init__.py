@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", default="builtin", help="builtin (default) or specbench:PATH")
     p.add_argument("--methods", default="baseline,hf", help="comma-separated method specs (default baseline,hf)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts of the suite (default: all)")
+    p.add_argument("--per-category", type=int, default=None, metavar="N",
+                   help="first N prompts of each category (a quick representative sample; applied before --limit)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=1, help="rows decoded together by ponder methods (default 1)")
     p.add_argument("--second-turns", action="store_true", help="also run second turns (Spec-Bench MT-Bench rows)")
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> list[MethodSpec]:
     if args.limit is not None and args.limit < 1:
         raise PonderError(f"--limit must be >= 1, got {args.limit}")
+    if getattr(args, "per_category", None) is not None and args.per_category < 1:
+        raise PonderError(f"--per-category must be >= 1, got {args.per_category}")
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.warmup < 0:
         raise PonderError("--max-new-tokens and --batch-size must be >= 1, --warmup >= 0")
     if args.threads is not None and args.threads < 1:
@@ -76,7 +80,10 @@ def _prepare(args: argparse.Namespace) -> tuple[list[Case], Any, set[int], int]:
     from ponder.model.loader import eos_token_ids, load_tokenizer, read_config, resolve
 
     cases = load_suite(args.suite, args.second_turns)
-    firsts = [c for c in cases if c.turn == 1][: args.limit]
+    firsts = [c for c in cases if c.turn == 1]
+    if getattr(args, "per_category", None):
+        firsts = _per_category(firsts, args.per_category)
+    firsts = firsts[: args.limit]
     keep = {c.id for c in firsts}
     cases = firsts + [c for c in cases if c.turn == 2 and c.id in keep]
     path = resolve(args.model)
@@ -91,6 +98,17 @@ def _prepare(args: argparse.Namespace) -> tuple[list[Case], Any, set[int], int]:
         )
     n_ctx = min(cfg.max_position_embeddings, 2 * longest + 3 * args.max_new_tokens + 64)  # room for second turns
     return cases, tokenizer, eos_token_ids(path, cfg, tokenizer), n_ctx
+
+
+def _per_category(cases: list[Case], n: int) -> list[Case]:
+    """The first n cases of each category, in suite order."""
+    seen: dict[str, int] = {}
+    kept = []
+    for c in cases:
+        seen[c.category] = seen.get(c.category, 0) + 1
+        if seen[c.category] <= n:
+            kept.append(c)
+    return kept
 
 
 def encode_turns(tokenizer: Any, turns: list[str], answers: list[str]) -> list[int]:
@@ -133,6 +151,8 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"]),
         "top1": [x + y for x, y in zip(a["top1"], b["top1"])],
         "batch_size": a["batch_size"],
+        "verify_cost_ms": a.get("verify_cost_ms", {}),
+        "drafter": a.get("drafter", {}),
     }
 
 

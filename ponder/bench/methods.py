@@ -143,6 +143,10 @@ class PonderRunner:
         self.engine = Engine(loaded, self.speculator)
         self.model = self.engine.model
 
+    def report(self) -> dict[str, Any]:
+        """What a speculative method's drafter learned during the run (e.g. early-exit's per-layer acceptance)."""
+        return self.speculator.drafter.report() if self.speculator is not None else {}
+
     def verify_costs(self, rows: int, max_tokens: int = 32) -> dict[int, float]:
         """Seconds of one target forward by total tokens (the verify-cost curve), for this method's dtype."""
         from ponder.speculate.policy import CostCurve

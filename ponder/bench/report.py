@@ -50,7 +50,7 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
             "top1_agreement": agree / total if total else None,
             "batch_size": res["batch_size"],
             "verify_cost_ms": res.get("verify_cost_ms", {}),
-        }
+        } | ({"drafter": res["drafter"]} if res.get("drafter") else {})
         for cat, figures in by_category(recs, res["shares"]).items():
             categories.setdefault(cat, {})[spec] = figures
         prompts.extend(recs)
@@ -63,7 +63,8 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
         "suite": args.suite,
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
-        "settings": {"max_new_tokens": args.max_new_tokens, "limit": args.limit, "batch_size": args.batch_size,
+        "settings": {"max_new_tokens": args.max_new_tokens, "limit": args.limit,
+                     "per_category": getattr(args, "per_category", None), "batch_size": args.batch_size,
                      "second_turns": args.second_turns, "warmup": args.warmup, "greedy": True,
                      "prompts": len(cases)},
         "methods": methods,
@@ -98,6 +99,9 @@ def markdown(results: dict[str, Any]) -> str:
             pos = " ".join(f"{a:.2f}" for a in f["acceptance_by_position"][:8])
             lines.append(f"| {s} | {f['tau']:.2f} | {f['alpha']:.2f} | {f['forwards_per_token']:.2f} "
                          f"| {f['draft_s']:.1f} | {f['verify_s']:.1f} | {pos} |")
+    for s, f in spec_rows:
+        if f.get("drafter"):
+            lines += ["", f"{s}, what the drafter learned: `{json.dumps(f['drafter'])}`"]
     curves = {s: f["verify_cost_ms"] for s, f in results["methods"].items() if f.get("verify_cost_ms")}
     if curves:
         sizes = sorted({int(n) for c in curves.values() for n in c})

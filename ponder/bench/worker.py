@@ -50,4 +50,5 @@ def run_method(
     bar.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"prompts": prompts, "wall_seconds": wall, "shares": shares, "peak_rss_mb": peak_mb, "top1": top1,
-            "batch_size": size, "verify_cost_ms": {n: 1000 * t for n, t in sorted(costs.items())}}
+            "batch_size": size, "verify_cost_ms": {n: 1000 * t for n, t in sorted(costs.items())},
+            "drafter": runner.report() if spec.is_ponder else {}}

@@ -68,6 +68,9 @@ class Composite(Drafter):
         for i, p in enumerate(self.parts):
             p.observe(self._view(batch, i), results)
 
+    def report(self) -> dict[str, Any]:
+        return {p.name: r for p in self.parts if (r := p.report())}
+
 
 @dataclass
 class Speculator:
@@ -84,7 +87,8 @@ class Speculator:
 
     def prepare(self, model: Any, rows: int) -> None:
         """Pack the projections for verify-sized forwards and measure the verify cost curve (once per batch size)."""
-        model.pack_for_rows(*sorted({max(4, rows), 4 * rows, 8 * rows, 16 * rows} - {0}))
+        # each packed size is another copy of the weights: 4, 8 and 16 tokens per row, at most 32 tokens per forward
+        model.pack_for_rows(*sorted({max(4, rows)} | {n * rows for n in (4, 8, 16) if n * rows <= 32}))
         if rows not in self.costs:
             self.costs[rows] = CostCurve.measure(model, rows, self.max_nodes + 1)
         self.policy.cost = self.costs[rows]

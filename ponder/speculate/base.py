@@ -73,3 +73,7 @@ class Drafter(ABC):
     def observe(self, batch: DraftBatch, results: list[RowResult]) -> None:
         """Learn from a verify step (default: nothing). ``batch.cache`` already holds the committed tokens'
         K/V except the new pending token's."""
+
+    def report(self) -> dict[str, Any]:
+        """What the drafter learned, for the bench report (default: nothing)."""
+        return {}

@@ -46,10 +46,12 @@ class DraftState:
 class DraftModel(Drafter):
     name = "draft"
 
-    def __init__(self, options: DraftModelOptions, loaded: Any) -> None:
+    def __init__(self, options: DraftModelOptions, loaded: Any, target_vocab: int | None = None) -> None:
         self.options = options
         self.loaded = loaded
         self.model = loaded.model
+        # a draft embedding padded past the target's vocabulary could propose ids the target cannot embed
+        self.vocab = min(self.model.config.vocab_size, target_vocab or self.model.config.vocab_size)
 
     @classmethod
     def build(cls, options: DraftModelOptions, target: Any) -> "DraftModel":
@@ -59,7 +61,7 @@ class DraftModel(Drafter):
         if not _same_vocabulary(draft.tokenizer, target.tokenizer):
             raise PonderError(f"draft model {options.model!r} has a different tokenizer from the target; "
                               "a draft model must share the target's vocabulary")
-        return cls(options, draft)
+        return cls(options, draft, target.model.config.vocab_size)
 
     def new_state(self, prompt_ids: list[int]) -> DraftState:
         return DraftState(self.model.new_cache(1, len(prompt_ids) + 256))
@@ -76,7 +78,7 @@ class DraftModel(Drafter):
         drafts: list[int] = []
         scores: list[float] = []
         while len(drafts) < n:
-            probs = torch.softmax(self.model(new, st.cache, last_only=True)[0, -1].float(), -1)
+            probs = torch.softmax(self.model(new, st.cache, last_only=True)[0, -1, : self.vocab].float(), -1)
             conf, tok = probs.max(-1)
             if float(conf) < self.options.threshold:
                 break

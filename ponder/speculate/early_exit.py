@@ -79,6 +79,7 @@ class EarlyExit(Drafter):
         self.k = options.k
         self.rate = {True: 0.0, False: 0.0}  # drafting? -> running tokens per second of whole steps
         self.drafting = True
+        self.drafting_steps = 0
         self.last: tuple[float, int] | None = None  # (time the last step began, tokens it committed)
 
     def new_state(self, prompt_ids: list[int]) -> None:
@@ -119,6 +120,7 @@ class EarlyExit(Drafter):
         drafts: list[list[int]] = [[] for _ in rows]
         scores: list[list[float]] = [[] for _ in rows]
         self.drafting = self._pick_mode()
+        self.drafting_steps += self.drafting
         active = [self.drafting and min(self.k, r.budget) > 0 for r in rows]
         probing = len(self.candidates) > 1 and (self.steps + 1) % self.options.probe == 0
         if not any(active):  # paused (no layer pays off) or no budget: plain decoding, still probing when due
@@ -168,6 +170,17 @@ class EarlyExit(Drafter):
                 self.stats.update(layer, int((guess == want).sum()), len(inputs))
         if self.stats.rate:
             self._choose()
+
+    def report(self) -> dict[str, Any]:
+        """Per candidate exit layer: how often its prediction matched the committed token (running average), and
+        the layer, draft length and drafting share the drafter ended with."""
+        return {
+            "layer_acceptance": {str(k): round(v, 3) for k, v in sorted(self.stats.rate.items())},
+            "layer_probes": {str(k): v for k, v in sorted(self.stats.seen.items())},
+            "exit_layer": self.layer, "draft_length": self.k,
+            "tokens_per_s_drafting": round(self.rate[True], 1), "tokens_per_s_plain": round(self.rate[False], 1),
+            "drafting_steps": self.drafting_steps, "steps": self.steps,
+        }
 
     def _choose(self) -> None:
         """DEL: the exit layer and draft length with the most expected tokens per unit of compute."""
