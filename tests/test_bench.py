@@ -21,6 +21,24 @@ def test_spec_parsing() -> None:
     assert [m.text for m in parse_methods("baseline, hf")] == ["baseline", "hf"]
 
 
+def test_speculative_spec_parsing() -> None:
+    s = parse_spec("pld:max_ngram=4:dtype=int8+recycling:k=8:batch=4")
+    assert (s.speculator, s.dtype, s.batch(1), s.is_ponder) == ("pld:max_ngram=4+recycling:k=8", "int8", 4, True)
+    assert parse_spec("draft:some/model:k=3").speculator == "draft:some/model:k=3"
+    assert parse_spec("early-exit").batch(3) == 3
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [("pld:foo=1", "unknown option 'foo'"), ("recycling:k=x", "type int"), ("pld+nope", "unknown drafter"),
+     ("pld:dtype=int3", "dtype"), ("pld:batch=0", "batch"), ("pld:max_ngram=0", "min_ngram"),
+     ("early-exit:layer=x", "layer"), ("pld:max_nodes=-1", "max_nodes"), ("draft", "needs a model")],
+)
+def test_bad_speculative_specs(text: str, needle: str) -> None:
+    with pytest.raises(PonderError, match=needle):
+        parse_methods(text)
+
+
 @pytest.mark.parametrize(
     "text, needle",
     [("nope", "unknown method"), ("baseline:dtype=int3", "dtype"), ("baseline:batch=x", "batch"),
@@ -93,6 +111,34 @@ def test_full_run_writes_the_documented_schema(tiny_dir: Path, tmp_path: Path) -
     assert set(r["categories"]) == {"qa", "rag"}
     assert "| hf |" in (out / "report.md").read_text()
     assert (out / "speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_speculative_methods_in_a_run(tiny_dir: Path, tmp_path: Path) -> None:
+    suite = tmp_path / "suite.jsonl"
+    rows = [{"question_id": i, "category": c, "turns": [t]} for i, (c, t) in enumerate([
+        ("summarization", "one two three four one two three four one two three"),
+        ("qa", "a b c a b c a b"), ("qa", "x y z"), ("rag", "red blue red blue red"),
+    ])]
+    suite.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    args = _args(model=tiny_dir, suite=f"specbench:{suite}", methods="baseline,pld,pld+recycling:batch=2",
+                 max_new_tokens=12, per_category=1, out=out)
+    assert bench.run(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["settings"]["prompts"] == 3  # one per category
+    for spec in ("pld", "pld+recycling:batch=2"):
+        f = r["methods"][spec]
+        assert f["exact_match"] == 1.0
+        assert {"tau", "alpha", "acceptance_by_position", "forwards_per_token", "draft_s", "verify_s"} <= set(f)
+        assert f["tau"] >= 1.0 and 0.0 <= f["alpha"] <= 1.0
+        steps, tokens = f["verify_steps"], f["new_tokens"]
+        assert f["forwards_per_token"] == pytest.approx((3 + steps) / tokens)
+        assert f["tau"] == pytest.approx(1 + sum(p["accepted"] for p in r["prompts"] if p["method"] == spec) / steps)
+        assert f["verify_cost_ms"] and all(v > 0 for v in f["verify_cost_ms"].values())
+    assert "tau" not in r["methods"]["baseline"] and r["methods"]["baseline"]["verify_cost_ms"]
+    report = (out / "report.md").read_text()
+    assert "Verify-cost curve" in report and "| pld |" in report
+    assert (out / "categories.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_llamacpp_needs_a_gguf_model(tiny_dir: Path, tmp_path: Path) -> None:

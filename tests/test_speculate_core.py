@@ -1,0 +1,204 @@
+"""Speculative decoding: lossless greedy matrix over every registered drafter, trees, cache compaction, the tree
+verify forward, and the sampling acceptance rule (exact and statistical)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import ponder
+from ponder.engine import Engine
+from ponder.errors import PonderError
+from ponder.sampling import SamplingParams
+from ponder.speculate import drafter_names, make_speculator
+from ponder.speculate.accept import accept_greedy, accept_sampling, first_token_distribution
+from ponder.speculate.tree import DraftTree, merge
+
+PROMPTS = [
+    [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7],  # repetitive: copying drafters get accepted
+    [3, 1, 4, 1, 5, 9, 2, 6],
+    [11, 12, 11, 12, 11, 12, 11, 12, 11, 12, 11, 12, 11, 12, 11, 12, 11],
+    [40, 41, 42],
+]
+
+
+def spec_table(tiny_dir: Path) -> dict[str, list[str]]:
+    """A concrete SPEC per registered drafter (a new drafter without an entry fails the matrix)."""
+    return {
+        "pld": ["pld", "pld:branches=3:max_ngram=4"],
+        "lookahead": ["lookahead"],
+        "recycling": ["recycling", "recycling:k=8:widths=8-2-1"],
+        "draft": [f"draft:{tiny_dir}"],
+        "early-exit": ["early-exit:layer=1", "early-exit"],
+    }
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny) -> dict[int, list[list[int]]]:
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    eng = Engine(tiny)
+    return {b: [c.output_ids for c in eng.generate(PROMPTS[:b] if b > 1 else PROMPTS[:1], params)] for b in (1, 3)}
+
+
+def test_every_drafter_has_a_spec(tiny_dir: Path) -> None:
+    assert set(spec_table(tiny_dir)) == set(drafter_names())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_matrix_equals_baseline(tiny, tiny_dir: Path, baseline, batch: int) -> None:
+    specs = [s for v in spec_table(tiny_dir).values() for s in v]
+    specs += ["pld+recycling", "lookahead+early-exit:layer=1", "pld+recycling:adaptive=false:max_nodes=12"]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompts = PROMPTS[:batch] if batch > 1 else PROMPTS[:1]
+    for spec in specs:
+        eng = Engine(tiny, make_speculator(spec, tiny))
+        for _ in range(2):  # the second run starts from what the drafters and policy learned
+            out = eng.generate(prompts, params)
+            assert [c.output_ids for c in out] == baseline[batch], spec
+    # single prompts of every shape too (ragged batches above, lone rows here)
+    eng = Engine(tiny, make_speculator("pld", tiny))
+    plain = Engine(tiny)
+    for p in PROMPTS:
+        assert eng.generate([p], params)[0].output_ids == plain.generate([p], params)[0].output_ids
+
+
+def test_copying_is_accepted(tiny) -> None:
+    """Not vacuous: on a prompt the random model continues periodically, pld drafts get accepted."""
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    eng = Engine(tiny, make_speculator("pld:adaptive=false:min_prob=0", tiny))
+    c = eng.generate([PROMPTS[2]], params)[0]
+    assert c.spec.steps < len(c.output_ids) and c.spec.accepted > 0
+
+
+def test_stops_like_baseline(tiny) -> None:
+    plain, eng = Engine(tiny), Engine(tiny, make_speculator("pld:adaptive=false:min_prob=0", tiny))
+    for n in (1, 2, 7):
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        a, b = plain.generate([PROMPTS[2]], params)[0], eng.generate([PROMPTS[2]], params)[0]
+        assert a.output_ids == b.output_ids and len(b.output_ids) == n
+    full = plain.generate([PROMPTS[2]], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    stop = plain.tokenizer.decode(full.output_ids[3:5])
+    if stop.strip():
+        params = SamplingParams(max_new_tokens=20, ignore_eos=True, stop=(stop,))
+        a, b = plain.generate([PROMPTS[2]], params)[0], eng.generate([PROMPTS[2]], params)[0]
+        assert (a.text, a.finish_reason) == (b.text, b.finish_reason)
+
+
+def test_tree_basics() -> None:
+    t = merge([DraftTree.chain([1, 2, 3]), DraftTree.chain([1, 2, 4]), DraftTree.chain([5])])
+    assert (t.tokens, t.parents) == ([1, 2, 3, 4, 5], [-1, 0, 1, 1, -1])
+    assert t.depths() == [1, 2, 3, 3, 1]
+    assert t.children() == [[0, 4], [1], [2, 3], [], [], []]
+    t.scores = [0.9, 0.5, 0.1, 0.4, 0.3]
+    best = t.best(3)
+    assert best.tokens == [1, 2, 5] and best.parents == [-1, 0, -1]
+    with pytest.raises(ValueError):
+        DraftTree([1, 2], [-1, 5])
+    with pytest.raises(ValueError):
+        t.keep([1])  # parent 0 missing
+    assert accept_greedy(t, [1, 2, 4, 9, 9, 9]) == ([0, 1, 3], 9)
+    assert accept_greedy(t, [7, 0, 0, 0, 0, 0]) == ([], 7)
+
+
+def test_compact_moves_the_accepted_path(tiny) -> None:
+    cache = tiny.model.new_cache(1, 16)
+    for t in cache.k + cache.v:
+        t[0, :, :, 0] = torch.arange(16, dtype=t.dtype)
+    cache.set_length(0, 10)
+    cache.compact(0, 4, [0, 2, 5])
+    assert cache.lengths == [7]
+    assert cache.k[0][0, 0, 4:7, 0].tolist() == [4.0, 6.0, 9.0]
+    assert cache.v[-1][0, 0, :4, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_forward_tree_matches_sequential_decoding(tiny) -> None:
+    m = tiny.model
+    prefix, tree = [5, 6, 7, 8], DraftTree([10, 11, 12, 13], [-1, 0, 0, 2])  # branches 10-11 and 10-12-13
+    with torch.inference_mode():
+        cache = m.new_cache(1, 32)
+        m(torch.tensor([prefix]), cache)
+        T = len(tree) + 1
+        visible = torch.eye(T, dtype=torch.bool)
+        for i, p in enumerate(tree.parents):
+            visible[i + 1] |= visible[p + 1]
+        depth = torch.tensor([[0] + tree.depths()])
+        logits = m.forward_tree(torch.tensor([[9] + tree.tokens]), cache, depth, visible[None])[0]
+        assert cache.lengths == [4]  # the verify forward does not advance the cache
+        for node, branch in [(0, [9]), (1, [9, 10]), (2, [9, 10, 11]), (3, [9, 10, 12]), (4, [9, 10, 12, 13])]:
+            ref_cache = m.new_cache(1, 32)
+            ref = m(torch.tensor([prefix + branch]), ref_cache)[0, -1]
+            assert torch.allclose(logits[node], ref, atol=1e-5), node
+        # keep the path 10-12-13, then the next logits equal a fresh run over prefix + path
+        cache.compact(0, 4, [0, 1, 3, 4])
+        nxt = m(torch.tensor([[21]]), cache)[0, -1]
+        ref = m(torch.tensor([prefix + [9, 10, 12, 13, 21]]), m.new_cache(1, 32))[0, -1]
+        assert torch.allclose(nxt, ref, atol=1e-5)
+
+
+def test_sampling_rule_is_exact_in_closed_form() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p = torch.rand(7, generator=g, dtype=torch.float64) ** 3
+        p[int(torch.randint(7, (1,), generator=g))] = 0.0
+        p /= p.sum()
+        for cands in ([], [0], [3, 1], [6, 0, 2, 4], [int(p.argmin())]):
+            assert torch.allclose(first_token_distribution(p, cands), p, atol=1e-12)
+
+
+def _empirical(rule, tree: DraftTree, probs: torch.Tensor, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    counts = torch.zeros(probs.shape[-1], dtype=torch.float64)
+    for _ in range(n):
+        path, bonus = rule(tree, probs, g)
+        counts[tree.tokens[path[0]] if path else bonus] += 1
+    return counts / n
+
+
+def _biased(tree: DraftTree, probs: torch.Tensor, g: torch.Generator) -> tuple[list[int], int]:
+    return ([0], 0) if tree.tokens else ([], int(torch.multinomial(probs[0], 1, generator=g)))  # always accepts
+
+
+def test_sampling_rule_statistically() -> None:
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]])
+    tree = DraftTree([2, 0], [-1, -1])  # two candidates at the root
+    n = 6000
+    bound = 4 * (0.25 / n) ** 0.5  # 4 standard deviations of a frequency
+    good = _empirical(accept_sampling, tree, probs, n)
+    assert (good - probs[0].double()).abs().max() < bound
+    bad = _empirical(_biased, tree, probs, n)
+    assert (bad - probs[0].double()).abs().max() > bound  # the check catches a biased rule
+
+
+def test_sampling_end_to_end_matches_the_model(tiny) -> None:
+    """The second sampled token (the first one a verify step commits) follows the model's exact marginal
+    sum_t1 p(t1) p(t2 | t1), within 4.5 standard deviations per token, and drafts were really accepted."""
+    from ponder.sampling import warp
+
+    prompt, m = PROMPTS[0], tiny.model
+    base = SamplingParams(max_new_tokens=3, temperature=0.6, ignore_eos=True)
+    with torch.inference_mode():
+        p1 = warp(m(torch.tensor([prompt]), m.new_cache(1, 32))[:, -1], base)[0].double()
+        exact = torch.zeros_like(p1)
+        for t1 in torch.nonzero(p1 > 1e-9).flatten().tolist():
+            logits = m(torch.tensor([prompt + [t1]]), m.new_cache(1, 32))[:, -1]
+            exact += p1[t1] * warp(logits, base)[0].double()
+    eng = Engine(tiny, make_speculator("pld:adaptive=false:min_prob=0+recycling:adaptive=false", tiny))
+    n, accepted = 500, 0
+    counts = torch.zeros_like(exact)
+    for seed in range(n):
+        c = eng.generate([prompt], SamplingParams(max_new_tokens=3, temperature=0.6, seed=seed, ignore_eos=True))[0]
+        accepted += c.spec.accepted
+        counts[c.output_ids[1]] += 1
+    assert accepted > 0
+    freq = counts / n
+    bound = 4.5 * (exact * (1 - exact) / n).sqrt() + 2 / n
+    assert bool(((freq - exact).abs() <= bound).all()), (freq - exact).abs().max()
+
+
+def test_bad_specs(tiny, tmp_path: Path) -> None:
+    for spec, needle in [("nope", "unknown drafter"), ("pld:zzz=1", "unknown option"), ("recycling:k=x", "type int"),
+                         ("early-exit:layer=99", "layer"), ("recycling:widths=9", "widths")]:
+        with pytest.raises(PonderError, match=needle):
+            make_speculator(spec, tiny)
+    with pytest.raises(PonderError):
+        make_speculator(f"draft:{tmp_path / 'missing'}", tiny)  # the draft model's load error, one line

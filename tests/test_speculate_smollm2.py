@@ -1,0 +1,28 @@
+"""Speculative decoding on the real default model (SmolLM2-135M-Instruct): greedy output equals plain greedy."""
+
+import pytest
+
+from ponder.engine import Engine
+from ponder.sampling import SamplingParams
+from ponder.speculate import make_speculator
+
+PROMPTS = [
+    [{"role": "user", "content": "Summarize: The city council met on Monday. The city council voted to build a "
+                                 "new library. The new library will open next year near the old city hall."}],
+    [{"role": "user", "content": "Translate to French: I like green apples and red apples."}],
+    [{"role": "user", "content": "What is 12 times 7? Explain step by step."}],
+]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2) -> dict[int, list[list[int]]]:
+    eng, params = Engine(smollm2), SamplingParams(max_new_tokens=40)
+    return {1: [eng.generate([p], params)[0].output_ids for p in PROMPTS],
+            3: [c.output_ids for c in eng.generate(PROMPTS, params)]}
+
+
+@pytest.mark.parametrize("spec", ["pld", "lookahead", "recycling", "early-exit", "pld+recycling"])
+def test_smollm2_speculation_is_lossless(smollm2, reference, spec: str) -> None:
+    eng, params = Engine(smollm2, make_speculator(spec, smollm2)), SamplingParams(max_new_tokens=40)
+    assert [eng.generate([p], params)[0].output_ids for p in PROMPTS] == reference[1]
+    assert [c.output_ids for c in eng.generate(PROMPTS, params)] == reference[3]
