@@ -7,6 +7,10 @@ Glossary
   so the cache never serves a stale entry (attention masks everything at or past the row's length).
 - **compaction**: after a draft tree is verified, moving the accepted path's entries (scattered over the tree's
   slots) to consecutive slots right after the row's prefix, then rolling back the rest.
+- **eviction** (KV-cache compression, ``ponder/kv``): ``select`` keeps, per layer and KV head, chosen slots of a
+  row and packs them to the front. Keys carry their rotary position already, so a kept entry keeps its position;
+  ``evicted[b]`` counts the entries row b dropped, and its next token's position is ``lengths[b] + evicted[b]``.
+  Different KV heads may keep different tokens, but every head and layer of a row keeps the same number.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths: list[int] = [0] * batch
+        self.evicted: list[int] = [0] * batch
         self.max_len = max_len
 
     @property
@@ -42,6 +47,38 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the preallocated tensors."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def used_bytes(self) -> int:
+        """Bytes of the valid entries (what a cache sized exactly to the rows' contents would hold)."""
+        per_slot = sum(t.shape[1] * t.shape[3] * t.element_size() for t in self.k + self.v)
+        return per_slot * sum(self.lengths)
+
+    @property
+    def positions(self) -> list[int]:
+        """Per row, the position of the next token (tokens seen so far, evicted ones included)."""
+        return [n + e for n, e in zip(self.lengths, self.evicted)]
+
+    def select(self, row: int, keep: list[torch.Tensor]) -> None:
+        """Keep, in every layer l, the slots ``keep[l]`` # [Hkv, n] of ``row`` (one list per KV head) and pack them
+        into slots ``[0, n)``; the rest is evicted. Each head's list should ascend (it keeps the order of time)."""
+        n = keep[0].shape[1]
+        if n > self.lengths[row] or any(k.shape != keep[0].shape for k in keep):
+            raise ValueError(f"row {row}: cannot keep {n} of {self.lengths[row]} slots (same count in every layer)")
+        for layer, idx in enumerate(keep):
+            for t in (self.k[layer], self.v[layer]):
+                gathered = t[row].gather(1, idx[:, :, None].expand(-1, -1, t.shape[3]))  # [Hkv, n, D]
+                t[row, :, :n] = gathered
+        self.evicted[row] += self.lengths[row] - n
+        self.lengths[row] = n
+
+    def copy_row(self, b: int, src: "KVCache", src_row: int = 0) -> None:
+        """Make row b a copy of ``src``'s row ``src_row`` (contents, length and evicted count)."""
+        n = src.lengths[src_row]
+        if n > self.max_len:
+            raise ValueError(f"row of {n} slots does not fit a cache of {self.max_len}")
+        for dst, s in zip(self.k + self.v, src.k + src.v):
+            dst[b, :, :n] = s[src_row, :, :n]
+        self.lengths[b], self.evicted[b] = n, src.evicted[src_row]
 
     def advance(self, n_new: list[int]) -> None:
         """Mark ``n_new[b]`` more slots of row b as valid (after a forward wrote them)."""
@@ -80,6 +117,7 @@ class KVCache:
         view.k = [t[b : b + 1] for t in self.k]
         view.v = [t[b : b + 1] for t in self.v]
         view.lengths = [self.lengths[b]]
+        view.evicted = [self.evicted[b]]
         view.max_len = self.max_len
         return view
 
@@ -97,3 +135,4 @@ class KVCache:
         self.k = [t.index_select(0, index) for t in self.k]
         self.v = [t.index_select(0, index) for t in self.v]
         self.lengths = [self.lengths[r] for r in rows]
+        self.evicted = [self.evicted[r] for r in rows]

@@ -19,6 +19,7 @@ from ponder.model.loader import DTYPES
 
 if TYPE_CHECKING:
     from ponder.engine import Completion, Engine, Prompt
+    from ponder.kv import KVPolicy
     from ponder.model.config import ModelConfig
     from ponder.model.loader import Loaded
     from ponder.sampling import SamplingParams
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--speculate", metavar="SPEC", default=None,
                      help="lossless speculative decoding: pld, lookahead, recycling, early-exit, draft:MODEL, or a "
                           "combination such as pld+recycling, with options (recycling:k=8)")
+    gen.add_argument("--kv", metavar="POLICY", default=None,
+                     help="KV-cache compression (lossy): streaming, h2o or snapkv, with options (snapkv:window=64)")
+    gen.add_argument("--kv-ratio", type=float, default=None, help="fraction of prompt KV entries the policy removes")
+    gen.add_argument("--kv-budget", type=int, default=None, help="KV entries per row the policy keeps")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="summary of a model: architecture, layers, heads, parameters, memory")
@@ -89,6 +94,19 @@ def _model_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 
 
+def _kv_policy(args: argparse.Namespace) -> "KVPolicy | None":
+    """The --kv policy with --kv-ratio / --kv-budget filled in (they default the ratio or budget of --kv)."""
+    if args.kv is None:
+        if args.kv_ratio is not None or args.kv_budget is not None:
+            raise PonderError("--kv-ratio and --kv-budget need a policy: add --kv streaming, h2o or snapkv")
+        return None
+    if args.kv_ratio is not None and args.kv_budget is not None:
+        raise PonderError("give --kv-ratio or --kv-budget, not both")
+    from ponder.kv import make_policy
+
+    return make_policy(args.kv, args.kv_ratio, args.kv_budget)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import ponder
     from ponder.engine import Engine
@@ -105,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         speculator = make_speculator(args.speculate, loaded)
         speculator.prepare(loaded.model, len(args.prompt))  # one-time set-up, kept out of the timing below
-    engine = Engine(loaded, speculator)
+    engine = Engine(loaded, speculator, _kv_policy(args))
     prompts = [_as_prompt(p, args) for p in args.prompt]
     chat = not args.raw
     if chat and not getattr(engine.tokenizer, "chat_template", None):

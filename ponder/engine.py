@@ -7,6 +7,9 @@ Glossary
 - **speculative step**: with a ``Speculator``, each step drafts a tree per row, verifies all of them in one target
   forward (``LlamaModel.forward_tree``), keeps each row's accepted path in the cache and commits the accepted
   tokens plus the bonus token. Rows accept different numbers of tokens; greedy output equals plain decoding's.
+- **KV policy** (``ponder/kv``): each prompt is prefilled into its own full-size cache, compressed by the policy,
+  and copied into a batch cache sized for the compressed rows; policies that evict while decoding do so after a
+  step. With speculation, drafts never cross a row's next eviction point (see ``ponder.kv.base``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ponder.model.loader import Loaded, eos_token_ids
 from ponder.sampling import SamplingParams, make_generators, sample, top2_gap, warp
 
 if TYPE_CHECKING:
+    from ponder.kv import KVPolicy, KVState
     from ponder.speculate import DraftTree, Proposal, RowResult, Speculator
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]  # text, token ids, or chat messages
@@ -81,6 +85,7 @@ class _Row:
     generator: torch.Generator | None
     emitted: int = 0  # characters of completion.text already streamed
     draft_state: Any = None  # the drafter's per-row state (speculative decoding)
+    kv_state: "KVState | None" = None  # the KV policy's per-row state
 
     @property
     def tokens(self) -> list[int]:
@@ -90,8 +95,11 @@ class _Row:
 class Engine:
     """Batched, KV-cached generation with one model."""
 
-    def __init__(self, loaded: Loaded, speculator: "Speculator | None" = None) -> None:
+    def __init__(self, loaded: Loaded, speculator: "Speculator | None" = None, kv: "KVPolicy | None" = None) -> None:
         self.speculator = speculator
+        self.kv = kv
+        self.kv_bytes = 0  # bytes of the last call's batch KV cache (the tensors decoding reads and writes)
+        self.peak_kv_bytes = 0  # the largest KV cache of the last call, a full prompt's during a compressed prefill
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.context_window = self.model.config.max_position_embeddings
@@ -150,9 +158,7 @@ class Engine:
         start = time.perf_counter()
         gens = make_generators(params, len(ids), self.model.device)
         rows = [_Row(i, Completion(p), g) for i, (p, g) in enumerate(zip(ids, gens))]
-        max_len = min(self.context_window, max(map(len, ids)) + params.max_new_tokens)
-        cache = self.model.new_cache(len(rows), max_len)
-        logits = self._prefill(ids, cache)
+        cache, logits = self._prefill(rows, params.max_new_tokens, 0)
         while rows:
             tokens, gaps = self._pick(logits, rows, params)
             events = [self._commit(r, t, g, params, start) for r, t, g in zip(rows, tokens, gaps)]
@@ -163,21 +169,47 @@ class Engine:
             cache.keep_rows(alive)
             rows = [rows[i] for i in alive]
             step = torch.tensor([[tokens[i]] for i in alive], device=self.model.device)
-            logits = self.model(step, cache)[:, -1]
+            kv = self._kv(rows)
+            hook = kv.decode_hook([r.kv_state for r in rows], cache) if kv else None
+            logits = self.model(step, cache, kv_hook=hook)[:, -1]
+            if kv:
+                kv.after_step(cache, [r.kv_state for r in rows], hook)
 
-    def _prefill(self, ids: list[list[int]], cache: KVCache) -> torch.Tensor:
-        """Run each prompt into its cache row and return each row's last logits # [B, V].
+    def _kv(self, rows: list[_Row]) -> "KVPolicy | None":
+        """The KV policy, if it compressed this call's rows (None when it is a no-op for all of them)."""
+        return self.kv if self.kv is not None and rows[0].kv_state is not None else None
+
+    def _prefill(self, rows: list[_Row], max_new: int, extra: int) -> tuple[KVCache, torch.Tensor]:
+        """A batch cache holding every row's prompt (compressed by the KV policy), with room for ``max_new`` more
+        tokens plus ``extra`` verify slots; and each row's last logits # [B, V].
 
         Rows are prefilled one at a time: padding ragged prompts to one width would multiply the work by up to
         B x (longest / mean length), and a prompt's own prefill is already a large matmul.
         """
-        last = []
-        for b, p in enumerate(ids):
-            row = cache.row(b)
-            x = torch.tensor([p], device=self.model.device)
-            last.append(self.model(x, row, last_only=True)[:, -1])
-            cache.set_length(b, row.lengths[0])
-        return torch.cat(last)
+        ids = [r.completion.prompt_ids for r in rows]
+        dev = self.model.device
+        if self.kv is None or all(self.kv.is_noop(len(p), max_new) for p in ids):
+            cache = self.model.new_cache(len(ids), min(self.context_window, max(map(len, ids)) + max_new) + extra)
+            last = []
+            for b, p in enumerate(ids):
+                row = cache.row(b)
+                last.append(self.model(torch.tensor([p], device=dev), row, last_only=True)[:, -1])
+                cache.set_length(b, row.lengths[0])
+            self.kv_bytes = self.peak_kv_bytes = cache.nbytes()
+            return cache, torch.cat(last)
+        slots = max(min(self.kv.slots(len(p), max_new), self.context_window) for p in ids)
+        cache = self.model.new_cache(len(ids), slots + extra)
+        last, peak = [], 0
+        for b, (r, p) in enumerate(zip(rows, ids)):
+            full = self.model.new_cache(1, len(p))  # the full prompt's cache exists only while this row is prefilled
+            hook = self.kv.prefill_hook(len(full.k), len(p))
+            last.append(self.model(torch.tensor([p], device=dev), full, last_only=True, kv_hook=hook)[:, -1])
+            peak = max(peak, full.nbytes())
+            r.kv_state = self.kv.compress(full, hook)
+            cache.copy_row(b, full)
+        self.kv_bytes = cache.nbytes()
+        self.peak_kv_bytes = max(peak, cache.nbytes())
+        return cache, torch.cat(last)
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> tuple[list[int], list[float]]:
         tokens = sample(logits, params, [r.generator for r in rows])
@@ -213,9 +245,7 @@ class Engine:
         start = time.perf_counter()
         gens = make_generators(params, len(ids), self.model.device)
         rows = [_Row(i, Completion(p, spec=SpecCounts()), g) for i, (p, g) in enumerate(zip(ids, gens))]
-        max_len = min(self.context_window, max(map(len, ids)) + params.max_new_tokens) + spec.max_nodes + 2
-        cache = self.model.new_cache(len(rows), max_len)
-        logits = self._prefill(ids, cache)
+        cache, logits = self._prefill(rows, params.max_new_tokens, spec.max_nodes + 2)
         tokens, gaps = self._pick(logits, rows, params)
         events = [self._commit(r, t, g, params, start) for r, t, g in zip(rows, tokens, gaps)]
         for r in rows:
@@ -235,14 +265,23 @@ class Engine:
 
         spec = self.speculator
         budgets = [spec.policy.budget(params.max_new_tokens - len(r.completion.output_ids)) for r in rows]
+        kv = self._kv(rows)
+        if kv:  # drafts stop at the next eviction point, so evictions happen where plain decoding has them
+            rooms = [kv.room(r.kv_state, n) for r, n in zip(rows, cache.lengths)]
+            budgets = [b if room is None else min(b, room - 1) for b, room in zip(budgets, rooms)]
         batch = DraftBatch([DraftRow(r.tokens, r.draft_state, n) for r, n in zip(rows, budgets)], self.model, cache)
         t0 = time.perf_counter()
         proposal = spec.drafter.propose(batch)
         trees = [t.best(n) for t, n in zip(spec.policy.shape(proposal.trees), budgets)]
         t1 = time.perf_counter()
         captured: dict[int, torch.Tensor] = dict.fromkeys(proposal.capture)  # type: ignore[arg-type]
-        logits = self._verify(rows, trees, cache, proposal, captured)
+        hook = kv.decode_hook([r.kv_state for r in rows], cache) if kv else None
+        starts = list(cache.lengths)
+        logits = self._verify(rows, trees, cache, proposal, captured, hook)
         results = self._accept(rows, trees, logits, cache, params)
+        if kv:
+            inputs = [[0] + [i + 1 for i in res.path] for res in results]
+            kv.after_step(cache, [r.kv_state for r in rows], hook, inputs, starts)
         for b, res in enumerate(results):
             res.hidden = {layer: h[b, : len(trees[b]) + 1] for layer, h in captured.items() if h is not None}
         t2 = time.perf_counter()
@@ -256,7 +295,7 @@ class Engine:
 
     def _verify(
         self, rows: list[_Row], trees: list["DraftTree"], cache: KVCache, proposal: "Proposal",
-        captured: dict[int, torch.Tensor],
+        captured: dict[int, torch.Tensor], hook: Any = None,
     ) -> torch.Tensor:
         """One target forward over every row's pending token and tree; logits # [B, T, V]."""
         dev = self.model.device
@@ -271,13 +310,13 @@ class Engine:
             for i, p in enumerate(tree.parents):
                 visible[b, i + 1] |= visible[b, p + 1]
         hidden = None
-        if proposal.hidden is not None:
+        if proposal.hidden is not None and not (hook is not None and self.kv.observes_decode):
             hidden = torch.zeros(len(rows), T, proposal.hidden[0].shape[-1], dtype=self.model.dtype, device=dev)
             for b, (h, tree) in enumerate(zip(proposal.hidden, trees)):
                 hidden[b, : len(tree) + 1] = h[: len(tree) + 1]
         return self.model.forward_tree(
             ids.to(dev), cache, depth.to(dev), visible.to(dev), proposal.start_layer if hidden is not None else 0, hidden,
-            captured,
+            captured, hook,
         )
 
     def _accept(

@@ -29,24 +29,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ponder import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model for every method (default {DEFAULT_MODEL})")
-    p.add_argument("--suite", default="builtin", help="builtin (default) or specbench:PATH")
+    p.add_argument("--suite", default="builtin",
+                   help="builtin (default), specbench:PATH, or niah[:lengths=1024-2048-4096-8192][:depths=5]")
     p.add_argument("--methods", default="baseline,hf", help="comma-separated method specs (default baseline,hf)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts of the suite (default: all)")
     p.add_argument("--per-category", type=int, default=None, metavar="N",
                    help="first N prompts of each category (a quick representative sample; applied before --limit)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="new tokens per prompt (default 128; 16 for niah, whose answers are short)")
     p.add_argument("--batch-size", type=int, default=1, help="rows decoded together by ponder methods (default 1)")
     p.add_argument("--second-turns", action="store_true", help="also run second turns (Spec-Bench MT-Bench rows)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (default 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per method (default: torch's choice)")
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    p.add_argument("--dump", metavar="FILE", default=None,
+                   help="write the suite's exact prompts (text and token ids) and expected answers as JSONL, then stop")
 
 
 def run(args: argparse.Namespace) -> int:
     from ponder.bench.report import write_outputs
 
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 16 if args.suite.split(":")[0] == "niah" else 128
     specs = _check(args)
     cases, tokenizer, eos, n_ctx = _prepare(args)
+    if args.dump:
+        return _dump(Path(args.dump), cases, tokenizer)
     baseline = MethodSpec("baseline", "baseline")
     results: dict[str, dict[str, Any]] = {}
     ref = _run_baseline(args, baseline, cases, tokenizer, eos, n_ctx, results)
@@ -79,17 +87,18 @@ def _prepare(args: argparse.Namespace) -> tuple[list[Case], Any, set[int], int]:
     EOS ids and llama.cpp's context size."""
     from ponder.model.loader import eos_token_ids, load_tokenizer, read_config, resolve
 
-    cases = load_suite(args.suite, args.second_turns)
+    path = resolve(args.model)
+    tokenizer, cfg = load_tokenizer(path), read_config(path)
+    cases = load_suite(args.suite, args.second_turns, tokenizer, cfg.max_position_embeddings, args.max_new_tokens)
     firsts = [c for c in cases if c.turn == 1]
     if getattr(args, "per_category", None):
         firsts = _per_category(firsts, args.per_category)
     firsts = firsts[: args.limit]
     keep = {c.id for c in firsts}
     cases = firsts + [c for c in cases if c.turn == 2 and c.id in keep]
-    path = resolve(args.model)
-    tokenizer, cfg = load_tokenizer(path), read_config(path)
     for c in firsts:
-        c.prompt_ids = encode_turns(tokenizer, c.turns, [])
+        if not c.prompt_ids:
+            c.prompt_ids = encode_turns(tokenizer, c.turns, [])
     longest = max(len(c.prompt_ids) for c in firsts)
     if longest + args.max_new_tokens > cfg.max_position_embeddings:
         raise PonderError(
@@ -98,6 +107,23 @@ def _prepare(args: argparse.Namespace) -> tuple[list[Case], Any, set[int], int]:
         )
     n_ctx = min(cfg.max_position_embeddings, 2 * longest + 3 * args.max_new_tokens + 64)  # room for second turns
     return cases, tokenizer, eos_token_ids(path, cfg, tokenizer), n_ctx
+
+
+def _dump(path: Path, cases: list[Case], tokenizer: Any) -> int:
+    """Write one JSON object per case: what any other tool needs to run exactly these prompts."""
+    import json
+
+    try:
+        with path.open("w", encoding="utf-8") as f:
+            for c in cases:
+                row = {"id": c.id, "category": c.category, "turn": c.turn,
+                       "prompt": tokenizer.decode(c.prompt_ids), "prompt_ids": c.prompt_ids,
+                       "expected": c.expected, **c.meta}
+                f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise PonderError(f"cannot write {path}: {e}")
+    print(f"wrote {len(cases)} cases to {path}")
+    return 0
 
 
 def _per_category(cases: list[Case], n: int) -> list[Case]:

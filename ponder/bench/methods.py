@@ -9,6 +9,8 @@ A method SPEC is ``name``, ``name:arg`` or ``name:key=value:key=value``; results
 - speculative decoding: any speculator SPEC (``pld``, ``lookahead``, ``recycling``, ``early-exit``, ``draft:MODEL``,
   combinations such as ``pld+recycling``) with its drafters' and policy's options (``recycling:k=8``); ``dtype=``
   and ``batch=`` work as for ``baseline``, anywhere in the spec (``pld:dtype=int8``).
+- KV-cache compression: any KV policy SPEC (``snapkv:ratio=0.5``, ``streaming:budget=512``, ``h2o:ratio=0.75``),
+  alone (plain greedy decoding with that cache) or joined to a speculator with ``+`` (``pld+snapkv:ratio=0.5``).
 
 Every runner takes prompt token ids and returns, per prompt, the new token ids (EOS included, as ponder's engine
 does), the wall seconds and the time to the first new token.
@@ -42,10 +44,11 @@ class MethodSpec:
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     speculator: str | None = None  # the speculator SPEC (drafters and their options) for speculative methods
+    kv: str | None = None  # the KV-cache policy SPEC
 
     @property
     def is_ponder(self) -> bool:
-        return self.name in PONDER_METHODS or self.speculator is not None
+        return self.name in PONDER_METHODS or self.speculator is not None or self.kv is not None
 
     @property
     def dtype(self) -> str:
@@ -57,14 +60,15 @@ class MethodSpec:
 
 def parse_spec(text: str) -> MethodSpec:
     """``name[:key=value...]`` -> MethodSpec; unknown names or options raise PonderError."""
-    from ponder import speculate
+    from ponder import kv, speculate
 
     text = text.strip()
     name, *parts = text.split(":")
-    if name.split("+")[0] in speculate.drafter_names():
-        return _speculative_spec(text)
+    heads = [chunk.split(":")[0].strip() for chunk in text.split("+")]
+    if any(h in speculate.drafter_names() or h in kv.policy_names() for h in heads):
+        return _ponder_spec(text)
     if name not in METHOD_OPTIONS:
-        choices = ", ".join(list(METHOD_OPTIONS) + speculate.drafter_names())
+        choices = ", ".join(list(METHOD_OPTIONS) + speculate.drafter_names() + kv.policy_names())
         raise PonderError(f"unknown method {name!r} in {text!r}: choose from {choices}")
     allowed = METHOD_OPTIONS[name]
     options: dict[str, Any] = {}
@@ -84,11 +88,11 @@ def parse_spec(text: str) -> MethodSpec:
     return MethodSpec(text, name, options)
 
 
-def _speculative_spec(text: str) -> MethodSpec:
-    """Split ``dtype=``/``batch=`` off a speculator SPEC and validate the rest."""
-    from ponder import speculate
+def _ponder_spec(text: str) -> MethodSpec:
+    """Split ``dtype=``/``batch=`` and the KV policy off a speculator SPEC and validate the rest."""
+    from ponder import kv, speculate
 
-    chunks, options = [], {}
+    chunks, kv_chunks, options = [], [], {}
     for chunk in text.split("+"):
         kept = []
         for i, part in enumerate(chunk.split(":")):
@@ -97,16 +101,23 @@ def _speculative_spec(text: str) -> MethodSpec:
                 options[key] = value
             else:
                 kept.append(part)
-        chunks.append(":".join(kept))
-    rest = "+".join(chunks)
-    speculate.validate(rest)
+        (kv_chunks if kept[0].strip() in kv.policy_names() else chunks).append(":".join(kept))
+    if len(kv_chunks) > 1:
+        raise PonderError(f"method {text!r} names {len(kv_chunks)} KV-cache policies; use one")
+    policy = kv_chunks[0] if kv_chunks else None
+    if policy is not None:
+        kv.make_policy(policy)  # validates names and options
+    rest = "+".join(chunks) or None
+    if rest is not None:
+        speculate.validate(rest)
     if options.get("dtype", "fp32") not in DTYPES:
         raise PonderError(f"method {text!r}: dtype must be one of {', '.join(DTYPES)}")
     if not str(options.get("batch", "1")).isdigit() or int(options.get("batch", 1)) < 1:
         raise PonderError(f"method {text!r}: batch must be an integer >= 1")
     if "batch" in options:
         options["batch"] = int(options["batch"])
-    return MethodSpec(text, rest.split(":")[0].split("+")[0], options, rest)
+    name = (rest or policy or "").split(":")[0].split("+")[0]
+    return MethodSpec(text, name, options, rest, policy)
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
@@ -125,6 +136,9 @@ class Output:
     ttft_s: float
     top2_gaps: list[float] = field(default_factory=list)
     spec: Any = None  # engine.SpecCounts for speculative methods
+    text: str = ""  # the decoded output (ponder methods; suites with expected answers score it)
+    kv_bytes: int = 0  # bytes of the batch KV cache decoding used (ponder methods)
+    kv_peak_bytes: int = 0  # the largest KV cache held, a full prompt's during a compressed prefill included
 
 
 def llamacpp_available() -> bool:
@@ -136,11 +150,12 @@ class PonderRunner:
     def __init__(self, model: str, spec: MethodSpec, eos: set[int]) -> None:
         import ponder
         from ponder.engine import Engine
+        from ponder.kv import make_policy
         from ponder.speculate import make_speculator
 
         loaded = ponder.load(model, spec.dtype)
         self.speculator = make_speculator(spec.speculator, loaded) if spec.speculator else None
-        self.engine = Engine(loaded, self.speculator)
+        self.engine = Engine(loaded, self.speculator, make_policy(spec.kv) if spec.kv else None)
         self.model = self.engine.model
 
     def report(self) -> dict[str, Any]:
@@ -162,7 +177,8 @@ class PonderRunner:
         start = time.perf_counter()
         done = self.engine.generate(batch, SamplingParams(max_new_tokens=max_new))
         seconds = time.perf_counter() - start
-        return [Output(c.output_ids, seconds, c.ttft_s, c.top2_gaps, c.spec) for c in done]
+        kv, peak = self.engine.kv_bytes, self.engine.peak_kv_bytes
+        return [Output(c.output_ids, seconds, c.ttft_s, c.top2_gaps, c.spec, c.text, kv, peak) for c in done]
 
     def top1_agreement(self, prompt: list[int], reference: list[int]) -> tuple[int, int]:
         """(agreeing, total) argmax predictions of the reference continuation, teacher-forced in one forward."""

@@ -12,6 +12,10 @@ Glossary
   verify steps whose tree reached depth d that accepted a node at depth d; **forwards per token** = target forwards
   (prefill + verify steps) / new tokens (1.0 for plain decoding); **draft / verify seconds**: time drafting vs
   verifying (for batches, each step's time counts once per row).
+- long-context suites (``niah``): **accuracy** = share of cases whose output contains the expected answer;
+  **kv_bytes** = bytes of the KV cache tensors decoding used (the batch cache, compressed for KV policies);
+  **kv_peak_bytes** = the largest KV cache held at any time, which for a compressed method is the one full-size
+  prompt cache it builds during each row's prefill before compressing it.
 """
 
 from __future__ import annotations
@@ -58,7 +62,17 @@ def record(case: Any, spec: str, out: Any, reference: Any | None) -> dict[str, A
         "near_tie": gap is not None,
         "near_tie_gap": gap,
         "output_ids": out.ids,
-    } | _spec_fields(out.spec, len(out.ids))
+    } | _spec_fields(out.spec, len(out.ids)) | _answer_fields(case, out)
+
+
+def _answer_fields(case: Any, out: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if getattr(out, "kv_bytes", 0):
+        fields |= {"kv_bytes": out.kv_bytes, "kv_peak_bytes": out.kv_peak_bytes}
+    if getattr(case, "expected", None) is not None:
+        fields |= {"expected": case.expected, "output_text": out.text, "correct": case.expected in out.text,
+                   **{k: v for k, v in case.meta.items() if k in ("length", "depth")}}
+    return fields
 
 
 def _spec_fields(c: Any, tokens: int) -> dict[str, Any]:
@@ -77,7 +91,15 @@ def _spec_fields(c: Any, tokens: int) -> dict[str, Any]:
 def aggregate(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
     """Method-level figures from its prompt records; ``wall_seconds`` counts each batch once."""
     tokens = sum(r["new_tokens"] for r in records)
-    return _spec_aggregate(records, tokens) | {
+    extra: dict[str, Any] = {}
+    if records and "correct" in records[0]:
+        extra["accuracy"] = mean(r["correct"] for r in records)
+    if any("kv_bytes" in r for r in records):
+        extra["kv_bytes"] = max(r.get("kv_bytes", 0) for r in records)
+        extra["kv_peak_bytes"] = max(r.get("kv_peak_bytes", 0) for r in records)
+        decode_s = sum(r["seconds"] - r["ttft_s"] for r in records)
+        extra["decode_tokens_per_s"] = sum(r["new_tokens"] - 1 for r in records) / decode_s if decode_s > 0 else 0.0
+    return extra | _spec_aggregate(records, tokens) | {
         "tokens_per_s": tokens / wall_seconds if wall_seconds > 0 else 0.0,
         "exact_match": mean(r["exact_match"] for r in records),
         "near_ties": sum(r["near_tie"] for r in records),

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ponder.bench import report_longctx
 from ponder.bench.metrics import add_speedups, aggregate, by_category
 from ponder.bench.suites import Case
 from ponder.errors import PonderError
@@ -116,6 +117,7 @@ def markdown(results: dict[str, Any]) -> str:
     for cat, per in results["categories"].items():
         cells = [f"{per[s]['tokens_per_s']:.1f} ({_x(per[s]['speedup'])})" if s in per else "-" for s in specs]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    lines += report_longctx.markdown(results)
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +180,12 @@ def write_outputs(out: Path, args: argparse.Namespace, cases: list[Case], raw: d
         (out / "report.md").write_text(report)
         plot_speed(results, out / "speed.png")
         plot_categories(results, out / "categories.png")
+        written = ["results.json", "report.md", "speed.png", "categories.png"]
+        if report_longctx.plot_heatmaps(results, out / "heatmap.png"):
+            written.append("heatmap.png")
+        if report_longctx.plot_accuracy_vs_ratio(results, out / "accuracy_vs_ratio.png"):
+            written.append("accuracy_vs_ratio.png")
     except OSError as e:
         raise PonderError(f"cannot write bench results to {out}: {e}")
     print(report)
-    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'speed.png'}, {out / 'categories.png'}")
+    print("wrote " + ", ".join(str(out / w) for w in written))

@@ -4,6 +4,7 @@
   object per line. First turns always; second turns (``--second-turns``) are asked after the model's own first
   answer, taken from the baseline run.
 - ``builtin``: a small prompt set of our own covering the same categories.
+- ``niah``: needle in a haystack over long contexts, with expected answers (``ponder.bench.longctx``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ponder.errors import PonderError
 
@@ -24,16 +26,27 @@ class Case:
     turns: list[str]
     turn: int = 1  # 1-based: which user message this case asks
     prompt_ids: list[int] = field(default_factory=list)  # filled in once the tokenizer is known
+    expected: str | None = None  # the answer, for suites that have one (correct = the output contains it)
+    meta: dict[str, Any] = field(default_factory=dict)  # suite-specific facts (e.g. niah length and depth)
 
 
-def load_suite(spec: str, second_turns: bool = False) -> list[Case]:
-    """Cases of ``spec`` (``builtin`` or ``specbench:PATH``), first turns first."""
+def load_suite(
+    spec: str, second_turns: bool = False, tokenizer: Any = None, context_window: int = 0, max_new: int = 0
+) -> list[Case]:
+    """Cases of ``spec`` (``builtin``, ``specbench:PATH`` or a long-context suite), first turns first. Long-context
+    suites build their prompt ids with the tokenizer, to exact lengths within the context window."""
+    if spec.split(":")[0] == "niah":
+        from ponder.bench.longctx import niah_cases
+
+        if tokenizer is None:
+            raise PonderError("the niah suite needs the model's tokenizer")
+        return niah_cases(spec, tokenizer, context_window, max_new)
     if spec == "builtin":
         cases = [Case(f"builtin-{i}", cat, [text]) for i, (cat, text) in enumerate(BUILTIN)]
     elif spec.startswith("specbench:"):
         cases = _read_specbench(Path(spec.split(":", 1)[1]).expanduser())
     else:
-        raise PonderError(f"unknown suite {spec!r}: use builtin or specbench:PATH (a Spec-Bench .jsonl file)")
+        raise PonderError(f"unknown suite {spec!r}: use builtin, specbench:PATH (a Spec-Bench .jsonl file) or niah")
     firsts = [Case(c.id, c.category, c.turns[:1]) for c in cases]
     if not second_turns:
         return firsts

@@ -24,7 +24,7 @@ def run_method(
         torch.set_num_threads(threads)
     runner = make_runner(spec, model, eos, n_ctx)
     size = spec.batch(batch_size)
-    costs = runner.verify_costs(size) if spec.is_ponder else {}
+    costs = runner.verify_costs(size) if spec.is_ponder and spec.kv is None else {}
     for _ in range(warmup):
         runner.run([cases[0].prompt_ids], min(8, max_new))
     prompts: list[dict[str, Any]] = []

@@ -11,6 +11,7 @@ E hidden size, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from ponder.cache import KVCache
 from ponder.model.config import ModelConfig
 from ponder.model.linear import Linear
 from ponder.model.rope import apply_rope, inv_frequencies, rope_tables
+
+if TYPE_CHECKING:
+    from ponder.kv.base import KVHook
 
 
 @dataclass
@@ -34,6 +38,7 @@ class StepContext:
     mask: torch.Tensor | None  # [B or 1, 1, T, S] bool, True = may attend; None with `causal` or plain decode
     causal: bool  # SDPA's own causal mask applies (fresh rows, all the same length)
     row_read: list[int] | None = None  # ragged decode: row b attends slots [0, row_read[b]), one SDPA call per row
+    kv_hook: "KVHook | None" = None  # a KV-cache policy's view of (or say in) each layer's attention (ponder/kv)
 
 
 class Attention(nn.Module):
@@ -52,6 +57,8 @@ class Attention(nn.Module):
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
         keys, values = _write_kv(cache, layer, k, v, ctx)
+        if ctx.kv_hook is not None:
+            ctx.kv_hook.observe(layer, q, keys, ctx)
         out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
@@ -172,15 +179,18 @@ class LlamaModel(nn.Module):
         return self.lm_head(self.norm(h))
 
     def forward(
-        self, ids: torch.Tensor, cache: KVCache, n_new: list[int] | None = None, last_only: bool = False
+        self, ids: torch.Tensor, cache: KVCache, n_new: list[int] | None = None, last_only: bool = False,
+        kv_hook: "KVHook | None" = None,
     ) -> torch.Tensor:
         """Append ids # [B, T] to the cache and return logits # [B, T, V] (# [B, 1, V] with ``last_only``).
 
         ``n_new[b]`` is how many of row b's T tokens are real (the rest is right padding); the cache advances by it.
+        ``kv_hook`` sees every layer's queries and readable keys (KV-cache policies score entries with it).
         """
         B, T = ids.shape
         n_new = [T] * B if n_new is None else n_new
         ctx = self.step_context(cache, T, n_new)
+        ctx.kv_hook = kv_hook
         h = self.run_layers(self.embed(ids), ctx, cache)
         cache.advance(n_new)
         if last_only:
@@ -191,6 +201,7 @@ class LlamaModel(nn.Module):
     def forward_tree(
         self, ids: torch.Tensor, cache: KVCache, depth: torch.Tensor, visible: torch.Tensor,
         start_layer: int = 0, hidden: torch.Tensor | None = None, capture: dict[int, torch.Tensor] | None = None,
+        kv_hook: "KVHook | None" = None,
     ) -> torch.Tensor:
         """Verify forward: logits # [B, T, V] for draft trees, without advancing the cache.
 
@@ -202,6 +213,7 @@ class LlamaModel(nn.Module):
         into it, # [B, T, E] (self-speculation uses them to judge exit layers).
         """
         ctx = self.tree_context(cache, depth, visible)
+        ctx.kv_hook = kv_hook
         h = self.embed(ids) if hidden is None else hidden
         at = start_layer
         for layer in sorted(capture or {}):
@@ -219,8 +231,9 @@ class LlamaModel(nn.Module):
         if max(lengths) + T > cache.max_len:
             raise ValueError(f"cache overflow: {max(lengths)} + {T} tokens > {cache.max_len} slots")
         dev = self.device
+        _check_window(self.config, cache)
         L = torch.tensor(lengths, device=dev)[:, None]  # [B, 1]
-        pos = L + depth  # [B, T]
+        pos = torch.tensor(cache.positions, device=dev)[:, None] + depth  # [B, T]
         read_len = max(lengths) + T
         keys = torch.arange(read_len, device=dev)[None, :]  # [1, S]
         rel = keys - L  # [B, S]: key slot relative to the row's first new slot
@@ -231,7 +244,7 @@ class LlamaModel(nn.Module):
         if self.config.sliding_window is not None:
             key_pos = torch.where(in_tree, L + depth.gather(1, idx), keys)  # [B, S]
             mask &= key_pos[:, None, :] > pos[:, :, None] - self.config.sliding_window
-        cos, sin = self._rope_at(pos, read_len)
+        cos, sin = self._rope_at(pos, max(cache.positions) + T)
         uniform = len(set(lengths)) == 1
         slots = None if uniform else L + torch.arange(T, device=dev)[None, :]
         return StepContext(cos, sin, lengths[0] if uniform else None, slots, read_len, mask[:, None], False)
@@ -242,25 +255,28 @@ class LlamaModel(nn.Module):
         if max(lengths) + T > cache.max_len:
             raise ValueError(f"cache overflow: {max(lengths)} + {T} tokens > {cache.max_len} slots")
         dev = self.device
+        _check_window(self.config, cache)
         uniform = len(set(lengths)) == 1 and len(set(n_new)) == 1
         start = lengths[0]
         read_len = max(lengths) + T
         window = self.config.sliding_window
         needs_window = window is not None and read_len > window
-        if uniform:
-            pos = torch.arange(start, start + T, device=dev)[None, :]  # [1, T]
+        first = cache.positions
+        if uniform and len(set(first)) == 1:
+            pos = torch.arange(first[0], first[0] + T, device=dev)[None, :]  # [1, T]
         else:
-            pos = torch.tensor(lengths, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
-        cos, sin = self._rope_at(pos, read_len)
+            pos = torch.tensor(first, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
+        cos, sin = self._rope_at(pos, max(first) + T)
         if uniform and not needs_window and (T == 1 or start == 0):
             return StepContext(cos, sin, start, None, read_len, None, causal=T > 1)
+        slots = torch.tensor(lengths, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
         if T == 1 and not needs_window:
-            return StepContext(cos, sin, None, pos, read_len, None, False, row_read=[n + 1 for n in lengths])
+            return StepContext(cos, sin, None, slots, read_len, None, False, row_read=[n + 1 for n in lengths])
         keys = torch.arange(read_len, device=dev)
-        mask = keys[None, None, :] <= pos[:, :, None]  # [B or 1, T, S]
+        mask = keys[None, None, :] <= slots[:, :, None]  # [B, T, S]: causal over slots (positions may be offset)
         if window is not None:
             mask &= keys[None, None, :] > pos[:, :, None] - window
-        return StepContext(cos, sin, start if uniform else None, None if uniform else pos, read_len, mask[:, None], False)
+        return StepContext(cos, sin, start if uniform else None, None if uniform else slots, read_len, mask[:, None], False)
 
     def _rope_at(self, pos: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin # [B, T, 1, D] for positions # [B, T] (all below ``need``), in the model dtype."""
@@ -269,3 +285,9 @@ class LlamaModel(nn.Module):
             cos, sin = rope_tables(self.inv_freq.float().cpu(), size)
             self._cos, self._sin = cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
         return self._cos[pos][:, :, None], self._sin[pos][:, :, None]
+
+
+def _check_window(cfg: ModelConfig, cache: KVCache) -> None:
+    """Sliding-window masks compare slot numbers, which stop being positions once entries are evicted."""
+    if cfg.sliding_window is not None and any(cache.evicted):
+        raise ValueError("KV-cache compression is not supported on sliding-window models (e.g. Mistral)")

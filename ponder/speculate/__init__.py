@@ -7,10 +7,10 @@ Policy options (``max_nodes``, ``min_prob``, ``adaptive``) may be given on any p
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ponder import options as options_mod
 from ponder.errors import PonderError
 from ponder.speculate.base import DraftBatch, Drafter, DraftRow, Proposal, RowResult
 from ponder.speculate.policy import CostCurve, DraftPolicy, PolicyOptions
@@ -142,38 +142,11 @@ def make_speculator(text: str, target: Any) -> Speculator:
 
 
 def _fields(cls: type) -> dict[str, Any]:
-    return {f.name: f for f in dataclasses.fields(cls)}
+    return options_mod.fields(cls)
 
 
 def _options(cls: type, raw: dict[str, str], where: str) -> Any:
-    fields = _fields(cls)
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in fields:
-            valid = ", ".join(list(fields) + list(_fields(PolicyOptions)))
-            raise PonderError(f"unknown option {key!r} for {where!r}; valid options: {valid}")
-        kind = _KINDS.get(str(fields[key].type).split("|")[0].strip(), str)
-        try:
-            values[key] = _convert(kind, value)
-        except ValueError:
-            raise PonderError(f"option {key} of {where!r} needs a value of type {kind.__name__}, got {value!r}")
-    try:
-        return cls(**values)
-    except ValueError as e:
-        raise PonderError(f"{where}: {e}")
-
-
-_KINDS = {"int": int, "float": float, "bool": bool, "str": str}
-
-
-def _convert(kind: Any, value: str) -> Any:
-    if kind is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(value)
-    return kind(value)
+    return options_mod.build(cls, raw, where, tuple(_fields(PolicyOptions)))
 
 
 __all__ = [

@@ -1,0 +1,65 @@
+"""KV-cache compression policies, one per file, behind the hooks of ``ponder.kv.base``.
+
+A policy SPEC is ``name[:key=value...]``: ``streaming:ratio=0.5``, ``snapkv:budget=1024:window=64``,
+``h2o:ratio=0.75:recent=0.25``. Every policy takes ``ratio`` (fraction of prompt entries removed) or ``budget``
+(entries kept); ``ratio=0`` is an exact no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ponder import options as options_mod
+from ponder.errors import PonderError
+from ponder.kv.base import KVHook, KVOptions, KVPolicy, KVState
+
+
+@dataclass(frozen=True)
+class Entry:
+    options: type
+    build: Callable[[object], KVPolicy]
+    help: str
+
+
+def _registry() -> dict[str, Entry]:
+    from ponder.kv import h2o, snapkv, streaming
+
+    return {
+        "streaming": Entry(streaming.StreamingOptions, streaming.Streaming, "attention sinks + recent window (2309.17453)"),
+        "h2o": Entry(h2o.H2OOptions, h2o.H2O, "heavy hitters by accumulated attention + recent window (2306.14048)"),
+        "snapkv": Entry(snapkv.SnapKVOptions, snapkv.SnapKV, "observation-window votes per KV head (2404.14469)"),
+    }
+
+
+def policy_names() -> list[str]:
+    return list(_registry())
+
+
+def parse(text: str) -> tuple[str, dict[str, str]]:
+    name, *parts = text.strip().split(":")
+    reg = _registry()
+    if name not in reg:
+        raise PonderError(f"unknown KV-cache policy {name!r} in {text!r}: choose from {', '.join(reg)}")
+    raw: dict[str, str] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise PonderError(f"bad option {part!r} for KV-cache policy {name!r}: write key=value")
+        raw[key] = value
+    return name, raw
+
+
+def make_policy(text: str, ratio: float | None = None, budget: int | None = None) -> KVPolicy:
+    """Build the policy a SPEC names; ``ratio``/``budget`` (``--kv-ratio``/``--kv-budget``) fill in when the SPEC
+    does not give them."""
+    name, raw = parse(text)
+    if ratio is not None and "ratio" not in raw and "budget" not in raw:
+        raw["ratio"] = str(ratio)
+    if budget is not None and "ratio" not in raw and "budget" not in raw:
+        raw["budget"] = str(budget)
+    entry = _registry()[name]
+    return entry.build(options_mod.build(entry.options, raw, text))
+
+
+__all__ = ["KVHook", "KVOptions", "KVPolicy", "KVState", "make_policy", "parse", "policy_names"]

@@ -1,0 +1,234 @@
+"""KV-cache compression: exact no-ops, what each policy keeps (checked against scores computed here, naively),
+decoding through a compressed cache equals full-cache attention restricted to the kept entries, decode-time
+eviction bounds, and speculative decoding on top of a policy is lossless relative to the same policy without it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ponder.engine import Engine
+from ponder.errors import PonderError
+from ponder.kv import make_policy, policy_names
+from ponder.kv.base import KVHook
+from ponder.sampling import SamplingParams
+from ponder.speculate import make_speculator
+
+PROMPTS = [
+    [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 20, 21, 22, 23, 24, 25, 26, 27, 5, 6, 7, 8, 9, 30, 31, 32, 33],
+    [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4],
+    [11, 12, 11, 12, 11, 12, 11, 12, 11, 12, 11, 12, 11, 12, 11, 12, 11, 40, 41, 42],
+]
+GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
+
+
+def policy_table() -> dict[str, list[str]]:
+    """Concrete SPECs per registered policy (a new policy without an entry fails the tests)."""
+    return {
+        "streaming": ["streaming:ratio=0.5", "streaming:budget=12:chunk=4:sinks=2"],
+        "h2o": ["h2o:ratio=0.5", "h2o:budget=12:chunk=4:recent=0.25"],
+        "snapkv": ["snapkv:ratio=0.5:window=4:kernel=3", "snapkv:budget=10:window=4:kernel=5:gqa=mean:pool=avg"],
+    }
+
+
+def test_every_policy_has_specs() -> None:
+    assert set(policy_table()) == set(policy_names())
+
+
+@pytest.mark.parametrize("name", sorted(policy_table()))
+def test_ratio_zero_and_large_budget_are_exact_noops(tiny, name: str) -> None:
+    plain = [c.output_ids for c in Engine(tiny).generate(PROMPTS, GREEDY)]
+    for spec in (name, f"{name}:ratio=0", f"{name}:budget=200"):
+        out = Engine(tiny, kv=make_policy(spec)).generate(PROMPTS, GREEDY)
+        assert [c.output_ids for c in out] == plain, spec
+
+
+@pytest.mark.parametrize("spec", [s for v in policy_table().values() for s in v])
+def test_compression_changes_the_cache_and_counts_positions(tiny, spec: str) -> None:
+    eng = Engine(tiny, kv=make_policy(spec))
+    out = eng.generate(PROMPTS, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    assert all(len(c.output_ids) == 30 for c in out)
+    full = Engine(tiny)
+    full.generate(PROMPTS, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    assert eng.kv_bytes < full.kv_bytes  # smaller tensors, not a mask
+
+
+# --- what is kept -----------------------------------------------------------------------------------------------
+class Recorder(KVHook):
+    """Keeps each layer's queries and keys of a one-row prefill."""
+
+    def __init__(self) -> None:
+        self.q: dict[int, torch.Tensor] = {}
+        self.k: dict[int, torch.Tensor] = {}
+
+    def observe(self, layer, q, keys, ctx) -> None:
+        self.q[layer], self.k[layer] = q[0].double(), keys[0].double()  # [T, H, D], [Hkv, S, D]
+
+
+def _prefill(tiny, prompt: list[int], policy=None):
+    """(full cache, compressed cache or None, recorder) of one prompt."""
+    model = tiny.model
+    rec = Recorder()
+    full = model.new_cache(1, len(prompt))
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), full, kv_hook=rec)
+    if policy is None:
+        return full, None, rec
+    comp = model.new_cache(1, len(prompt))
+    hook = policy.prefill_hook(len(comp.k), len(prompt))
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), comp, kv_hook=hook)
+        policy.compress(comp, hook)
+    return full, comp, rec
+
+
+def kept_slots(full, comp, layer: int) -> list[list[int]]:
+    """Per KV head, which full-cache slots the compressed cache holds (found by matching key vectors)."""
+    out = []
+    for h in range(full.k[layer].shape[1]):
+        fk, ck = full.k[layer][0, h, : full.lengths[0]], comp.k[layer][0, h, : comp.lengths[0]]
+        match = (ck[:, None, :] == fk[None, :, :]).all(-1)  # [n_kept, S]
+        assert (match.sum(1) == 1).all()
+        out.append(match.float().argmax(1).tolist())
+    return out
+
+
+def naive_probs(rec: Recorder, layer: int) -> torch.Tensor:
+    """Causal attention probabilities # [H, T, S] from recorded queries and keys, in float64."""
+    q, k = rec.q[layer], rec.k[layer]
+    T, H, D = q.shape
+    kk = k.repeat_interleave(H // k.shape[0], 0)  # [H, S, D]
+    logits = torch.einsum("thd,hsd->hts", q, kk) / math.sqrt(D)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return logits.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+def _check_top(scores: torch.Tensor, kept: list[list[int]], forced: set[int]) -> None:
+    """Every kept (non-forced) entry scores at least as high as every evicted one, per KV head."""
+    S = scores.shape[1]
+    for h, slots in enumerate(kept):
+        free = [s for s in slots if s not in forced]
+        evicted = [s for s in range(S) if s not in slots]
+        assert forced <= set(slots)
+        if free and evicted:
+            assert scores[h, free].min() >= scores[h, evicted].max() - 1e-9
+
+
+def test_streaming_keeps_sinks_and_window(tiny) -> None:
+    prompt = PROMPTS[0]
+    full, comp, _ = _prefill(tiny, prompt, make_policy("streaming:budget=10:sinks=3"))
+    assert comp.lengths == [10] and comp.evicted == [len(prompt) - 10]
+    for layer in range(len(full.k)):
+        for slots in kept_slots(full, comp, layer):
+            assert slots == [0, 1, 2] + list(range(len(prompt) - 7, len(prompt)))
+
+
+def test_snapkv_keeps_the_highest_window_votes(tiny) -> None:
+    prompt, w, kernel = PROMPTS[1], 4, 3
+    full, comp, rec = _prefill(tiny, prompt, make_policy(f"snapkv:budget=12:window={w}:kernel={kernel}:sinks=1"))
+    S = len(prompt)
+    for layer in range(len(full.k)):
+        probs = naive_probs(rec, layer)[:, S - w :].sum(1)  # [H, S] votes of the window
+        H, Hkv = probs.shape[0], full.k[layer].shape[1]
+        votes = probs.view(Hkv, H // Hkv, S).amax(1)  # gqa=max
+        pooled = torch.stack([votes[:, max(0, i - kernel // 2) : i + kernel - kernel // 2].amax(1) for i in range(S)], 1)
+        _check_top(pooled, kept_slots(full, comp, layer), {0} | set(range(S - w, S)))
+
+
+def test_h2o_keeps_the_heavy_hitters(tiny) -> None:
+    prompt = PROMPTS[0]
+    full, comp, rec = _prefill(tiny, prompt, make_policy("h2o:budget=16:recent=0.25"))
+    S = len(prompt)
+    for layer in range(len(full.k)):
+        probs = naive_probs(rec, layer).sum(1)  # [H, S]: attention each key received from all queries
+        Hkv = full.k[layer].shape[1]
+        received = probs.view(Hkv, -1, S).mean(1)  # gqa=mean
+        _check_top(received, kept_slots(full, comp, layer), set(range(S - 4, S)))
+
+
+@pytest.mark.parametrize("spec", ["streaming:budget=12:sinks=2", "snapkv:budget=12:window=4:kernel=3",
+                                  "h2o:budget=14:recent=0.5"])
+def test_decoding_equals_full_attention_over_the_kept_entries(tiny, spec: str) -> None:
+    """The compressed cache's logits equal a full cache whose attention hides, per layer and KV head, the evicted
+    entries: so selection, packing and the positions of new tokens are all right."""
+    model, prompt = tiny.model, PROMPTS[0]
+    policy = make_policy(spec)
+    full, comp, _ = _prefill(tiny, prompt, policy)
+    kept = [kept_slots(full, comp, layer) for layer in range(len(full.k))]
+    full.ensure(len(prompt) + 8)
+    comp.ensure(comp.lengths[0] + 8)
+    token = 7
+    with torch.inference_mode():
+        for step in range(6):
+            got = model(torch.tensor([[token]]), comp)[0, -1]
+            want = _masked_step(model, full, token, kept, len(prompt), step)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            token = int(got.argmax())
+
+
+def _masked_step(model, cache, token: int, kept: list[list[list[int]]], n_prompt: int, step: int) -> torch.Tensor:
+    """One decode step on the full cache, each layer's attention restricted to the kept prompt entries (per KV
+    head) plus every decoded token."""
+    ctx = model.step_context(cache, 1, [1])
+    S = cache.lengths[0] + 1
+    h = model.embed(torch.tensor([[token]]))
+    for layer in range(len(model.layers)):
+        mask = torch.zeros(1, len(kept[layer]), 1, S, dtype=torch.bool)
+        for head, slots in enumerate(kept[layer]):
+            mask[0, head, 0, slots] = True
+        mask[..., n_prompt:] = True
+        ctx.mask = mask
+        h = model.run_layers(h, ctx, cache, layer, layer + 1)
+    cache.advance([1])
+    return model.logits(h)[0, -1]
+
+
+def test_decode_eviction_bounds_the_cache(tiny) -> None:
+    for spec in ("streaming:budget=12:chunk=4", "h2o:budget=12:chunk=4"):
+        eng = Engine(tiny, kv=make_policy(spec))
+        out = eng.generate(PROMPTS, SamplingParams(max_new_tokens=40, ignore_eos=True))
+        assert all(len(c.output_ids) == 40 for c in out)
+        # the batch cache holds cap + chunk (+ nothing else) slots, while each row saw over 60 tokens
+        assert eng.kv_bytes == Engine(tiny).model.new_cache(3, 16).nbytes()
+
+
+# --- composition with speculative decoding ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def speculators(tiny, tiny_dir) -> dict:
+    """Built once: each measures its verify-cost curve when first used, which dominates a tiny model's runs."""
+    specs = ("pld+recycling:adaptive=false:min_prob=0", f"draft:{tiny_dir}:adaptive=false", "early-exit:layer=1")
+    return {s: make_speculator(s, tiny) for s in specs}
+
+
+@pytest.mark.parametrize("kv", [s for v in policy_table().values() for s in v])
+def test_speculation_is_lossless_relative_to_the_policy(tiny, speculators, kv: str) -> None:
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        want = [c.output_ids for c in Engine(tiny, kv=make_policy(kv)).generate(prompts, params)]
+        for spec, speculator in speculators.items():
+            out = Engine(tiny, speculator, make_policy(kv)).generate(prompts, params)
+            assert [c.output_ids for c in out] == want, (kv, spec, len(prompts))
+            if spec.startswith("draft"):
+                assert sum(c.spec.accepted for c in out) > 0  # drafts really were accepted through the policy
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["bogus", "snapkv:ratio=1", "snapkv:ratio=-0.1", "snapkv:budget=0",
+                                  "snapkv:ratio=0.5:budget=10", "snapkv:window=0", "snapkv:pool=median",
+                                  "h2o:recent=2", "streaming:chunk=0", "snapkv:nope=1", "snapkv:window=x",
+                                  "snapkv:0.5"])
+def test_bad_policy_specs_are_one_line_errors(spec: str) -> None:
+    with pytest.raises(PonderError) as e:
+        make_policy(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_smooth_is_a_centered_max_pool() -> None:
+    from ponder.kv.base import smooth
+
+    x = torch.tensor([[0.0, 0, 5, 0, 0, 0, 1]])
+    assert smooth(x, 3).tolist() == [[0, 5, 5, 5, 0, 1, 1]]
+    assert torch.allclose(smooth(x, 3, "avg"), F.avg_pool1d(F.pad(x[:, None], (1, 1), mode="replicate"), 3, 1)[:, 0])
