@@ -96,6 +96,9 @@ class Engine:
     """Batched, KV-cached generation with one model."""
 
     def __init__(self, loaded: Loaded, speculator: "Speculator | None" = None, kv: "KVPolicy | None" = None) -> None:
+        if speculator is not None and kv is not None and not kv.speculates:
+            raise PonderError(f"the {kv.name} KV policy selects entries per decoded token and does not compose with "
+                              "speculative decoding; use streaming, h2o or snapkv with --speculate")
         self.speculator = speculator
         self.kv = kv
         self.kv_bytes = 0  # bytes of the last call's batch KV cache (the tensors decoding reads and writes)

@@ -31,7 +31,9 @@ def policy_table() -> dict[str, list[str]]:
         "streaming": ["streaming:ratio=0.5", "streaming:budget=12:chunk=4:sinks=2"],
         "h2o": ["h2o:ratio=0.5", "h2o:budget=12:chunk=4:recent=0.25"],
         "snapkv": ["snapkv:ratio=0.5:window=4:kernel=3", "snapkv:budget=10:window=4:kernel=5:gqa=mean:pool=avg"],
+        "tokenselect": ["tokenselect:ratio=0.5:window=4:sinks=1", "tokenselect:budget=12:window=4:reuse=0.5"],
     }
+EVICTING = [s for k, v in policy_table().items() if k != "tokenselect" for s in v]
 
 
 def test_every_policy_has_specs() -> None:
@@ -46,7 +48,7 @@ def test_ratio_zero_and_large_budget_are_exact_noops(tiny, name: str) -> None:
         assert [c.output_ids for c in out] == plain, spec
 
 
-@pytest.mark.parametrize("spec", [s for v in policy_table().values() for s in v])
+@pytest.mark.parametrize("spec", EVICTING)
 def test_compression_changes_the_cache_and_counts_positions(tiny, spec: str) -> None:
     eng = Engine(tiny, kv=make_policy(spec))
     out = eng.generate(PROMPTS, SamplingParams(max_new_tokens=30, ignore_eos=True))
@@ -203,7 +205,7 @@ def speculators(tiny, tiny_dir) -> dict:
     return {s: make_speculator(s, tiny) for s in specs}
 
 
-@pytest.mark.parametrize("kv", [s for v in policy_table().values() for s in v])
+@pytest.mark.parametrize("kv", EVICTING)
 def test_speculation_is_lossless_relative_to_the_policy(tiny, speculators, kv: str) -> None:
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     for prompts in (PROMPTS[:1], PROMPTS):
@@ -213,6 +215,61 @@ def test_speculation_is_lossless_relative_to_the_policy(tiny, speculators, kv: s
             assert [c.output_ids for c in out] == want, (kv, spec, len(prompts))
             if spec.startswith("draft"):
                 assert sum(c.spec.accepted for c in out) > 0  # drafts really were accepted through the policy
+
+
+def test_tokenselect_with_speculation_is_refused(tiny) -> None:
+    with pytest.raises(PonderError, match="does not compose with speculative decoding"):
+        Engine(tiny, make_speculator("pld", tiny), make_policy("tokenselect:ratio=0.5"))
+
+
+class NaiveTokenSelect(KVHook):
+    """TokenSelect without reuse, computed independently: per KV head, the softmax of each query head summed over
+    the group; attention is masked (not gathered) to the top entries plus sinks and window."""
+
+    def __init__(self, ratio: float, sinks: int, window: int) -> None:
+        self.ratio, self.sinks, self.window = ratio, sinks, window
+
+    def select(self, layer, q, keys, values, ctx):
+        import dataclasses
+
+        B, T, H, D = q.shape
+        Hkv, S = keys.shape[1], keys.shape[2]
+        valid = ctx.row_read or [S] * B
+        mask = torch.zeros(B, Hkv, 1, S, dtype=torch.bool)
+        for b in range(B):
+            n = valid[b]
+            k = max(1, min(n, int(n * (1 - self.ratio))))
+            probs = torch.einsum("hd,hsd->hs", q[b, 0].double(), keys[b].double().repeat_interleave(H // Hkv, 0)[:, :n])
+            votes = (probs / math.sqrt(D)).softmax(-1).view(Hkv, H // Hkv, n).sum(1)
+            local = min(n, self.window)
+            sinks = min(self.sinks, n - local)
+            for h in range(Hkv):
+                mask[b, h, 0, :sinks] = True
+                mask[b, h, 0, n - local : n] = True
+                free = k - local - sinks
+                if free > 0:
+                    top = votes[h, sinks : n - local].topk(free).indices + sinks
+                    mask[b, h, 0, top] = True
+        return keys, values, dataclasses.replace(ctx, mask=mask, row_read=None)
+
+
+def test_tokenselect_attends_to_the_soft_vote_winners(tiny) -> None:
+    model = tiny.model
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    got = Engine(tiny, kv=make_policy("tokenselect:ratio=0.5:window=4:sinks=1:reuse=2")).generate(PROMPTS, params)
+    # reference: plain decoding through a hook that masks the full cache to the naive selection
+    ref_hook = NaiveTokenSelect(0.5, 1, 4)
+    for prompt, c in zip(PROMPTS, got):
+        cache = model.new_cache(1, len(prompt) + 12)
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt]), cache)[0, -1]
+            out = []
+            for _ in range(12):
+                out.append(int(logits.argmax()))
+                logits = model(torch.tensor([[out[-1]]]), cache, kv_hook=ref_hook)[0, -1]
+        assert c.output_ids == out
+    full = [c.output_ids for c in Engine(tiny).generate(PROMPTS, params)]
+    assert [c.output_ids for c in got] != full  # the selection really changed what was attended
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

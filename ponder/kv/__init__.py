@@ -23,12 +23,14 @@ class Entry:
 
 
 def _registry() -> dict[str, Entry]:
-    from ponder.kv import h2o, snapkv, streaming
+    from ponder.kv import h2o, snapkv, streaming, tokenselect
 
     return {
         "streaming": Entry(streaming.StreamingOptions, streaming.Streaming, "attention sinks + recent window (2309.17453)"),
         "h2o": Entry(h2o.H2OOptions, h2o.H2O, "heavy hitters by accumulated attention + recent window (2306.14048)"),
         "snapkv": Entry(snapkv.SnapKVOptions, snapkv.SnapKV, "observation-window votes per KV head (2404.14469)"),
+        "tokenselect": Entry(tokenselect.TokenSelectOptions, tokenselect.TokenSelect,
+                             "per-step per-KV-head top-k attention, no eviction (2411.02886)"),
     }
 
 

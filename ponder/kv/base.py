@@ -71,7 +71,14 @@ class KVHook:
     readable keys # [B, Hkv, S, D] (this step's included) and the step's context (masks, per-row lengths)."""
 
     def observe(self, layer: int, q: torch.Tensor, keys: torch.Tensor, ctx: Any) -> None:
-        raise NotImplementedError
+        """Look at the layer's attention inputs (score entries)."""
+
+    def select(
+        self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """Optionally replace what this layer attends to: (keys, values # [B, Hkv, S', D], a context whose mask and
+        lengths describe them). None: attend to everything readable."""
+        return None
 
 
 class KVPolicy:
@@ -80,6 +87,7 @@ class KVPolicy:
     name = "none"
     evicts_in_decode = False
     observes_decode = False  # its decode hook must see every layer (a drafter's hidden states are not reused)
+    speculates = True  # composes with speculative decoding (False: the engine refuses the combination)
 
     def __init__(self, options: KVOptions) -> None:
         self.options = options

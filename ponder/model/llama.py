@@ -59,6 +59,9 @@ class Attention(nn.Module):
         keys, values = _write_kv(cache, layer, k, v, ctx)
         if ctx.kv_hook is not None:
             ctx.kv_hook.observe(layer, q, keys, ctx)
+            picked = ctx.kv_hook.select(layer, q, keys, values, ctx)
+            if picked is not None:
+                keys, values, ctx = picked
         out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
