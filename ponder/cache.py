@@ -80,6 +80,23 @@ class KVCache:
             dst[b, :, :n] = s[src_row, :, :n]
         self.lengths[b], self.evicted[b] = n, src.evicted[src_row]
 
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, write_start: int | None, slots: torch.Tensor | None,
+        read_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v # [B, T, Hkv, D] at slots ``write_start + t`` (all rows) or ``slots`` # [B, T] (ragged rows);
+        return the readable K, V # [B, Hkv, read_len, D]."""
+        kc, vc = self.k[layer], self.v[layer]
+        if write_start is not None:
+            s, e = write_start, write_start + k.shape[1]
+            kc[:, :, s:e] = k.transpose(1, 2)
+            vc[:, :, s:e] = v.transpose(1, 2)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(slots)
+            kc[rows, :, slots] = k
+            vc[rows, :, slots] = v
+        return kc[:, :, :read_len], vc[:, :, :read_len]
+
     def advance(self, n_new: list[int]) -> None:
         """Mark ``n_new[b]`` more slots of row b as valid (after a forward wrote them)."""
         self.lengths = [n + m for n, m in zip(self.lengths, n_new)]

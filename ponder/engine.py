@@ -201,7 +201,7 @@ class Engine:
             self.kv_bytes = self.peak_kv_bytes = cache.nbytes()
             return cache, torch.cat(last)
         slots = max(min(self.kv.slots(len(p), max_new), self.context_window) for p in ids)
-        cache = self.model.new_cache(len(ids), slots + extra)
+        cache = self.kv.new_cache(self.model, len(ids), slots, extra)
         last, peak = [], 0
         for b, (r, p) in enumerate(zip(rows, ids)):
             full = self.model.new_cache(1, len(p))  # the full prompt's cache exists only while this row is prefilled
@@ -270,7 +270,7 @@ class Engine:
         budgets = [spec.policy.budget(params.max_new_tokens - len(r.completion.output_ids)) for r in rows]
         kv = self._kv(rows)
         if kv:  # drafts stop at the next eviction point, so evictions happen where plain decoding has them
-            rooms = [kv.room(r.kv_state, n) for r, n in zip(rows, cache.lengths)]
+            rooms = [kv.room(r.kv_state, cache, b) for b, r in enumerate(rows)]
             budgets = [b if room is None else min(b, room - 1) for b, room in zip(budgets, rooms)]
         batch = DraftBatch([DraftRow(r.tokens, r.draft_state, n) for r, n in zip(rows, budgets)], self.model, cache)
         t0 = time.perf_counter()

@@ -32,15 +32,17 @@ def policy_table() -> dict[str, list[str]]:
         "h2o": ["h2o:ratio=0.5", "h2o:budget=12:chunk=4:recent=0.25"],
         "snapkv": ["snapkv:ratio=0.5:window=4:kernel=3", "snapkv:budget=10:window=4:kernel=5:gqa=mean:pool=avg"],
         "tokenselect": ["tokenselect:ratio=0.5:window=4:sinks=1", "tokenselect:budget=12:window=4:reuse=0.5"],
+        "quant": ["quant:group=8:residual=4", "quant:bits=4:group=4:residual=2"],
     }
-EVICTING = [s for k, v in policy_table().items() if k != "tokenselect" for s in v]
+EVICTING = [s for k, v in policy_table().items() if k not in ("tokenselect", "quant") for s in v]
+SPECULATING = EVICTING + policy_table()["quant"]
 
 
 def test_every_policy_has_specs() -> None:
     assert set(policy_table()) == set(policy_names())
 
 
-@pytest.mark.parametrize("name", sorted(policy_table()))
+@pytest.mark.parametrize("name", sorted(set(policy_table()) - {"quant"}))
 def test_ratio_zero_and_large_budget_are_exact_noops(tiny, name: str) -> None:
     plain = [c.output_ids for c in Engine(tiny).generate(PROMPTS, GREEDY)]
     for spec in (name, f"{name}:ratio=0", f"{name}:budget=200"):
@@ -205,7 +207,7 @@ def speculators(tiny, tiny_dir) -> dict:
     return {s: make_speculator(s, tiny) for s in specs}
 
 
-@pytest.mark.parametrize("kv", EVICTING)
+@pytest.mark.parametrize("kv", SPECULATING)
 def test_speculation_is_lossless_relative_to_the_policy(tiny, speculators, kv: str) -> None:
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     for prompts in (PROMPTS[:1], PROMPTS):
@@ -272,11 +274,65 @@ def test_tokenselect_attends_to_the_soft_vote_winners(tiny) -> None:
     assert [c.output_ids for c in got] != full  # the selection really changed what was attended
 
 
+# --- quantization ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantization_error_is_within_half_a_step(bits: int) -> None:
+    from ponder.kv.quant import pack4, quantize, unpack4
+
+    x = torch.randn(3, 40, 16) * torch.linspace(0.1, 5, 16)  # channels of very different ranges, like keys
+    for dim in (1, -1):
+        codes, scale, zero = quantize(x, bits, dim)
+        if bits == 4:
+            assert torch.equal(unpack4(pack4(codes)), codes) and pack4(codes).shape[-1] == 8
+        err = (codes.float() * scale + zero - x).abs()
+        assert (err <= scale / 2 + 1e-6).all()
+        assert codes.max() <= 2**bits - 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_cache_reads_back_within_the_bound(tiny, bits: int) -> None:
+    """A prompt copied into the quantized cache reads back within half a step per element (keys per channel and
+    group, values per token), with the residual exact; the bytes are the tensors' bytes."""
+    from ponder.kv.quant import Quant, QuantOptions
+
+    prompt = PROMPTS[0] * 2
+    full, _, _ = _prefill(tiny, prompt)
+    o = QuantOptions(bits=bits, group=8, residual=4)
+    cache = Quant(o).new_cache(tiny.model, 1, len(prompt) + 4, 0)
+    cache.copy_row(0, full)
+    n, q = len(prompt), cache.base[0]
+    assert q == (n - 4) // 8 * 8 and q > 0
+    for layer in range(len(full.k)):
+        keys, values = cache._read(layer, n)
+        fk, fv = full.k[layer][0, :, :n], full.v[layer][0, :, :n]
+        assert torch.equal(keys[0, :, q:], fk[:, q:]) and torch.equal(values[0, :, q:], fv[:, q:])
+        kg = fk[:, :q].reshape(fk.shape[0], q // 8, 8, -1)
+        kstep = (kg.amax(2) - kg.amin(2)) / (2**bits - 1)  # [Hkv, groups, D]
+        kerr = (keys[0, :, :q] - fk[:, :q]).abs().reshape_as(kg)
+        assert (kerr <= kstep[:, :, None] / 2 + 1e-5).all()
+        vstep = (fv[:, :q].amax(-1) - fv[:, :q].amin(-1)) / (2**bits - 1)
+        assert ((values[0, :, :q] - fv[:, :q]).abs() <= vstep[..., None] / 2 + 1e-5).all()
+    assert cache.nbytes() == sum(t.numel() * t.element_size() for t in cache._tensors())
+
+
+def test_kv_bytes_of_int8_and_int4_at_smollm2_shapes() -> None:
+    """SmolLM2's KV shape (3 KV heads of 64 dims), 4 rows of 2048 slots: int8 at most half of fp32 (codes, scales
+    and the residual counted), int4 well under int8."""
+    from ponder.cache import KVCache
+    from ponder.kv.quant import QuantKVCache, QuantOptions
+
+    full = KVCache(2, 4, 3, 2048, 64)
+    q8 = QuantKVCache(2, 4, 3, 2048, 64, torch.float32, "cpu", QuantOptions(bits=8), 0)
+    q4 = QuantKVCache(2, 4, 3, 2048, 64, torch.float32, "cpu", QuantOptions(bits=4), 0)
+    assert q8.nbytes() <= 0.5 * full.nbytes()
+    assert q4.nbytes() <= 0.75 * q8.nbytes()
+
+
 # --- bad input ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", ["bogus", "snapkv:ratio=1", "snapkv:ratio=-0.1", "snapkv:budget=0",
                                   "snapkv:ratio=0.5:budget=10", "snapkv:window=0", "snapkv:pool=median",
                                   "h2o:recent=2", "streaming:chunk=0", "snapkv:nope=1", "snapkv:window=x",
-                                  "snapkv:0.5"])
+                                  "snapkv:0.5", "quant:bits=3", "quant:ratio=0.5", "quant:group=0"])
 def test_bad_policy_specs_are_one_line_errors(spec: str) -> None:
     with pytest.raises(PonderError) as e:
         make_policy(spec)

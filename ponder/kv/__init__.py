@@ -1,8 +1,9 @@
 """KV-cache compression policies, one per file, behind the hooks of ``ponder.kv.base``.
 
 A policy SPEC is ``name[:key=value...]``: ``streaming:ratio=0.5``, ``snapkv:budget=1024:window=64``,
-``h2o:ratio=0.75:recent=0.25``. Every policy takes ``ratio`` (fraction of prompt entries removed) or ``budget``
-(entries kept); ``ratio=0`` is an exact no-op.
+``h2o:ratio=0.75:recent=0.25``, ``quant:bits=4``. Every eviction or selection policy takes ``ratio`` (fraction of
+prompt entries removed) or ``budget`` (entries kept); ``ratio=0`` is an exact no-op. ``quant`` keeps every entry
+and takes ``bits``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ class Entry:
 
 
 def _registry() -> dict[str, Entry]:
-    from ponder.kv import h2o, snapkv, streaming, tokenselect
+    from ponder.kv import h2o, quant, snapkv, streaming, tokenselect
 
     return {
         "streaming": Entry(streaming.StreamingOptions, streaming.Streaming, "attention sinks + recent window (2309.17453)"),
         "h2o": Entry(h2o.H2OOptions, h2o.H2O, "heavy hitters by accumulated attention + recent window (2306.14048)"),
         "snapkv": Entry(snapkv.SnapKVOptions, snapkv.SnapKV, "observation-window votes per KV head (2404.14469)"),
+        "quant": Entry(quant.QuantOptions, quant.Quant, "int8/int4 KV, keys per channel, values per token (2402.02750)"),
         "tokenselect": Entry(tokenselect.TokenSelectOptions, tokenselect.TokenSelect,
                              "per-step per-KV-head top-k attention, no eviction (2411.02886)"),
     }

@@ -113,6 +113,10 @@ class KVPolicy:
             return min(kept + max_new, max(kept, self.options.cap(n) + self.chunk))
         return kept + max_new
 
+    def new_cache(self, model: Any, batch: int, slots: int, extra: int) -> KVCache:
+        """The batch cache: ``slots`` per row for the compressed prompt and new tokens, ``extra`` verify slots."""
+        return model.new_cache(batch, slots + extra)
+
     def prefill_hook(self, n_layers: int, n: int) -> KVHook | None:
         """A hook that collects what ``compress`` needs while the prompt runs (None: nothing to collect)."""
         return None
@@ -129,11 +133,12 @@ class KVPolicy:
         """After a forward committed entries (``accepted[b]``: the verify inputs kept, in slot order from
         ``starts[b]``, for speculative steps): evict rows that reached ``cap + chunk``."""
 
-    def room(self, state: KVState, length: int) -> int | None:
-        """Entries a row may still add before it must evict (None: no limit)."""
+    def room(self, state: KVState, cache: KVCache, b: int) -> int | None:
+        """Entries row b may still add before the policy next changes its cache (None: no limit). Speculative
+        steps commit no more than this, so the change happens at the same length as without speculation."""
         if not self.evicts_in_decode or state.cap is None:
             return None
-        return max(1, state.cap + self.chunk - length)
+        return max(1, state.cap + self.chunk - cache.lengths[b])
 
 
 # --- scoring helpers --------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], ctx.cos, ctx.sin)
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
-        keys, values = _write_kv(cache, layer, k, v, ctx)
+        keys, values = cache.write(layer, k, v, ctx.write_start, ctx.slots, ctx.read_len)
         if ctx.kv_hook is not None:
             ctx.kv_hook.observe(layer, q, keys, ctx)
             picked = ctx.kv_hook.select(layer, q, keys, values, ctx)
@@ -64,22 +64,6 @@ class Attention(nn.Module):
                 keys, values, ctx = picked
         out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
-
-
-def _write_kv(
-    cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: StepContext
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Store k, v # [B, T, Hkv, D] in the cache; return the readable K, V # [B, Hkv, S, D]."""
-    kc, vc = cache.k[layer], cache.v[layer]
-    if ctx.write_start is not None:
-        s, e = ctx.write_start, ctx.write_start + k.shape[1]
-        kc[:, :, s:e] = k.transpose(1, 2)
-        vc[:, :, s:e] = v.transpose(1, 2)
-    else:
-        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(ctx.slots)
-        kc[rows, :, ctx.slots] = k
-        vc[rows, :, ctx.slots] = v
-    return kc[:, :, : ctx.read_len], vc[:, :, : ctx.read_len]
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: StepContext, group: int) -> torch.Tensor:
