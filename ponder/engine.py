@@ -171,12 +171,34 @@ class Engine:
                 return
             cache.keep_rows(alive)
             rows = [rows[i] for i in alive]
-            step = torch.tensor([[tokens[i]] for i in alive], device=self.model.device)
-            kv = self._kv(rows)
-            hook = kv.decode_hook([r.kv_state for r in rows], cache) if kv else None
-            logits = self.model(step, cache, kv_hook=hook)[:, -1]
-            if kv:
-                kv.after_step(cache, [r.kv_state for r in rows], hook)
+            logits = self._decode_step(rows, cache, [tokens[i] for i in alive])
+
+    def _decode_step(self, rows: list[_Row], cache: KVCache, tokens: list[int]) -> torch.Tensor:
+        """Feed one token per row (through the KV policy's hooks); the next logits # [B, V]."""
+        kv = self._kv(rows)
+        hook = kv.decode_hook([r.kv_state for r in rows], cache) if kv else None
+        step = torch.tensor([[t] for t in tokens], device=self.model.device)
+        logits = self.model(step, cache, kv_hook=hook)[:, -1]
+        if kv:
+            kv.after_step(cache, [r.kv_state for r in rows], hook)
+        return logits
+
+    def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        """Teacher-forced log-probabilities of ``continuation`` after ``prompt``, one decode step per token, so a KV
+        policy compresses, selects and evicts exactly as it does while generating (for perplexity)."""
+        if not continuation or len(prompt) + len(continuation) > self.context_window:
+            raise PonderError("score needs a non-empty continuation that fits the context window with the prompt")
+        with torch.inference_mode():
+            self.model.pack_for_rows(1)
+            rows = [_Row(0, Completion(list(prompt)), None)]
+            cache, logits = self._prefill(rows, len(continuation), 0)
+            out = []
+            for i, tok in enumerate(continuation):
+                out.append(float(torch.log_softmax(logits[0].float(), -1)[tok]))
+                if i + 1 == len(continuation):
+                    break
+                logits = self._decode_step(rows, cache, [tok])
+            return out
 
     def _kv(self, rows: list[_Row]) -> "KVPolicy | None":
         """The KV policy, if it compressed this call's rows (None when it is a no-op for all of them)."""

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model for every method (default {DEFAULT_MODEL})")
     p.add_argument("--suite", default="builtin",
-                   help="builtin (default), specbench:PATH, or niah[:lengths=1024-2048-4096-8192][:depths=5]")
+                   help="builtin (default), specbench:PATH, niah[:lengths=1024-2048-4096-8192][:depths=5] or "
+                        "ppl[:length=4096][:eval=256][:texts=4]")
     p.add_argument("--methods", default="baseline,hf", help="comma-separated method specs (default baseline,hf)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts of the suite (default: all)")
     p.add_argument("--per-category", type=int, default=None, metavar="N",
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     ref = _run_baseline(args, baseline, cases, tokenizer, eos, n_ctx, results)
     for spec in specs:
         if spec.text == "baseline":
+            continue
+        if not spec.is_ponder and args.suite.split(":")[0] == "ppl":
+            print(f"{spec.text}: skipped (the ppl suite scores ponder methods only)", file=sys.stderr)
             continue
         if spec.name == "llamacpp" and not llamacpp_available():
             print(f"{spec.text}: skipped (pip install llama-cpp-python, or pip install 'ponder[llamacpp]')",

@@ -9,6 +9,11 @@
   ``--max-new-tokens``, so the answer fits the window), ``depths=5 (evenly from 0 to
   100%, or a ``-``-joined list of percentages), ``seed=0``.
 
+- ``ppl``: perplexity of the same essays' text: each case is a window of ``length`` tokens (default 4096), the
+  first ``length - eval`` the prompt (compressed as any prompt), the last ``eval`` (default 256) scored token by
+  token, teacher-forced, through the policy's cache exactly as decoding would use it. Options ``length=``,
+  ``eval=``, ``texts=`` (windows, default 4). Only ponder methods run on it.
+
 Cases carry ``expected`` and ``meta`` (length, depth); ``ponder bench --dump FILE`` writes them as JSONL.
 """
 
@@ -120,3 +125,26 @@ def _build(tokenizer: Any, hay: list[int], length: int, depth: float, city: str,
         n_hay -= len(ids) - length
         ids = prompt(n_hay)
     return ids
+
+
+def ppl_cases(spec: str, tokenizer: Any, context_window: int) -> list[Any]:
+    """``ppl[:length=N][:eval=M][:texts=K]``: K windows of the essays, each a prompt plus M scored tokens."""
+    from ponder.bench.suites import Case
+
+    _, *parts = spec.split(":")
+    opts = {"length": 4096, "eval": 256, "texts": 4}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if key not in opts or not eq or not value.isdigit():
+            raise PonderError(f"bad ppl option {part!r}: use length=N, eval=M, texts=K (positive integers)")
+        opts[key] = int(value)
+    n, m, k = opts["length"], opts["eval"], opts["texts"]
+    if not 0 < m < n or k < 1 or n > context_window:
+        raise PonderError(f"ppl needs 0 < eval < length <= the context window ({context_window}) and texts >= 1")
+    ids = haystack_ids(tokenizer, n * k)
+    cases = []
+    for i in range(k):
+        window = ids[i * n : (i + 1) * n]
+        cases.append(Case(f"ppl-{n}-{i}", f"ppl-{n}", [], prompt_ids=window[: n - m],
+                          meta={"length": n, "continuation": window[n - m :]}))
+    return cases

@@ -139,6 +139,7 @@ class Output:
     text: str = ""  # the decoded output (ponder methods; suites with expected answers score it)
     kv_bytes: int = 0  # bytes of the batch KV cache decoding used (ponder methods)
     kv_peak_bytes: int = 0  # the largest KV cache held, a full prompt's during a compressed prefill included
+    logprobs: list[float] | None = None  # perplexity suites: the scored tokens' log-probabilities
 
 
 def llamacpp_available() -> bool:
@@ -170,6 +171,13 @@ class PonderRunner:
             self.speculator.prepare(self.model, rows)
             return dict(self.speculator.costs[rows].seconds)
         return CostCurve.measure(self.model, rows, max_tokens).seconds
+
+    def score(self, prompt: list[int], continuation: list[int]) -> Output:
+        """Teacher-forced log-probabilities of the continuation (perplexity suites)."""
+        start = time.perf_counter()
+        logprobs = self.engine.score(prompt, continuation)
+        return Output([], time.perf_counter() - start, 0.0, kv_bytes=self.engine.kv_bytes,
+                      kv_peak_bytes=self.engine.peak_kv_bytes, logprobs=logprobs)
 
     def run(self, batch: list[list[int]], max_new: int) -> list[Output]:
         from ponder.sampling import SamplingParams

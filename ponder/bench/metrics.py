@@ -16,10 +16,12 @@ Glossary
   **kv_bytes** = bytes of the KV cache tensors decoding used (the batch cache, compressed for KV policies);
   **kv_peak_bytes** = the largest KV cache held at any time, which for a compressed method is the one full-size
   prompt cache it builds during each row's prefill before compressing it.
+- perplexity suites (``ppl``): **ppl** = exp(mean negative log-likelihood of the scored tokens, teacher-forced).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from statistics import mean
 from typing import Any
@@ -69,6 +71,9 @@ def _answer_fields(case: Any, out: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if getattr(out, "kv_bytes", 0):
         fields |= {"kv_bytes": out.kv_bytes, "kv_peak_bytes": out.kv_peak_bytes}
+    if getattr(out, "logprobs", None) is not None:
+        nll = -sum(out.logprobs)
+        fields |= {"nll": nll, "scored_tokens": len(out.logprobs), "ppl": math.exp(nll / len(out.logprobs))}
     if getattr(case, "expected", None) is not None:
         fields |= {"expected": case.expected, "output_text": out.text, "correct": case.expected in out.text,
                    **{k: v for k, v in case.meta.items() if k in ("length", "depth")}}
@@ -94,11 +99,17 @@ def aggregate(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, A
     extra: dict[str, Any] = {}
     if records and "correct" in records[0]:
         extra["accuracy"] = mean(r["correct"] for r in records)
+    if records and "nll" in records[0]:
+        extra["ppl"] = math.exp(sum(r["nll"] for r in records) / sum(r["scored_tokens"] for r in records))
     if any("kv_bytes" in r for r in records):
         extra["kv_bytes"] = max(r.get("kv_bytes", 0) for r in records)
         extra["kv_peak_bytes"] = max(r.get("kv_peak_bytes", 0) for r in records)
-        decode_s = sum(r["seconds"] - r["ttft_s"] for r in records)
-        extra["decode_tokens_per_s"] = sum(r["new_tokens"] - 1 for r in records) / decode_s if decode_s > 0 else 0.0
+        if "scored_tokens" in records[0]:  # perplexity: teacher-forced decode steps, prefill included
+            seconds = sum(r["seconds"] for r in records)
+            extra["decode_tokens_per_s"] = sum(r["scored_tokens"] for r in records) / seconds if seconds > 0 else 0.0
+        elif sum(r["new_tokens"] for r in records) > len(records):
+            decode_s = sum(r["seconds"] - r["ttft_s"] for r in records)
+            extra["decode_tokens_per_s"] = sum(r["new_tokens"] - 1 for r in records) / decode_s if decode_s > 0 else 0.0
     return extra | _spec_aggregate(records, tokens) | {
         "tokens_per_s": tokens / wall_seconds if wall_seconds > 0 else 0.0,
         "exact_match": mean(r["exact_match"] for r in records),

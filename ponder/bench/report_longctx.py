@@ -32,12 +32,14 @@ def markdown(results: dict[str, Any]) -> list[str]:
         return []
     lines = ["", "Long context (accuracy: the output contains the expected answer; KV MB: the cache decoding used, and "
              "the peak with one full prompt cache during prefill; decode tokens/s excludes prefill):", "",
-             "| method | accuracy | KV MB | peak KV MB | TTFT (s) | decode tokens/s |", "|---|---|---|---|---|---|"]
+             "| method | accuracy | ppl | KV MB | peak KV MB | TTFT (s) | decode tokens/s |",
+             "|---|---|---|---|---|---|---|"]
     for s, f in methods.items():
         acc = f"{f['accuracy']:.0%}" if "accuracy" in f else "-"
+        ppl = f"{f['ppl']:.3f}" if "ppl" in f else "-"
         kv = f"{f['kv_bytes'] / 2**20:.1f}" if "kv_bytes" in f else "-"
         peak = f"{f['kv_peak_bytes'] / 2**20:.1f}" if "kv_peak_bytes" in f else "-"
-        lines.append(f"| {s} | {acc} | {kv} | {peak} | {f['ttft_s']:.2f} | {f.get('decode_tokens_per_s', 0):.1f} |")
+        lines.append(f"| {s} | {acc} | {ppl} | {kv} | {peak} | {f['ttft_s']:.2f} | {f.get('decode_tokens_per_s', 0):.1f} |")
     grid = _grids(results)
     if grid:
         lengths = sorted({n for g in grid.values() for n, _ in g})

@@ -4,7 +4,7 @@
   object per line. First turns always; second turns (``--second-turns``) are asked after the model's own first
   answer, taken from the baseline run.
 - ``builtin``: a small prompt set of our own covering the same categories.
-- ``niah``: needle in a haystack over long contexts, with expected answers (``ponder.bench.longctx``).
+- ``niah``, ``ppl``: long-context suites, needle in a haystack and perplexity (``ponder.bench.longctx``).
 """
 
 from __future__ import annotations
@@ -35,18 +35,20 @@ def load_suite(
 ) -> list[Case]:
     """Cases of ``spec`` (``builtin``, ``specbench:PATH`` or a long-context suite), first turns first. Long-context
     suites build their prompt ids with the tokenizer, to exact lengths within the context window."""
-    if spec.split(":")[0] == "niah":
-        from ponder.bench.longctx import niah_cases
+    if spec.split(":")[0] in ("niah", "ppl"):
+        from ponder.bench.longctx import niah_cases, ppl_cases
 
         if tokenizer is None:
-            raise PonderError("the niah suite needs the model's tokenizer")
+            raise PonderError(f"the {spec.split(':')[0]} suite needs the model's tokenizer")
+        if spec.split(":")[0] == "ppl":
+            return ppl_cases(spec, tokenizer, context_window)
         return niah_cases(spec, tokenizer, context_window, max_new)
     if spec == "builtin":
         cases = [Case(f"builtin-{i}", cat, [text]) for i, (cat, text) in enumerate(BUILTIN)]
     elif spec.startswith("specbench:"):
         cases = _read_specbench(Path(spec.split(":", 1)[1]).expanduser())
     else:
-        raise PonderError(f"unknown suite {spec!r}: use builtin, specbench:PATH (a Spec-Bench .jsonl file) or niah")
+        raise PonderError(f"unknown suite {spec!r}: use builtin, specbench:PATH (a Spec-Bench .jsonl file), niah or ppl")
     firsts = [Case(c.id, c.category, c.turns[:1]) for c in cases]
     if not second_turns:
         return firsts

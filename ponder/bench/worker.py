@@ -33,7 +33,11 @@ def run_method(
     bar = tqdm(total=len(cases), desc=f"{spec.text:>16}", unit="prompt", file=sys.stderr, leave=True)
     for i in range(0, len(cases), size):
         group = cases[i : i + size]
-        outs = runner.run([c.prompt_ids for c in group], max_new)
+        if "continuation" in group[0].meta:  # perplexity: score, one case at a time
+            outs = [runner.score(c.prompt_ids, c.meta["continuation"]) for c in group]
+            outs[0].seconds = sum(o.seconds for o in outs)
+        else:
+            outs = runner.run([c.prompt_ids for c in group], max_new)
         wall += outs[0].seconds
         tokens = sum(len(o.ids) for o in outs) or 1
         for case, out in zip(group, outs):
