@@ -31,13 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model for every method (default {DEFAULT_MODEL})")
     p.add_argument("--suite", default="builtin",
                    help="builtin (default), specbench:PATH, niah[:lengths=1024-2048-4096-8192][:depths=5] or "
-                        "ppl[:length=4096][:eval=256][:texts=4]")
+                        "ruler[:lengths=1024-2048-4096][:tasks=mk-mv-vt-cwe][:n=2], ppl[:length=4096][:eval=256][:texts=4]")
     p.add_argument("--methods", default="baseline,hf", help="comma-separated method specs (default baseline,hf)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts of the suite (default: all)")
     p.add_argument("--per-category", type=int, default=None, metavar="N",
                    help="first N prompts of each category (a quick representative sample; applied before --limit)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="new tokens per prompt (default 128; 16 for niah, whose answers are short)")
+                   help="new tokens per prompt (default 128; niah 16 and ruler 48, whose answers are short)")
     p.add_argument("--batch-size", type=int, default=1, help="rows decoded together by ponder methods (default 1)")
     p.add_argument("--second-turns", action="store_true", help="also run second turns (Spec-Bench MT-Bench rows)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (default 1)")
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ponder.bench.report import write_outputs
 
     if args.max_new_tokens is None:
-        args.max_new_tokens = 16 if args.suite.split(":")[0] == "niah" else 128
+        args.max_new_tokens = {"niah": 16, "ruler": 48}.get(args.suite.split(":")[0], 128)
     specs = _check(args)
     cases, tokenizer, eos, n_ctx = _prepare(args)
     if args.dump:

@@ -45,10 +45,13 @@ def essays_dir() -> Path:
     return path
 
 
+def essays_text() -> str:
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(essays_dir().glob("*.txt")))
+
+
 def haystack_ids(tokenizer: Any, n_tokens: int) -> list[int]:
     """The first ``n_tokens`` tokens of the essays, concatenated in file-name order (repeated if too short)."""
-    text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(essays_dir().glob("*.txt")))
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(essays_text(), add_special_tokens=False)["input_ids"])
     while len(ids) < n_tokens:
         ids = ids + ids
     return ids[:n_tokens]
@@ -102,28 +105,44 @@ def niah_cases(spec: str, tokenizer: Any, context_window: int, max_new: int) -> 
 
 
 def _build(tokenizer: Any, hay: list[int], length: int, depth: float, city: str, number: str) -> list[int]:
-    """Chat prompt of exactly ``length`` tokens (the haystack trimmed to fit) with the needle at ``depth`` %."""
-    needle = f" The special magic number for {city} is {number}. "
-    question = QUESTION.format(city=city)
-    prefix = list(tokenizer(ANSWER_PREFIX.format(city=city), add_special_tokens=False)["input_ids"])
+    """Chat prompt of at most ``length`` tokens (the haystack trimmed to fit) with the needle at ``depth`` %."""
+    needle = f"The special magic number for {city} is {number}."
 
     def prompt(n_hay: int) -> list[int]:
-        text = tokenizer.decode(hay[:n_hay])
-        cut = int(len(text) * depth / 100)
-        stop = text.rfind(". ", 0, cut)  # the needle goes at a sentence boundary at or before the depth
-        cut = 0 if depth == 0 or stop < 0 else stop + 1
-        doc = text[:cut] + needle + text[cut:]
-        msg = f"{INSTRUCTION}{doc.strip()}\n\nQuestion: {question}"
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True,
-                                            return_dict=False) if getattr(tokenizer, "chat_template", None) else \
-            list(tokenizer(msg)["input_ids"])
-        return list(ids) + prefix
+        doc = insert(tokenizer.decode(hay[:n_hay]), [(depth, needle)])
+        return chat_prompt(tokenizer, f"{INSTRUCTION}{doc}\n\nQuestion: {QUESTION.format(city=city)}",
+                           ANSWER_PREFIX.format(city=city))
 
-    n_hay = length
-    ids = prompt(n_hay)
-    while len(ids) > length:  # the template, needle and question add tokens: shrink the haystack until it fits
-        n_hay -= len(ids) - length
-        ids = prompt(n_hay)
+    return fit(prompt, length)
+
+
+def insert(text: str, needles: list[tuple[float, str]]) -> str:
+    """Put each sentence at a sentence boundary at or before its depth (percent of the text)."""
+    for depth, sentence in sorted(needles, reverse=True):  # deepest first, so earlier offsets stay valid
+        cut = int(len(text) * depth / 100)
+        stop = text.rfind(". ", 0, cut)
+        cut = 0 if depth == 0 or stop < 0 else stop + 1
+        text = f"{text[:cut]} {sentence} {text[cut:]}"
+    return text.strip()
+
+
+def chat_prompt(tokenizer: Any, message: str, answer_prefix: str) -> list[int]:
+    """The user message through the chat template, then the start of the assistant's answer."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                            return_dict=False)
+    else:
+        ids = tokenizer(message)["input_ids"]
+    return list(ids) + list(tokenizer(answer_prefix, add_special_tokens=False)["input_ids"])
+
+
+def fit(prompt: Any, length: int) -> list[int]:
+    """``prompt(n)`` for the largest filler size n (starting at ``length``) whose ids fit in ``length`` tokens."""
+    n = length
+    ids = prompt(n)
+    while len(ids) > length:  # the template, needles and question add tokens: shrink the filler until it fits
+        n -= max(1, len(ids) - length)
+        ids = prompt(n)
     return ids
 
 

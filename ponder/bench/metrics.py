@@ -12,7 +12,8 @@ Glossary
   verify steps whose tree reached depth d that accepted a node at depth d; **forwards per token** = target forwards
   (prefill + verify steps) / new tokens (1.0 for plain decoding); **draft / verify seconds**: time drafting vs
   verifying (for batches, each step's time counts once per row).
-- long-context suites (``niah``): **accuracy** = share of cases whose output contains the expected answer;
+- long-context suites (``niah``, ``ruler``): a case's **score** = the fraction of its expected strings found in the
+  output (RULER's string match; one string for niah), **correct** = all found; **accuracy** = mean score;
   **kv_bytes** = bytes of the KV cache tensors decoding used (the batch cache, compressed for KV policies);
   **kv_peak_bytes** = the largest KV cache held at any time, which for a compressed method is the one full-size
   prompt cache it builds during each row's prefill before compressing it.
@@ -75,7 +76,9 @@ def _answer_fields(case: Any, out: Any) -> dict[str, Any]:
         nll = -sum(out.logprobs)
         fields |= {"nll": nll, "scored_tokens": len(out.logprobs), "ppl": math.exp(nll / len(out.logprobs))}
     if getattr(case, "expected", None) is not None:
-        fields |= {"expected": case.expected, "output_text": out.text, "correct": case.expected in out.text,
+        wanted = [case.expected] if isinstance(case.expected, str) else list(case.expected)
+        found = sum(w in out.text for w in wanted) / len(wanted)
+        fields |= {"expected": case.expected, "output_text": out.text, "correct": found == 1.0, "score": found,
                    **{k: v for k, v in case.meta.items() if k in ("length", "depth")}}
     return fields
 
@@ -98,7 +101,7 @@ def aggregate(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, A
     tokens = sum(r["new_tokens"] for r in records)
     extra: dict[str, Any] = {}
     if records and "correct" in records[0]:
-        extra["accuracy"] = mean(r["correct"] for r in records)
+        extra["accuracy"] = mean(r["score"] for r in records)
     if records and "nll" in records[0]:
         extra["ppl"] = math.exp(sum(r["nll"] for r in records) / sum(r["scored_tokens"] for r in records))
     if any("kv_bytes" in r for r in records):

@@ -30,7 +30,7 @@ def markdown(results: dict[str, Any]) -> list[str]:
     methods = {s: f for s, f in results["methods"].items() if "accuracy" in f or "kv_bytes" in f}
     if not methods:
         return []
-    lines = ["", "Long context (accuracy: the output contains the expected answer; KV MB: the cache decoding used, and "
+    lines = ["", "Long context (accuracy: mean share of expected answers found in the output; KV MB: the cache decoding used, and "
              "the peak with one full prompt cache during prefill; decode tokens/s excludes prefill):", "",
              "| method | accuracy | ppl | KV MB | peak KV MB | TTFT (s) | decode tokens/s |",
              "|---|---|---|---|---|---|---|"]

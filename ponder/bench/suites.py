@@ -4,7 +4,8 @@
   object per line. First turns always; second turns (``--second-turns``) are asked after the model's own first
   answer, taken from the baseline run.
 - ``builtin``: a small prompt set of our own covering the same categories.
-- ``niah``, ``ppl``: long-context suites, needle in a haystack and perplexity (``ponder.bench.longctx``).
+- ``niah``, ``ppl``, ``ruler``: long-context suites: needle in a haystack, perplexity (``ponder.bench.longctx``)
+  and four RULER tasks (``ponder.bench.ruler``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Case:
     turns: list[str]
     turn: int = 1  # 1-based: which user message this case asks
     prompt_ids: list[int] = field(default_factory=list)  # filled in once the tokenizer is known
-    expected: str | None = None  # the answer, for suites that have one (correct = the output contains it)
+    expected: str | list[str] | None = None  # the answer(s), for suites that have them (found in the output text)
     meta: dict[str, Any] = field(default_factory=dict)  # suite-specific facts (e.g. niah length and depth)
 
 
@@ -35,20 +36,22 @@ def load_suite(
 ) -> list[Case]:
     """Cases of ``spec`` (``builtin``, ``specbench:PATH`` or a long-context suite), first turns first. Long-context
     suites build their prompt ids with the tokenizer, to exact lengths within the context window."""
-    if spec.split(":")[0] in ("niah", "ppl"):
+    kind = spec.split(":")[0]
+    if kind in ("niah", "ppl", "ruler"):
         from ponder.bench.longctx import niah_cases, ppl_cases
+        from ponder.bench.ruler import ruler_cases
 
         if tokenizer is None:
-            raise PonderError(f"the {spec.split(':')[0]} suite needs the model's tokenizer")
-        if spec.split(":")[0] == "ppl":
+            raise PonderError(f"the {kind} suite needs the model's tokenizer")
+        if kind == "ppl":
             return ppl_cases(spec, tokenizer, context_window)
-        return niah_cases(spec, tokenizer, context_window, max_new)
+        return (niah_cases if kind == "niah" else ruler_cases)(spec, tokenizer, context_window, max_new)
     if spec == "builtin":
         cases = [Case(f"builtin-{i}", cat, [text]) for i, (cat, text) in enumerate(BUILTIN)]
     elif spec.startswith("specbench:"):
         cases = _read_specbench(Path(spec.split(":", 1)[1]).expanduser())
     else:
-        raise PonderError(f"unknown suite {spec!r}: use builtin, specbench:PATH (a Spec-Bench .jsonl file), niah or ppl")
+        raise PonderError(f"unknown suite {spec!r}: use builtin, specbench:PATH (a Spec-Bench .jsonl file), niah, ruler or ppl")
     firsts = [Case(c.id, c.category, c.turns[:1]) for c in cases]
     if not second_turns:
         return firsts
