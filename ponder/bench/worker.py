@@ -15,7 +15,7 @@ from ponder.bench.suites import Case
 
 def run_method(
     spec: MethodSpec, model: str, cases: list[Case], eos: set[int], n_ctx: int, ref: dict[str, Output] | None,
-    max_new: int, batch_size: int, warmup: int, threads: int | None,
+    max_new: int, batch_size: int, warmup: int, threads: int | None, ignore_eos: bool = False,
 ) -> dict[str, Any]:
     """Per-prompt records, total wall seconds (each batch once), per-prompt time shares, peak RSS, top-1 counts."""
     from tqdm import tqdm
@@ -23,13 +23,14 @@ def run_method(
     if threads:
         torch.set_num_threads(threads)
     runner = make_runner(spec, model, eos, n_ctx)
+    runner.ignore_eos = ignore_eos
     size = spec.batch(batch_size)
     costs = runner.verify_costs(size) if spec.is_ponder and spec.kv is None else {}
     for _ in range(warmup):
         runner.run([cases[0].prompt_ids], min(8, max_new))
     prompts: list[dict[str, Any]] = []
     shares: dict[str, float] = {}
-    wall, top1 = 0.0, [0, 0]
+    wall, top1, decode = 0.0, [0, 0], [0.0, 0]  # decode: [seconds after the batch's last first token, tokens]
     bar = tqdm(total=len(cases), desc=f"{spec.text:>16}", unit="prompt", file=sys.stderr, leave=True)
     for i in range(0, len(cases), size):
         group = cases[i : i + size]
@@ -39,6 +40,9 @@ def run_method(
         else:
             outs = runner.run([c.prompt_ids for c in group], max_new)
         wall += outs[0].seconds
+        if outs[0].logprobs is None:
+            decode = [decode[0] + outs[0].seconds - max(o.ttft_s for o in outs),
+                      decode[1] + sum(max(0, len(o.ids) - 1) for o in outs)]
         tokens = sum(len(o.ids) for o in outs) or 1
         for case, out in zip(group, outs):
             key = f"{case.id}/{case.turn}"
@@ -55,4 +59,4 @@ def run_method(
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"prompts": prompts, "wall_seconds": wall, "shares": shares, "peak_rss_mb": peak_mb, "top1": top1,
             "batch_size": size, "verify_cost_ms": {n: 1000 * t for n, t in sorted(costs.items())},
-            "drafter": runner.report() if spec.is_ponder else {}}
+            "drafter": runner.report() if spec.is_ponder else {}, "decode": decode}
