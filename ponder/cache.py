@@ -48,11 +48,6 @@ class KVCache:
         """Bytes held by the preallocated tensors."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def used_bytes(self) -> int:
-        """Bytes of the valid entries (what a cache sized exactly to the rows' contents would hold)."""
-        per_slot = sum(t.shape[1] * t.shape[3] * t.element_size() for t in self.k + self.v)
-        return per_slot * sum(self.lengths)
-
     @property
     def positions(self) -> list[int]:
         """Per row, the position of the next token (tokens seen so far, evicted ones included)."""

@@ -57,6 +57,11 @@ def haystack_ids(tokenizer: Any, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
+def parse_lengths(value: str) -> list[int]:
+    """``1024-2048`` or ``1k-2k`` -> token counts (ValueError when malformed)."""
+    return [int(float(v[:-1]) * 1024) if v.lower().endswith("k") else int(v) for v in value.split("-")]
+
+
 def parse_options(spec: str) -> dict[str, Any]:
     """``niah[:lengths=...][:depths=...][:seed=N]`` -> options."""
     _, *parts = spec.split(":")
@@ -65,8 +70,7 @@ def parse_options(spec: str) -> dict[str, Any]:
         key, eq, value = part.partition("=")
         try:
             if key == "lengths" and eq:
-                opts["lengths"] = [int(float(v[:-1]) * 1024) if v.lower().endswith("k") else int(v)
-                                   for v in value.split("-")]
+                opts["lengths"] = parse_lengths(value)
             elif key == "depths" and eq:
                 vals = [float(v) for v in value.split("-")]
                 n = int(vals[0])

@@ -107,10 +107,6 @@ def aggregate(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, A
     if any("kv_bytes" in r for r in records):
         extra["kv_bytes"] = max(r.get("kv_bytes", 0) for r in records)
         extra["kv_peak_bytes"] = max(r.get("kv_peak_bytes", 0) for r in records)
-        if "scored_tokens" in records[0]:  # perplexity: teacher-forced decode steps, prefill included (else:
-            # decode tokens / decode seconds per batch, after its last first token; set by report.build_results)
-            seconds = sum(r["seconds"] for r in records)
-            extra["decode_tokens_per_s"] = sum(r["scored_tokens"] for r in records) / seconds if seconds > 0 else 0.0
 
     return extra | _spec_aggregate(records, tokens) | {
         "tokens_per_s": tokens / wall_seconds if wall_seconds > 0 else 0.0,

@@ -19,7 +19,7 @@ import random
 import re
 from typing import Any, Callable
 
-from ponder.bench.longctx import INSTRUCTION, chat_prompt, essays_text, fit, haystack_ids, insert
+from ponder.bench.longctx import INSTRUCTION, chat_prompt, essays_text, fit, haystack_ids, insert, parse_lengths
 from ponder.errors import PonderError
 
 TASKS = ("mk", "mv", "vt", "cwe")
@@ -34,8 +34,7 @@ def parse_options(spec: str) -> dict[str, Any]:
         key, eq, value = part.partition("=")
         try:
             if key == "lengths" and eq:
-                opts["lengths"] = [int(float(v[:-1]) * 1024) if v.lower().endswith("k") else int(v)
-                                   for v in value.split("-")]
+                opts["lengths"] = parse_lengths(value)
             elif key == "tasks" and eq and set(value.split("-")) <= set(TASKS):
                 opts["tasks"] = value.split("-")
             elif key in ("n", "seed") and eq:

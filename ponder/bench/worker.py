@@ -43,6 +43,8 @@ def run_method(
         if outs[0].logprobs is None:
             decode = [decode[0] + outs[0].seconds - max(o.ttft_s for o in outs),
                       decode[1] + sum(max(0, len(o.ids) - 1) for o in outs)]
+        else:  # perplexity: teacher-forced decode steps, prefill included
+            decode = [decode[0] + outs[0].seconds, decode[1] + sum(len(o.logprobs) for o in outs)]
         tokens = sum(len(o.ids) for o in outs) or 1
         for case, out in zip(group, outs):
             key = f"{case.id}/{case.turn}"

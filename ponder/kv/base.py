@@ -90,16 +90,16 @@ class KVPolicy:
     speculates = True  # composes with speculative decoding (False: the engine refuses the combination)
 
     def __init__(self, options: KVOptions) -> None:
-        self.options = options
+        self.o = options  # each policy narrows the type to its own options dataclass
 
     @property
     def chunk(self) -> int:
-        return int(getattr(self.options, "chunk", 0))
+        return int(getattr(self.o, "chunk", 0))
 
     def is_noop(self, n: int, max_new: int) -> bool:
         """Nothing would ever be removed from a row of n prompt tokens generating ``max_new`` more: ratio 0, or a
         budget covering the prompt (and, for policies that evict while decoding, the whole context)."""
-        o = self.options
+        o = self.o
         if o.budget is None:
             return o.ratio == 0.0
         return o.budget >= n + (max_new if self.evicts_in_decode else 0)
@@ -108,9 +108,9 @@ class KVPolicy:
         """Cache slots a row of n prompt tokens needs for ``max_new`` more tokens."""
         if self.is_noop(n, max_new):
             return n + max_new
-        kept = self.options.kept(n)
+        kept = self.o.kept(n)
         if self.evicts_in_decode:
-            return min(kept + max_new, max(kept, self.options.cap(n) + self.chunk))
+            return min(kept + max_new, max(kept, self.o.cap(n) + self.chunk))
         return kept + max_new
 
     def new_cache(self, model: Any, batch: int, slots: int, extra: int) -> KVCache:

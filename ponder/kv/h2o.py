@@ -81,9 +81,7 @@ class H2O(KVPolicy):
     evicts_in_decode = True
     observes_decode = True
 
-    def __init__(self, options: H2OOptions) -> None:
-        super().__init__(options)
-        self.o = options
+    o: H2OOptions
 
     def prefill_hook(self, n_layers: int, n: int) -> KVHook | None:
         return PromptAttention(self.o.gqa)
@@ -127,7 +125,4 @@ class H2O(KVPolicy):
         cols = start + torch.tensor(inputs)
         for layer, s in enumerate(st.scores):
             a = hook.probs[layer][b][:, inputs].sum(1)  # [Hkv, S]
-            grown = torch.zeros(s.shape[0], start + len(inputs))
-            grown[:, : min(start, s.shape[1])] = s[:, :start] + a[:, : min(start, s.shape[1])]
-            grown[:, start:] = a[:, cols]
-            st.scores[layer] = grown
+            st.scores[layer] = torch.cat([s + a[:, :start], a[:, cols]], 1)  # s # [Hkv, start]: the row's entries

@@ -81,9 +81,6 @@ class QuantKVCache(KVCache):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
-    def used_bytes(self) -> int:
-        return self.nbytes()
-
     # --- writing and reading ----------------------------------------------------------------------------------------
     def write(self, layer, k, v, write_start, slots, read_len):
         B, T = k.shape[:2]
@@ -193,9 +190,7 @@ class QuantKVCache(KVCache):
 class Quant(KVPolicy):
     name = "quant"
 
-    def __init__(self, options: QuantOptions) -> None:
-        super().__init__(options)
-        self.o = options
+    o: QuantOptions
 
     def is_noop(self, n: int, max_new: int) -> bool:
         return False

@@ -50,9 +50,7 @@ class WindowVotes(KVHook):
 class SnapKV(KVPolicy):
     name = "snapkv"
 
-    def __init__(self, options: SnapKVOptions) -> None:
-        super().__init__(options)
-        self.o = options
+    o: SnapKVOptions
 
     def prefill_hook(self, n_layers: int, n: int) -> KVHook | None:
         return WindowVotes(self.o.window, self.o.gqa)

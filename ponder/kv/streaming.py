@@ -26,26 +26,25 @@ class StreamingOptions(KVOptions):
             raise ValueError("sinks must be >= 0 and chunk >= 1")
 
 
-def sinks_and_recent(length: int, kept: int, sinks: int, n_layers: int, n_kv: int, device: torch.device) -> list[torch.Tensor]:
-    """Per layer # [Hkv, kept]: slots ``[0, s)`` and the last ``kept - s`` slots (s = sinks, at most kept)."""
-    s = min(sinks, kept)
-    idx = torch.cat([torch.arange(s), torch.arange(length - (kept - s), length)]).to(device)
-    return [idx[None].expand(n_kv, -1) for _ in range(n_layers)]
+def sinks_and_recent(cache: KVCache, row: int, kept: int, sinks: int) -> list[torch.Tensor]:
+    """Per layer of ``cache`` # [Hkv, kept]: row's slots ``[0, s)`` and its last ``kept - s`` slots (s = sinks, at
+    most kept)."""
+    n, s = cache.lengths[row], min(sinks, kept)
+    idx = torch.cat([torch.arange(s), torch.arange(n - (kept - s), n)]).to(cache.k[0].device)
+    return [idx[None].expand(cache.k[0].shape[1], -1) for _ in cache.k]
 
 
 class Streaming(KVPolicy):
     name = "streaming"
     evicts_in_decode = True
 
-    def __init__(self, options: StreamingOptions) -> None:
-        super().__init__(options)
-        self.o = options
+    o: StreamingOptions
 
     def compress(self, cache: KVCache, hook: KVHook | None) -> KVState:
         n = cache.lengths[0]
         kept = self.o.kept(n)
         if kept < n:
-            cache.select(0, sinks_and_recent(n, kept, self.o.sinks, len(cache.k), cache.k[0].shape[1], cache.k[0].device))
+            cache.select(0, sinks_and_recent(cache, 0, kept, self.o.sinks))
         return KVState(cap=self.o.cap(n))
 
     def after_step(self, cache: KVCache, states: list[KVState], hook: KVHook | None,
@@ -53,5 +52,4 @@ class Streaming(KVPolicy):
         for b, st in enumerate(states):
             n = cache.lengths[b]
             if st.cap is not None and n >= st.cap + self.o.chunk:
-                cache.select(b, sinks_and_recent(n, st.cap, self.o.sinks, len(cache.k), cache.k[0].shape[1],
-                                                 cache.k[0].device))
+                cache.select(b, sinks_and_recent(cache, b, st.cap, self.o.sinks))

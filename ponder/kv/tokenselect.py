@@ -98,12 +98,10 @@ class TokenSelect(KVPolicy):
     name = "tokenselect"
     speculates = False
 
-    def __init__(self, options: TokenSelectOptions) -> None:
-        super().__init__(options)
-        self.o = options
+    o: TokenSelectOptions
 
     def is_noop(self, n: int, max_new: int) -> bool:
-        o = self.options
+        o = self.o
         return o.ratio == 0.0 if o.budget is None else o.budget >= n + max_new
 
     def slots(self, n: int, max_new: int) -> int:
