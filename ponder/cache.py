@@ -10,7 +10,10 @@ Glossary
 - **eviction** (KV-cache compression, ``ponder/kv``): ``select`` keeps, per layer and KV head, chosen slots of a
   row and packs them to the front. Keys carry their rotary position already, so a kept entry keeps its position;
   ``evicted[b]`` counts the entries row b dropped, and its next token's position is ``lengths[b] + evicted[b]``.
-  Different KV heads may keep different tokens, but every head and layer of a row keeps the same number.
+  Different KV heads may keep different tokens. When layers or heads keep different numbers (budget allocation,
+  ``snapkv:alloc=pyramid|ada``), a row's storage is as long as its largest (layer, head) and the shorter ones
+  have **holes**: ``holes[layer][b, h, s]`` marks slots head h of that layer does not hold, which attention masks.
+  Holes only ever lie before the row's first decoded token, so appends, rollback and compaction never meet them.
 """
 
 from __future__ import annotations
@@ -39,23 +42,26 @@ class KVCache:
         self.lengths: list[int] = [0] * batch
         self.evicted: list[int] = [0] * batch
         self.max_len = max_len
+        self.holes: list[torch.Tensor] | None = None  # per layer # [B, Hkv, S_max] bool, made by the first select
 
     @property
     def batch(self) -> int:
         return len(self.lengths)
 
     def nbytes(self) -> int:
-        """Bytes held by the preallocated tensors."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """Bytes held by the preallocated tensors (hole masks included)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + (self.holes or []))
 
     @property
     def positions(self) -> list[int]:
         """Per row, the position of the next token (tokens seen so far, evicted ones included)."""
         return [n + e for n, e in zip(self.lengths, self.evicted)]
 
-    def select(self, row: int, keep: list[torch.Tensor]) -> None:
+    def select(self, row: int, keep: list[torch.Tensor], counts: list[torch.Tensor] | None = None) -> None:
         """Keep, in every layer l, the slots ``keep[l]`` # [Hkv, n] of ``row`` (one list per KV head) and pack them
-        into slots ``[0, n)``; the rest is evicted. Each head's list should ascend (it keeps the order of time)."""
+        into slots ``[0, n)``; the rest is evicted. Each head's list should ascend (it keeps the order of time).
+        With ``counts[l]`` # [Hkv], head h of layer l keeps only the first ``counts[l][h]`` of its list: the rest of
+        its n slots become holes."""
         n = keep[0].shape[1]
         if n > self.lengths[row] or any(k.shape != keep[0].shape for k in keep):
             raise ValueError(f"row {row}: cannot keep {n} of {self.lengths[row]} slots (same count in every layer)")
@@ -63,8 +69,31 @@ class KVCache:
             for t in (self.k[layer], self.v[layer]):
                 gathered = t[row].gather(1, idx[:, :, None].expand(-1, -1, t.shape[3]))  # [Hkv, n, D]
                 t[row, :, :n] = gathered
+        if counts is not None and any(bool((c < n).any()) for c in counts):
+            if self.holes is None:
+                self.holes = [torch.zeros(t.shape[:3], dtype=torch.bool, device=t.device) for t in self.k]
+            slot = torch.arange(self.max_len, device=self.k[0].device)
+            for hole, c in zip(self.holes, counts):
+                hole[row] = (slot[None, :] >= c.to(slot.device)[:, None]) & (slot[None, :] < n)
+        elif self.holes is not None:
+            for hole in self.holes:
+                hole[row] = False
         self.evicted[row] += self.lengths[row] - n
         self.lengths[row] = n
+
+    def hole_mask(self, layer: int, read_len: int) -> torch.Tensor | None:
+        """# [B, Hkv, read_len] bool, True where a KV head holds no entry (None: the cache has no holes)."""
+        return None if self.holes is None else self.holes[layer][:, :, :read_len]
+
+    def trimmed(self) -> "KVCache":
+        """A copy whose sequence axis is just as long as its longest row (to hold a compressed row compactly)."""
+        n = max(max(self.lengths), 1)
+        out = KVCache.__new__(KVCache)
+        out.k = [t[:, :, :n].clone() for t in self.k]
+        out.v = [t[:, :, :n].clone() for t in self.v]
+        out.holes = None if self.holes is None else [h[:, :, :n].clone() for h in self.holes]
+        out.lengths, out.evicted, out.max_len = list(self.lengths), list(self.evicted), n
+        return out
 
     def copy_row(self, b: int, src: "KVCache", src_row: int = 0) -> None:
         """Make row b a copy of ``src``'s row ``src_row`` (contents, length and evicted count)."""
@@ -73,6 +102,12 @@ class KVCache:
             raise ValueError(f"row of {n} slots does not fit a cache of {self.max_len}")
         for dst, s in zip(self.k + self.v, src.k + src.v):
             dst[b, :, :n] = s[src_row, :, :n]
+        if src.holes is not None and self.holes is None:
+            self.holes = [torch.zeros(t.shape[:3], dtype=torch.bool, device=t.device) for t in self.k]
+        for layer, hole in enumerate(self.holes or []):
+            hole[b] = False
+            if src.holes is not None:
+                hole[b, :, :n] = src.holes[layer][src_row, :, :n]
         self.lengths[b], self.evicted[b] = n, src.evicted[src_row]
 
     def write(
@@ -120,6 +155,8 @@ class KVCache:
         grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], new - t.shape[2], t.shape[3])], dim=2)  # noqa: E731
         self.k = [grow(t) for t in self.k]
         self.v = [grow(t) for t in self.v]
+        if self.holes is not None:
+            self.holes = [torch.cat([h, h.new_zeros(*h.shape[:2], new - h.shape[2])], dim=2) for h in self.holes]
         self.max_len = new
 
     def row(self, b: int) -> "KVCache":
@@ -128,6 +165,7 @@ class KVCache:
         view = KVCache.__new__(KVCache)
         view.k = [t[b : b + 1] for t in self.k]
         view.v = [t[b : b + 1] for t in self.v]
+        view.holes = None if self.holes is None else [h[b : b + 1] for h in self.holes]
         view.lengths = [self.lengths[b]]
         view.evicted = [self.evicted[b]]
         view.max_len = self.max_len
@@ -146,5 +184,7 @@ class KVCache:
         index = torch.tensor(rows, dtype=torch.long, device=self.k[0].device)
         self.k = [t.index_select(0, index) for t in self.k]
         self.v = [t.index_select(0, index) for t in self.v]
+        if self.holes is not None:
+            self.holes = [h.index_select(0, index) for h in self.holes]
         self.lengths = [self.lengths[r] for r in rows]
         self.evicted = [self.evicted[r] for r in rows]

@@ -222,18 +222,22 @@ class Engine:
                 cache.set_length(b, row.lengths[0])
             self.kv_bytes = self.peak_kv_bytes = cache.nbytes()
             return cache, torch.cat(last)
-        slots = max(min(self.kv.slots(len(p), max_new), self.context_window) for p in ids)
-        cache = self.kv.new_cache(self.model, len(ids), slots, extra)
-        last, peak = [], 0
-        for b, (r, p) in enumerate(zip(rows, ids)):
+        last, rows_kv, held, peak = [], [], 0, 0
+        for r, p in zip(rows, ids):
             full = self.model.new_cache(1, len(p))  # the full prompt's cache exists only while this row is prefilled
             hook = self.kv.prefill_hook(len(full.k), len(p))
             last.append(self.model(torch.tensor([p], device=dev), full, last_only=True, kv_hook=hook)[:, -1])
-            peak = max(peak, full.nbytes())
             r.kv_state = self.kv.compress(full, hook)
-            cache.copy_row(b, full)
+            rows_kv.append(full.trimmed())  # compressed rows are held until the batch cache can be sized to them
+            held += rows_kv[-1].nbytes()
+            peak = max(peak, full.nbytes() + held)
+        # a row's storage may exceed its budget by the holes of uneven per-layer/per-head budgets (state.pad)
+        slots = max(min(self.kv.slots(len(p), max_new) + r.kv_state.pad, self.context_window) for r, p in zip(rows, ids))
+        cache = self.kv.new_cache(self.model, len(ids), slots, extra)
+        for b, row_kv in enumerate(rows_kv):
+            cache.copy_row(b, row_kv)
         self.kv_bytes = cache.nbytes()
-        self.peak_kv_bytes = max(peak, cache.nbytes())
+        self.peak_kv_bytes = max(peak, held + cache.nbytes())
         return cache, torch.cat(last)
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> tuple[list[int], list[float]]:

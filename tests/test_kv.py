@@ -35,7 +35,10 @@ def policy_table() -> dict[str, list[str]]:
         "quant": ["quant:group=8:residual=4", "quant:bits=4:group=4:residual=2"],
     }
 EVICTING = [s for k, v in policy_table().items() if k not in ("tokenselect", "quant") for s in v]
-SPECULATING = EVICTING + policy_table()["quant"]
+# uneven budgets over layers/heads (storage padded to the largest share, so not always smaller than the full cache)
+ALLOC = ["snapkv:ratio=0.5:window=4:kernel=3:alloc=ada", "snapkv:budget=12:window=2:kernel=1:alloc=pyramid-ada:beta=4:floor=0",
+         "snapkv:ratio=0.6:window=2:kernel=3:alloc=pyramid:beta=3"]
+SPECULATING = EVICTING + ALLOC + policy_table()["quant"]
 
 
 def test_every_policy_has_specs() -> None:
@@ -94,6 +97,8 @@ def kept_slots(full, comp, layer: int) -> list[list[int]]:
     out = []
     for h in range(full.k[layer].shape[1]):
         fk, ck = full.k[layer][0, h, : full.lengths[0]], comp.k[layer][0, h, : comp.lengths[0]]
+        if comp.holes is not None:
+            ck = ck[~comp.holes[layer][0, h, : comp.lengths[0]]]
         match = (ck[:, None, :] == fk[None, :, :]).all(-1)  # [n_kept, S]
         assert (match.sum(1) == 1).all()
         out.append(match.float().argmax(1).tolist())
@@ -154,7 +159,7 @@ def test_h2o_keeps_the_heavy_hitters(tiny) -> None:
 
 
 @pytest.mark.parametrize("spec", ["streaming:budget=12:sinks=2", "snapkv:budget=12:window=4:kernel=3",
-                                  "h2o:budget=14:recent=0.5"])
+                                  "h2o:budget=14:recent=0.5"] + ALLOC)
 def test_decoding_equals_full_attention_over_the_kept_entries(tiny, spec: str) -> None:
     """The compressed cache's logits equal a full cache whose attention hides, per layer and KV head, the evicted
     entries: so selection, packing and the positions of new tokens are all right."""
@@ -345,3 +350,60 @@ def test_smooth_is_a_centered_max_pool() -> None:
     x = torch.tensor([[0.0, 0, 5, 0, 0, 0, 1]])
     assert smooth(x, 3).tolist() == [[0, 5, 5, 5, 0, 1, 1]]
     assert torch.allclose(smooth(x, 3, "avg"), F.avg_pool1d(F.pad(x[:, None], (1, 1), mode="replicate"), 3, 1)[:, 0])
+
+
+# --- budget allocation across layers and heads ----------------------------------------------------------------------
+def test_pyramid_layer_budgets_fall_and_average_the_budget() -> None:
+    from ponder.kv.alloc import layer_budgets
+
+    for kept, n, layers, beta, least in [(100, 400, 30, 20, 8), (300, 400, 30, 20, 8), (7, 9, 4, 2, 3), (50, 60, 1, 20, 4)]:
+        b = layer_budgets(kept, n, layers, "pyramid", beta, least)
+        assert sum(b) == layers * kept
+        assert all(x >= y for x, y in zip(b, b[1:]))  # bottom layers keep more
+        assert min(b) >= least and max(b) <= n
+    assert layer_budgets(100, 400, 30, "uniform", 20, 8) == [100] * 30
+    b = layer_budgets(100, 400, 30, "pyramid", 20, 8)
+    assert b[-1] <= 100 / 20 + 8 and b[0] >= 190  # the paper's shape: top kept/beta (at least the forced), bottom ~2x
+
+
+def test_ada_shares_a_layer_budget_by_score_with_a_floor() -> None:
+    from ponder.kv.alloc import head_counts, keep_counts
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        Hkv, S, budget = 4, 50, 10 + trial
+        scores = torch.rand(Hkv, S, generator=gen) * torch.rand(Hkv, 1, generator=gen) * 10  # unevenly peaked heads
+        forced = torch.zeros(S, dtype=torch.bool)
+        forced[:2] = forced[-3:] = True
+        floor = 0.3
+        counts = head_counts(scores, budget, "ada", floor, forced)
+        least = max(math.ceil(floor * budget), 5)
+        assert int(counts.sum()) == Hkv * budget and int(counts.min()) >= least
+        idx = keep_counts(scores, counts, forced, int(counts.max()))
+        kept = [set(idx[h, : counts[h]].tolist()) for h in range(Hkv)]
+        assert all(len(k) == int(c) for k, c in zip(kept, counts)) and all(set(range(2)) | {47, 48, 49} <= k for k in kept)
+        assert all(idx[h, : counts[h]].tolist() == sorted(kept[h]) for h in range(Hkv))
+        # beyond each head's guaranteed share, every kept entry beats every evicted entry of every head in the layer
+        ranked = scores.sort(-1, descending=True)
+        extra = [float(v) for h in range(Hkv) for s, v in zip(ranked.indices[h, least:], ranked.values[h, least:])
+                 if int(s) in kept[h] and not forced[s]]
+        evicted = [float(scores[h, s]) for h in range(Hkv) for s in range(S) if s not in kept[h]]
+        if extra and evicted:
+            assert min(extra) >= max(evicted)
+
+
+def test_alloc_budgets_reach_the_cache_and_batching_matches_single_rows(tiny) -> None:
+    from ponder.kv.alloc import layer_budgets
+
+    prompt = PROMPTS[0]
+    policy = make_policy("snapkv:budget=12:window=2:kernel=1:alloc=pyramid:beta=3")
+    full, comp, _ = _prefill(tiny, prompt, policy)
+    held = [int((~comp.holes[layer][0, :, : comp.lengths[0]]).sum(1).unique()) for layer in range(len(comp.k))]
+    assert held == layer_budgets(12, len(prompt), len(comp.k), "pyramid", 3, 2 + 4)  # forced: window 2 + 4 sinks and held[0] > held[-1]
+    for spec in ALLOC:
+        want = [Engine(tiny, kv=make_policy(spec)).generate([p], GREEDY)[0].output_ids for p in PROMPTS]
+        got = [c.output_ids for c in Engine(tiny, kv=make_policy(spec)).generate(PROMPTS, GREEDY)]
+        assert got == want, spec
+        ratio0 = spec.split(":", 1)[0] + ":ratio=0:" + spec.split(":", 2)[2]  # ratio 0 with the same allocation
+        assert [c.output_ids for c in Engine(tiny, kv=make_policy(ratio0.replace("budget=12:", ""))).generate(PROMPTS, GREEDY)] \
+            == [c.output_ids for c in Engine(tiny).generate(PROMPTS, GREEDY)]

@@ -59,9 +59,11 @@ class KVOptions:
 
 @dataclass
 class KVState:
-    """One row's policy state: the decode cap (evicting policies) and per-layer scores # [Hkv, slots] (h2o)."""
+    """One row's policy state: the decode cap (evicting policies), storage padding and per-layer scores
+    # [Hkv, slots] (h2o)."""
 
     cap: int | None = None
+    pad: int = 0  # slots the row's storage holds beyond its budget (holes of uneven per-layer/per-head budgets)
     scores: list[torch.Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

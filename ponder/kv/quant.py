@@ -74,6 +74,7 @@ class QuantKVCache(KVCache):
         self.vs, self.vz = z(batch, n_kv, self.max_len, 1), z(batch, n_kv, self.max_len, 1)
         self.k, self.v = z(batch, n_kv, self.width, head_dim), z(batch, n_kv, self.width, head_dim)  # the residual
         self.lengths, self.evicted, self.base = [0] * batch, [0] * batch, [0] * batch
+        self.holes = None  # quantization keeps every entry: no holes
 
     def _tensors(self) -> list[torch.Tensor]:
         return self.kc + self.vc + self.ks + self.kz + self.vs + self.vz + self.k + self.v
@@ -148,6 +149,8 @@ class QuantKVCache(KVCache):
     def copy_row(self, b: int, src: KVCache, src_row: int = 0) -> None:
         """Row b := a full-precision one-row cache's row, its prefix quantized group by group."""
         n, G = src.lengths[src_row], self.o.group
+        if src.holes is not None:
+            raise ValueError("a quantized KV cache cannot hold a row with per-head holes; use one KV policy at a time")
         q = max(0, (n - self.o.residual) // G * G)
         if n - q > self.width or n > self.max_len:
             raise ValueError(f"row of {n} slots does not fit the quantized cache")

@@ -5,6 +5,9 @@ question itself) vote for keys; votes are summed over the window, pooled over th
 head, smoothed along the sequence so a selected entry brings its neighbours, and each KV head keeps its own
 top entries plus the window. Decoding then appends to the compressed cache.
 
+``alloc`` spreads the budget unevenly over layers (``pyramid``, PyramidKV 2406.02069) and KV heads (``ada``,
+AdaKV 2407.11550): see ``ponder/kv/alloc.py``.
+
 Options beyond the paper's (``gqa``, ``pool``, ``sinks``) exist because a 135M model's attention is diffuse: see
 the README's KV-cache section for what each changes on needle-in-a-haystack.
 """
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ponder.cache import KVCache
+from ponder.kv import alloc
 from ponder.kv.base import KVHook, KVOptions, KVPolicy, KVState, forced_slots, keep_top, pool_group, smooth, window_probs
 
 
@@ -26,9 +30,16 @@ class SnapKVOptions(KVOptions):
     pool: str = "max"  # max | avg
     gqa: str = "max"  # how a KV head's query heads combine: max | mean
     sinks: int = 4  # first tokens always kept
+    alloc: str = "uniform"  # budget across layers and heads: uniform | pyramid | ada | pyramid-ada
+    beta: float = 20.0  # pyramid: the top layer keeps budget / beta
+    floor: float = 0.2  # ada: every head keeps at least this share of its layer's per-head budget
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.alloc not in alloc.MODES:
+            raise ValueError(f"alloc must be one of {', '.join(alloc.MODES)}, got {self.alloc!r}")
+        if self.beta < 1 or not 0 <= self.floor <= 1:
+            raise ValueError("beta must be >= 1 and floor in [0, 1]")
         if self.window < 1 or self.kernel < 1 or self.sinks < 0:
             raise ValueError("window and kernel must be >= 1, sinks >= 0")
         if self.pool not in ("max", "avg") or self.gqa not in ("max", "mean"):
@@ -63,7 +74,12 @@ class SnapKV(KVPolicy):
         assert isinstance(hook, WindowVotes)
         window = min(self.o.window, kept)
         forced = forced_slots(n, min(self.o.sinks, kept - window), window, cache.k[0].device)
-        keep = [keep_top(smooth(hook.scores[layer][:, :n], self.o.kernel, self.o.pool), kept, forced)
-                for layer in range(len(cache.k))]
-        cache.select(0, keep)
-        return KVState()
+        scores = [smooth(hook.scores[layer][:, :n], self.o.kernel, self.o.pool) for layer in range(len(cache.k))]
+        if self.o.alloc == "uniform":
+            cache.select(0, [keep_top(s, kept, forced) for s in scores])
+            return KVState()
+        budgets = alloc.layer_budgets(kept, n, len(scores), self.o.alloc, self.o.beta, int(forced.sum()))
+        counts = [alloc.head_counts(s, b, self.o.alloc, self.o.floor, forced) for s, b in zip(scores, budgets)]
+        width = max(int(c.max()) for c in counts)
+        cache.select(0, [alloc.keep_counts(s, c, forced, width) for s, c in zip(scores, counts)], counts)
+        return KVState(pad=width - kept)

@@ -57,32 +57,51 @@ class Attention(nn.Module):
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
         keys, values = cache.write(layer, k, v, ctx.write_start, ctx.slots, ctx.read_len)
+        holes = cache.hole_mask(layer, ctx.read_len)
         if ctx.kv_hook is not None:
             ctx.kv_hook.observe(layer, q, keys, ctx)
             picked = ctx.kv_hook.select(layer, q, keys, values, ctx)
             if picked is not None:
                 keys, values, ctx = picked
-        out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv)
+                holes = None  # the hook chose the entries (a policy with holes never selects)
+        out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv, holes)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: StepContext, group: int) -> torch.Tensor:
-    """q # [B, T, H, D] over keys/values # [B, Hkv, S, D] -> # [B, T, H, D]."""
+def _attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: StepContext, group: int,
+    holes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q # [B, T, H, D] over keys/values # [B, Hkv, S, D] -> # [B, T, H, D]; ``holes`` # [B, Hkv, S] marks slots a
+    KV head does not hold (per-head KV budgets), which its query heads must not see."""
     B, T, H, D = q.shape
     if T == 1:
         # One query per row: fold each KV head's query group into the query axis, so GQA needs no repeated K/V.
         qg = q.view(B, keys.shape[1], group, D)
         if ctx.row_read is None:
-            return F.scaled_dot_product_attention(qg, keys, values, attn_mask=ctx.mask).view(B, 1, H, D)
+            mask = ctx.mask
+            if holes is not None:
+                mask = ~holes[:, :, None, :] if mask is None else mask & ~holes[:, :, None, :]
+            return F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask).view(B, 1, H, D)
         # Ragged rows: each row reads only its own valid slots instead of the longest row's span under a mask,
         # which for mixed prompt lengths cuts the K/V bytes read several-fold.
         out = [
-            F.scaled_dot_product_attention(qg[b : b + 1], keys[b : b + 1, :, :n], values[b : b + 1, :, :n])
+            F.scaled_dot_product_attention(
+                qg[b : b + 1], keys[b : b + 1, :, :n], values[b : b + 1, :, :n],
+                attn_mask=None if holes is None else ~holes[b : b + 1, :, None, :n],
+            )
             for b, n in enumerate(ctx.row_read)
         ]
         return torch.cat(out).view(B, 1, H, D)
+    mask, causal = ctx.mask, ctx.causal
+    if holes is not None:
+        held = (~holes).repeat_interleave(group, dim=1)[:, :, None, :]  # [B, H, 1, S]
+        if causal:
+            S = keys.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+        mask, causal = held if mask is None else mask & held, False
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=ctx.mask, is_causal=ctx.causal, enable_gqa=group > 1
+        q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, enable_gqa=group > 1
     )
     return out.transpose(1, 2)
 
