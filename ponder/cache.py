@@ -149,15 +149,36 @@ class KVCache:
 
     def ensure(self, max_len: int) -> None:
         """Grow the preallocated sequence axis to at least ``max_len`` slots (doubling), keeping the contents."""
-        if max_len <= self.max_len:
+        if max_len > self.max_len:
+            self._grow(max(max_len, 2 * self.max_len))
+
+    def _grow(self, new: int) -> None:
+        """Make the sequence axis exactly ``new`` slots long (>= the current length), keeping the contents."""
+        if new <= self.max_len:
             return
-        new = max(max_len, 2 * self.max_len)
-        grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], new - t.shape[2], t.shape[3])], dim=2)  # noqa: E731
+        grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], new - t.shape[2], *t.shape[3:])], dim=2)  # noqa: E731
         self.k = [grow(t) for t in self.k]
         self.v = [grow(t) for t in self.v]
         if self.holes is not None:
-            self.holes = [torch.cat([h, h.new_zeros(*h.shape[:2], new - h.shape[2])], dim=2) for h in self.holes]
+            self.holes = [grow(h) for h in self.holes]
         self.max_len = new
+
+    def extend(self, other: "KVCache") -> None:
+        """Append ``other``'s rows after this cache's (continuous batching: rows admitted while others decode).
+        Both grow to the longer sequence axis; the contents are copied once."""
+        n = max(self.max_len, other.max_len)
+        self._grow(n)
+        other._grow(n)
+        if (self.holes is None) != (other.holes is None):
+            for c in (self, other):
+                if c.holes is None:
+                    c.holes = [torch.zeros(t.shape[:3], dtype=torch.bool, device=t.device) for t in c.k]
+        self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
+        self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
+        if self.holes is not None and other.holes is not None:
+            self.holes = [torch.cat([a, b]) for a, b in zip(self.holes, other.holes)]
+        self.lengths = self.lengths + other.lengths
+        self.evicted = self.evicted + other.evicted
 
     def row(self, b: int) -> "KVCache":
         """A one-row cache sharing row b's storage: a forward on it writes into this cache. Its length is its own;

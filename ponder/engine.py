@@ -3,7 +3,11 @@
 Glossary
 - **row**: one sequence in the batch. Rows are ragged (different prompt lengths) and stop independently (EOS,
   stop string, max new tokens, context window); a finished row leaves the batch and its cache row is dropped.
-- **TTFT**: time to first token, from the call to the first sampled token of a row.
+- **TTFT**: time to first token, from a row's admission to its first sampled token.
+- **continuous batching** (``batch_size``): at most ``batch_size`` rows decode together; when one finishes, the next
+  waiting prompt is prefilled and joins the running batch (its cache rows appended), so the batch stays full.
+  With a KV policy, prompts are taken ``batch_size`` at a time instead (each batch cache is sized and compressed
+  for its own rows).
 - **speculative step**: with a ``Speculator``, each step drafts a tree per row, verifies all of them in one target
   forward (``LlamaModel.forward_tree``), keeps each row's accepted path in the cache and commits the accepted
   tokens plus the bonus token. Rows accept different numbers of tokens; greedy output equals plain decoding's.
@@ -15,6 +19,7 @@ Glossary
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -86,6 +91,7 @@ class _Row:
     emitted: int = 0  # characters of completion.text already streamed
     draft_state: Any = None  # the drafter's per-row state (speculative decoding)
     kv_state: "KVState | None" = None  # the KV policy's per-row state
+    start: float = 0.0  # perf_counter() when the row was admitted (its TTFT and seconds count from here)
 
     @property
     def tokens(self) -> list[int]:
@@ -103,6 +109,7 @@ class Engine:
         self.kv = kv
         self.kv_bytes = 0  # bytes of the last call's batch KV cache (the tensors decoding reads and writes)
         self.peak_kv_bytes = 0  # the largest KV cache of the last call, a full prompt's during a compressed prefill
+        self.prefill_seconds = 0.0  # seconds the last call spent prefilling prompts (the rest is decoding)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.context_window = self.model.config.max_position_embeddings
@@ -131,19 +138,28 @@ class Engine:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
 
     # --- output ---------------------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool = False) -> list[Completion]:
-        """Generate for every prompt in one batch; returns completions in prompt order."""
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool = False,
+        batch_size: int | None = None,
+    ) -> list[Completion]:
+        """Generate for every prompt, at most ``batch_size`` rows at a time (default: all in one batch; a finished
+        row's place goes to the next prompt); returns completions in prompt order."""
         done: dict[int, Completion] = {}
-        for event in self.stream(prompts, params, chat):
+        for event in self.stream(prompts, params, chat, batch_size):
             if event.finished:
                 done[event.row] = event.completion
         return [done[i] for i in range(len(done))]
 
-    def stream(self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool = False) -> Iterator[StreamEvent]:
-        """Yield text as it is generated, one event per row per step, batched over all prompts."""
+    def stream(
+        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool = False,
+        batch_size: int | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Yield text as it is generated, one event per row per step, batched over up to ``batch_size`` rows."""
         params = params or SamplingParams()
         if isinstance(prompts, str) or not prompts:
             raise PonderError("prompts must be a non-empty list (wrap a single prompt in a list)")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise PonderError(f"batch_size must be a positive integer, got {batch_size!r}")
         ids = [self.encode(p, chat) for p in prompts]
         for i, p in enumerate(ids):
             if not p:
@@ -153,25 +169,57 @@ class Engine:
                     f"prompt {i} is {len(p)} tokens, longer than the model's context window of "
                     f"{self.context_window} tokens; shorten it"
                 )
+        size = min(batch_size or len(ids), len(ids))
+        self.kv_bytes = self.peak_kv_bytes = 0
+        self.prefill_seconds = 0.0
         with torch.inference_mode():
-            yield from self._run(ids, params) if self.speculator is None else self._run_spec(ids, params)
+            yield from self._run(ids, params, size) if self.speculator is None else self._run_spec(ids, params, size)
 
-    def _run(self, ids: list[list[int]], params: SamplingParams) -> Iterator[StreamEvent]:
-        self.model.pack_for_rows(len(ids))
-        start = time.perf_counter()
+    def _run(self, ids: list[list[int]], params: SamplingParams, size: int) -> Iterator[StreamEvent]:
+        self.model.pack_for_rows(size)
         gens = make_generators(params, len(ids), self.model.device)
-        rows = [_Row(i, Completion(p), g) for i, (p, g) in enumerate(zip(ids, gens))]
-        cache, logits = self._prefill(rows, params.max_new_tokens, 0)
-        while rows:
+        waiting = deque(_Row(i, Completion(p), g) for i, (p, g) in enumerate(zip(ids, gens)))
+        rows: list[_Row] = []
+        cache: KVCache | None = None
+        last: list[int] = []  # each running row's newest token, fed by the next step
+        while rows or waiting:
+            if waiting and (len(rows) < size if self.kv is None else not rows):
+                new, cache, events = self._admit(waiting, size - len(rows), rows, cache, params, 0)
+                yield from events
+                rows += new
+                last += [r.completion.output_ids[-1] for r in new]
+                continue  # rows that finished on their first token leave room for more
+            logits = self._decode_step(rows, cache, last)
             tokens, gaps = self._pick(logits, rows, params)
-            events = [self._commit(r, t, g, params, start) for r, t, g in zip(rows, tokens, gaps)]
+            events = [self._commit(r, t, g, params) for r, t, g in zip(rows, tokens, gaps)]
             yield from events
             alive = [i for i, e in enumerate(events) if not e.finished]
-            if not alive:
-                return
             cache.keep_rows(alive)
-            rows = [rows[i] for i in alive]
-            logits = self._decode_step(rows, cache, [tokens[i] for i in alive])
+            rows, last = [rows[i] for i in alive], [tokens[i] for i in alive]
+
+    def _admit(
+        self, waiting: deque, n: int, rows: list[_Row], cache: KVCache | None, params: SamplingParams, extra: int,
+    ) -> tuple[list[_Row], KVCache, list[StreamEvent]]:
+        """Prefill up to n waiting rows, sample and commit their first tokens, and append those still running to
+        the batch cache; returns (the new running rows, the batch cache, the rows' first events)."""
+        start = time.perf_counter()
+        new = [waiting.popleft() for _ in range(min(n, len(waiting)))]
+        for r in new:
+            r.start = start
+        new_cache, logits = self._prefill(new, params.max_new_tokens, extra)
+        tokens, gaps = self._pick(logits, new, params)
+        events = [self._commit(r, t, g, params) for r, t, g in zip(new, tokens, gaps)]
+        alive = [i for i, e in enumerate(events) if not e.finished]
+        new_cache.keep_rows(alive)
+        new = [new[i] for i in alive]
+        if cache is None or not rows:
+            cache = new_cache
+        elif new:
+            cache.extend(new_cache)
+        self.kv_bytes = max(self.kv_bytes, cache.nbytes())
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
+        self.prefill_seconds += time.perf_counter() - start
+        return new, cache, events
 
     def _decode_step(self, rows: list[_Row], cache: KVCache, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row (through the KV policy's hooks); the next logits # [B, V]."""
@@ -191,6 +239,7 @@ class Engine:
         with torch.inference_mode():
             self.model.pack_for_rows(1)
             rows = [_Row(0, Completion(list(prompt)), None)]
+            self.kv_bytes = self.peak_kv_bytes = 0
             cache, logits = self._prefill(rows, len(continuation), 0)
             out = []
             for i, tok in enumerate(continuation):
@@ -220,7 +269,8 @@ class Engine:
                 row = cache.row(b)
                 last.append(self.model(torch.tensor([p], device=dev), row, last_only=True)[:, -1])
                 cache.set_length(b, row.lengths[0])
-            self.kv_bytes = self.peak_kv_bytes = cache.nbytes()
+            self.kv_bytes = max(self.kv_bytes, cache.nbytes())
+            self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
             return cache, torch.cat(last)
         last, rows_kv, held, peak = [], [], 0, 0
         for r, p in zip(rows, ids):
@@ -236,20 +286,20 @@ class Engine:
         cache = self.kv.new_cache(self.model, len(ids), slots, extra)
         for b, row_kv in enumerate(rows_kv):
             cache.copy_row(b, row_kv)
-        self.kv_bytes = cache.nbytes()
-        self.peak_kv_bytes = max(peak, held + cache.nbytes())
+        self.kv_bytes = max(self.kv_bytes, cache.nbytes())
+        self.peak_kv_bytes = max(self.peak_kv_bytes, peak, held + cache.nbytes())
         return cache, torch.cat(last)
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> tuple[list[int], list[float]]:
         tokens = sample(logits, params, [r.generator for r in rows])
         return tokens.tolist(), top2_gap(logits).tolist()
 
-    def _commit(self, row: _Row, token: int, gap: float, params: SamplingParams, start: float) -> StreamEvent:
+    def _commit(self, row: _Row, token: int, gap: float, params: SamplingParams) -> StreamEvent:
         """Append one token to a row, detokenize, and decide whether the row is finished."""
         c = row.completion
         cached = len(c.prompt_ids) + len(c.output_ids)  # tokens in the row's cache before this one is fed
         if not c.output_ids:
-            c.ttft_s = time.perf_counter() - start
+            c.ttft_s = time.perf_counter() - row.start
         c.output_ids.append(token)
         c.top2_gaps.append(gap)
         c.text = self.tokenizer.decode(c.output_ids, skip_special_tokens=True)
@@ -263,32 +313,33 @@ class Engine:
         end = len(c.text) if finished else _safe_end(c.text, params.stop)
         delta, row.emitted = c.text[row.emitted : end], max(row.emitted, end)
         if finished:
-            c.seconds = time.perf_counter() - start
+            c.seconds = time.perf_counter() - row.start
         return StreamEvent(row.index, delta, [token], finished, c)
 
 
     # --- speculative decoding -------------------------------------------------------------------------------------
-    def _run_spec(self, ids: list[list[int]], params: SamplingParams) -> Iterator[StreamEvent]:
+    def _run_spec(self, ids: list[list[int]], params: SamplingParams, size: int) -> Iterator[StreamEvent]:
         spec = self.speculator
-        spec.prepare(self.model, len(ids))  # once per batch size: packs weights, measures the verify-cost curve
-        start = time.perf_counter()
+        spec.prepare(self.model, size)  # once per batch size: packs weights, measures the verify-cost curve
         gens = make_generators(params, len(ids), self.model.device)
-        rows = [_Row(i, Completion(p, spec=SpecCounts()), g) for i, (p, g) in enumerate(zip(ids, gens))]
-        cache, logits = self._prefill(rows, params.max_new_tokens, spec.max_nodes + 2)
-        tokens, gaps = self._pick(logits, rows, params)
-        events = [self._commit(r, t, g, params, start) for r, t, g in zip(rows, tokens, gaps)]
-        for r in rows:
-            r.draft_state = spec.drafter.new_state(r.completion.prompt_ids)
-        while True:
+        waiting = deque(_Row(i, Completion(p, spec=SpecCounts()), g) for i, (p, g) in enumerate(zip(ids, gens)))
+        rows: list[_Row] = []
+        cache: KVCache | None = None
+        while rows or waiting:
+            if waiting and (len(rows) < size if self.kv is None else not rows):
+                new, cache, events = self._admit(waiting, size - len(rows), rows, cache, params, spec.max_nodes + 2)
+                for r in new:
+                    r.draft_state = spec.drafter.new_state(r.completion.prompt_ids)
+                yield from events
+                rows += new
+                continue
+            events = self._spec_step(rows, cache, params)
             yield from events
             alive = [i for i, e in enumerate(events) if not e.finished]
-            if not alive:
-                return
             cache.keep_rows(alive)
             rows = [rows[i] for i in alive]
-            events = self._spec_step(rows, cache, params, start)
 
-    def _spec_step(self, rows: list[_Row], cache: KVCache, params: SamplingParams, start: float) -> list[StreamEvent]:
+    def _spec_step(self, rows: list[_Row], cache: KVCache, params: SamplingParams) -> list[StreamEvent]:
         """Draft -> verify -> accept -> compact -> observe -> commit, for every row at once."""
         from ponder.speculate import DraftBatch, DraftRow
 
@@ -319,7 +370,7 @@ class Engine:
         events = []
         for row, tree, res in zip(rows, trees, results):
             row.completion.spec.add(max(tree.depths(), default=0), len(tree), len(res.path), t1 - t0, t2 - t1)
-            events.append(self._commit_many(row, res.committed, res.gaps, params, start))
+            events.append(self._commit_many(row, res.committed, res.gaps, params))
         return events
 
     def _verify(
@@ -373,12 +424,12 @@ class Engine:
         return results
 
     def _commit_many(
-        self, row: _Row, tokens: list[int], gaps: list[float], params: SamplingParams, start: float
+        self, row: _Row, tokens: list[int], gaps: list[float], params: SamplingParams
     ) -> StreamEvent:
         """Commit a verify step's tokens in order, stopping where the row finishes; one event for all of them."""
         text, taken = "", []
         for tok, gap in zip(tokens, gaps):
-            event = self._commit(row, tok, gap, params, start)
+            event = self._commit(row, tok, gap, params)
             text += event.text
             taken.append(tok)
             if event.finished:

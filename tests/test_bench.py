@@ -108,6 +108,9 @@ def test_full_run_writes_the_documented_schema(tiny_dir: Path, tmp_path: Path) -
     keys = {"id", "category", "method", "new_tokens", "seconds", "tokens_per_s", "ttft_s", "exact_match",
             "output_ids", "near_tie", "near_tie_gap"}
     assert all(keys <= set(p) for p in r["prompts"])
+    # batch 3 over 3 first turns + 1 second turn: continuous batching; each prompt's seconds are its own, within
+    # its method's wall time, and start no earlier than its first token
+    assert all(0 < p["ttft_s"] <= p["seconds"] <= r["methods"][p["method"]]["seconds"] + 1e-6 for p in r["prompts"])
     assert set(r["categories"]) == {"qa", "rag"}
     assert "| hf |" in (out / "report.md").read_text()
     assert (out / "speed.png").read_bytes()[:4] == b"\x89PNG"

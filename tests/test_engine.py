@@ -117,3 +117,60 @@ def test_cache_rollback_and_rows() -> None:
     assert (cache.k[1][1] == 2.0).all()
     with pytest.raises(ValueError):
         cache.set_length(0, 9)
+
+
+# --- continuous batching ---------------------------------------------------------------------------------------------
+RAGGED = [[5, 6, 7, 8, 9, 5, 6, 7], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [11, 12, 11, 12, 40], [20, 21, 22, 23, 24, 25],
+          [7, 7, 8, 8, 9, 9, 10, 10, 11], [30, 31, 32]]
+
+
+def _staggered(eng: Engine, params: SamplingParams) -> int:
+    """Pick as EOS a token the rows emit at different steps, so they finish (and are replaced) at different times."""
+    alone = [eng.generate([p], params)[0].output_ids for p in RAGGED]
+    firsts: dict[int, set[int]] = {}
+    for out in alone:
+        for i, t in enumerate(out):
+            firsts.setdefault(t, set()).add(out.index(t))
+    return max(firsts, key=lambda t: (len(firsts[t]), -min(firsts[t])))
+
+
+@pytest.mark.parametrize("speculate", [None, "pld+recycling:adaptive=false:min_prob=0", "early-exit:layer=1"])
+def test_continuous_batching_equals_one_prompt_at_a_time(tiny, speculate) -> None:
+    from ponder.speculate import make_speculator
+
+    params = SamplingParams(max_new_tokens=20)
+    eng = Engine(tiny, make_speculator(speculate, tiny) if speculate else None)
+    eng.eos_ids = {_staggered(Engine(tiny), params)}
+    alone = [eng.generate([p], params)[0] for p in RAGGED]
+    assert len({len(c.output_ids) for c in alone}) >= 3  # rows really finish at different steps
+    for size in (1, 2, 4, None):
+        done = eng.generate(RAGGED, params, batch_size=size)
+        assert [c.output_ids for c in done] == [c.output_ids for c in alone], size
+        assert [c.finish_reason for c in done] == [c.finish_reason for c in alone]
+        assert all(0 < c.ttft_s <= c.seconds for c in done)
+    assert eng.prefill_seconds > 0
+
+
+def test_continuous_batching_with_a_kv_policy_runs_batch_by_batch(tiny) -> None:
+    from ponder.kv import make_policy
+
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    eng = Engine(tiny, kv=make_policy("snapkv:ratio=0.5:window=2:kernel=3"))
+    alone = [eng.generate([p], params)[0].output_ids for p in RAGGED]
+    assert [c.output_ids for c in eng.generate(RAGGED, params, batch_size=4)] == alone
+
+
+def test_batch_size_must_be_positive(engine: Engine) -> None:
+    for bad in (0, -1, 1.5):
+        with pytest.raises(PonderError, match="batch_size"):
+            engine.generate(["hi"], batch_size=bad)
+
+
+def test_cache_extend_appends_rows() -> None:
+    a, b = KVCache(2, 2, 1, 8, 4), KVCache(2, 1, 1, 12, 4)
+    a.k[0][:, :, :3] = 1.0
+    b.k[0][:, :, :5] = 2.0
+    a.lengths, b.lengths, b.evicted = [3, 2], [5], [4]
+    a.extend(b)
+    assert a.batch == 3 and a.max_len == 12 and a.lengths == [3, 2, 5] and a.evicted == [0, 0, 4]
+    assert a.k[0].shape == (3, 1, 12, 4) and float(a.k[0][2, 0, 4, 0]) == 2.0 and float(a.k[0][0, 0, 2, 0]) == 1.0

@@ -132,7 +132,7 @@ def parse_methods(text: str) -> list[MethodSpec]:
 @dataclass
 class Output:
     ids: list[int]
-    seconds: float
+    seconds: float  # this prompt's: from its admission (or the call) to its last token
     ttft_s: float
     top2_gaps: list[float] = field(default_factory=list)
     spec: Any = None  # engine.SpecCounts for speculative methods
@@ -140,6 +140,7 @@ class Output:
     kv_bytes: int = 0  # bytes of the batch KV cache decoding used (ponder methods)
     kv_peak_bytes: int = 0  # the largest KV cache held, a full prompt's during a compressed prefill included
     logprobs: list[float] | None = None  # perplexity suites: the scored tokens' log-probabilities
+    prefill_s: float | None = None  # seconds the call spent prefilling (ponder methods; the rest was decoding)
 
 
 def llamacpp_available() -> bool:
@@ -179,15 +180,23 @@ class PonderRunner:
         return Output([], time.perf_counter() - start, 0.0, kv_bytes=self.engine.kv_bytes,
                       kv_peak_bytes=self.engine.peak_kv_bytes, logprobs=logprobs)
 
-    def run(self, batch: list[list[int]], max_new: int) -> list[Output]:
+    def run(self, batch: list[list[int]], max_new: int, batch_size: int | None = None,
+            progress: Callable[[int], Any] | None = None) -> list[Output]:
+        """Generate for every prompt, ``batch_size`` rows at a time with continuous batching (default: one batch);
+        ``progress(1)`` as each row finishes."""
         from ponder.sampling import SamplingParams
 
-        start = time.perf_counter()
         params = SamplingParams(max_new_tokens=max_new, ignore_eos=getattr(self, "ignore_eos", False))
-        done = self.engine.generate(batch, params)
-        seconds = time.perf_counter() - start
-        kv, peak = self.engine.kv_bytes, self.engine.peak_kv_bytes
-        return [Output(c.output_ids, seconds, c.ttft_s, c.top2_gaps, c.spec, c.text, kv, peak) for c in done]
+        done: dict[int, Any] = {}
+        for event in self.engine.stream(batch, params, batch_size=batch_size):
+            if event.finished:
+                done[event.row] = event.completion
+                if progress is not None:
+                    progress(1)
+        kv, peak, prefill = self.engine.kv_bytes, self.engine.peak_kv_bytes, self.engine.prefill_seconds
+        # each row's own seconds: from its admission to its last token
+        return [Output(c.output_ids, c.seconds, c.ttft_s, c.top2_gaps, c.spec, c.text, kv, peak, prefill_s=prefill)
+                for c in (done[i] for i in range(len(batch)))]
 
     def top1_agreement(self, prompt: list[int], reference: list[int]) -> tuple[int, int]:
         """(agreeing, total) argmax predictions of the reference continuation, teacher-forced in one forward."""

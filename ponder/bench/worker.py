@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from typing import Any
 
 import torch
@@ -32,19 +33,26 @@ def run_method(
     shares: dict[str, float] = {}
     wall, top1, decode = 0.0, [0, 0], [0.0, 0]  # decode: [seconds after the batch's last first token, tokens]
     bar = tqdm(total=len(cases), desc=f"{spec.text:>16}", unit="prompt", file=sys.stderr, leave=True)
-    for i in range(0, len(cases), size):
-        group = cases[i : i + size]
-        if "continuation" in group[0].meta:  # perplexity: score, one case at a time
+    perplexity = "continuation" in cases[0].meta
+    # ponder decodes with continuous batching (a finished row's place goes to the next prompt) in one call; KV
+    # policies and the peers take the prompts `size` at a time
+    continuous = spec.is_ponder and spec.kv is None and not perplexity
+    for i in range(0, len(cases), len(cases) if continuous else size):
+        group = cases[i : len(cases) if continuous else i + size]
+        start = time.perf_counter()
+        if perplexity:  # score, one case at a time
             outs = [runner.score(c.prompt_ids, c.meta["continuation"]) for c in group]
-            outs[0].seconds = sum(o.seconds for o in outs)
+        elif continuous:
+            outs = runner.run([c.prompt_ids for c in group], max_new, size, bar.update)
         else:
             outs = runner.run([c.prompt_ids for c in group], max_new)
-        wall += outs[0].seconds
-        if outs[0].logprobs is None:
-            decode = [decode[0] + outs[0].seconds - max(o.ttft_s for o in outs),
-                      decode[1] + sum(max(0, len(o.ids) - 1) for o in outs)]
-        else:  # perplexity: teacher-forced decode steps, prefill included
-            decode = [decode[0] + outs[0].seconds, decode[1] + sum(len(o.logprobs) for o in outs)]
+        seconds = time.perf_counter() - start
+        wall += seconds
+        if outs[0].logprobs is not None:  # perplexity: teacher-forced decode steps, prefill included
+            decode = [decode[0] + seconds, decode[1] + sum(len(o.logprobs) for o in outs)]
+        else:  # the seconds not spent prefilling (peers: after the batch's last first token), tokens after the first
+            prefill = outs[0].prefill_s if outs[0].prefill_s is not None else max(o.ttft_s for o in outs)
+            decode = [decode[0] + seconds - prefill, decode[1] + sum(max(0, len(o.ids) - 1) for o in outs)]
         tokens = sum(len(o.ids) for o in outs) or 1
         for case, out in zip(group, outs):
             key = f"{case.id}/{case.turn}"
@@ -52,11 +60,12 @@ def run_method(
             if ref is None:
                 rec["_gaps"] = out.top2_gaps
             prompts.append(rec)
-            shares[key] = out.seconds * len(out.ids) / tokens
+            shares[key] = seconds * len(out.ids) / tokens  # the call's time, split by tokens
             if ref is not None and spec.is_ponder and spec.dtype != "fp32":
                 agree, total = runner.top1_agreement(case.prompt_ids, ref[key].ids)
                 top1 = [top1[0] + agree, top1[1] + total]
-        bar.update(len(group))
+        if not continuous:
+            bar.update(len(group))
     bar.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"prompts": prompts, "wall_seconds": wall, "shares": shares, "peak_rss_mb": peak_mb, "top1": top1,

@@ -185,6 +185,9 @@ class QuantKVCache(KVCache):
     def row(self, b: int) -> KVCache:
         raise ValueError("a quantized KV cache is filled with copy_row, not through a row view")
 
+    def extend(self, other: KVCache) -> None:
+        raise ValueError("a quantized KV cache does not admit rows while decoding (KV policies run batch by batch)")
+
     def ensure(self, max_len: int) -> None:
         if max_len > self.max_len:
             raise ValueError(f"quantized KV cache of {self.max_len} slots cannot grow to {max_len}")
