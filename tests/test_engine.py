@@ -134,12 +134,13 @@ def _staggered(eng: Engine, params: SamplingParams) -> int:
     return max(firsts, key=lambda t: (len(firsts[t]), -min(firsts[t])))
 
 
-@pytest.mark.parametrize("speculate", [None, "pld+recycling:adaptive=false:min_prob=0", "early-exit:layer=1"])
-def test_continuous_batching_equals_one_prompt_at_a_time(tiny, speculate) -> None:
+@pytest.mark.parametrize("speculate", [None, "pld+recycling:adaptive=false:min_prob=0", "early-exit:layer=1",
+                                       "draft:{tiny_dir}:adaptive=false"])
+def test_continuous_batching_equals_one_prompt_at_a_time(tiny, tiny_dir, speculate) -> None:
     from ponder.speculate import make_speculator
 
     params = SamplingParams(max_new_tokens=20)
-    eng = Engine(tiny, make_speculator(speculate, tiny) if speculate else None)
+    eng = Engine(tiny, make_speculator(speculate.format(tiny_dir=tiny_dir), tiny) if speculate else None)
     eng.eos_ids = {_staggered(Engine(tiny), params)}
     alone = [eng.generate([p], params)[0] for p in RAGGED]
     assert len({len(c.output_ids) for c in alone}) >= 3  # rows really finish at different steps
