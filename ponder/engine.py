@@ -272,22 +272,32 @@ class Engine:
             self.kv_bytes = max(self.kv_bytes, cache.nbytes())
             self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
             return cache, torch.cat(last)
-        last, rows_kv, held, peak = [], [], 0, 0
-        for r, p in zip(rows, ids):
+        # uneven per-layer/per-head budgets pad a row's storage by an amount known only after scoring it
+        # (state.pad): then the compressed rows are held until the batch cache can be sized to them
+        def size(pads: list[int]) -> int:
+            return max(min(self.kv.slots(len(p), max_new) + pad, self.context_window) for p, pad in zip(ids, pads))
+
+        cache = None if self.kv.pads else self.kv.new_cache(self.model, len(ids), size([0] * len(ids)), extra)
+        last, held_rows, held, peak = [], [], 0, 0
+        for b, (r, p) in enumerate(zip(rows, ids)):
             full = self.model.new_cache(1, len(p))  # the full prompt's cache exists only while this row is prefilled
             hook = self.kv.prefill_hook(len(full.k), len(p))
             last.append(self.model(torch.tensor([p], device=dev), full, last_only=True, kv_hook=hook)[:, -1])
             r.kv_state = self.kv.compress(full, hook)
-            rows_kv.append(full.trimmed())  # compressed rows are held until the batch cache can be sized to them
-            held += rows_kv[-1].nbytes()
-            peak = max(peak, full.nbytes() + held)
-        # a row's storage may exceed its budget by the holes of uneven per-layer/per-head budgets (state.pad)
-        slots = max(min(self.kv.slots(len(p), max_new) + r.kv_state.pad, self.context_window) for r, p in zip(rows, ids))
-        cache = self.kv.new_cache(self.model, len(ids), slots, extra)
-        for b, row_kv in enumerate(rows_kv):
-            cache.copy_row(b, row_kv)
+            if cache is not None:
+                cache.copy_row(b, full)
+                peak = max(peak, full.nbytes() + cache.nbytes())
+            else:
+                held_rows.append(full.trimmed())
+                held += held_rows[-1].nbytes()
+                peak = max(peak, full.nbytes() + held)
+        if cache is None:
+            cache = self.kv.new_cache(self.model, len(ids), size([r.kv_state.pad for r in rows]), extra)
+            for b, row_kv in enumerate(held_rows):
+                cache.copy_row(b, row_kv)
+            peak = max(peak, held + cache.nbytes())
         self.kv_bytes = max(self.kv_bytes, cache.nbytes())
-        self.peak_kv_bytes = max(self.peak_kv_bytes, peak, held + cache.nbytes())
+        self.peak_kv_bytes = max(self.peak_kv_bytes, peak)
         return cache, torch.cat(last)
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> tuple[list[int], list[float]]:

@@ -90,6 +90,7 @@ class KVPolicy:
     evicts_in_decode = False
     observes_decode = False  # its decode hook must see every layer (a drafter's hidden states are not reused)
     speculates = True  # composes with speculative decoding (False: the engine refuses the combination)
+    pads = False  # rows may keep more slots than the budget (uneven per-layer/per-head budgets: KVState.pad)
 
     def __init__(self, options: KVOptions) -> None:
         self.o = options  # each policy narrows the type to its own options dataclass

@@ -63,6 +63,10 @@ class SnapKV(KVPolicy):
 
     o: SnapKVOptions
 
+    @property
+    def pads(self) -> bool:  # type: ignore[override]
+        return self.o.alloc != "uniform"
+
     def prefill_hook(self, n_layers: int, n: int) -> KVHook | None:
         return WindowVotes(self.o.window, self.o.gqa)
 
