@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     gen.add_argument("--no-stream", action="store_true", help="print the text only when done")
+    gen.add_argument("--batch-size", type=int, default=None, metavar="N",
+                     help="decode at most N prompts together; a finished one's place goes to the next (default: all)")
     gen.add_argument("--speculate", metavar="SPEC", default=None,
                      help="lossless speculative decoding: pld, lookahead, recycling, early-exit, draft:MODEL, or a "
                           "combination such as pld+recycling, with options (recycling:k=8)")
@@ -116,13 +118,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise PonderError(f"--batch-size must be >= 1, got {args.batch_size}")
     loaded = ponder.load(args.model, args.dtype)
     speculator = None
     if args.speculate:
         from ponder.speculate import make_speculator
 
         speculator = make_speculator(args.speculate, loaded)
-        speculator.prepare(loaded.model, len(args.prompt))  # one-time set-up, kept out of the timing below
+        # one-time set-up, kept out of the timing below
+        speculator.prepare(loaded.model, min(args.batch_size or len(args.prompt), len(args.prompt)))
     engine = Engine(loaded, speculator, _kv_policy(args))
     prompts = [_as_prompt(p, args) for p in args.prompt]
     chat = not args.raw
@@ -133,7 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(prompts) == 1 and not args.no_stream:
         completions = _stream_one(engine, prompts[0], params, chat)
     else:
-        completions = engine.generate(prompts, params, chat=chat)
+        completions = engine.generate(prompts, params, chat=chat, batch_size=args.batch_size)
         for i, c in enumerate(completions):
             header = f"--- [{i}] " if len(completions) > 1 else ""
             print(f"{header}{c.text}" if not header else f"{header}\n{c.text}")

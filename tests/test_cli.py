@@ -33,6 +33,13 @@ def test_generate_streams_text_and_reports_speed(capsys, tiny_dir: Path) -> None
     assert "6 tokens" in err and "tokens/s" in err
 
 
+def test_generate_batch_size_gives_the_same_text(capsys, tiny_dir: Path) -> None:
+    args = ("generate", "a b c", "one two", "x", "--model", str(tiny_dir), "--raw", "--max-new-tokens", "6")
+    _, whole, _ = run_cli(capsys, *args)
+    code, two, _ = run_cli(capsys, *args, "--batch-size", "2")
+    assert code == 0 and whole.split("\n")[:-2] == two.split("\n")[:-2] and "--- [2]" in two
+
+
 def test_generate_batch_prints_every_prompt(capsys, tiny_dir: Path) -> None:
     code, out, _ = run_cli(capsys, "generate", "the sea", "a red car", "--model", str(tiny_dir),
                            "--max-new-tokens", "3", "--ignore-eos")
@@ -95,7 +102,8 @@ def test_prompt_longer_than_context(capsys, tiny_dir: Path) -> None:
 @pytest.mark.parametrize(
     "flag, value, needle",
     [("--temperature", "-1", "temperature"), ("--top-p", "0", "top_p"), ("--top-p", "1.5", "top_p"),
-     ("--top-k", "-2", "top_k"), ("--max-new-tokens", "0", "max_new_tokens"), ("--seed", "-3", "seed")],
+     ("--top-k", "-2", "top_k"), ("--max-new-tokens", "0", "max_new_tokens"), ("--seed", "-3", "seed"),
+     ("--batch-size", "0", "batch-size")],
 )
 def test_invalid_sampling_parameters(capsys, tiny_dir: Path, flag: str, value: str, needle: str) -> None:
     code, _, err = run_cli(capsys, "generate", "hi", "--model", str(tiny_dir), flag, value)
