@@ -107,8 +107,8 @@ class Engine:
                               "speculative decoding; use streaming, h2o or snapkv with --speculate")
         self.speculator = speculator
         self.kv = kv
-        self.kv_bytes = 0  # bytes of the last call's batch KV cache (the tensors decoding reads and writes)
-        self.peak_kv_bytes = 0  # the largest KV cache of the last call, a full prompt's during a compressed prefill
+        self.kv_bytes = 0  # bytes of the last call's largest batch KV cache (the tensors decoding reads and writes)
+        self.peak_kv_bytes = 0  # the most KV bytes the last call held at once (a compressed prefill's full row too)
         self.prefill_seconds = 0.0  # seconds the last call spent prefilling prompts (the rest is decoding)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
