@@ -70,8 +70,7 @@ class KVCache:
                 gathered = t[row].gather(1, idx[:, :, None].expand(-1, -1, t.shape[3]))  # [Hkv, n, D]
                 t[row, :, :n] = gathered
         if counts is not None and any(bool((c < n).any()) for c in counts):
-            if self.holes is None:
-                self.holes = [torch.zeros(t.shape[:3], dtype=torch.bool, device=t.device) for t in self.k]
+            self._ensure_holes()
             slot = torch.arange(self.max_len, device=self.k[0].device)
             for hole, c in zip(self.holes, counts):
                 hole[row] = (slot[None, :] >= c.to(slot.device)[:, None]) & (slot[None, :] < n)
@@ -80,6 +79,11 @@ class KVCache:
                 hole[row] = False
         self.evicted[row] += self.lengths[row] - n
         self.lengths[row] = n
+
+    def _ensure_holes(self) -> None:
+        """Allocate the (empty) hole masks the first time a row needs them."""
+        if self.holes is None:
+            self.holes = [torch.zeros(t.shape[:3], dtype=torch.bool, device=t.device) for t in self.k]
 
     def hole_mask(self, layer: int, read_len: int) -> torch.Tensor | None:
         """# [B, Hkv, read_len] bool, True where a KV head holds no entry (None: the cache has no holes)."""
@@ -102,8 +106,8 @@ class KVCache:
             raise ValueError(f"row of {n} slots does not fit a cache of {self.max_len}")
         for dst, s in zip(self.k + self.v, src.k + src.v):
             dst[b, :, :n] = s[src_row, :, :n]
-        if src.holes is not None and self.holes is None:
-            self.holes = [torch.zeros(t.shape[:3], dtype=torch.bool, device=t.device) for t in self.k]
+        if src.holes is not None:
+            self._ensure_holes()
         for layer, hole in enumerate(self.holes or []):
             hole[b] = False
             if src.holes is not None:
@@ -169,13 +173,12 @@ class KVCache:
         n = max(self.max_len, other.max_len)
         self._grow(n)
         other._grow(n)
-        if (self.holes is None) != (other.holes is None):
-            for c in (self, other):
-                if c.holes is None:
-                    c.holes = [torch.zeros(t.shape[:3], dtype=torch.bool, device=t.device) for t in c.k]
+        if self.holes is not None or other.holes is not None:
+            self._ensure_holes()
+            other._ensure_holes()
         self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
         self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
-        if self.holes is not None and other.holes is not None:
+        if self.holes is not None:
             self.holes = [torch.cat([a, b]) for a, b in zip(self.holes, other.holes)]
         self.lengths = self.lengths + other.lengths
         self.evicted = self.evicted + other.evicted

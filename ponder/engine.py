@@ -183,7 +183,7 @@ class Engine:
         cache: KVCache | None = None
         last: list[int] = []  # each running row's newest token, fed by the next step
         while rows or waiting:
-            if waiting and (len(rows) < size if self.kv is None else not rows):
+            if waiting and self._has_room(rows, size):
                 new, cache, events = self._admit(waiting, size - len(rows), rows, cache, params, 0)
                 yield from events
                 rows += new
@@ -196,6 +196,11 @@ class Engine:
             alive = [i for i, e in enumerate(events) if not e.finished]
             cache.keep_rows(alive)
             rows, last = [rows[i] for i in alive], [tokens[i] for i in alive]
+
+    def _has_room(self, rows: list[_Row], size: int) -> bool:
+        """Whether waiting prompts may join now: continuous batching refills up to ``size`` rows; with a KV policy
+        the next ``size`` prompts start once the running batch is done (its cache is sized for its own rows)."""
+        return len(rows) < size if self.kv is None else not rows
 
     def _admit(
         self, waiting: deque, n: int, rows: list[_Row], cache: KVCache | None, params: SamplingParams, extra: int,
@@ -336,7 +341,7 @@ class Engine:
         rows: list[_Row] = []
         cache: KVCache | None = None
         while rows or waiting:
-            if waiting and (len(rows) < size if self.kv is None else not rows):
+            if waiting and self._has_room(rows, size):
                 new, cache, events = self._admit(waiting, size - len(rows), rows, cache, params, spec.max_nodes + 2)
                 for r in new:
                     r.draft_state = spec.drafter.new_state(r.completion.prompt_ids)

@@ -107,7 +107,6 @@ def aggregate(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, A
     if any("kv_bytes" in r for r in records):
         extra["kv_bytes"] = max(r.get("kv_bytes", 0) for r in records)
         extra["kv_peak_bytes"] = max(r.get("kv_peak_bytes", 0) for r in records)
-
     return extra | _spec_aggregate(records, tokens) | {
         "tokens_per_s": tokens / wall_seconds if wall_seconds > 0 else 0.0,
         "exact_match": mean(r["exact_match"] for r in records),

@@ -53,7 +53,7 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
             "verify_cost_ms": res.get("verify_cost_ms", {}),
         } | ({"drafter": res["drafter"]} if res.get("drafter") else {})
         seconds, tokens = res.get("decode", (0.0, 0))
-        if seconds > 0:  # decode tokens / seconds after each batch's last first token (worker.run_method)
+        if seconds > 0:  # tokens after each row's first / seconds decoding (worker.run_method)
             methods[spec]["decode_tokens_per_s"] = tokens / seconds
         for cat, figures in by_category(recs, res["shares"]).items():
             categories.setdefault(cat, {})[spec] = figures

@@ -31,7 +31,7 @@ def run_method(
         runner.run([cases[0].prompt_ids], min(8, max_new))
     prompts: list[dict[str, Any]] = []
     shares: dict[str, float] = {}
-    wall, top1, decode = 0.0, [0, 0], [0.0, 0]  # decode: [seconds after the batch's last first token, tokens]
+    wall, top1, decode = 0.0, [0, 0], [0.0, 0]  # decode: [seconds decoding, tokens after each row's first]
     bar = tqdm(total=len(cases), desc=f"{spec.text:>16}", unit="prompt", file=sys.stderr, leave=True)
     perplexity = "continuation" in cases[0].meta
     # ponder decodes with continuous batching (a finished row's place goes to the next prompt) in one call; KV
