@@ -48,6 +48,11 @@ class KVCache:
     def batch(self) -> int:
         return len(self.lengths)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What attention reads (K/V are stored, or dequantized, in this dtype)."""
+        return self.k[0].dtype
+
     def nbytes(self) -> int:
         """Bytes held by the preallocated tensors (hole masks included)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v + (self.holes or []))

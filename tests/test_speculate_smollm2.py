@@ -26,3 +26,28 @@ def test_smollm2_speculation_is_lossless(smollm2, reference, spec: str) -> None:
     eng, params = Engine(smollm2, make_speculator(spec, smollm2)), SamplingParams(max_new_tokens=40)
     assert [eng.generate([p], params)[0].output_ids for p in PROMPTS] == reference[1]
     assert [c.output_ids for c in eng.generate(PROMPTS, params)] == reference[3]
+
+
+@pytest.fixture(scope="module")
+def smollm2_int8():
+    import ponder
+
+    return ponder.load(dtype="int8")
+
+
+INT8_PROMPTS = PROMPTS + [
+    [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle. "
+                                 "Use vivid details and end with a surprise."}],
+]
+
+
+def test_int8_speculation_is_lossless(smollm2_int8) -> None:
+    """int8 weights run their activations in bf16, whose rounding turns the last-bit differences between a 1-token
+    decode step and a many-token verify forward into different tokens, unless attention is batch-invariant (float64,
+    ``LlamaModel.attention_dtype``). Without it, these prompts diverge within 64 tokens."""
+    params = SamplingParams(max_new_tokens=64)
+    plain = Engine(smollm2_int8)
+    reference = [plain.generate([p], params)[0].output_ids for p in INT8_PROMPTS]
+    eng = Engine(smollm2_int8, make_speculator("pld+recycling", smollm2_int8))
+    assert [eng.generate([p], params)[0].output_ids for p in INT8_PROMPTS] == reference
+    assert [c.output_ids for c in eng.generate(INT8_PROMPTS, params, batch_size=3)] == reference

@@ -63,7 +63,7 @@ class QuantKVCache(KVCache):
                  device: torch.device | str, o: QuantOptions, extra: int) -> None:
         if o.bits == 4 and head_dim % 2:
             raise ValueError("int4 KV needs an even head dimension")
-        self.o, self.head_dim, self.dtype = o, head_dim, dtype
+        self.o, self.head_dim = o, head_dim  # self.dtype: the residual's (KVCache.dtype)
         self.max_len = -(-max_len // o.group) * o.group
         self.width = o.residual + o.group + extra + 1  # residual slots: the window, a group to flush, a step's writes
         d = head_dim // 2 if o.bits == 4 else head_dim
@@ -207,7 +207,7 @@ class Quant(KVPolicy):
     def new_cache(self, model: torch.nn.Module, batch: int, slots: int, extra: int) -> KVCache:
         cfg = model.config
         return QuantKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, slots + extra, cfg.head_dim,
-                            model.dtype, model.device, self.o, extra)
+                            model.kv_dtype, model.device, self.o, extra)
 
     def compress(self, cache: KVCache, hook: KVHook | None) -> KVState:
         return KVState()

@@ -56,7 +56,9 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], ctx.cos, ctx.sin)
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
-        keys, values = cache.write(layer, k, v, ctx.write_start, ctx.slots, ctx.read_len)
+        # the cache's dtype is the attention's (``LlamaModel.attention_dtype``): K/V, queries and scores use it
+        keys, values = cache.write(layer, k.to(cache.dtype), v.to(cache.dtype), ctx.write_start, ctx.slots, ctx.read_len)
+        q = q.to(keys.dtype)
         holes = cache.hole_mask(layer, ctx.read_len)
         if ctx.kv_hook is not None:
             ctx.kv_hook.observe(layer, q, keys, ctx)
@@ -64,7 +66,7 @@ class Attention(nn.Module):
             if picked is not None:
                 keys, values, ctx = picked
                 holes = None  # the hook chose the entries (a policy with holes never selects)
-        out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv, holes)
+        out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv, holes).to(x.dtype)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -145,10 +147,20 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), False)
         self._cos = self._sin = torch.empty(0)
+        # None: attention (and the KV cache) run in the model's dtype. float64 makes a token's attention output the
+        # same, after rounding to the model's dtype, whether it is computed alone (decode) or among other queries
+        # (a verify forward, whose kernels sum in another order): int8 mode needs that to stay lossless under
+        # speculation (see ``quant.py``)
+        self.attention_dtype: torch.dtype | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache's and attention's dtype."""
+        return self.attention_dtype or self.dtype
 
     @property
     def device(self) -> torch.device:
@@ -157,7 +169,7 @@ class LlamaModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         cfg = self.config
         return KVCache(
-            cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, self.dtype, self.device
+            cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, self.kv_dtype, self.device
         )
 
     def pack_for_rows(self, *sizes: int) -> None:
