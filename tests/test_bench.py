@@ -156,3 +156,14 @@ def test_user_mistakes_fail_before_any_work(tiny_dir: Path, tmp_path: Path) -> N
         bench.run(_args(model=tiny_dir, limit=0, out=tmp_path))
     with pytest.raises(PonderError, match="context window"):
         bench.run(_args(model=tiny_dir, max_new_tokens=5000, out=tmp_path))
+
+
+def test_a_calls_seconds_are_shared_by_row_lifetimes_or_tokens() -> None:
+    """Per-category speed needs each prompt's share of a call's time: in one continuous-batching call a row that
+    finishes sooner costs less (by its own seconds), whatever its token count; a peer's batch splits by tokens."""
+    from ponder.bench.methods import Output
+    from ponder.bench.worker import time_shares
+
+    outs = [Output([1] * 8, 1.0, 0.1), Output([1] * 8, 3.0, 0.1), Output([1] * 16, 4.0, 0.1)]
+    assert time_shares(outs, 4.0, by_lifetime=True) == pytest.approx([0.5, 1.5, 2.0])
+    assert time_shares(outs, 4.0, by_lifetime=False) == pytest.approx([1.0, 1.0, 2.0])

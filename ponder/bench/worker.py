@@ -53,14 +53,13 @@ def run_method(
         else:  # the seconds not spent prefilling (peers: after the batch's last first token), tokens after the first
             prefill = outs[0].prefill_s if outs[0].prefill_s is not None else max(o.ttft_s for o in outs)
             decode = [decode[0] + seconds - prefill, decode[1] + sum(max(0, len(o.ids) - 1) for o in outs)]
-        tokens = sum(len(o.ids) for o in outs) or 1
-        for case, out in zip(group, outs):
+        for case, out, share in zip(group, outs, time_shares(outs, seconds, by_lifetime=continuous)):
             key = f"{case.id}/{case.turn}"
             rec = record(case, spec.text, out, None if ref is None else ref[key])
             if ref is None:
                 rec["_gaps"] = out.top2_gaps
             prompts.append(rec)
-            shares[key] = seconds * len(out.ids) / tokens  # the call's time, split by tokens
+            shares[key] = share
             if ref is not None and spec.is_ponder and spec.dtype != "fp32":
                 agree, total = runner.top1_agreement(case.prompt_ids, ref[key].ids)
                 top1 = [top1[0] + agree, top1[1] + total]
@@ -71,3 +70,12 @@ def run_method(
     return {"prompts": prompts, "wall_seconds": wall, "shares": shares, "peak_rss_mb": peak_mb, "top1": top1,
             "batch_size": size, "verify_cost_ms": {n: 1000 * t for n, t in sorted(costs.items())},
             "drafter": runner.report() if spec.is_ponder else {}, "decode": decode}
+
+
+def time_shares(outs: list[Output], seconds: float, by_lifetime: bool) -> list[float]:
+    """A call's ``seconds`` shared among its prompts (for per-category speed): by each row's own seconds (admission
+    to last token) when the engine ran them in one call, so rows that finish sooner cost less; else (a batch of rows
+    that start and end together) by tokens."""
+    weights = [o.seconds for o in outs] if by_lifetime else [len(o.ids) for o in outs]
+    total = sum(weights)
+    return [seconds * w / total if total > 0 else seconds / len(outs) for w in weights]

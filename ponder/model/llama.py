@@ -39,6 +39,7 @@ class StepContext:
     causal: bool  # SDPA's own causal mask applies (fresh rows, all the same length)
     row_read: list[int] | None = None  # ragged decode: row b attends slots [0, row_read[b]), one SDPA call per row
     kv_hook: "KVHook | None" = None  # a KV-cache policy's view of (or say in) each layer's attention (ponder/kv)
+    attn_dtype: torch.dtype | None = None  # attention computes in this dtype (None: the cache's, see attention_dtype)
 
 
 class Attention(nn.Module):
@@ -56,9 +57,9 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], ctx.cos, ctx.sin)
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
-        # the cache's dtype is the attention's (``LlamaModel.attention_dtype``): K/V, queries and scores use it
         keys, values = cache.write(layer, k.to(cache.dtype), v.to(cache.dtype), ctx.write_start, ctx.slots, ctx.read_len)
-        q = q.to(keys.dtype)
+        dt = ctx.attn_dtype or keys.dtype  # the cache's dtype (``LlamaModel.attention_dtype``) unless prefilling
+        q, keys, values = q.to(dt), keys.to(dt), values.to(dt)
         holes = cache.hole_mask(layer, ctx.read_len)
         if ctx.kv_hook is not None:
             ctx.kv_hook.observe(layer, q, keys, ctx)
@@ -150,7 +151,8 @@ class LlamaModel(nn.Module):
         # None: attention (and the KV cache) run in the model's dtype. float64 makes a token's attention output the
         # same, after rounding to the model's dtype, whether it is computed alone (decode) or among other queries
         # (a verify forward, whose kernels sum in another order): int8 mode needs that to stay lossless under
-        # speculation (see ``quant.py``)
+        # speculation (see ``quant.py``). Prefills (several tokens per row in ``forward``) still attend in the
+        # model's dtype: plain and speculative decoding prefill alike, and float64 would double their attention time
         self.attention_dtype: torch.dtype | None = None
 
     @property
@@ -285,8 +287,10 @@ class LlamaModel(nn.Module):
         else:
             pos = torch.tensor(first, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
         cos, sin = self._rope_at(pos, max(first) + T)
+        # several tokens per row (a prefill) need not match a decode step bit for bit: model dtype, no float64
+        dt = None if T == 1 else self.dtype
         if uniform and not needs_window and (T == 1 or start == 0):
-            return StepContext(cos, sin, start, None, read_len, None, causal=T > 1)
+            return StepContext(cos, sin, start, None, read_len, None, causal=T > 1, attn_dtype=dt)
         slots = torch.tensor(lengths, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
         if T == 1 and not needs_window:
             return StepContext(cos, sin, None, slots, read_len, None, False, row_read=[n + 1 for n in lengths])
@@ -294,7 +298,8 @@ class LlamaModel(nn.Module):
         mask = keys[None, None, :] <= slots[:, :, None]  # [B, T, S]: causal over slots (positions may be offset)
         if window is not None:
             mask &= keys[None, None, :] > pos[:, :, None] - window
-        return StepContext(cos, sin, start if uniform else None, None if uniform else slots, read_len, mask[:, None], False)
+        return StepContext(cos, sin, start if uniform else None, None if uniform else slots, read_len, mask[:, None],
+                           False, attn_dtype=dt)
 
     def _rope_at(self, pos: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin # [B, T, 1, D] for positions # [B, T] (all below ``need``), in the model dtype."""
