@@ -124,7 +124,7 @@ def test_speculative_methods_in_a_run(tiny_dir: Path, tmp_path: Path) -> None:
     ])]
     suite.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
-    args = _args(model=tiny_dir, suite=f"specbench:{suite}", methods="baseline,pld,pld+recycling:batch=2",
+    args = _args(model=tiny_dir, suite=f"specbench:{suite}", methods="baseline,pld,pld+recycling:batch=2,baseline:batch=2",
                  max_new_tokens=12, per_category=1, out=out)
     assert bench.run(args) == 0
     r = json.loads((out / "results.json").read_text())
@@ -138,6 +138,11 @@ def test_speculative_methods_in_a_run(tiny_dir: Path, tmp_path: Path) -> None:
         assert f["forwards_per_token"] == pytest.approx((3 + steps) / tokens)
         assert f["tau"] == pytest.approx(1 + sum(p["accepted"] for p in r["prompts"] if p["method"] == spec) / steps)
         assert f["verify_cost_ms"] and all(v > 0 for v in f["verify_cost_ms"].values())
+    # each speculative method is also checked against plain decoding with the same dtype and batch size
+    assert r["methods"]["pld"]["plain_method"] == "baseline"
+    assert r["methods"]["pld+recycling:batch=2"]["plain_method"] == "baseline:batch=2"
+    assert r["methods"]["pld+recycling:batch=2"]["exact_match_plain"] == 1.0
+    assert "100% (baseline:batch=2)" in (out / "report.md").read_text()
     assert "tau" not in r["methods"]["baseline"] and r["methods"]["baseline"]["verify_cost_ms"]
     report = (out / "report.md").read_text()
     assert "Verify-cost curve" in report and "| pld |" in report
@@ -167,3 +172,16 @@ def test_a_calls_seconds_are_shared_by_row_lifetimes_or_tokens() -> None:
     outs = [Output([1] * 8, 1.0, 0.1), Output([1] * 8, 3.0, 0.1), Output([1] * 16, 4.0, 0.1)]
     assert time_shares(outs, 4.0, by_lifetime=True) == pytest.approx([0.5, 1.5, 2.0])
     assert time_shares(outs, 4.0, by_lifetime=False) == pytest.approx([1.0, 1.0, 2.0])
+
+
+def test_exact_match_against_plain_decoding_of_the_same_dtype() -> None:
+    from ponder.bench.report import add_exact_match_plain
+
+    methods = {m: {} for m in ("baseline", "baseline:dtype=int8", "pld:dtype=int8", "pld:dtype=bf16")}
+    out = {"baseline": [[1, 2], [3]], "baseline:dtype=int8": [[1, 5], [3]], "pld:dtype=int8": [[1, 5], [4]],
+           "pld:dtype=bf16": [[1, 2], [3]]}
+    prompts = [{"method": m, "id": str(i), "turn": 1, "output_ids": ids} for m, outs in out.items()
+               for i, ids in enumerate(outs)]
+    add_exact_match_plain(methods, prompts, 1)
+    assert methods["pld:dtype=int8"] == {"exact_match_plain": 0.5, "plain_method": "baseline:dtype=int8"}
+    assert methods["pld:dtype=bf16"] == {}  # no plain bf16 method in the run

@@ -58,6 +58,7 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
         for cat, figures in by_category(recs, res["shares"]).items():
             categories.setdefault(cat, {})[spec] = figures
         prompts.extend(recs)
+    add_exact_match_plain(methods, prompts, args.batch_size)
     add_speedups(methods)
     for per_method in categories.values():
         add_speedups(per_method)
@@ -75,6 +76,25 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
         "categories": categories,
         "prompts": prompts,
     }
+
+
+def add_exact_match_plain(methods: dict[str, dict[str, Any]], prompts: list[dict[str, Any]], batch: int) -> None:
+    """A speculative method's exact-match rate against plain decoding with the same dtype and batch size, when the
+    run has that method too (``pld:dtype=int8`` against ``baseline:dtype=int8``): the lossless claim for dtypes
+    whose output differs from the fp32 baseline."""
+    from ponder.bench.methods import parse_spec
+
+    specs = {text: parse_spec(text) for text in methods}
+    plain = {(s.dtype, s.batch(batch)): text for text, s in specs.items() if s.name == "baseline" and not s.kv}
+    outputs: dict[str, dict[str, list[int]]] = {}
+    for p in prompts:
+        outputs.setdefault(p["method"], {})[f"{p['id']}/{p['turn']}"] = p["output_ids"]
+    for text, s in specs.items():
+        twin = plain.get((s.dtype, s.batch(batch)))
+        if s.speculator and not s.kv and twin:
+            ref = outputs[twin]
+            same = sum(ids == ref.get(key) for key, ids in outputs[text].items())
+            methods[text] |= {"exact_match_plain": same / max(len(ref), 1), "plain_method": twin}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -97,12 +117,14 @@ def markdown(results: dict[str, Any]) -> str:
     spec_rows = [(s, f) for s, f in results["methods"].items() if "tau" in f]
     if spec_rows:
         lines += ["", "Speculative decoding (tau: tokens per verify step; alpha: accepted / drafted):", "",
-                  "| method | tau | alpha | forwards/token | draft s | verify s | acceptance by draft position |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | tau | alpha | forwards/token | draft s | verify s | acceptance by draft position "
+                  "| exact match vs plain, same dtype and batch |",
+                  "|---|---|---|---|---|---|---|---|"]
         for s, f in spec_rows:
             pos = " ".join(f"{a:.2f}" for a in f["acceptance_by_position"][:8])
+            plain = f"{f['exact_match_plain']:.0%} ({f['plain_method']})" if "plain_method" in f else "-"
             lines.append(f"| {s} | {f['tau']:.2f} | {f['alpha']:.2f} | {f['forwards_per_token']:.2f} "
-                         f"| {f['draft_s']:.1f} | {f['verify_s']:.1f} | {pos} |")
+                         f"| {f['draft_s']:.1f} | {f['verify_s']:.1f} | {pos} | {plain} |")
     for s, f in spec_rows:
         if f.get("drafter"):
             lines += ["", f"{s}, what the drafter learned: `{json.dumps(f['drafter'])}`"]
