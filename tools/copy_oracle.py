@@ -23,33 +23,7 @@ import argparse
 import json
 from collections import Counter, defaultdict
 
-
-class History:
-    """A row's tokens and, for n = 1..max_n, where each n-gram ends (what prompt lookup searches)."""
-
-    def __init__(self, max_n: int = 3) -> None:
-        self.max_n, self.tokens, self.ends = max_n, [], defaultdict(list)
-
-    def extend(self, tokens: list[int]) -> None:
-        for tok in tokens:
-            self.tokens.append(tok)
-            i = len(self.tokens) - 1
-            for n in range(1, min(self.max_n, i + 1) + 1):
-                self.ends[tuple(self.tokens[i - n + 1 : i + 1])].append(i)
-
-    def lookup(self, branches: int, length: int) -> list[list[int]]:
-        last = len(self.tokens) - 1
-        for n in range(min(self.max_n, last), 0, -1):
-            found: list[list[int]] = []
-            for end in reversed(self.ends.get(tuple(self.tokens[-n:]), [])):
-                cont = self.tokens[end + 1 : end + 1 + length]
-                if end != last and cont and cont not in found:
-                    found.append(cont)
-                    if len(found) == branches:
-                        break
-            if found:
-                return found
-        return []
+from ponder.speculate.pld import NgramIndex
 
 
 class Memory:
@@ -74,6 +48,14 @@ class Memory:
         return []
 
 
+def pld_candidates(index: NgramIndex, branches: int, length: int) -> list[list[int]]:
+    """The continuations of the longest n-gram (3 down to 1) that ends the history and occurred before."""
+    for n in range(min(index.max_n, len(index.tokens) - 1), index.min_n - 1, -1):
+        if found := index.continuations(n, branches, length):
+            return found
+    return []
+
+
 def agreed(candidates: list[list[int]], truth: list[int]) -> int:
     """The longest prefix any candidate shares with the real continuation."""
     best = 0
@@ -89,15 +71,16 @@ def replay(records: list[dict], prompts: dict[str, list[int]], mode: str, branch
     memory = Memory(length=length)
     per_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # tokens, steps
     for rec in records:
-        hist, out = History(), rec["output_ids"]
-        hist.extend(prompts[f"{rec['id']}/{rec['turn']}"])
+        tokens, out = list(prompts[f"{rec['id']}/{rec['turn']}"]), rec["output_ids"]
+        index = NgramIndex(1, 3)  # pld's own index: the candidates it would propose
         t = 0
         while t < len(out):
-            cands = hist.lookup(branches, length) if "pld" in mode else []
+            index.extend(tokens)
+            cands = pld_candidates(index, branches, length) if "pld" in mode else []
             if "memory" in mode:
-                cands += memory.lookup(hist.tokens, branches)
+                cands += memory.lookup(tokens, branches)
             n = min(agreed(cands, out[t:]) + 1, len(out) - t)
-            hist.extend(out[t : t + n])
+            tokens += out[t : t + n]
             t += n
             per_cat[rec["category"]][0] += n
             per_cat[rec["category"]][1] += 1
@@ -124,7 +107,8 @@ def main() -> None:
     missing = [r["id"] for r in records if f"{r['id']}/{r['turn']}" not in prompts]
     if missing:
         raise SystemExit(f"{len(missing)} outputs have no prompt in {args.prompts} (same suite and options?)")
-    rows = {mode: replay(records, prompts, mode, args.branches, args.length) for mode in ("pld", "memory", "pld+memory")}
+    modes = ("pld", "memory", "pld+memory")
+    rows = {mode: replay(records, prompts, mode, args.branches, args.length) for mode in modes}
     cats = list(rows["pld"]["categories"])
     print(f"oracle tau over {len(records)} outputs (upper bound of mean accepted length, bonus token included)\n")
     print("| drafter | all | " + " | ".join(cats) + " |")

@@ -21,11 +21,11 @@ computes it alone, and the two sum in different orders. In fp32 that changes the
 exact ties; here every projection first rounds its input to bf16 (8 bits of mantissa), so a last-bit difference
 can move a value across a bf16 rounding boundary and change the logits by ~0.2 a few steps later (measured on a
 Spec-Bench prompt: plain and speculative int8 outputs parted after 18 tokens, 7 of 13 prompts differing within 96
-tokens). So int8 mode runs attention and stores its KV cache in float64 (``LlamaModel.attention_dtype``): both
-kernels' float64 results round to the same fp32 value except in the rare case where they straddle a boundary, and
-every projection's input row is then identical whatever else is in the batch (``_weight_int8pack_mm`` is row-
-invariant; the fp32 head is not, which only matters at exact ties, as in fp32 mode). Measured cost: ~5% decode
-speed and ~15% TTFT at a few hundred tokens of context, and twice the KV bytes.
+tokens). So int8 mode runs decode and verify steps' attention and its KV cache in float64
+(``LlamaModel.attention_dtype``; prefills, alike in both, keep fp32 attention): both kernels' float64 results
+round to the same fp32 value except in the rare case where they straddle a boundary, and every projection's input row is then identical whatever else is in the batch (``_weight_int8pack_mm`` is row-
+invariant; the fp32 head is not, which only matters at exact ties, as in fp32 mode). Measured cost: ~2% decode
+speed at a few hundred tokens of context, no TTFT change, twice the KV bytes.
 """
 
 from __future__ import annotations
