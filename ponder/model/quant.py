@@ -25,7 +25,8 @@ tokens). So int8 mode runs decode and verify steps' attention and its KV cache i
 (``LlamaModel.attention_dtype``; prefills, alike in both, keep fp32 attention): both kernels' float64 results
 round to the same fp32 value except in the rare case where they straddle a boundary, and every projection's
 input row is then identical whatever else is in the batch (``_weight_int8pack_mm`` is row-invariant; the fp32
-head is not, which only matters at exact ties, as in fp32 mode). Measured cost: ~2% decode speed at a few hundred tokens of context, no TTFT change, twice the KV bytes.
+head is not, which only matters at exact ties, as in fp32 mode). Measured cost: ~2% decode speed at a few
+hundred tokens of context, no TTFT change, twice the KV bytes.
 """
 
 from __future__ import annotations
