@@ -120,7 +120,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if args.batch_size is not None and args.batch_size < 1:
         raise PonderError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.system is not None and args.raw:
+        raise PonderError("--system needs chat mode, but --raw sends the prompt as is: drop one of them")
     loaded = ponder.load(args.model, args.dtype)
+    chat = not args.raw and _has_chat_template(loaded, args)  # before the set-up below: a mistake fails fast
     speculator = None
     if args.speculate:
         from ponder.speculate import make_speculator
@@ -129,11 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # one-time set-up, kept out of the timing below
         speculator.prepare(loaded.model, min(args.batch_size or len(args.prompt), len(args.prompt)))
     engine = Engine(loaded, speculator, _kv_policy(args))
-    prompts = [_as_prompt(p, args) for p in args.prompt]
-    chat = not args.raw
-    if chat and not getattr(engine.tokenizer, "chat_template", None):
-        chat = False
-        prompts = list(args.prompt)
+    prompts = [_as_prompt(p, args) for p in args.prompt] if chat else list(args.prompt)
     start = time.perf_counter()
     if len(prompts) == 1 and not args.no_stream:
         completions = _stream_one(engine, prompts[0], params, chat)
@@ -155,9 +154,18 @@ def _spec_stats(completions: list[Completion]) -> str:
     return f", tau {1 + accepted / steps:.2f}, alpha {accepted / max(drafted, 1):.2f}"
 
 
+def _has_chat_template(loaded: Loaded, args: argparse.Namespace) -> bool:
+    """Without a template prompts go in raw; a --system message would then be lost, so that is an error."""
+    if getattr(loaded.tokenizer, "chat_template", None):
+        return True
+    if args.system is not None:
+        raise PonderError(f"--system needs a chat template, and {args.model}'s tokenizer has none: "
+                          "drop --system, or put the instruction in the prompt")
+    return False
+
+
 def _as_prompt(text: str, args: argparse.Namespace) -> Prompt:
-    if args.raw:
-        return text
+    """One prompt as chat messages (the caller sends raw text itself when not in chat mode)."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
     return messages + [{"role": "user", "content": text}]
 
@@ -198,7 +206,7 @@ def model_summary(loaded: Loaded) -> dict[str, str]:
     model, cfg = loaded.model, loaded.model.config
     params = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     params += sum(_layer_params(cfg) for _ in range(cfg.num_hidden_layers)) + cfg.hidden_size
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * _kv_elem_bytes(model)
+    kv_per_token = _kv_bytes_per_token(model)
     rope = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) if cfg.rope_scaling else "default"
     return {
         "model": loaded.name,
@@ -215,7 +223,7 @@ def model_summary(loaded: Loaded) -> dict[str, str]:
         "rope": f"theta {cfg.rope_theta:g}, scaling {rope}",
         "dtype": loaded.dtype,
         "weight memory": f"{_weight_bytes(model) / 2**20:.1f} MiB",
-        "KV cache per token": f"{kv_per_token / 1024:.1f} KiB",
+        "KV cache per token": f"{kv_per_token / 1024:.1f} KiB ({str(model.kv_dtype).removeprefix('torch.')})",
     }
 
 
@@ -227,8 +235,13 @@ def _layer_params(c: ModelConfig) -> int:
     return qkv + bias + out + mlp + 2 * c.hidden_size
 
 
-def _kv_elem_bytes(model: nn.Module) -> int:
-    return model.embed_tokens.weight.element_size()
+def _kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes one token adds to the cache the engine allocates.
+
+    Asked of a one-slot cache rather than derived from the weights' dtype: int8 weights keep K/V in float64
+    (``LlamaModel.kv_dtype``), so the weights' element size would give half the real figure.
+    """
+    return model.new_cache(1, 1).nbytes()
 
 
 def _weight_bytes(model: nn.Module) -> int:

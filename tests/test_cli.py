@@ -56,6 +56,42 @@ def test_info_summarizes_the_model(capsys, tiny_dir: Path) -> None:
     assert facts["attention heads"].startswith("4 (KV heads 2")
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_info_kv_bytes_match_the_cache_the_engine_allocates(capsys, tiny_dir: Path, dtype: str) -> None:
+    """int8 keeps K/V in float64 (``LlamaModel.kv_dtype``): the figure must come from the real cache, not the weights."""
+    import ponder
+
+    model = ponder.load(str(tiny_dir), dtype).model
+    per_token = model.new_cache(1, 16).nbytes() / 16
+    code, out, _ = run_cli(capsys, "info", "--model", str(tiny_dir), "--dtype", dtype)
+    assert code == 0
+    facts = {line[:22].strip(): line[23:] for line in out.splitlines()}
+    assert facts["KV cache per token"].startswith(f"{per_token / 1024:.1f} KiB"), (facts, per_token)
+
+
+def test_system_with_raw_is_refused(capsys, tiny_dir: Path) -> None:
+    code, _, err = run_cli(capsys, "generate", "hi", "--model", str(tiny_dir), "--raw", "--system", "Be brief.")
+    assert_one_line_error(code, err, "--system", "--raw")
+
+
+def test_system_without_a_chat_template_is_refused(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "no-template"
+    shutil.copytree(tiny_dir, plain)
+    (plain / "chat_template.jinja").unlink()
+    code, _, err = run_cli(capsys, "generate", "hi", "--model", str(plain), "--system", "Be brief.",
+                           "--max-new-tokens", "2")
+    assert_one_line_error(code, err, "--system", "chat template")
+
+
+def test_no_chat_template_still_generates_without_system(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "no-template"
+    shutil.copytree(tiny_dir, plain)
+    (plain / "chat_template.jinja").unlink()
+    code, out, _ = run_cli(capsys, "generate", "the sea", "--model", str(plain), "--max-new-tokens", "2",
+                           "--ignore-eos")
+    assert code == 0 and out.strip()
+
+
 def test_unknown_model(capsys) -> None:
     code, _, err = run_cli(capsys, "info", "--model", "no-such-model")
     assert_one_line_error(code, err, "unknown model")
