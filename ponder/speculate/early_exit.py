@@ -46,15 +46,25 @@ class EarlyExitOptions:
 
 @dataclass
 class LayerStats:
-    """Running acceptance rate of each candidate exit layer's greedy prediction (DEL's per-layer tracking)."""
+    """Running acceptance rate of each candidate exit layer's greedy prediction (DEL's per-layer tracking).
+
+    An exponential moving average with weight ``1 - decay`` per observation. The observations of one verify step
+    (every row, every committed position) arrive together and none is more recent than another, so ``update`` gives
+    them equal weight: the batch's mean ``hits / total`` replaces the old estimate with weight ``1 - decay**total``,
+    exactly the weight ``total`` single updates would give. Feeding them one by one in an arbitrary order (all hits,
+    then all misses) would weigh the last ones most and bias the estimate toward them.
+    """
 
     rate: dict[int, float] = field(default_factory=dict)
     seen: dict[int, int] = field(default_factory=dict)
 
     def update(self, layer: int, hits: int, total: int, decay: float = 0.95) -> None:
-        for i in range(total):
-            hit = 1.0 if i < hits else 0.0
-            self.rate[layer] = decay * self.rate.get(layer, 0.5) + (1 - decay) * hit
+        if not 0 <= hits <= total:
+            raise ValueError(f"LayerStats.update needs 0 <= hits <= total, got hits={hits}, total={total}")
+        if total == 0:
+            return
+        keep = decay**total  # the old estimate's share after `total` observations
+        self.rate[layer] = keep * self.rate.get(layer, 0.5) + (1 - keep) * hits / total
         self.seen[layer] = self.seen.get(layer, 0) + total
 
 
@@ -160,6 +170,7 @@ class EarlyExit(Drafter):
         model = batch.model
         if self.last is not None:
             self.last = (self.last[0], sum(len(r.committed) for r in results))
+        counts: dict[int, list[int]] = {}  # layer -> [hits, total] over every row: one step, one update
         for res in results:
             if not res.hidden:
                 continue
@@ -167,7 +178,11 @@ class EarlyExit(Drafter):
             want = torch.tensor(res.committed, device=res.logits.device)
             for layer, h in res.hidden.items():
                 guess = model.logits(h[inputs]).argmax(-1)
-                self.stats.update(layer, int((guess == want).sum()), len(inputs))
+                c = counts.setdefault(layer, [0, 0])
+                c[0] += int((guess == want).sum())
+                c[1] += len(inputs)
+        for layer, (hits, total) in counts.items():
+            self.stats.update(layer, hits, total)
         if self.stats.rate:
             self._choose()
 
