@@ -28,7 +28,7 @@ import torch
 from ponder.cache import KVCache
 from ponder.errors import PonderError
 from ponder.model.loader import Loaded, eos_token_ids
-from ponder.sampling import SamplingParams, make_generators, sample, top2_gap, warp
+from ponder.sampling import RowNoise, SamplingParams, resolve_seed, sample, top2_gap
 
 if TYPE_CHECKING:
     from ponder.kv import KVPolicy, KVState
@@ -87,7 +87,7 @@ class StreamEvent:
 class _Row:
     index: int
     completion: Completion
-    generator: torch.Generator | None
+    noise: RowNoise | None  # the row's Gumbel noise per output position (None: greedy)
     emitted: int = 0  # characters of completion.text already streamed
     draft_state: Any = None  # the drafter's per-row state (speculative decoding)
     kv_state: "KVState | None" = None  # the KV policy's per-row state
@@ -177,8 +177,7 @@ class Engine:
 
     def _run(self, ids: list[list[int]], params: SamplingParams, size: int) -> Iterator[StreamEvent]:
         self.model.pack_for_rows(size)
-        gens = make_generators(params, len(ids), self.model.device)
-        waiting = deque(_Row(i, Completion(p), g) for i, (p, g) in enumerate(zip(ids, gens)))
+        waiting = deque(_Row(i, Completion(p), n) for i, (p, n) in enumerate(zip(ids, _noises(params, len(ids)))))
         rows: list[_Row] = []
         cache: KVCache | None = None
         last: list[int] = []  # each running row's newest token, fed by the next step
@@ -306,7 +305,13 @@ class Engine:
         return cache, torch.cat(last)
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> tuple[list[int], list[float]]:
-        tokens = sample(logits, params, [r.generator for r in rows])
+        """Each row's next token from its logits # [B, V] (sampling: with the noise of its next output position)."""
+        V = logits.shape[-1]
+        noise = None if params.greedy else [r.noise.at(len(r.completion.output_ids), V) for r in rows]
+        tokens = sample(logits, params, noise)
+        for r in rows:
+            if r.noise is not None:
+                r.noise.forget_below(len(r.completion.output_ids) + 1)
         return tokens.tolist(), top2_gap(logits).tolist()
 
     def _commit(self, row: _Row, token: int, gap: float, params: SamplingParams) -> StreamEvent:
@@ -336,8 +341,8 @@ class Engine:
     def _run_spec(self, ids: list[list[int]], params: SamplingParams, size: int) -> Iterator[StreamEvent]:
         spec = self.speculator
         spec.prepare(self.model, size)  # once per batch size: packs weights, measures the verify-cost curve
-        gens = make_generators(params, len(ids), self.model.device)
-        waiting = deque(_Row(i, Completion(p, spec=SpecCounts()), g) for i, (p, g) in enumerate(zip(ids, gens)))
+        noises = _noises(params, len(ids))
+        waiting = deque(_Row(i, Completion(p, spec=SpecCounts()), n) for i, (p, n) in enumerate(zip(ids, noises)))
         rows: list[_Row] = []
         cache: KVCache | None = None
         while rows or waiting:
@@ -419,17 +424,14 @@ class Engine:
     ) -> list["RowResult"]:
         """Each row's accepted path and bonus token; the path's K/V is compacted right after the row's prefix."""
         from ponder.speculate import RowResult
-        from ponder.speculate.accept import accept_greedy, accept_sampling
+        from ponder.speculate.accept import accept
 
         gaps_all = top2_gap(logits.flatten(0, 1)).view(logits.shape[:2]).tolist()
-        targets = logits.argmax(-1).tolist() if params.greedy else None
+        targets = self._targets(rows, trees, logits, params)
         results = []
         for b, (row, tree) in enumerate(zip(rows, trees)):
             n = len(tree) + 1
-            if targets is not None:
-                path, bonus = accept_greedy(tree, targets[b][:n])
-            else:
-                path, bonus = accept_sampling(tree, warp(logits[b, :n], params), row.generator)
+            path, bonus = accept(tree, targets[b][:n])
             inputs = [0] + [i + 1 for i in path]  # verify inputs whose predictions were committed
             cache.compact(b, cache.lengths[b], inputs)
             committed = [tree.tokens[i] for i in path] + [bonus]
@@ -437,6 +439,22 @@ class Engine:
             res.gaps = [gaps_all[b][j] for j in inputs]
             results.append(res)
         return results
+
+    def _targets(
+        self, rows: list[_Row], trees: list["DraftTree"], logits: torch.Tensor, params: SamplingParams
+    ) -> list[list[int]]:
+        """The token plain decoding would emit after each verify input, per row: the argmax, or when sampling the
+        Gumbel-max token with the noise of the output position that input's successor takes (the row's next
+        position plus the input's depth), exactly what a plain step at that position would sample."""
+        if params.greedy:
+            return logits.argmax(-1).tolist()
+        V, out = logits.shape[-1], []
+        for b, (row, tree) in enumerate(zip(rows, trees)):
+            first = len(row.completion.output_ids)
+            row.noise.forget_below(first)
+            noise = [row.noise.at(first + d, V) for d in [0] + tree.depths()]
+            out.append(sample(logits[b, : len(tree) + 1], params, noise).tolist())
+        return out
 
     def _commit_many(
         self, row: _Row, tokens: list[int], gaps: list[float], params: SamplingParams
@@ -450,6 +468,14 @@ class Engine:
             if event.finished:
                 break
         return StreamEvent(row.index, text, taken, event.finished, row.completion)
+
+
+def _noises(params: SamplingParams, n: int) -> list[RowNoise | None]:
+    """Per prompt of a call, its noise streams keyed by (the call's seed, prompt index): None when greedy."""
+    if params.greedy:
+        return [None] * n
+    seed = resolve_seed(params)
+    return [RowNoise(seed, i) for i in range(n)]
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -1,10 +1,20 @@
 """Choosing the next token: greedy, or sampling with temperature, top-k and top-p (nucleus, arXiv 1904.09751).
 
-Every row has its own ``torch.Generator``: with a seed, a row's samples depend only on the seed and its logits.
+Sampling uses the Gumbel-max trick (Gumbel 1954; as a sampler e.g. Maddison et al., arXiv 1411.0030): a token drawn
+as ``argmax_x(log w(x) + g_x)``, with ``g_x`` independent standard Gumbel noise and ``w`` the warped distribution,
+follows ``w`` exactly. The noise of each output position comes from its own stream keyed by
+(seed, row, position) (``gumbel_noise``), so a seeded output is a pure function of (seed, prompt index in the call,
+prompt, params): it does not depend on the batch size, on what else ran, or on how many tokens a speculative step
+verified. That is also what makes speculative sampling reproduce plain sampling token for token: with the noise
+fixed, the token a position samples is a deterministic function of its logits, so a verify step accepts a draft
+exactly when plain sampling would have produced it (``ponder.speculate.accept``), as greedy verification does.
+Unseeded calls draw a random base seed per call.
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -48,44 +58,77 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def make_generators(params: SamplingParams, rows: int, device: torch.device) -> list[torch.Generator | None]:
-    """One generator per row (seeded ``seed + row``), or None for greedy."""
-    if params.greedy:
-        return [None] * rows
-    out = []
-    for r in range(rows):
-        g = torch.Generator(device=device)
-        if params.seed is None:
-            g.seed()
-        else:
-            g.manual_seed(params.seed + r)
-        out.append(g)
-    return out
+def resolve_seed(params: SamplingParams) -> int:
+    """The call's base seed: ``params.seed``, or a fresh random one when sampling unseeded."""
+    return params.seed if params.seed is not None else secrets.randbits(62)
 
 
-def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Sampling probabilities # [B, V] from logits # [B, V] after temperature, top-k and top-p."""
-    logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+_TINY = 1e-300  # torch.rand may return exactly 0, and -log(-log(0)) = -inf: clamp so every token stays possible
+
+
+def gumbel_noise(seed: int, row: int, position: int, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise # [V] float64 for one output position of one row, a pure function of its arguments.
+
+    The key is hashed (BLAKE2b) into the seed of a fresh CPU generator, so positions are independent streams and the
+    noise does not depend on which other positions were drawn, in what order, or on which device the model runs."""
+    key = hashlib.blake2b(f"{seed}/{row}/{position}".encode(), digest_size=8).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+    u = torch.rand(vocab, generator=g, dtype=torch.float64).clamp_(min=_TINY)
+    return -torch.log(-torch.log(u))
+
+
+@dataclass
+class RowNoise:
+    """One row's Gumbel noise per output position (``gumbel_noise``), kept from when a verify step first needs a
+    position until the row commits past it, so each position's noise is drawn once."""
+
+    seed: int
+    row: int  # the prompt's index in the call
+    drawn: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> # [V]
+
+    def at(self, position: int, vocab: int) -> torch.Tensor:
+        """Noise # [V] for output position ``position`` (0: the row's first generated token)."""
+        if position not in self.drawn:
+            self.drawn[position] = gumbel_noise(self.seed, self.row, position, vocab)
+        return self.drawn[position]
+
+    def forget_below(self, position: int) -> None:
+        """Drop positions already committed (their noise is never needed again)."""
+        for p in [p for p in self.drawn if p < position]:
+            del self.drawn[p]
+
+
+def warped_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-weights # [B, V] float64 of the sampling distribution from logits # [B, V]: temperature, then top-k and
+    top-p cuts as -inf. Every op works row by row, so a row's result does not depend on the other rows."""
+    scaled = logits.double() / params.temperature
+    if params.top_k and params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if params.top_p < 1.0:
+        probs = torch.softmax(scaled, dim=-1)
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         # drop a token when the tokens ranked above it already reach top_p (the top token always stays)
         drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
         drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Next token per row # [B] from logits # [B, V]."""
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Sampling probabilities # [B, V] (float64) from logits # [B, V] after temperature, top-k and top-p."""
+    return torch.softmax(warped_logits(logits, params), dim=-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Next token per row # [B] from logits # [B, V]: argmax when greedy, else the Gumbel-max trick,
+    ``argmax(log-weights + noise)``, with each row's noise # [V] for the position it samples (``RowNoise.at``)."""
     if params.greedy:
         return logits.argmax(-1)
-    probs = warp(logits, params)
-    return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])
+    if noise is None or len(noise) != logits.shape[0]:
+        raise ValueError("sampling needs one noise vector per row (RowNoise.at)")
+    g = torch.stack(noise).to(logits.device)
+    return (warped_logits(logits, params) + g).argmax(-1)
 
 
 def top2_gap(logits: torch.Tensor) -> torch.Tensor:
