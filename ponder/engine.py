@@ -105,6 +105,10 @@ class Engine:
         if speculator is not None and kv is not None and not kv.speculates:
             raise PonderError(f"the {kv.name} KV policy selects entries per decoded token and does not compose with "
                               "speculative decoding; use streaming, h2o or snapkv with --speculate")
+        window = loaded.model.config.sliding_window
+        if kv is not None and window is not None:
+            raise PonderError(f"KV-cache policies do not support sliding-window models (this one attends to the last "
+                              f"{window} tokens; its window mask compares cache slots); drop --kv for this model")
         self.speculator = speculator
         self.kv = kv
         self.kv_bytes = 0  # bytes of the last call's largest batch KV cache (the tensors decoding reads and writes)
@@ -389,8 +393,11 @@ class Engine:
         spec.policy.observe(trees, [r.path for r in results])
         events = []
         for row, tree, res in zip(rows, trees, results):
-            row.completion.spec.add(max(tree.depths(), default=0), len(tree), len(res.path), t1 - t0, t2 - t1)
-            events.append(self._commit_many(row, res.committed, res.gaps, params))
+            event = self._commit_many(row, res.committed, res.gaps, params)
+            # a row that stops (EOS, stop string) inside its accepted path used only the drafts it committed
+            used = min(len(res.path), len(event.token_ids))
+            row.completion.spec.add(max(tree.depths(), default=0), len(tree), used, t1 - t0, t2 - t1)
+            events.append(event)
         return events
 
     def _verify(
