@@ -92,12 +92,23 @@ def test_ragged_batch_equals_single_prompts(tiny, batch: int) -> None:
 
 
 def test_rows_finishing_early_leave_the_others_exact(tiny) -> None:
+    """Rows that hit a stop string leave the batch at different steps (6 -> 3 rows, crossing the packed kernel's
+    4-row threshold); every row, survivors included, must equal its one-row run with the same parameters."""
     engine = Engine(tiny)
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
-    budgets = SamplingParams(max_new_tokens=30, ignore_eos=True)
-    full = [c.output_ids for c in engine.generate(prompts, budgets)]
-    short = engine.generate(prompts[:1], SamplingParams(max_new_tokens=4, ignore_eos=True))[0].output_ids
-    assert short == full[0][:4]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, tiny.model.config.vocab_size, (3 + 4 * i,), generator=g).tolist() for i in range(6)]
+    budget = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    # rows 0, 2, 4 stop at the word pair they write at steps 3, 8 and 14 (or sooner, if it came earlier)
+    stops = tuple(" ".join(engine.generate([prompts[r]], budget)[0].text.split()[t - 2 : t])
+                  for r, t in ((0, 3), (2, 8), (4, 14)))
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True, stop=stops)
+    alone = [engine.generate([p], params)[0] for p in prompts]
+    early = sorted(len(c.output_ids) for c in alone if c.finish_reason == "stop")
+    assert len(early) >= 3 and len(set(early)) >= 2 and max(early) < 30, early  # rows really leave, at various steps
+    assert sum(c.finish_reason == "length" for c in alone) >= 2, [c.finish_reason for c in alone]  # survivors exist
+    together = engine.generate(prompts, params)
+    assert [(c.output_ids, c.finish_reason, c.text) for c in together] == [
+        (c.output_ids, c.finish_reason, c.text) for c in alone]
 
 
 def test_dtypes_generate(tiny_dir: Path) -> None:
