@@ -14,35 +14,139 @@ cache with the true positions. kvpress needs transformers < 5.3, so it gets its 
         --presses none,snapkv:0.5,ada-snapkv:0.5,streaming:0.5,knorm:0.5 --out kvpress.json
 
 A press is ``NAME:RATIO`` (the fraction of the prompt's entries removed, the same convention as ponder's
-``ratio``); ``none`` is the full cache.
+``ratio``); ``none`` is the full cache. ``snapkv`` also takes ponder's snapkv options, to compare the two with the
+same settings: ``snapkv:0.5:window=32:kernel=31:pool=max:gqa=max:sinks=4`` is ponder's default snapkv. ``window``
+and ``kernel`` are kvpress's own ``window_size`` and ``kernel_size`` (defaults 64 and 5). kvpress's SnapKVPress
+always averages along the sequence (zero-padded ``avg_pool1d``), averages the query heads of a KV head, and has
+no sinks; ``pool=max``, ``gqa=max`` or ``sinks=N`` switch to ``MatchedSnapKVPress`` below, a subclass whose
+``score`` pools the query heads first and then the sequence, as ponder does (``pool=max`` pads with -inf).
+
+What still differs from ponder with every option matched: kvpress scores only the keys before the observation
+window (the window is kept by a top score), while ponder pools along the whole prompt, so with ``pool=max`` the
+window's own votes also reach the ``kernel // 2`` keys just before it; and kvpress averages the window's queries
+where ponder sums them (the same ranking).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import json
 import sys
 import time
 from pathlib import Path
 
 
+SIMPLE = ("snapkv", "streaming", "knorm", "pyramidkv", "expected", "tova")
+SNAPKV_OPTIONS = {"window": int, "kernel": int, "pool": str, "gqa": str, "sinks": int}
+
+
+def parse_press(spec: str) -> tuple[str, float, dict[str, int | str]]:
+    """``NAME[:RATIO][:key=value...]`` -> (name, ratio, options); SystemExit saying what to write when malformed."""
+    name, *parts = spec.split(":")
+    if name not in ("none", "ada-snapkv", *SIMPLE):
+        raise SystemExit(f"unknown press {name!r}: choose none, {', '.join(SIMPLE)}, ada-snapkv")
+    ratio, options = 0.5, {}
+    for i, part in enumerate(parts):
+        key, eq, value = part.partition("=")
+        if i == 0 and not eq:
+            ratio = _number(spec, part)
+        elif eq and name == "snapkv" and key in SNAPKV_OPTIONS:
+            options[key] = _integer(spec, value) if SNAPKV_OPTIONS[key] is int else value
+        else:
+            raise SystemExit(f"bad press option {part!r} in {spec!r}: write NAME:RATIO, and for snapkv "
+                             f"optionally {':'.join(k + '=...' for k in SNAPKV_OPTIONS)}")
+    _check_snapkv(spec, options)
+    return name, ratio, options
+
+
+def _number(spec: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"{text!r} in press {spec!r} is not a number: write e.g. snapkv:0.5:kernel=31")
+
+
+def _integer(spec: str, text: str) -> int:
+    if not text.isdigit():
+        raise SystemExit(f"{text!r} in press {spec!r} is not a whole number: write e.g. snapkv:0.5:kernel=31")
+    return int(text)
+
+
+def _check_snapkv(spec: str, options: dict[str, int | str]) -> None:
+    if options.get("pool", "avg") not in ("avg", "max") or options.get("gqa", "mean") not in ("mean", "max"):
+        raise SystemExit(f"{spec!r}: pool must be avg or max, gqa mean or max")
+    if int(options.get("kernel", 5)) % 2 == 0 or int(options.get("window", 64)) < 1 or int(options.get("sinks", 0)) < 0:
+        raise SystemExit(f"{spec!r}: kernel must be odd (kvpress pads it by kernel // 2 on each side), window >= 1, "
+                         "sinks >= 0")
+
+
 def build_press(spec: str):  # noqa: ANN201 - kvpress types exist only in the peer's venv
     import kvpress
 
-    name, _, ratio_text = spec.partition(":")
+    name, ratio, options = parse_press(spec)
     if name == "none":
         return None
-    ratio = float(ratio_text or 0.5)
-    simple = {
-        "snapkv": kvpress.SnapKVPress, "streaming": kvpress.StreamingLLMPress, "knorm": kvpress.KnormPress,
-        "pyramidkv": kvpress.PyramidKVPress, "expected": kvpress.ExpectedAttentionPress, "tova": kvpress.TOVAPress,
-    }
-    if name in simple:
-        return simple[name](compression_ratio=ratio)
+    if name == "snapkv":
+        return snapkv_press(ratio, options)
     if name == "ada-snapkv":
         return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio))
-    raise SystemExit(f"unknown press {name!r}: choose none, {', '.join(simple)}, ada-snapkv")
+    simple = {"streaming": kvpress.StreamingLLMPress, "knorm": kvpress.KnormPress, "pyramidkv": kvpress.PyramidKVPress,
+              "expected": kvpress.ExpectedAttentionPress, "tova": kvpress.TOVAPress}
+    return simple[name](compression_ratio=ratio)
+
+
+def snapkv_press(ratio: float, options: dict[str, int | str]):  # noqa: ANN201
+    """kvpress's own SnapKVPress when only its fields (window, kernel) are set, else ``MatchedSnapKVPress``."""
+    import kvpress
+
+    sizes = {"window_size": int(options.get("window", 64)), "kernel_size": int(options.get("kernel", 5))}
+    extra = {k: options[k] for k in ("pool", "gqa", "sinks") if k in options}
+    if not extra:
+        return kvpress.SnapKVPress(compression_ratio=ratio, **sizes)
+    return matched_press_type()(compression_ratio=ratio, **sizes, **extra)
+
+
+@functools.cache
+def matched_press_type() -> type:
+    """A SnapKVPress whose scores pool like ponder's snapkv (defined on first use: kvpress is only in its venv)."""
+    import kvpress
+
+    @dataclasses.dataclass
+    class MatchedSnapKVPress(kvpress.SnapKVPress):
+        pool: str = "avg"  # avg | max, along the sequence
+        gqa: str = "mean"  # mean | max, over the query heads of a KV head
+        sinks: int = 0  # first entries always kept
+
+        def score(self, module, hidden_states, keys, values, attentions, kwargs):  # noqa: ANN001, ANN201
+            probs = self.compute_window_attention(module, hidden_states, keys, self.window_size,
+                                                  kwargs["position_embeddings"])  # [B, H, w, S - w]
+            return window_scores(probs, keys.shape[1], self.window_size, self.kernel_size, self.pool, self.gqa,
+                                 self.sinks)
+
+    return MatchedSnapKVPress
+
+
+def window_scores(probs, n_kv: int, window: int, kernel: int, pool: str, gqa: str, sinks: int):  # noqa: ANN001, ANN201
+    """Scores of every key, as ponder's snapkv ranks them: the window's attention averaged over its queries, pooled
+    over each KV head's query heads, then along the sequence; sinks and the window on top.
+
+    probs # [B, H, w, S - w] (the window's attention to the keys before it) -> # [B, Hkv, S]."""
+    import torch.nn.functional as F
+
+    B, H, _, n = probs.shape
+    s = probs.mean(2).view(B, n_kv, H // n_kv, n)
+    s = s.amax(2) if gqa == "max" else s.mean(2)  # [B, Hkv, S - w]
+    if pool == "max":
+        pad = kernel // 2
+        s = F.max_pool1d(F.pad(s, (pad, kernel - 1 - pad), value=float("-inf")), kernel, stride=1)
+    else:
+        s = F.avg_pool1d(s, kernel, stride=1, padding=kernel // 2)
+    top = s.max().item() + 1
+    s[..., : min(sinks, n)] = top
+    return F.pad(s, (0, window), value=top)
 
 
 def answer(model, tokenizer, prompt_ids: list[int], press, max_new: int, eos: set[int]) -> str:  # noqa: ANN001
