@@ -53,6 +53,55 @@ def test_ratio_zero_and_large_budget_are_exact_noops(tiny, name: str) -> None:
         assert [c.output_ids for c in out] == plain, spec
 
 
+@pytest.mark.parametrize("spec", ["streaming", "h2o", "snapkv:window=4:kernel=3"])
+def test_compress_removes_nothing_at_ratio_zero_or_a_budget_of_the_prompt(tiny, spec: str) -> None:
+    """The engine skips no-op policies (``is_noop``), so the test above never reaches their own arithmetic: drive
+    ``compress`` itself. Ratio 0 and a budget of exactly the prompt keep every entry bit for bit; one entry less
+    removes exactly one, so an off-by-one in the kept-entries formula fails here."""
+    n = len(PROMPTS[0])
+    for amount in ("ratio=0", f"budget={n}"):
+        full, comp, _ = _prefill(tiny, PROMPTS[0], make_policy(f"{spec}:{amount}"))
+        assert (comp.lengths, comp.evicted, comp.holes) == ([n], [0], None), amount
+        assert all(torch.equal(a, b) for a, b in zip(full.k + full.v, comp.k + comp.v)), amount
+    _, comp, _ = _prefill(tiny, PROMPTS[0], make_policy(f"{spec}:budget={n - 1}"))
+    assert (comp.lengths, comp.evicted) == ([n - 1], [1])
+
+
+@pytest.mark.parametrize("name", ["streaming", "h2o", "snapkv", "tokenselect"])
+def test_noop_boundaries(name: str) -> None:
+    """``is_noop`` lets the engine skip a policy: true exactly when nothing would ever be removed, i.e. ratio 0 or a
+    budget covering the prompt (plus the new tokens, for policies that evict or select while decoding)."""
+    n, new = 30, 10
+    reach = n + new if name in ("streaming", "h2o", "tokenselect") else n
+    assert make_policy(f"{name}:ratio=0").is_noop(n, new)
+    assert make_policy(f"{name}:budget={reach}").is_noop(n, new)
+    assert not make_policy(f"{name}:budget={reach - 1}").is_noop(n, new)
+    assert not make_policy(f"{name}:ratio=0.01").is_noop(n, new)
+
+
+@pytest.mark.parametrize("name", ["streaming", "h2o"])
+def test_decode_eviction_starts_exactly_at_cap_plus_chunk(tiny, name: str) -> None:
+    """A budget of the prompt removes nothing at prefill; decoding then grows the row to ``cap + chunk - 1``
+    entries untouched and evicts back to ``cap`` on the step that reaches ``cap + chunk``, every ``chunk`` steps."""
+    model, prompt, chunk = tiny.model, PROMPTS[0], 4
+    n = len(prompt)
+    policy = make_policy(f"{name}:budget={n}:chunk={chunk}")
+    cache = model.new_cache(1, n + 2 * chunk)
+    hook = policy.prefill_hook(len(cache.k), n)
+    lengths, token = [], 7
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), cache, kv_hook=hook)
+        states = [policy.compress(cache, hook)]
+        assert cache.lengths == [n]
+        for _ in range(2 * chunk):
+            step = policy.decode_hook(states, cache)
+            token = int(model(torch.tensor([[token]]), cache, kv_hook=step)[0, -1].argmax())
+            policy.after_step(cache, states, step)
+            lengths.append(cache.lengths[0])
+    assert lengths == [n + 1, n + 2, n + 3, n, n + 1, n + 2, n + 3, n]
+    assert cache.evicted == [2 * chunk]
+
+
 @pytest.mark.parametrize("spec", EVICTING)
 def test_compression_changes_the_cache_and_counts_positions(tiny, spec: str) -> None:
     eng = Engine(tiny, kv=make_policy(spec))
@@ -230,53 +279,100 @@ def test_tokenselect_with_speculation_is_refused(tiny) -> None:
 
 
 class NaiveTokenSelect(KVHook):
-    """TokenSelect without reuse, computed independently: per KV head, the softmax of each query head summed over
-    the group; attention is masked (not gathered) to the top entries plus sinks and window."""
+    """TokenSelect computed independently, for one row: per KV head, the softmax of each query head summed over
+    the group; attention is masked (not gathered) to the top entries plus sinks and window. With ``reuse`` (a
+    cosine threshold) the older entries chosen at the previous step are kept while consecutive queries' mean cosine
+    over the heads is at least ``reuse`` and their count is unchanged; ``votes`` counts the selections computed."""
 
-    def __init__(self, ratio: float, sinks: int, window: int) -> None:
-        self.ratio, self.sinks, self.window = ratio, sinks, window
+    def __init__(self, ratio: float, sinks: int, window: int, budget: int | None = None,
+                 reuse: float | None = None) -> None:
+        self.ratio, self.sinks, self.window, self.budget, self.reuse = ratio, sinks, window, budget, reuse
+        self.prev: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # layer -> (query, older slots per head)
+        self.votes = 0
+        self.cosines: list[float] = []
 
     def select(self, layer, q, keys, values, ctx):
         import dataclasses
 
-        B, T, H, D = q.shape
+        _, _, H, D = q.shape
         Hkv, S = keys.shape[1], keys.shape[2]
-        valid = ctx.row_read or [S] * B
-        mask = torch.zeros(B, Hkv, 1, S, dtype=torch.bool)
-        for b in range(B):
-            n = valid[b]
-            k = max(1, min(n, int(n * (1 - self.ratio))))
-            probs = torch.einsum("hd,hsd->hs", q[b, 0].double(), keys[b].double().repeat_interleave(H // Hkv, 0)[:, :n])
-            votes = (probs / math.sqrt(D)).softmax(-1).view(Hkv, H // Hkv, n).sum(1)
-            local = min(n, self.window)
-            sinks = min(self.sinks, n - local)
-            for h in range(Hkv):
-                mask[b, h, 0, :sinks] = True
-                mask[b, h, 0, n - local : n] = True
-                free = k - local - sinks
-                if free > 0:
-                    top = votes[h, sinks : n - local].topk(free).indices + sinks
-                    mask[b, h, 0, top] = True
+        n = (ctx.row_read or [S])[0]
+        k = min(n, self.budget) if self.budget is not None else max(1, min(n, int(n * (1 - self.ratio))))
+        local = min(n, self.window)
+        sinks = min(self.sinks, n - local)
+        free = k - local - sinks
+        older = self._older(layer, q[0, 0].double(), keys[0].double(), n, sinks, local, free) if k < n else []
+        mask = torch.zeros(1, Hkv, 1, S, dtype=torch.bool)
+        mask[0, :, 0, :n] = k >= n
+        for h, top in enumerate(older):
+            mask[0, h, 0, :sinks] = True
+            mask[0, h, 0, n - local : n] = True
+            mask[0, h, 0, top] = True
         return keys, values, dataclasses.replace(ctx, mask=mask, row_read=None)
+
+    def _older(self, layer: int, q: torch.Tensor, keys: torch.Tensor, n: int, sinks: int, local: int, free: int):
+        H, D = q.shape
+        Hkv = keys.shape[0]
+        prev = self.prev.get(layer)
+        if self.reuse is not None and prev is not None and len(prev[1][0]) == free:
+            cos = torch.nn.functional.cosine_similarity(q, prev[0], dim=-1).mean().item()
+            self.cosines.append(cos)
+            if cos >= self.reuse:
+                self.prev[layer] = (q, prev[1])
+                return prev[1]
+        self.votes += 1
+        probs = torch.einsum("hd,hsd->hs", q, keys.repeat_interleave(H // Hkv, 0)[:, :n])
+        votes = (probs / math.sqrt(D)).softmax(-1).view(Hkv, H // Hkv, n).sum(1)
+        older = [votes[h, sinks : n - local].topk(free).indices + sinks for h in range(Hkv)]
+        self.prev[layer] = (q, older)
+        return older
+
+
+def _naive_decode(model, prompt: list[int], hook: KVHook, steps: int) -> list[int]:
+    """Greedy decoding of one prompt on the full cache, every decode step's attention through ``hook``."""
+    cache = model.new_cache(1, len(prompt) + steps)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), cache)[0, -1]
+        out = [int(logits.argmax())]
+        for _ in range(steps - 1):  # the last token needs no forward
+            out.append(int(model(torch.tensor([[out[-1]]]), cache, kv_hook=hook)[0, -1].argmax()))
+    return out
 
 
 def test_tokenselect_attends_to_the_soft_vote_winners(tiny) -> None:
-    model = tiny.model
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     got = Engine(tiny, kv=make_policy("tokenselect:ratio=0.5:window=4:sinks=1:reuse=2")).generate(PROMPTS, params)
     # reference: plain decoding through a hook that masks the full cache to the naive selection
-    ref_hook = NaiveTokenSelect(0.5, 1, 4)
     for prompt, c in zip(PROMPTS, got):
-        cache = model.new_cache(1, len(prompt) + 12)
-        with torch.inference_mode():
-            logits = model(torch.tensor([prompt]), cache)[0, -1]
-            out = []
-            for _ in range(12):
-                out.append(int(logits.argmax()))
-                logits = model(torch.tensor([[out[-1]]]), cache, kv_hook=ref_hook)[0, -1]
-        assert c.output_ids == out
+        assert c.output_ids == _naive_decode(tiny.model, prompt, NaiveTokenSelect(0.5, 1, 4), 12)
     full = [c.output_ids for c in Engine(tiny).generate(PROMPTS, params)]
     assert [c.output_ids for c in got] != full  # the selection really changed what was attended
+
+
+def test_tokenselect_reuses_its_selection_while_queries_stay_similar(tiny, monkeypatch) -> None:
+    """The selection cache: the engine computes a selection (``Selector._vote``) only when consecutive queries
+    differ (cosine below ``reuse``), and decodes what a naive selection with the same rule decodes. reuse=-1 keeps
+    each row's first selection, reuse=2 never reuses, reuse=0 (on this model) sometimes; all three differ."""
+    from ponder.kv.tokenselect import Selector
+
+    votes: list[int] = []
+    vote = Selector._vote
+    monkeypatch.setattr(Selector, "_vote", staticmethod(lambda *a: votes.append(1) or vote(*a)))
+    params, layers, steps = SamplingParams(max_new_tokens=12, ignore_eos=True), tiny.model.config.num_hidden_layers, 12
+    outputs, counts = {}, {}
+    for reuse in (-1.0, 0.0, 2.0):
+        votes.clear()
+        got = Engine(tiny, kv=make_policy(f"tokenselect:budget=12:window=4:sinks=1:reuse={reuse}")).generate(PROMPTS, params)
+        outputs[reuse], counts[reuse] = [c.output_ids for c in got], len(votes)
+        naive = [NaiveTokenSelect(0.0, 1, 4, budget=12, reuse=reuse) for _ in PROMPTS]
+        assert outputs[reuse] == [_naive_decode(tiny.model, p, h, steps) for p, h in zip(PROMPTS, naive)], reuse
+        assert counts[reuse] == sum(h.votes for h in naive), reuse  # selections computed: the same steps
+        assert all(abs(c - reuse) > 1e-4 for h in naive for c in h.cosines)  # no threshold straddled by rounding
+    rows_layers = len(PROMPTS) * layers
+    assert counts[-1.0] == rows_layers  # one selection per row and layer (the first decode step), then reused
+    assert counts[2.0] == rows_layers * (steps - 1)  # every decode step (the first token comes from prefill)
+    assert counts[-1.0] < counts[0.0] < counts[2.0]
+    assert outputs[-1.0] != outputs[0.0] != outputs[2.0] != outputs[-1.0]  # reuse really changed what was attended
 
 
 # --- quantization ---------------------------------------------------------------------------------------------------
