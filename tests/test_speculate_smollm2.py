@@ -1,10 +1,13 @@
 """Speculative decoding on the real default model (SmolLM2-135M-Instruct): greedy output equals plain greedy."""
 
 import pytest
+from conftest import HAVE_SMOLLM2, SMOLLM2_MISSING
 
 from ponder.engine import Engine
 from ponder.sampling import SamplingParams
 from ponder.speculate import make_speculator
+
+pytestmark = pytest.mark.slow  # every test here runs the real default model
 
 PROMPTS = [
     [{"role": "user", "content": "Summarize: The city council met on Monday. The city council voted to build a "
@@ -30,6 +33,8 @@ def test_smollm2_speculation_is_lossless(smollm2, reference, spec: str) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2_int8():
+    if not HAVE_SMOLLM2:
+        pytest.skip(SMOLLM2_MISSING)
     import ponder
 
     return ponder.load(dtype="int8")
