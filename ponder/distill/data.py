@@ -124,8 +124,10 @@ def make_data(loaded: Any, options: DataOptions, out: Path, progress: bool = Tru
         if c in done:  # resumed: this shard exists already
             continue
         shard = _make_shard(engine, chunk, options, layers, chunk_seed(options.seed, c), bar)
-        name = f"shard-{c:05d}.safetensors"
-        _save_atomic(shard.pop("tensors"), out / name)
+        tensors, name = shard.pop("tensors"), None
+        if tensors is not None:  # None: no prompt of the chunk fits the context window with its answer
+            name = f"shard-{c:05d}.safetensors"
+            _save_atomic(tensors, out / name)
         manifest["shards"].append({"chunk": c, "file": name, **shard})
         total += shard["answer_tokens"]
         _write_json(out / "manifest.json", manifest)
@@ -170,7 +172,7 @@ def _open_manifest(out: Path, loaded: Any, options: DataOptions, layers: tuple[i
         if old.get(key) != fresh[key]:
             raise PonderError(f"{out} holds data made with another {key} ({old.get(key)!r}, now {fresh[key]!r}): "
                               "use the same options to resume, or another --out")
-    old["shards"] = [s for s in old["shards"] if (out / s["file"]).exists()]
+    old["shards"] = [s for s in old["shards"] if s["file"] is None or (out / s["file"]).exists()]
     return old
 
 
@@ -184,6 +186,8 @@ def _make_shard(
     room = engine.context_window - options.max_new_tokens
     kept = [(p, ids) for p in chunk if 0 < len(ids := engine.encode(p.text, chat)) < room]
     prompt_ids = [ids for _, ids in kept]
+    if not kept:
+        return {"tensors": None, "prompts": [], "answer_tokens": 0, "tokens": 0}
     greedy = SamplingParams(max_new_tokens=options.max_new_tokens)
     sampled = SamplingParams(max_new_tokens=options.max_new_tokens, temperature=options.temperature, seed=seed)
     seqs: list[tuple[list[int], list[int]]] = []

@@ -1,0 +1,57 @@
+"""The EAGLE-style draft head on the tiny model: training-time test attention, training end to end, artifacts."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ponder.distill.data import DataOptions, make_data
+from ponder.distill.head import DraftHead, _ttt_mask, load_head, train_head
+from ponder.distill.train import TrainConfig, load_artifact
+from ponder.errors import PonderError
+
+SPECBENCH = Path(__file__).parents[1].parent / "shared" / "specbench" / "dev.jsonl"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("distill") / "data"
+    make_data(tiny, DataOptions(tokens=600, max_new_tokens=24, batch_size=8), out, progress=False)
+    return out
+
+
+def test_ttt_mask_is_what_drafting_sees() -> None:
+    m = _ttt_mask(5, 3, torch.device("cpu")).int()
+    # position 4 at step 3: step-1 keys 0..2, the step-2 key at 3, the step-3 key at 4
+    assert m[4].tolist() == [1, 1, 1, 0, 0] + [0, 0, 0, 1, 0] + [0, 0, 0, 0, 1]
+    assert _ttt_mask(4, 1, torch.device("cpu")).int().tolist() == torch.ones(4, 4).tril().int().tolist()
+
+
+def test_step_one_equals_a_causal_pass_of_the_layer(tiny) -> None:
+    """Step 1 of training-time test is the ordinary causal forward of the head's layer (the inference path)."""
+    head = DraftHead(tiny.model.config, (1, 2), torch.arange(20))
+    head.attach(tiny.model)
+    z = torch.randn(7, tiny.model.config.hidden_size)
+    with torch.inference_mode():
+        g1 = head.ttt_outputs(z, z, 1)[0]
+        cache = head.inner.new_cache(1, 7)
+        ctx = head.inner.step_context(cache, 7, [7])
+        ref = head.inner.run_layers(z[None], ctx, cache)[0]
+    assert torch.allclose(g1, ref, atol=1e-5)
+
+
+def test_train_head_end_to_end(tiny, data_dir: Path, tmp_path: Path) -> None:
+    recipe = train_head(tiny, data_dir, tmp_path / "head", vocab=48, steps=2,
+                        cfg=TrainConfig(epochs=1, lr=3e-3, accum=4), max_len=256, progress=False)
+    assert (tmp_path / "head" / "loss.png").stat().st_size > 1000
+    assert recipe["kind"] == "head" and recipe["vocab"] == 48 and recipe["ttt_steps"] == 2
+    assert len(recipe["heldback"]["top1_by_depth"]) == 2 and recipe["heldback"]["positions"][0] > 0
+    head, loaded_recipe = load_head(tmp_path / "head", tiny.model)
+    assert loaded_recipe == recipe
+    tensors, _ = load_artifact(tmp_path / "head", "head")
+    assert torch.equal(head.fc.weight, tensors["fc.weight"])  # bf16-stored weights come back as stored
+    assert torch.equal(head.inner.embed_tokens.weight, tiny.model.embed_tokens.weight[head.draft_ids])
+    with pytest.raises(PonderError, match="ponder distill train medusa"):
+        load_artifact(tmp_path / "nothing", "medusa")
+    with pytest.raises(PonderError, match="not a 'medusa'"):
+        load_artifact(tmp_path / "head", "medusa")
