@@ -1,5 +1,9 @@
 """Weight dtypes: fp32 (exact), bf16/fp16 (half-width weights and activations), int8 (lossy).
 
+fp16 attends in float64 for decode and verify steps, as int8 does (below): its activations keep 11 bits of mantissa,
+few enough for a last-bit difference between a decode step and a verify forward to change tokens. bf16 cannot be
+speculated with (``ponder.speculate.REFUSED_DTYPES``): its CPU GEMM is not row-invariant (tests/test_kernels.py).
+
 ``int8`` stores every decoder-layer projection as int8 weights with one fp32 scale per output channel
 (symmetric, round to nearest) and multiplies them with bf16 activations (``torch._weight_int8pack_mm``, a fused
 CPU/GPU kernel); the residual stream, norms, attention and the LM head stay fp32. Measured on SmolLM2-135M
@@ -26,7 +30,13 @@ tokens). So int8 mode runs decode and verify steps' attention and its KV cache i
 round to the same fp32 value except in the rare case where they straddle a boundary, and every projection's
 input row is then identical whatever else is in the batch (``_weight_int8pack_mm`` is row-invariant; the fp32
 head is not, which only matters at exact ties, as in fp32 mode). Measured cost: ~2% decode speed at a few
-hundred tokens of context, no TTFT change, twice the KV bytes.
+hundred tokens of context, no TTFT change, twice the KV bytes (fp16: four times).
+
+What float64 does not cover: a verify forward's projections must give each row the bits it gets alone. They do for
+``_weight_int8pack_mm`` and fp16 ``F.linear`` on the CPUs measured (tests/test_kernels.py checks the machine it runs
+on); bf16 ``F.linear`` does not (SmolLM2's 1536-wide down projection on an AMD EPYC: some rows of an 8-or-more-row
+call round differently than alone), and with float64 attention bf16 speculation still parted from bf16 plain
+decoding after 31 and 45 tokens on 2 of 4 Spec-Bench prompts.
 """
 
 from __future__ import annotations
@@ -42,7 +52,10 @@ FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 def convert_dtype(model: LlamaModel, dtype: str) -> LlamaModel:
     """Cast (fp32, bf16, fp16) or quantize (int8) the weights."""
     if dtype in FLOAT_DTYPES:
-        return model.to(FLOAT_DTYPES[dtype])
+        model = model.to(FLOAT_DTYPES[dtype])
+        if dtype == "fp16":
+            model.attention_dtype = torch.float64  # batch-invariant attention, as for int8 (module doc)
+        return model
     if dtype == "int8":
         return quantize_int8(model)
     raise ValueError(f"unknown dtype {dtype}")

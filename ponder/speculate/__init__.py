@@ -126,8 +126,19 @@ def validate(text: str) -> None:
     _options(PolicyOptions, policy_kw, text)
 
 
+# Target dtypes whose speculation cannot reproduce plain decoding, and why. Greedy speculation is lossless only if a
+# token's logits come out the same in a 1-token decode step and inside a many-token verify forward; a dtype that
+# rounds activations below fp32 needs identical bits for that (tests/test_kernels.py checks the dtypes allowed).
+REFUSED_DTYPES = {
+    "bf16": "speculative decoding is not lossless with --dtype bf16: CPU bf16 matmuls round a row differently when "
+            "it is computed among 8 or more rows than alone; use fp32, fp16 or int8 to speculate",
+}
+
+
 def make_speculator(text: str, target: Any) -> Speculator:
     """Build the drafters and policy a SPEC describes for the ``target`` (a ``ponder.load`` result)."""
+    if (reason := REFUSED_DTYPES.get(getattr(target, "dtype", "fp32"))) is not None:
+        raise PonderError(reason)
     reg = _registry()
     policy_kw: dict[str, str] = {}
     drafters = []

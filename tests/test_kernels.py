@@ -1,0 +1,133 @@
+"""Decode vs verify on the kernels ponder picks on the machine the tests run on.
+
+Greedy speculation reproduces plain greedy decoding only if a token's logits come out the same whether the token is
+computed alone (a decode step: 1-row projections, one query attending an unmasked span) or inside a verify forward
+(n-row projections, possibly MKL's packed GEMM, many queries under a tree mask). Which kernels give which bits
+depends on the CPU and the BLAS build, so these tests check the machine they run on, with SmolLM2's shapes and the
+same set-up speculation uses (``pack_for_rows`` for 4-32 rows):
+
+- int8 and fp16 round every projection's input to 8 or 11 bits of mantissa, so a last-bit difference can cross a
+  rounding boundary and change tokens a few steps later: their projections must be row-invariant bit for bit and
+  their attention (float64, ``LlamaModel.attention_dtype``) must round to the same value; the whole decoder's hidden
+  state must come out identical.
+- fp32 keeps 24 bits between kernels, so kernels may differ in the last bits (they do between MKL's 1-row and
+  n-row sgemm on some CPUs, and between one-query and masked many-query attention everywhere); that changes a token
+  only where its top-2 logits nearly tie. The tests bound the difference, which catches a kernel that computes at
+  reduced precision.
+- bf16 speculation is refused (``ponder.speculate``): bf16 GEMM is not row-invariant on every CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ponder.cache import KVCache
+from ponder.model.config import ModelConfig
+from ponder.model.llama import LlamaModel
+from ponder.model.quant import convert_dtype
+
+# row counts of speculation's verify forwards (up to 32 tokens, ``Speculator.prepare``): every count where a kernel
+# could switch (1-9), around the packed sizes 16 and 32, and one between
+ROWS = [*range(1, 10), 12, 15, 16, 17, 24, 31, 32, 33]
+EXACT = ("fp16", "int8")  # dtypes whose lossless speculation needs identical bits (module doc)
+
+
+def smollm2_like(dtype: str, layers: int = 2, vocab: int = 8192) -> LlamaModel:
+    """SmolLM2-135M's shapes (E=576, 9/3 heads, FFN 1536; a sixth of its vocabulary) with random weights, converted
+    as ``ponder.load`` does and packed as speculation packs it."""
+    cfg = ModelConfig("llama", vocab, 576, 1536, layers, 9, 3, 64, 2048, 1e-5, 100000.0)
+    torch.manual_seed(0)
+    model = LlamaModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.05)
+    model = convert_dtype(model, dtype).eval()
+    model.pack_for_rows(4, 8, 16, 32)
+    return model
+
+
+def projections(model: LlamaModel) -> dict[str, torch.nn.Module]:
+    layer = model.layers[0]
+    return {"wqkv": layer.attn.wqkv, "wo": layer.attn.wo, "wgate_up": layer.mlp.wgate_up, "wdown": layer.mlp.wdown,
+            "lm_head": model.lm_head}
+
+
+def fp32_bound(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """1e-5 of sum_k |x_k w_k| per output, # [n, out]: any summation order in fp32 stays well within it (typical
+    differences are ~1e-6 of it), a kernel computing in bf16 or TF32 does not."""
+    w = layer.weight.float()
+    return 1e-5 * (x.float().abs() @ w.abs().T)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_projection_rows_match_decode(dtype: str) -> None:
+    """Each row of an n-row projection (n = 2..33, packed where ponder packs) against the same row computed alone."""
+    model = smollm2_like(dtype)
+    head_exact = dtype == "fp16"  # int8 keeps an fp32 head: its last bits matter only at exact ties
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for name, layer in projections(model).items():
+            act = model.dtype if name == "lm_head" or dtype != "int8" else torch.float32
+            x = torch.randn(max(ROWS), layer.in_features, generator=g).to(act)  # [N, in]
+            alone = torch.cat([layer(x[j : j + 1]) for j in range(len(x))])  # [N, out]: decode's 1-row calls
+            exact = dtype in EXACT and (name != "lm_head" or head_exact)
+            for n in ROWS:
+                many = layer(x[:n])
+                if exact:
+                    bad = [j for j in range(n) if not torch.equal(many[j], alone[j])]
+                    assert not bad, f"{dtype} {name}: rows {bad} of a {n}-row call differ from the 1-row call"
+                else:
+                    err = (many.float() - alone[:n].float()).abs()
+                    assert (err <= fp32_bound(x[:n], layer)).all(), f"{dtype} {name}, {n} rows: {err.max():.3g}"
+
+
+def prefilled(model: LlamaModel, prompts: list[list[int]]) -> KVCache:
+    """A cache holding each prompt in its own row, prefilled one row at a time as the engine does."""
+    cache = model.new_cache(len(prompts), 128)
+    for b, p in enumerate(prompts):
+        row = cache.row(b)
+        model(torch.tensor([p]), row)
+        cache.set_length(b, row.lengths[0])
+    return cache
+
+
+def decode_hidden(model: LlamaModel, prompt: list[list[int]], tokens: list[list[int]]) -> torch.Tensor:
+    """Final hidden states # [B, T, E] of ``tokens`` fed one decode step at a time after ``prompt`` (ragged rows)."""
+    cache = prefilled(model, prompt)
+    out = []
+    for t in range(len(tokens[0])):
+        ctx = model.step_context(cache, 1, [1] * len(prompt))
+        out.append(model.run_layers(model.embed(torch.tensor([[r[t]] for r in tokens])), ctx, cache))
+        cache.advance([1] * len(prompt))
+    return torch.cat(out, 1)
+
+
+def verify_hidden(model: LlamaModel, prompt: list[list[int]], tokens: list[list[int]]) -> torch.Tensor:
+    """The same hidden states from one verify forward over each row's chain of ``tokens`` (as ``forward_tree``)."""
+    cache = prefilled(model, prompt)
+    B, T = len(tokens), len(tokens[0])
+    depth = torch.arange(T)[None].expand(B, T)  # [B, T]: a chain
+    visible = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(B, T, T)  # [B, T, T]
+    ctx = model.tree_context(cache, depth, visible)
+    return model.run_layers(model.embed(torch.tensor(tokens)), ctx, cache)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_decoder_hidden_states_match_decode(dtype: str) -> None:
+    """The decoder's final hidden state of each token: decode steps vs one verify forward of 16 tokens, for one row
+    and for two rows of different lengths (ragged decode attends row by row; the verify's mask covers both)."""
+    model = smollm2_like(dtype, vocab=256)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(256, (n,), generator=g).tolist() for n in (37, 61)]
+    tokens = [torch.randint(256, (16,), generator=g).tolist() for _ in prompts]
+    with torch.inference_mode():
+        for rows in (1, 2):
+            dec = decode_hidden(model, prompts[:rows], tokens[:rows])
+            ver = verify_hidden(model, prompts[:rows], tokens[:rows])
+            if dtype in EXACT:
+                assert torch.equal(dec, ver), f"{dtype}, {rows} rows: {(dec - ver).abs().max():.3g}"
+            else:
+                scale = dec.abs().amax(-1, keepdim=True)  # [B, T, 1]
+                assert ((dec - ver).abs() <= 1e-5 * scale).all(), f"{dtype}: {((dec - ver).abs() / scale).max():.3g}"
