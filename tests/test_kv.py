@@ -255,21 +255,34 @@ def test_decode_eviction_bounds_the_cache(tiny) -> None:
 
 # --- composition with speculative decoding ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def speculators(tiny, tiny_dir) -> dict:
-    """Built once: each measures its verify-cost curve when first used, which dominates a tiny model's runs."""
-    specs = ("pld+recycling:adaptive=false:min_prob=0", f"draft:{tiny_dir}:adaptive=false", "early-exit:layer=1")
-    return {s: make_speculator(s, tiny) for s in specs}
+def cyclic(tmp_path_factory: pytest.TempPathFactory):
+    import ponder
+    from cyclic_model import make_cyclic_dir
+
+    return ponder.load(str(make_cyclic_dir(tmp_path_factory.mktemp("cyclic-llama"))))
+
+
+@pytest.fixture(scope="module")
+def speculators(tiny, tiny_dir, cyclic) -> dict:
+    """Built once: each measures its verify-cost curve when first used, which dominates a tiny model's runs.
+    Early exit runs on the cyclic model (tests/cyclic_model.py), whose first layer's exit head agrees with the full
+    model: on the random one it drafts nothing, and its reused hidden states would never meet the policy."""
+    specs = {"pld+recycling:adaptive=false:min_prob=0": tiny, f"draft:{tiny_dir}:adaptive=false": tiny,
+             "early-exit:layer=1": cyclic}
+    return {s: (target, make_speculator(s, target)) for s, target in specs.items()}
 
 
 @pytest.mark.parametrize("kv", SPECULATING)
-def test_speculation_is_lossless_relative_to_the_policy(tiny, speculators, kv: str) -> None:
+def test_speculation_is_lossless_relative_to_the_policy(speculators, kv: str) -> None:
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     for prompts in (PROMPTS[:1], PROMPTS):
-        want = [c.output_ids for c in Engine(tiny, kv=make_policy(kv)).generate(prompts, params)]
-        for spec, speculator in speculators.items():
-            out = Engine(tiny, speculator, make_policy(kv)).generate(prompts, params)
-            assert [c.output_ids for c in out] == want, (kv, spec, len(prompts))
-            if spec.startswith("draft"):
+        want = {}  # per target model: plain decoding through the same policy
+        for spec, (target, speculator) in speculators.items():
+            if id(target) not in want:
+                want[id(target)] = [c.output_ids for c in Engine(target, kv=make_policy(kv)).generate(prompts, params)]
+            out = Engine(target, speculator, make_policy(kv)).generate(prompts, params)
+            assert [c.output_ids for c in out] == want[id(target)], (kv, spec, len(prompts))
+            if spec.startswith(("draft", "early-exit")):
                 assert sum(c.spec.accepted for c in out) > 0  # drafts really were accepted through the policy
 
 

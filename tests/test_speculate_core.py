@@ -1,5 +1,9 @@
-"""Speculative decoding: lossless greedy matrix over every registered drafter, trees, cache compaction, the tree
-verify forward, and the sampling acceptance rule (exact and statistical)."""
+"""Speculative decoding: lossless greedy matrix over every registered drafter and every dtype, trees, cache
+compaction, the tree verify forward, and the sampling acceptance rule (exact and statistical).
+
+The greedy matrix runs on ``cyclic_model`` (a tiny checkpoint whose continuation mostly follows short cycles), where
+every drafter drafts and gets drafts accepted: each case asserts it, so a drafter that silently stops drafting fails
+the matrix instead of passing it by comparing two plain runs."""
 
 from pathlib import Path
 
@@ -14,6 +18,8 @@ from ponder.speculate import drafter_names, make_speculator
 from ponder.speculate.accept import accept
 from ponder.speculate.tree import DraftTree, merge
 
+from cyclic_model import make_cyclic_dir
+
 PROMPTS = [
     [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7],  # repetitive: copying drafters get accepted
     [3, 1, 4, 1, 5, 9, 2, 6],
@@ -22,22 +28,36 @@ PROMPTS = [
 ]
 
 
-def spec_table(tiny_dir: Path) -> dict[str, list[str]]:
+def spec_table(model_dir: Path) -> dict[str, list[str]]:
     """A concrete SPEC per registered drafter (a new drafter without an entry fails the matrix)."""
     return {
         "pld": ["pld", "pld:branches=3:max_ngram=4"],
         "lookahead": ["lookahead"],
         "recycling": ["recycling", "recycling:k=8:widths=8-2-1"],
-        "draft": [f"draft:{tiny_dir}"],
+        "draft": [f"draft:{model_dir}"],
         "early-exit": ["early-exit:layer=1", "early-exit"],
     }
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny) -> dict[int, list[list[int]]]:
+def cyclic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_cyclic_dir(tmp_path_factory.mktemp("cyclic-llama"))
+
+
+@pytest.fixture(scope="module")
+def cyclic(cyclic_dir: Path):
+    return ponder.load(str(cyclic_dir))
+
+
+@pytest.fixture(scope="module")
+def baseline(cyclic) -> dict[int, list[list[int]]]:
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    eng = Engine(tiny)
+    eng = Engine(cyclic)
     return {b: [c.output_ids for c in eng.generate(PROMPTS[:b] if b > 1 else PROMPTS[:1], params)] for b in (1, 3)}
+
+
+def drafted_and_accepted(completions: list) -> tuple[int, int]:
+    return sum(c.spec.drafted for c in completions), sum(c.spec.accepted for c in completions)
 
 
 def test_every_drafter_has_a_spec(tiny_dir: Path) -> None:
@@ -45,21 +65,55 @@ def test_every_drafter_has_a_spec(tiny_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_matrix_equals_baseline(tiny, tiny_dir: Path, baseline, batch: int) -> None:
-    specs = [s for v in spec_table(tiny_dir).values() for s in v]
+def test_greedy_matrix_equals_baseline(cyclic, cyclic_dir: Path, baseline, batch: int) -> None:
+    specs = [s for v in spec_table(cyclic_dir).values() for s in v]
     specs += ["pld+recycling", "lookahead+early-exit:layer=1", "pld+recycling:adaptive=false:max_nodes=12"]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     prompts = PROMPTS[:batch] if batch > 1 else PROMPTS[:1]
     for spec in specs:
-        eng = Engine(tiny, make_speculator(spec, tiny))
+        eng = Engine(cyclic, make_speculator(spec, cyclic))
+        counts = []
         for _ in range(2):  # the second run starts from what the drafters and policy learned
             out = eng.generate(prompts, params)
             assert [c.output_ids for c in out] == baseline[batch], spec
+            counts.append(drafted_and_accepted(out))
+        # not vacuous: the verify path really checked drafts, and kept some (early exit's second run may choose
+        # plain steps by their measured speed, so the two runs count together)
+        assert sum(d for d, _ in counts) > 0 and sum(a for _, a in counts) > 0, (spec, counts)
     # single prompts of every shape too (ragged batches above, lone rows here)
-    eng = Engine(tiny, make_speculator("pld", tiny))
-    plain = Engine(tiny)
-    for p in PROMPTS:
-        assert eng.generate([p], params)[0].output_ids == plain.generate([p], params)[0].output_ids
+    eng = Engine(cyclic, make_speculator("pld", cyclic))
+    plain = Engine(cyclic)
+    alone = [eng.generate([p], params)[0] for p in PROMPTS]
+    assert [c.output_ids for c in alone] == [plain.generate([p], params)[0].output_ids for p in PROMPTS]
+    assert all(c.spec.drafted > 0 for c in alone) and drafted_and_accepted(alone)[1] > 0
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_greedy_speculation_is_lossless_in_every_dtype(tiny_dir: Path, cyclic_dir: Path, dtype: str) -> None:
+    """fp32 is the matrix above; fp16 and int8 round activations to 11 and 8 bits of mantissa, where a last-bit
+    difference between a decode step and a verify forward would change tokens, so they attend in float64 (see
+    ``quant.py``; tests/test_kernels.py checks the kernels bit for bit). The random model with itself as the draft
+    model gets long chains accepted; the cyclic one gets trees (recycling) and early exit's reused hidden states
+    accepted."""
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    for model_dir, specs in ((tiny_dir, [f"draft:{tiny_dir}"]), (cyclic_dir, ["recycling", "early-exit:layer=1"])):
+        target = ponder.load(str(model_dir), dtype)
+        want = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=1)]
+        for spec in specs:
+            eng = Engine(target, make_speculator(spec, target))
+            for size in (1, 3):
+                out = eng.generate(PROMPTS, params, batch_size=size)
+                assert [c.output_ids for c in out] == want, (dtype, spec, size)
+                drafted, accepted = drafted_and_accepted(out)
+                assert drafted > 0 and accepted > 0, (dtype, spec, size, drafted, accepted)
+
+
+def test_bf16_speculation_is_refused(tiny_dir: Path) -> None:
+    """bf16 matmuls are not row-invariant on every CPU (SmolLM2's 1536-wide FFN projection on an AMD EPYC: a row
+    computed among 8 or more rows rounds differently than alone), so speculation would not be lossless."""
+    bf16 = ponder.load(str(tiny_dir), "bf16")
+    with pytest.raises(PonderError, match="not lossless with --dtype bf16"):
+        make_speculator("pld", bf16)
 
 
 def test_copying_is_accepted(tiny) -> None:
