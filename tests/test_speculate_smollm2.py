@@ -58,6 +58,21 @@ def test_int8_speculation_is_lossless(smollm2_int8) -> None:
     assert [c.output_ids for c in eng.generate(INT8_PROMPTS, params, batch_size=3)] == reference
 
 
+def test_fp16_speculation_is_lossless() -> None:
+    """fp16 keeps 11 bits of mantissa between kernels, so like int8 it attends in float64 for decode and verify
+    steps (``quant.py``); its projections are row-invariant (test_kernels.py)."""
+    if not HAVE_SMOLLM2:
+        pytest.skip(SMOLLM2_MISSING)
+    import ponder
+
+    fp16 = ponder.load(dtype="fp16")
+    params = SamplingParams(max_new_tokens=64)
+    reference = [Engine(fp16).generate([p], params)[0].output_ids for p in INT8_PROMPTS]
+    eng = Engine(fp16, make_speculator("pld+recycling", fp16))
+    assert [eng.generate([p], params)[0].output_ids for p in INT8_PROMPTS] == reference
+    assert [c.output_ids for c in eng.generate(INT8_PROMPTS, params, batch_size=3)] == reference
+
+
 def test_bf16_speculation_is_refused() -> None:
     """bf16 is refused up front: with float64 attention, bf16 ``pld+recycling`` still parted from bf16 plain decoding
     after 31 and 45 tokens on 2 of 4 Spec-Bench prompts, because bf16 matmuls are not row-invariant (SmolLM2's
