@@ -1,4 +1,4 @@
-"""The ``ponder`` command: ``generate``, ``info`` and ``bench``.
+"""The ``ponder`` command: ``generate``, ``info``, ``bench`` and ``distill``.
 
 A user mistake (``PonderError``) prints one line, ``ponder: error: ...``, and exits 1; never a traceback.
 """
@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_mod.add_arguments(bench)
     bench.set_defaults(func=bench_mod.run)
+
+    distill = sub.add_parser("distill", help="self-distillation: data from the model's own answers, trained heads")
+    from ponder.distill import cli as distill_cli
+
+    distill_cli.add_arguments(distill, DEFAULT_MODEL)
+    distill.set_defaults(func=distill_cli.run)
     return parser
 
 

@@ -91,6 +91,7 @@ class _Row:
     emitted: int = 0  # characters of completion.text already streamed
     draft_state: Any = None  # the drafter's per-row state (speculative decoding)
     kv_state: "KVState | None" = None  # the KV policy's per-row state
+    prompt_hidden: dict[int, torch.Tensor] | None = None  # layer -> # [P, E]: prefill states a drafter asked for
     start: float = 0.0  # perf_counter() when the row was admitted (its TTFT and seconds count from here)
 
     @property
@@ -214,7 +215,8 @@ class Engine:
         new = [waiting.popleft() for _ in range(min(n, len(waiting)))]
         for r in new:
             r.start = start
-        new_cache, logits = self._prefill(new, params.max_new_tokens, extra)
+        capture = self.speculator.drafter.prefill_capture if self.speculator is not None else ()
+        new_cache, logits = self._prefill(new, params.max_new_tokens, extra, capture)
         tokens, gaps = self._pick(logits, new, params)
         events = [self._commit(r, t, g, params) for r, t, g in zip(new, tokens, gaps)]
         alive = [i for i, e in enumerate(events) if not e.finished]
@@ -261,9 +263,12 @@ class Engine:
         """The KV policy, if it compressed this call's rows (None when it is a no-op for all of them)."""
         return self.kv if self.kv is not None and rows[0].kv_state is not None else None
 
-    def _prefill(self, rows: list[_Row], max_new: int, extra: int) -> tuple[KVCache, torch.Tensor]:
+    def _prefill(
+        self, rows: list[_Row], max_new: int, extra: int, capture: tuple[int, ...] = (),
+    ) -> tuple[KVCache, torch.Tensor]:
         """A batch cache holding every row's prompt (compressed by the KV policy), with room for ``max_new`` more
-        tokens plus ``extra`` verify slots; and each row's last logits # [B, V].
+        tokens plus ``extra`` verify slots; and each row's last logits # [B, V]. Each row's hidden states at the
+        ``capture`` layers go to its ``prompt_hidden`` (a drafter that learns from them, e.g. a draft head).
 
         Rows are prefilled one at a time: padding ragged prompts to one width would multiply the work by up to
         B x (longest / mean length), and a prompt's own prefill is already a large matmul.
@@ -273,10 +278,11 @@ class Engine:
         if self.kv is None or all(self.kv.is_noop(len(p), max_new) for p in ids):
             cache = self.model.new_cache(len(ids), min(self.context_window, max(map(len, ids)) + max_new) + extra)
             last = []
-            for b, p in enumerate(ids):
-                row = cache.row(b)
-                last.append(self.model(torch.tensor([p], device=dev), row, last_only=True)[:, -1])
+            for b, (r, p) in enumerate(zip(rows, ids)):
+                row, hidden = cache.row(b), dict.fromkeys(capture)
+                last.append(self.model(torch.tensor([p], device=dev), row, last_only=True, capture=hidden)[:, -1])
                 cache.set_length(b, row.lengths[0])
+                r.prompt_hidden = {layer: h[0] for layer, h in hidden.items()} if capture else None
             self.kv_bytes = max(self.kv_bytes, cache.nbytes())
             self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
             return cache, torch.cat(last)
@@ -289,8 +295,10 @@ class Engine:
         last, held_rows, held, peak = [], [], 0, 0
         for b, (r, p) in enumerate(zip(rows, ids)):
             full = self.model.new_cache(1, len(p))  # the full prompt's cache exists only while this row is prefilled
-            hook = self.kv.prefill_hook(len(full.k), len(p))
-            last.append(self.model(torch.tensor([p], device=dev), full, last_only=True, kv_hook=hook)[:, -1])
+            hook, hidden = self.kv.prefill_hook(len(full.k), len(p)), dict.fromkeys(capture)
+            last.append(self.model(torch.tensor([p], device=dev), full, last_only=True, kv_hook=hook,
+                                   capture=hidden)[:, -1])
+            r.prompt_hidden = {layer: h[0] for layer, h in hidden.items()} if capture else None
             r.kv_state = self.kv.compress(full, hook)
             if cache is not None:
                 cache.copy_row(b, full)
@@ -354,6 +362,9 @@ class Engine:
                 new, cache, events = self._admit(waiting, size - len(rows), rows, cache, params, spec.max_nodes + 2)
                 for r in new:
                     r.draft_state = spec.drafter.new_state(r.completion.prompt_ids)
+                    if r.prompt_hidden is not None:
+                        spec.drafter.prefilled(r.draft_state, r.prompt_hidden)
+                        r.prompt_hidden = None
                 yield from events
                 rows += new
                 continue

@@ -63,3 +63,32 @@ def smollm2():
     import ponder
 
     return ponder.load()
+
+
+@pytest.fixture(scope="session")
+def cyclic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint whose continuation mostly follows short cycles (tests/cyclic_model.py): drafters draft."""
+    from cyclic_model import make_cyclic_dir
+
+    return make_cyclic_dir(tmp_path_factory.mktemp("cyclic-llama"))
+
+
+@pytest.fixture(scope="session")
+def cyclic(cyclic_dir: Path):
+    import ponder
+
+    return ponder.load(str(cyclic_dir))
+
+
+@pytest.fixture(scope="session")
+def cyclic_head_dir(cyclic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An EAGLE-style draft head trained on the cyclic model through the CLI, in seconds: data, then training."""
+    from ponder.cli import main
+
+    root = tmp_path_factory.mktemp("cyclic-head")
+    assert main(["distill", "data", "--model", str(cyclic_dir), "--tokens", "500", "--max-new-tokens", "24",
+                 "--out", str(root / "data"), "--quiet"]) == 0
+    assert main(["distill", "train", "head", "--model", str(cyclic_dir), "--data", str(root / "data"),
+                 "--out", str(root / "head"), "--vocab", "48", "--steps", "2", "--epochs", "2", "--lr", "3e-3",
+                 "--accum", "4", "--max-len", "256", "--quiet"]) == 0
+    return root / "head"

@@ -68,3 +68,16 @@ def test_deterministic_and_resumable(tiny, tmp_path: Path) -> None:
     assert other["recipe"]["seed"] == 4
     with pytest.raises(PonderError, match="another recipe"):
         make_data(tiny, DataOptions(**{**opts.__dict__, "max_new_tokens": 5}), tmp_path / "a", progress=False)
+
+
+def test_cli_mistakes_are_one_line_errors(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    from test_cli import assert_one_line_error, run_cli
+
+    for args, needle in [(["--layers", "2,x"], "--layers"), (["--specbench", str(tmp_path / "none.jsonl")], "no such"),
+                         (["--layers", "9"], "recorded layers")]:
+        code, _, err = run_cli(capsys, "distill", "data", "--model", str(tiny_dir), "--out", str(tmp_path / "d"),
+                               "--quiet", *args)
+        assert_one_line_error(code, err, needle)
+    code, _, err = run_cli(capsys, "distill", "train", "head", "--model", str(tiny_dir), "--data",
+                           str(tmp_path / "nothing"), "--out", str(tmp_path / "h"), "--quiet")
+    assert_one_line_error(code, err, "ponder distill data")

@@ -255,14 +255,6 @@ def test_decode_eviction_bounds_the_cache(tiny) -> None:
 
 # --- composition with speculative decoding ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cyclic(tmp_path_factory: pytest.TempPathFactory):
-    import ponder
-    from cyclic_model import make_cyclic_dir
-
-    return ponder.load(str(make_cyclic_dir(tmp_path_factory.mktemp("cyclic-llama"))))
-
-
-@pytest.fixture(scope="module")
 def speculators(tiny, tiny_dir, cyclic) -> dict:
     """Built once: each measures its verify-cost curve when first used, which dominates a tiny model's runs.
     Early exit runs on the cyclic model (tests/cyclic_model.py), whose first layer's exit head agrees with the full

@@ -18,7 +18,6 @@ from ponder.speculate import drafter_names, make_speculator
 from ponder.speculate.accept import accept
 from ponder.speculate.tree import DraftTree, merge
 
-from cyclic_model import make_cyclic_dir
 
 PROMPTS = [
     [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7],  # repetitive: copying drafters get accepted
@@ -28,25 +27,17 @@ PROMPTS = [
 ]
 
 
-def spec_table(model_dir: Path) -> dict[str, list[str]]:
-    """A concrete SPEC per registered drafter (a new drafter without an entry fails the matrix)."""
+def spec_table(model_dir: Path, head_dir: Path) -> dict[str, list[str]]:
+    """A concrete SPEC per registered drafter (a new drafter without an entry fails the matrix); ``head_dir`` holds
+    a draft head trained for the model in ``model_dir``."""
     return {
         "pld": ["pld", "pld:branches=3:max_ngram=4"],
         "lookahead": ["lookahead"],
         "recycling": ["recycling", "recycling:k=8:widths=8-2-1"],
         "draft": [f"draft:{model_dir}"],
         "early-exit": ["early-exit:layer=1", "early-exit"],
+        "head": [f"head:{head_dir}", f"head:{head_dir}:depth=3:k=2"],
     }
-
-
-@pytest.fixture(scope="module")
-def cyclic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_cyclic_dir(tmp_path_factory.mktemp("cyclic-llama"))
-
-
-@pytest.fixture(scope="module")
-def cyclic(cyclic_dir: Path):
-    return ponder.load(str(cyclic_dir))
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +52,14 @@ def drafted_and_accepted(completions: list) -> tuple[int, int]:
 
 
 def test_every_drafter_has_a_spec(tiny_dir: Path) -> None:
-    assert set(spec_table(tiny_dir)) == set(drafter_names())
+    assert set(spec_table(tiny_dir, tiny_dir)) == set(drafter_names())
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_matrix_equals_baseline(cyclic, cyclic_dir: Path, baseline, batch: int) -> None:
-    specs = [s for v in spec_table(cyclic_dir).values() for s in v]
-    specs += ["pld+recycling", "lookahead+early-exit:layer=1", "pld+recycling:adaptive=false:max_nodes=12"]
+def test_greedy_matrix_equals_baseline(cyclic, cyclic_dir: Path, cyclic_head_dir: Path, baseline, batch: int) -> None:
+    specs = [s for v in spec_table(cyclic_dir, cyclic_head_dir).values() for s in v]
+    specs += ["pld+recycling", "lookahead+early-exit:layer=1", "pld+recycling:adaptive=false:max_nodes=12",
+              f"head:{cyclic_head_dir}+pld"]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     prompts = PROMPTS[:batch] if batch > 1 else PROMPTS[:1]
     for spec in specs:

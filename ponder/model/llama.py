@@ -200,18 +200,20 @@ class LlamaModel(nn.Module):
 
     def forward(
         self, ids: torch.Tensor, cache: KVCache, n_new: list[int] | None = None, last_only: bool = False,
-        kv_hook: "KVHook | None" = None,
+        kv_hook: "KVHook | None" = None, capture: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Append ids # [B, T] to the cache and return logits # [B, T, V] (# [B, 1, V] with ``last_only``).
 
         ``n_new[b]`` is how many of row b's T tokens are real (the rest is right padding); the cache advances by it.
         ``kv_hook`` sees every layer's queries and readable keys (KV-cache policies score entries with it).
+        ``capture``: as in ``forward_tree``, its keys name layers l whose input hidden state # [B, T, E] (the output
+        of layers ``[0, l)``; l = the number of layers: the last layer's output) is stored into it.
         """
         B, T = ids.shape
         n_new = [T] * B if n_new is None else n_new
         ctx = self.step_context(cache, T, n_new)
         ctx.kv_hook = kv_hook
-        h = self.run_layers(self.embed(ids), ctx, cache)
+        h = self._run_capturing(self.embed(ids), ctx, cache, 0, capture)
         cache.advance(n_new)
         if last_only:
             last = torch.tensor([n - 1 for n in n_new], device=h.device)
@@ -235,12 +237,18 @@ class LlamaModel(nn.Module):
         ctx = self.tree_context(cache, depth, visible)
         ctx.kv_hook = kv_hook
         h = self.embed(ids) if hidden is None else hidden
-        at = start_layer
+        return self.logits(self._run_capturing(h, ctx, cache, start_layer, capture))
+
+    def _run_capturing(
+        self, h: torch.Tensor, ctx: StepContext, cache: KVCache, start: int, capture: dict[int, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Run layers ``[start, end)`` on h # [B, T, E], storing the input of each layer named in ``capture``."""
+        at = start
         for layer in sorted(capture or {}):
             if layer >= at:
                 h = self.run_layers(h, ctx, cache, at, layer)
                 capture[layer], at = h, layer
-        return self.logits(self.run_layers(h, ctx, cache, at))
+        return self.run_layers(h, ctx, cache, at)
 
     # --- per-step metadata ----------------------------------------------------------------------------------------
     def tree_context(self, cache: KVCache, depth: torch.Tensor, visible: torch.Tensor) -> StepContext:

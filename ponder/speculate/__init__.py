@@ -7,6 +7,7 @@ Policy options (``max_nodes``, ``min_prob``, ``adaptive``) may be given on any p
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,7 +27,7 @@ class Entry:
 
 
 def _registry() -> dict[str, Entry]:
-    from ponder.speculate import draft_model, early_exit, lookahead, pld, recycling
+    from ponder.speculate import draft_model, early_exit, head, lookahead, pld, recycling
 
     return {
         "pld": Entry(pld.PLDOptions, lambda o, t: pld.PLD(o), help="prompt lookup / copy (2502.08923)"),
@@ -38,6 +39,8 @@ def _registry() -> dict[str, Entry]:
                        help="a separate draft model with the same tokenizer"),
         "early-exit": Entry(early_exit.EarlyExitOptions, early_exit.EarlyExit.build,
                             help="self-speculation with the first layers (2404.16710, 2404.18911; auto: 2504.05598)"),
+        "head": Entry(head.HeadOptions, head.HeadDrafter.build, positional="path",
+                      help="a trained EAGLE-style draft head, dynamic tree (2401.15077, 2406.16858, 2503.01840)"),
     }
 
 
@@ -51,9 +54,15 @@ class Composite(Drafter):
     def __init__(self, parts: list[Drafter]) -> None:
         self.parts = parts
         self.name = "+".join(p.name for p in parts)
+        self.prefill_capture = tuple(sorted({layer for p in parts for layer in p.prefill_capture}))
 
     def new_state(self, prompt_ids: list[int]) -> list[Any]:
         return [p.new_state(prompt_ids) for p in self.parts]
+
+    def prefilled(self, state: list[Any], hidden: dict[int, Any]) -> None:
+        for p, s in zip(self.parts, state):
+            if p.prefill_capture:
+                p.prefilled(s, {layer: hidden[layer] for layer in p.prefill_capture})
 
     def _view(self, batch: DraftBatch, i: int) -> DraftBatch:
         rows = [DraftRow(r.tokens, r.state[i], r.budget) for r in batch.rows]
@@ -62,11 +71,15 @@ class Composite(Drafter):
     def propose(self, batch: DraftBatch) -> Proposal:
         props = [p.propose(self._view(batch, i)) for i, p in enumerate(self.parts)]
         trees = [merge([pr.trees[b] for pr in props]) for b in range(len(batch.rows))]
-        return Proposal(trees)  # merged trees no longer match one drafter's hidden states: verify runs all layers
+        self._captured = [set(pr.capture) for pr in props]  # each part sees only the states it asked for
+        capture = tuple(sorted(set().union(*self._captured)))
+        return Proposal(trees, capture=capture)  # merged trees no longer match one drafter's hidden states
 
     def observe(self, batch: DraftBatch, results: list[RowResult]) -> None:
         for i, p in enumerate(self.parts):
-            p.observe(self._view(batch, i), results)
+            own = [dataclasses.replace(r, hidden={k: v for k, v in r.hidden.items() if k in self._captured[i]})
+                   for r in results]
+            p.observe(self._view(batch, i), own)
 
     def report(self) -> dict[str, Any]:
         return {p.name: r for p in self.parts if (r := p.report())}

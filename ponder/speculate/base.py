@@ -61,10 +61,15 @@ class Drafter(ABC):
     """Proposes draft trees; sees what was accepted."""
 
     name: str = "drafter"
+    prefill_capture: tuple[int, ...] = ()  # layers whose prompt hidden states the drafter wants (``prefilled``)
 
     def new_state(self, prompt_ids: list[int]) -> Any:
         """Per-row state for a new sequence (default: none)."""
         return None
+
+    def prefilled(self, state: Any, hidden: dict[int, torch.Tensor]) -> None:
+        """The prompt's hidden states at ``prefill_capture`` layers, layer -> # [P, E], right after ``new_state``
+        (default: ignored)."""
 
     @abstractmethod
     def propose(self, batch: DraftBatch) -> Proposal:

@@ -1,0 +1,67 @@
+"""The trained-head drafter: it computes what the head was trained to compute, drafts from the target's own
+states, and keeps greedy and seeded sampling output identical to plain decoding."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ponder.distill.data import record_hidden
+from ponder.distill.train import read_data
+from ponder.engine import Engine
+from ponder.errors import PonderError
+from ponder.sampling import SamplingParams
+from ponder.speculate import make_speculator
+from ponder.speculate.head import HeadDrafter, HeadOptions
+
+
+def test_drafting_computes_what_training_computed(cyclic, cyclic_head_dir: Path) -> None:
+    """After a prompt's prefill states, the head's prediction of the first draft equals training-time test's step 1
+    at the prompt's last position, and a depth-2 node's output equals step 2 one position later."""
+    _, seqs = read_data(Path(cyclic_head_dir).parent / "data")
+    seq = max(seqs, key=lambda s: len(s.tokens) - s.answer_start)
+    P, toks = seq.answer_start, seq.tokens.tolist()
+    drafter = HeadDrafter.build(HeadOptions(path=str(cyclic_head_dir)), cyclic)
+    head = drafter.head
+    with torch.inference_mode():
+        state = drafter.new_state(toks[:P])
+        prompt = record_hidden(cyclic.model, toks[:P], head.feature_layers)
+        drafter.prefilled(state, {k: v.to(torch.bfloat16).float() for k, v in prompt.items()})  # as stored
+        drafter._feed(state, toks[: P + 1])
+        T = len(toks)
+        emb = cyclic.model.embed_tokens(seq.tokens[1:]).float()
+        feats = [seq.hidden[layer][: T - 1].float() for layer in head.feature_layers]
+        outs = head.ttt_outputs(head.inputs(head.fused(feats), emb), emb, 2)
+        assert torch.allclose(state.last, outs[0][P - 1], atol=1e-4)
+        g = drafter._expand(state, [toks[P + 1]], [-1], [0], {-1: state.last})
+        assert torch.allclose(g[0], outs[1][P], atol=1e-4)
+
+
+def _chat_prompts(cyclic) -> list[list[int]]:
+    """Prompts the head was trained on (the built-in ones), where it drafts well enough to be accepted."""
+    from ponder.bench.suites import BUILTIN
+
+    eng = Engine(cyclic)
+    return [eng.encode(text, chat=True) for _, text in BUILTIN[:3]]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_head_is_lossless_and_drafts(cyclic, cyclic_head_dir: Path, batch: int) -> None:
+    prompts = _chat_prompts(cyclic)[:batch]
+    plain = Engine(cyclic)
+    for params in (SamplingParams(max_new_tokens=20, ignore_eos=True),
+                   SamplingParams(max_new_tokens=20, temperature=0.5, seed=2, ignore_eos=True)):
+        ref = [c.output_ids for c in plain.generate(prompts, params)]
+        for spec in (f"head:{cyclic_head_dir}:adaptive=false", f"head:{cyclic_head_dir}+pld"):
+            out = Engine(cyclic, make_speculator(spec, cyclic)).generate(prompts, params)
+            assert [c.output_ids for c in out] == ref, spec
+        forced = Engine(cyclic, make_speculator(f"head:{cyclic_head_dir}:adaptive=false", cyclic)).generate(prompts, params)
+        assert all(c.spec.drafted > 0 for c in forced)
+        assert sum(c.spec.accepted for c in forced) > 0
+
+
+def test_missing_head_names_the_command(cyclic, tmp_path: Path) -> None:
+    with pytest.raises(PonderError, match="ponder distill train head"):
+        make_speculator(f"head:{tmp_path / 'none'}", cyclic)
+    with pytest.raises(PonderError, match="depth"):
+        make_speculator("head:x:depth=0", cyclic)
