@@ -81,3 +81,15 @@ def test_cli_mistakes_are_one_line_errors(capsys, tiny_dir: Path, tmp_path: Path
     code, _, err = run_cli(capsys, "distill", "train", "head", "--model", str(tiny_dir), "--data",
                            str(tmp_path / "nothing"), "--out", str(tmp_path / "h"), "--quiet")
     assert_one_line_error(code, err, "ponder distill data")
+
+
+def test_bench_suite_takes_the_split(tmp_path: Path) -> None:
+    import json
+
+    from ponder.bench.suites import load_suite
+
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join(json.dumps({"question_id": q, "category": "qa", "turns": ["hi"]}) for q in range(1, 9)))
+    assert [c.id for c in load_suite(f"specbench:{path}:heldout")] == ["2", "3", "4", "6", "7", "8"]
+    assert [c.id for c in load_suite(f"specbench:{path}:train")] == ["1", "5"]
+    assert len(load_suite(f"specbench:{path}")) == 8

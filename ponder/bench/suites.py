@@ -1,8 +1,10 @@
 """Prompt suites for the bench.
 
-- ``specbench:PATH``: the Spec-Bench jsonl format (arXiv 2401.07851), one ``{"question_id", "category", "turns"}``
-  object per line. First turns always; second turns (``--second-turns``) are asked after the model's own first
-  answer, taken from the baseline run.
+- ``specbench:PATH[:train|:heldout]``: the Spec-Bench jsonl format (arXiv 2401.07851), one ``{"question_id",
+  "category", "turns"}`` object per line; ``:train`` keeps the questions trained drafters learn from
+  (``question_id % 4 == 1``, see ``ponder.distill.data``), ``:heldout`` all the others. First
+  turns always; second turns (``--second-turns``) are asked after the model's own first answer, taken from the
+  baseline run.
 - ``builtin``: a small prompt set of our own covering the same categories.
 - ``niah``, ``ppl``, ``ruler``: long-context suites: needle in a haystack, perplexity (``ponder.bench.longctx``)
   and four RULER tasks (``ponder.bench.ruler``).
@@ -49,7 +51,16 @@ def load_suite(
     if spec == "builtin":
         cases = [Case(f"builtin-{i}", cat, [text]) for i, (cat, text) in enumerate(BUILTIN)]
     elif spec.startswith("specbench:"):
-        cases = _read_specbench(Path(spec.split(":", 1)[1]).expanduser())
+        path, split = spec.split(":", 1)[1], None
+        if path.endswith((":train", ":heldout")):
+            path, split = path.rsplit(":", 1)
+        cases = _read_specbench(Path(path).expanduser())
+        if split is not None:  # the split trained drafters use (``ponder.distill.data.specbench_split``)
+            from ponder.distill.data import specbench_split
+
+            cases = [c for c in cases if c.id.isdigit() and specbench_split(int(c.id)) == split]
+            if not cases:
+                raise PonderError(f"suite {spec!r} has no {split} questions (numeric question ids are split by % 4)")
     else:
         raise PonderError(f"unknown suite {spec!r}: use builtin, specbench:PATH (a Spec-Bench .jsonl file), niah, ruler or ppl")
     firsts = [Case(c.id, c.category, c.turns[:1]) for c in cases]

