@@ -74,19 +74,22 @@ def test_system_with_raw_is_refused(capsys, tiny_dir: Path) -> None:
     assert_one_line_error(code, err, "--system", "--raw")
 
 
-def test_system_without_a_chat_template_is_refused(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+def _without_chat_template(tiny_dir: Path, tmp_path: Path) -> Path:
     plain = tmp_path / "no-template"
     shutil.copytree(tiny_dir, plain)
     (plain / "chat_template.jinja").unlink()
+    return plain
+
+
+def test_system_without_a_chat_template_is_refused(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    plain = _without_chat_template(tiny_dir, tmp_path)
     code, _, err = run_cli(capsys, "generate", "hi", "--model", str(plain), "--system", "Be brief.",
                            "--max-new-tokens", "2")
     assert_one_line_error(code, err, "--system", "chat template")
 
 
 def test_no_chat_template_still_generates_without_system(capsys, tiny_dir: Path, tmp_path: Path) -> None:
-    plain = tmp_path / "no-template"
-    shutil.copytree(tiny_dir, plain)
-    (plain / "chat_template.jinja").unlink()
+    plain = _without_chat_template(tiny_dir, tmp_path)
     code, out, _ = run_cli(capsys, "generate", "the sea", "--model", str(plain), "--max-new-tokens", "2",
                            "--ignore-eos")
     assert code == 0 and out.strip()
