@@ -274,15 +274,13 @@ class Engine:
         B x (longest / mean length), and a prompt's own prefill is already a large matmul.
         """
         ids = [r.completion.prompt_ids for r in rows]
-        dev = self.model.device
         if self.kv is None or all(self.kv.is_noop(len(p), max_new) for p in ids):
             cache = self.model.new_cache(len(ids), min(self.context_window, max(map(len, ids)) + max_new) + extra)
             last = []
             for b, (r, p) in enumerate(zip(rows, ids)):
-                row, hidden = cache.row(b), dict.fromkeys(capture)
-                last.append(self.model(torch.tensor([p], device=dev), row, last_only=True, capture=hidden)[:, -1])
+                row = cache.row(b)
+                last.append(self._prefill_one(r, p, row, None, capture))
                 cache.set_length(b, row.lengths[0])
-                r.prompt_hidden = {layer: h[0] for layer, h in hidden.items()} if capture else None
             self.kv_bytes = max(self.kv_bytes, cache.nbytes())
             self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
             return cache, torch.cat(last)
@@ -295,10 +293,8 @@ class Engine:
         last, held_rows, held, peak = [], [], 0, 0
         for b, (r, p) in enumerate(zip(rows, ids)):
             full = self.model.new_cache(1, len(p))  # the full prompt's cache exists only while this row is prefilled
-            hook, hidden = self.kv.prefill_hook(len(full.k), len(p)), dict.fromkeys(capture)
-            last.append(self.model(torch.tensor([p], device=dev), full, last_only=True, kv_hook=hook,
-                                   capture=hidden)[:, -1])
-            r.prompt_hidden = {layer: h[0] for layer, h in hidden.items()} if capture else None
+            hook = self.kv.prefill_hook(len(full.k), len(p))
+            last.append(self._prefill_one(r, p, full, hook, capture))
             r.kv_state = self.kv.compress(full, hook)
             if cache is not None:
                 cache.copy_row(b, full)
@@ -315,6 +311,17 @@ class Engine:
         self.kv_bytes = max(self.kv_bytes, cache.nbytes())
         self.peak_kv_bytes = max(self.peak_kv_bytes, peak)
         return cache, torch.cat(last)
+
+    def _prefill_one(
+        self, row: _Row, prompt: list[int], cache: KVCache, hook: Any, capture: tuple[int, ...],
+    ) -> torch.Tensor:
+        """Prefill one prompt into a one-row cache; its last logits # [1, V]. Hidden states at the ``capture``
+        layers go to ``row.prompt_hidden``."""
+        hidden = dict.fromkeys(capture)
+        ids = torch.tensor([prompt], device=self.model.device)
+        logits = self.model(ids, cache, last_only=True, kv_hook=hook, capture=hidden)[:, -1]
+        row.prompt_hidden = {layer: h[0] for layer, h in hidden.items()} if capture else None
+        return logits
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> tuple[list[int], list[float]]:
         """Each row's next token from its logits # [B, V] (sampling: with the noise of its next output position)."""
