@@ -3,7 +3,7 @@ answers the way ``ponder bench`` does, so the two can be compared case for case.
 
 Each case's whole prompt (question included, as ponder's ``niah`` and ``ruler`` suites build it) is prefilled
 inside the press, so the press compresses it knowing the question; then greedy decoding runs on the compressed
-cache with the true positions. kvpress needs transformers < 5.3, so it gets its own venv (see the README,
+cache with the true positions. kvpress needs transformers < 5.3, so it gets its own venv (see docs/bench.md,
 "Peers: kvpress"):
 
     python -m venv --system-site-packages .venv-kvpress

@@ -2,7 +2,7 @@
 
 Every method runs in its own child process (so its peak memory is its own) on the same prompt token ids.
 ``baseline`` (ponder greedy, fp32) always runs first: every other method is compared with its output ids.
-Writes ``results.json`` (schema in the README), ``report.md`` and ``speed.png`` into ``--out``.
+Writes ``results.json`` (schema in docs/bench.md), ``report.md`` and ``speed.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ponder.errors import PonderError
 
 LLAMACPP_CRASH_HINT = (
     " llama-cpp-python built with -march=native uses AMX kernels on CPUs that report AMX, and these crash where a"
-    " VM does not enable AMX: rebuild it without them, see the README (Peers: llama.cpp)."
+    " VM does not enable AMX: rebuild it without them, see docs/bench.md (Peers: llama.cpp)."
 )
 
 

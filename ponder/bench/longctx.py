@@ -11,7 +11,7 @@
   answer prefix: 1 the magic number above; 2 a six-digit flowerpot number in a sentence of another shape, with
   people's names as keys) and ``start=0`` (the haystack begins this many tokens into the essays).
   The defaults are the cases snapkv's options were tuned on; other needles, depths and starts make held-out cases
-  (README, "kvpress on the same cases").
+  (docs/kv.md, "kvpress on the same cases").
 
 - ``ppl``: perplexity of the same essays' text: each case is a window of ``length`` tokens (default 4096), the
   first ``length - eval`` the prompt (compressed as any prompt), the last ``eval`` (default 256) scored token by

@@ -9,7 +9,7 @@ top entries plus the window. Decoding then appends to the compressed cache.
 AdaKV 2407.11550): see ``ponder/kv/alloc.py``.
 
 Options beyond the paper's (``gqa``, ``pool``, ``sinks``) exist because a 135M model's attention is diffuse: see
-the README's KV-cache section for what each changes on needle-in-a-haystack.
+docs/kv.md for what each changes on needle-in-a-haystack.
 """
 
 from __future__ import annotations

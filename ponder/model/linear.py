@@ -12,8 +12,8 @@ decodes a batch or verifies drafts (speculative decoding packs 4, 8 and 16 rows:
 Bits: on that Xeon the packed kernel and plain sgemm gave every row the bits it gets alone. On an AMD EPYC (same
 PyTorch and MKL) the packed kernel and plain sgemm agree for 4 and more rows, but 1, 2 and 3 rows each get other
 last bits; padding a decode step's row to 4 would make them agree at ~2.4x the projections' time there (rough, on
-a shared machine), so fp32 keeps the fast kernels and speculation on fp32 is exact up to near ties (README,
-"Speculative decoding"). tests/test_kernels.py bounds the difference on the machine it runs on.
+a shared machine), so fp32 keeps the fast kernels and speculation on fp32 is exact up to near ties
+(docs/speculation.md). tests/test_kernels.py bounds the difference on the machine it runs on.
 """
 
 from __future__ import annotations
