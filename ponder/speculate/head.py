@@ -17,6 +17,7 @@ committed prefix); tree nodes are computed above them and never committed, so no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from typing import Any
 
 import torch
@@ -31,10 +32,12 @@ class HeadOptions:
     path: str = ""  # the head's artifact directory ("" = the default for the loaded model)
     depth: int = 5  # tree levels
     k: int = 8  # nodes expanded per level, and children per expanded node
+    stop: float = 0.02  # stop expanding when no frontier path is this likely (the policy drops such nodes)
 
     def __post_init__(self) -> None:
-        if self.depth < 1 or self.k < 1:
-            raise ValueError(f"head needs depth >= 1 and k >= 1, got depth={self.depth}, k={self.k}")
+        if self.depth < 1 or self.k < 1 or not 0 <= self.stop < 1:
+            raise ValueError(f"head needs depth >= 1, k >= 1 and stop in [0, 1), got depth={self.depth}, "
+                             f"k={self.k}, stop={self.stop}")
 
 
 @dataclass
@@ -115,36 +118,45 @@ class HeadDrafter(Drafter):
         return self.target.embed_tokens(ids).to(self._dtype)
 
     def _tree(self, state: HeadRow, budget: int) -> DraftTree:
-        """EAGLE-2's dynamic tree: expand the k most probable nodes per level into their k best children."""
+        """EAGLE-2's dynamic tree: expand the k most probable nodes per level into their k best children.
+
+        Each level scores all its expanded nodes in one matrix product over the draft vocabulary. A node's tree
+        score is the head's probability of its token given its parent (``DraftTree.path_probs`` multiplies them
+        into the cumulative probability that ranks nodes). Expansion stops early when no frontier node's
+        cumulative probability reaches ``stop``: deeper nodes would not be verified anyway."""
         k, head = self.options.k, self.head
         tokens: list[int] = []
         parents: list[int] = []
-        logps: list[float] = []  # cumulative log-probability of each node's path
-        outs: dict[int, torch.Tensor] = {-1: state.last}  # expanded node -> head output (-1: the root)
-        frontier = [-1]
+        probs: list[float] = []  # the head's probability of each node's token given its parent
+        cum: list[float] = []  # cumulative log-probability of each node's path
+        expanded = {-1: state.last}  # node -> its head output # [E] (-1: the root)
+        frontier, outs = [-1], state.last[None]  # this level's expanded nodes and their outputs # [F, E]
         for level in range(self.options.depth):
+            logp = torch.log_softmax(head.scores(outs).float(), -1)  # [F, N]
+            top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
+            values, indices = top.values.tolist(), head.draft_ids[top.indices].tolist()
             new = []
-            for node in frontier:
-                logp = torch.log_softmax(head.scores(outs[node]).float(), -1)
-                top = torch.topk(logp, min(k, logp.shape[-1]))
-                base = 0.0 if node < 0 else logps[node]
-                for lp, idx in zip(top.values.tolist(), top.indices.tolist()):
-                    tokens.append(int(head.draft_ids[idx]))
+            for node, lps, ids in zip(frontier, values, indices):
+                base = 0.0 if node < 0 else cum[node]
+                for lp, tok in zip(lps, ids):
+                    tokens.append(tok)
                     parents.append(node)
-                    logps.append(base + lp)
+                    probs.append(math.exp(lp))
+                    cum.append(base + lp)
                     new.append(len(tokens) - 1)
             if level + 1 == self.options.depth:
                 break
-            frontier = sorted(new, key=lambda i: -logps[i])[:k]
-            outs.update(self._expand(state, tokens, parents, frontier, outs))
-        tree = DraftTree(tokens, parents)
-        tree.scores = torch.tensor(logps, dtype=torch.float64).exp().tolist()
-        return tree.best(budget)
+            frontier = sorted(new, key=lambda i: -cum[i])[:k]
+            if math.exp(cum[frontier[0]]) < self.options.stop:
+                break
+            outs = self._expand(state, tokens, parents, frontier, expanded)
+            expanded.update(zip(frontier, outs))
+        return DraftTree(tokens, parents, probs).best(budget)
 
     def _expand(
         self, state: HeadRow, tokens: list[int], parents: list[int], frontier: list[int],
         outs: dict[int, torch.Tensor],
-    ) -> dict[int, torch.Tensor]:
+    ) -> torch.Tensor:
         """Head outputs of the frontier nodes, from one forward over them and their ancestors above the fed prefix
         (the ancestors are recomputed: one small layer over a few dozen tokens costs about what one token does).
         A node at draft depth d sits at position fed - 1 + d, takes (its parent's output, its own token) and
@@ -161,7 +173,7 @@ class HeadDrafter(Drafter):
         z = self.head.inputs(u, self._embed(torch.tensor([tokens[n] for n in keep])))[None]
         ctx = self.head.inner.tree_context(state.cache, depth, visible[None])
         g = self.head.inner.run_layers(z, ctx, state.cache)[0]
-        return {n: g[index[n]] for n in frontier}
+        return g[[index[n] for n in frontier]]  # [len(frontier), E]
 
     def observe(self, batch: DraftBatch, results: list[RowResult]) -> None:
         """Queue the target states of the committed verify inputs (the pending token and the accepted nodes)."""
