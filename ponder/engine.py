@@ -386,7 +386,9 @@ class Engine:
         from ponder.speculate import DraftBatch, DraftRow
 
         spec = self.speculator
-        budgets = [spec.policy.budget(params.max_new_tokens - len(r.completion.output_ids)) for r in rows]
+        drafting = spec.policy.drafting()
+        budgets = [spec.policy.budget(params.max_new_tokens - len(r.completion.output_ids)) if drafting else 0
+                   for r in rows]
         kv = self._kv(rows)
         if kv:  # drafts stop at the next eviction point, so evictions happen where plain decoding has them
             rooms = [kv.room(r.kv_state, cache, b) for b, r in enumerate(rows)]
@@ -408,7 +410,7 @@ class Engine:
             res.hidden = {layer: h[b, : len(trees[b]) + 1] for layer, h in captured.items() if h is not None}
         t2 = time.perf_counter()
         spec.drafter.observe(batch, results)
-        spec.policy.observe(trees, [r.path for r in results])
+        spec.policy.observe(trees, [r.path for r in results], drafting, time.perf_counter() - t0)
         events = []
         for row, tree, res in zip(rows, trees, results):
             event = self._commit_many(row, res.committed, res.gaps, params)

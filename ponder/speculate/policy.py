@@ -10,6 +10,12 @@ On CPU a verify forward's cost grows with its token count, unevenly (MKL's GEMM 
 rows), so the policy measures that cost curve once per engine (``CostCurve.measure``) and keeps the number of
 nodes per row that maximises expected tokens per second: ``sum_rows(1 + sum of kept path probs) / cost(B * T)``.
 Nodes whose path probability falls below ``min_prob`` are dropped as well (the SpecDec++ stopping rule).
+
+That curve prices verification only. Drafting has its own cost, large for drafters that run a network (a draft
+model, a trained head): whether it pays is measured, not modelled. ``DraftGate`` times whole steps (committed tokens
+per wall second, drafting included) with and without drafting, keeps whichever is faster, and retries the other
+every ``explore`` steps; a step without drafting gives every row a budget of 0 (drafters still see it, so those
+that follow the target's states keep up).
 """
 
 from __future__ import annotations
@@ -28,13 +34,17 @@ MEASURED_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 class PolicyOptions:
     max_nodes: int = 15  # most draft nodes per row per verify step
     min_prob: float = 0.02  # drop nodes whose estimated chance of acceptance is lower
-    adaptive: bool = True  # size trees by expected tokens per second (False: keep the best max_nodes nodes)
+    adaptive: bool = True  # size trees by expected tokens per second, draft only when it pays (False: always
+    # draft and keep the best max_nodes nodes)
+    explore: int = 16  # adaptive: retry the slower of drafting / not drafting every `explore` steps
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_nodes <= 64:
             raise ValueError(f"max_nodes must be in [0, 64], got {self.max_nodes}")
         if not 0 <= self.min_prob < 1:
             raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
+        if self.explore < 2:
+            raise ValueError(f"explore must be >= 2, got {self.explore}")
 
 
 @dataclass
@@ -102,15 +112,45 @@ class Calibration:
                 c[1] += 1
 
 
+@dataclass
+class DraftGate:
+    """Drafting or not, by measured committed tokens per second of whole steps (an exponential moving average per
+    mode, weight ``1 - decay`` per step). The mode with the higher rate runs; every ``explore`` steps the other one
+    runs once, so a change in the text (a passage that can be copied) is noticed. Both modes start unmeasured:
+    drafting runs first, then one step without."""
+
+    explore: int = 16
+    decay: float = 0.7
+    rate: dict[bool, float] = field(default_factory=dict)  # drafting? -> committed tokens per second
+    steps: int = 0
+
+    def drafting(self) -> bool:
+        if True not in self.rate or False not in self.rate:
+            return True not in self.rate or self.steps >= 4  # 4 steps of drafting, then try without
+        best = self.rate[True] >= self.rate[False]
+        return best if self.steps % self.explore else not best
+
+    def observe(self, drafted: bool, tokens: int, seconds: float) -> None:
+        self.steps += 1
+        r = tokens / max(seconds, 1e-9)
+        old = self.rate.get(drafted)
+        self.rate[drafted] = r if old is None else self.decay * old + (1 - self.decay) * r
+
+
 class DraftPolicy:
     def __init__(self, options: PolicyOptions | None = None, cost: CostCurve | None = None) -> None:
         self.options = options or PolicyOptions()
         self.cost = cost or CostCurve()
         self.calibration = Calibration()
+        self.gate = DraftGate(self.options.explore)
 
     def budget(self, remaining: int) -> int:
         """Most nodes for a row that may still commit ``remaining`` tokens (a verify step commits up to depth + 1)."""
         return max(0, min(self.options.max_nodes, remaining - 1))
+
+    def drafting(self) -> bool:
+        """Whether this step drafts at all (always, unless adaptive)."""
+        return self.gate.drafting() if self.options.adaptive else True
 
     def path_probs(self, tree: DraftTree) -> list[float]:
         out: list[float] = []
@@ -143,6 +183,9 @@ class DraftPolicy:
                 best_n, best_rate = n, rate
         return best_n
 
-    def observe(self, trees: list[DraftTree], paths: list[list[int]]) -> None:
+    def observe(self, trees: list[DraftTree], paths: list[list[int]], drafted: bool = True, seconds: float = 0.0) -> None:
+        """Calibrate on what was accepted; ``seconds``: the whole step's wall time (draft, verify, accept)."""
         for tree, path in zip(trees, paths):
             self.calibration.update(tree, path)
+        if seconds > 0:
+            self.gate.observe(drafted, sum(len(p) + 1 for p in paths), seconds)
