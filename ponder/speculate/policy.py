@@ -125,8 +125,10 @@ class DraftGate:
     steps: int = 0
 
     def drafting(self) -> bool:
-        if True not in self.rate or False not in self.rate:
-            return True not in self.rate or self.steps >= 4  # 4 steps of drafting, then try without
+        if True not in self.rate:
+            return True
+        if False not in self.rate:
+            return self.steps < 4  # 4 steps of drafting, then one without
         best = self.rate[True] >= self.rate[False]
         return best if self.steps % self.explore else not best
 

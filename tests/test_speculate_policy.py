@@ -1,0 +1,47 @@
+"""The draft policy's gate: drafting runs only while it commits more tokens per second than plain steps."""
+
+import pytest
+
+from ponder.speculate.policy import DraftGate, DraftPolicy, PolicyOptions
+from ponder.speculate.tree import DraftTree
+
+
+def run(gate: DraftGate, rate: dict[bool, float], steps: int) -> list[bool]:
+    modes = []
+    for _ in range(steps):
+        drafting = gate.drafting()
+        modes.append(drafting)
+        gate.observe(drafting, tokens=int(rate[drafting] * 10), seconds=10.0)
+    return modes
+
+
+def test_gate_keeps_the_faster_mode_and_explores_the_other():
+    # 4 drafting steps, 1 plain step, then the faster mode, the other one on every 8th step
+    slow_drafts = run(DraftGate(explore=8), {True: 5.0, False: 20.0}, 40)
+    assert slow_drafts == [i < 4 or (i > 4 and i % 8 == 0) for i in range(40)]
+    fast_drafts = run(DraftGate(explore=8), {True: 30.0, False: 20.0}, 40)
+    assert fast_drafts == [i != 4 and not (i > 4 and i % 8 == 0) for i in range(40)]
+
+
+def test_gate_follows_a_change_of_text():
+    gate = DraftGate(explore=4)
+    run(gate, {True: 5.0, False: 20.0}, 20)
+    assert gate.rate[True] < gate.rate[False]
+    modes = run(gate, {True: 60.0, False: 20.0}, 20)  # a copyable passage: drafting now pays
+    assert gate.rate[True] > gate.rate[False]
+    assert modes[-8:] == [(20 + i) % 4 != 0 for i in range(12, 20)]  # plain only on exploration steps
+
+
+def test_policy_without_adaptive_always_drafts():
+    policy = DraftPolicy(PolicyOptions(adaptive=False))
+    for _ in range(30):
+        assert policy.drafting()
+        policy.observe([DraftTree.chain([1, 2])], [[]], True, seconds=100.0)  # slow and rejected
+    with pytest.raises(ValueError, match="explore"):
+        PolicyOptions(explore=1)
+
+
+def test_policy_counts_committed_tokens_per_step():
+    policy = DraftPolicy()
+    policy.observe([DraftTree.chain([1, 2, 3]), DraftTree.chain([4])], [[0, 1], []], True, seconds=2.0)
+    assert policy.gate.rate[True] == pytest.approx((3 + 1) / 2.0)
