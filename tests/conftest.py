@@ -92,3 +92,39 @@ def cyclic_head_dir(cyclic_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
                  "--out", str(root / "head"), "--vocab", "48", "--steps", "2", "--epochs", "2", "--lr", "3e-3",
                  "--accum", "4", "--max-len", "256", "--quiet"]) == 0
     return root / "head"
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Self-distillation data of the tiny random model (600 answer tokens), shared by the distill tests."""
+    from ponder.distill.data import DataOptions, make_data
+
+    out = tmp_path_factory.mktemp("tiny-distill") / "data"
+    make_data(tiny, DataOptions(tokens=600, max_new_tokens=24, batch_size=8), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cyclic_medusa_dir(cyclic_dir: Path, cyclic_head_dir: Path) -> Path:
+    """Medusa heads trained on the cyclic model through the CLI, on the head's data, in about a second."""
+    from ponder.cli import main
+
+    out = cyclic_head_dir.parent / "medusa"
+    data = cyclic_head_dir.parent / "data"
+    assert main(["distill", "train", "medusa", "--model", str(cyclic_dir), "--data", str(data), "--out", str(out),
+                 "--vocab", "48", "--heads", "3", "--epochs", "4", "--lr", "2e-2", "--accum", "1",
+                 "--max-len", "256", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def cyclic_exits_dir(cyclic_dir: Path, cyclic_head_dir: Path) -> Path:
+    """Exit adapters (layers 1 and 2) trained on the cyclic model through the CLI, on the head's data, in seconds."""
+    from ponder.cli import main
+
+    out = cyclic_head_dir.parent / "exits"
+    data = cyclic_head_dir.parent / "data"
+    assert main(["distill", "train", "exits", "--model", str(cyclic_dir), "--data", str(data), "--out", str(out),
+                 "--epochs", "2", "--lr", "1e-2", "--accum", "2", "--positions", "32",
+                 "--max-len", "256", "--quiet"]) == 0
+    return out

@@ -25,10 +25,12 @@ def plain(cyclic) -> dict[int, list[list[int]]]:
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_speculative_sampling_reproduces_plain_sampling(
-    cyclic, cyclic_dir: Path, cyclic_head_dir: Path, plain, batch_size: int,
+    cyclic, cyclic_dir: Path, cyclic_head_dir: Path, cyclic_medusa_dir: Path, cyclic_exits_dir: Path, plain,
+    batch_size: int,
 ) -> None:
     """On the cyclic model (tests/cyclic_model.py) every drafter gets drafts accepted while sampling too."""
-    specs = [s for v in spec_table(cyclic_dir, cyclic_head_dir).values() for s in v]
+    table = spec_table(cyclic_dir, cyclic_head_dir, cyclic_medusa_dir, cyclic_exits_dir)
+    specs = [s for v in table.values() for s in v]
     specs += ["pld+recycling", "lookahead+early-exit:layer=1"]
     for spec in specs:
         eng = Engine(cyclic, make_speculator(spec, cyclic))

@@ -27,16 +27,21 @@ PROMPTS = [
 ]
 
 
-def spec_table(model_dir: Path, head_dir: Path) -> dict[str, list[str]]:
-    """A concrete SPEC per registered drafter (a new drafter without an entry fails the matrix); ``head_dir`` holds
-    a draft head trained for the model in ``model_dir``."""
+def spec_table(
+    model_dir: Path, head_dir: Path, medusa_dir: Path | None = None, exits_dir: Path | None = None,
+) -> dict[str, list[str]]:
+    """A concrete SPEC per registered drafter (a new drafter without an entry fails the matrix); ``head_dir``,
+    ``medusa_dir`` and ``exits_dir`` hold a draft head, Medusa heads and exit adapters trained for the model in
+    ``model_dir``."""
+    medusa_dir, exits_dir = medusa_dir or head_dir, exits_dir or head_dir
     return {
         "pld": ["pld", "pld:branches=3:max_ngram=4"],
         "lookahead": ["lookahead"],
         "recycling": ["recycling", "recycling:k=8:widths=8-2-1"],
         "draft": [f"draft:{model_dir}"],
-        "early-exit": ["early-exit:layer=1", "early-exit"],
+        "early-exit": ["early-exit:layer=1", "early-exit", f"early-exit:layer=1:adapter={exits_dir}"],
         "head": [f"head:{head_dir}", f"head:{head_dir}:depth=3:k=2"],
+        "medusa": [f"medusa:{medusa_dir}", f"medusa:{medusa_dir}:heads=2:k=3"],
     }
 
 
@@ -56,10 +61,14 @@ def test_every_drafter_has_a_spec(tiny_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_matrix_equals_baseline(cyclic, cyclic_dir: Path, cyclic_head_dir: Path, baseline, batch: int) -> None:
-    specs = [s for v in spec_table(cyclic_dir, cyclic_head_dir).values() for s in v]
+def test_greedy_matrix_equals_baseline(
+    cyclic, cyclic_dir: Path, cyclic_head_dir: Path, cyclic_medusa_dir: Path, cyclic_exits_dir: Path, baseline,
+    batch: int,
+) -> None:
+    table = spec_table(cyclic_dir, cyclic_head_dir, cyclic_medusa_dir, cyclic_exits_dir)
+    specs = [s for v in table.values() for s in v]
     specs += ["pld+recycling", "lookahead+early-exit:layer=1", "pld+recycling:adaptive=false:max_nodes=12",
-              f"head:{cyclic_head_dir}+pld"]
+              f"head:{cyclic_head_dir}+pld", f"head:{cyclic_head_dir}+medusa:{cyclic_medusa_dir}"]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     prompts = PROMPTS[:batch] if batch > 1 else PROMPTS[:1]
     for spec in specs:

@@ -1,11 +1,12 @@
-"""``ponder distill data`` and ``ponder distill train head``: self-distillation data, then trained artifacts, by
-default under ponder's cache in a folder per model (``ponder.distill.train.artifact_dir``)."""
+"""``ponder distill data`` and ``ponder distill train head|medusa|exits``: self-distillation data, then trained
+artifacts, by default under ponder's cache in a folder per model (``ponder.distill.train.artifact_dir``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from ponder.errors import PonderError
 
@@ -25,11 +26,17 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
     data.set_defaults(distill_func=cmd_data)
 
     train = sub.add_parser("train", help="train an artifact on distill data")
-    train.add_argument("kind", choices=["head"], help="head: an EAGLE-style draft head")
+    train.add_argument("kind", choices=["head", "medusa", "exits"],
+                       help="head: an EAGLE-style draft head; medusa: Medusa-1 heads; exits: exit adapters")
     _common(train, default_model)
     train.add_argument("--data", default="", help="distill data directory (default: the model's)")
     train.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (default 8192)")
-    train.add_argument("--steps", type=int, default=3, help="training-time test steps (default 3)")
+    train.add_argument("--steps", type=int, default=3, help="head: training-time test steps (default 3)")
+    train.add_argument("--heads", type=int, default=4, help="medusa: heads, i.e. draft depth (default 4)")
+    train.add_argument("--layers", default="",
+                       help="exits: candidate exit layers, e.g. 8,12,16,20,24 (default: those, scaled to the depth)")
+    train.add_argument("--positions", type=int, default=128,
+                       help="exits: positions per sequence trained on, drawn at random (0: all; default 128)")
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--accum", type=int, default=8, help="sequences per optimizer step (default 8)")
@@ -55,10 +62,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from ponder.distill.data import DataOptions, make_data
     from ponder.distill.train import artifact_dir
 
-    try:
-        layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else ()
-    except ValueError:
-        raise PonderError(f"--layers takes comma-separated layer numbers, got {args.layers!r}")
+    layers = _layers(args.layers)
     if args.specbench and not Path(args.specbench).expanduser().exists():
         raise PonderError(f"--specbench {args.specbench}: no such file")
     options = DataOptions(tokens=args.tokens, seed=args.seed, max_new_tokens=args.max_new_tokens,
@@ -75,19 +79,58 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     import ponder
-    from ponder.distill.head import KIND, train_head
     from ponder.distill.train import TrainConfig, artifact_dir
 
-    loaded = ponder.load(args.model, args.dtype)
-    data = Path(args.data).expanduser() if args.data else artifact_dir(loaded, "data")
-    out = Path(args.out).expanduser() if args.out else artifact_dir(loaded, KIND)
     if args.vocab < 1 or args.steps < 1 or args.epochs < 1 or args.lr <= 0 or args.accum < 1 or args.max_len < 8:
         raise PonderError("train needs --vocab, --steps, --epochs, --accum >= 1, --lr > 0 and --max-len >= 8")
+    if args.heads < 1 or args.positions < 0:
+        raise PonderError("train needs --heads >= 1 and --positions >= 0")
+    _layers(args.layers)  # a malformed list fails before the model loads
+    loaded = ponder.load(args.model, args.dtype)
+    data = Path(args.data).expanduser() if args.data else artifact_dir(loaded, "data")
+    out = Path(args.out).expanduser() if args.out else artifact_dir(loaded, args.kind)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, accum=args.accum, seed=args.seed)
-    recipe = train_head(loaded, data, out, args.vocab, args.steps, cfg, args.max_len, progress=not args.quiet)
-    acc = ", ".join(f"{a:.1%}" for a in recipe["heldback"]["top1_by_depth"])
-    print(f"{KIND} trained in {recipe['train_minutes']:.1f} min on {recipe['sequences']} sequences; held-back top-1 by "
-          f"depth: {acc}; draft vocabulary covers {recipe['vocab_coverage']:.1%} of answer tokens")
+    recipe, summary = _TRAIN[args.kind](loaded, data, out, cfg, args)
+    print(f"{args.kind} trained in {recipe['train_minutes']:.1f} min on {recipe['sequences']} sequences; {summary}")
     print(f"saved to {out} (recipe.json, weights.safetensors, loss.png)")
     print(json.dumps({"heldback": recipe["heldback"]}))
     return 0
+
+
+def _train_head(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Namespace) -> tuple[dict, str]:
+    from ponder.distill.head import train_head
+
+    recipe = train_head(loaded, data, out, args.vocab, args.steps, cfg, args.max_len, progress=not args.quiet)
+    acc = ", ".join(f"{a:.1%}" for a in recipe["heldback"]["top1_by_depth"])
+    return recipe, (f"held-back top-1 by depth: {acc}; draft vocabulary covers {recipe['vocab_coverage']:.1%} of "
+                    "answer tokens")
+
+
+def _train_medusa(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Namespace) -> tuple[dict, str]:
+    from ponder.distill.medusa import train_medusa
+
+    recipe = train_medusa(loaded, data, out, args.heads, args.vocab, cfg, args.max_len, progress=not args.quiet)
+    acc = ", ".join(f"{a:.1%}" for a in recipe["heldback"]["top1_by_head"])
+    return recipe, (f"held-back top-1 by head: {acc}; draft vocabulary covers {recipe['vocab_coverage']:.1%} of "
+                    "answer tokens")
+
+
+def _train_exits(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Namespace) -> tuple[dict, str]:
+    from ponder.distill.exits import train_exits
+
+    recipe = train_exits(loaded, data, out, _layers(args.layers), args.positions, cfg, args.max_len,
+                         progress=not args.quiet)
+    ev = recipe["heldback"]
+    acc = ", ".join(f"{layer}: {b:.1%} -> {a:.1%}"
+                    for layer, b, a in zip(recipe["layers"], ev["top1_identity"], ev["top1_adapted"]))
+    return recipe, f"held-back top-1 agreement with the full model by exit layer (identity -> adapter): {acc}"
+
+
+_TRAIN = {"head": _train_head, "medusa": _train_medusa, "exits": _train_exits}
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",")) if text else ()
+    except ValueError:
+        raise PonderError(f"--layers takes comma-separated layer numbers, got {text!r}")

@@ -27,7 +27,7 @@ class Entry:
 
 
 def _registry() -> dict[str, Entry]:
-    from ponder.speculate import draft_model, early_exit, head, lookahead, pld, recycling
+    from ponder.speculate import draft_model, early_exit, head, lookahead, medusa, pld, recycling
 
     return {
         "pld": Entry(pld.PLDOptions, lambda o, t: pld.PLD(o), help="prompt lookup / copy (2502.08923)"),
@@ -41,6 +41,8 @@ def _registry() -> dict[str, Entry]:
                             help="self-speculation with the first layers (2404.16710, 2404.18911; auto: 2504.05598)"),
         "head": Entry(head.HeadOptions, head.HeadDrafter.build, positional="path",
                       help="a trained EAGLE-style draft head, dynamic tree (2401.15077, 2406.16858, 2503.01840)"),
+        "medusa": Entry(medusa.MedusaOptions, medusa.MedusaDrafter.build, positional="path",
+                        help="trained Medusa-1 heads, cartesian-product tree (2401.10774)"),
     }
 
 

@@ -14,7 +14,12 @@ pays at all is measured, not modelled: the drafter times whole steps (tokens com
 without drafting, keeps whichever is faster, and retries the other every ``explore`` steps.
 
 The default model (SmolLM2) was not trained for early exit (LayerSkip trains with layer dropout and an early-exit
-loss), so its early layers draft poorly; the bench reports the acceptance per layer.
+loss), so its early layers draft poorly; the bench reports the acceptance per layer. ``adapter=PATH`` (or
+``adapter=default``: the loaded model's default artifact, ``ponder distill train exits``) reads each exit layer's
+state through its trained exit adapter (tuned lens 2303.08112, Kangaroo 2404.18911; ``ponder.distill.exits``)
+before the head, when drafting and when probing; ``layer=auto`` then chooses among the adapters' layers only, and
+a fixed ``layer`` must have one. Only the drafts change: the verify forward continues from the unadapted states,
+so the output stays plain decoding's.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class EarlyExitOptions:
     threshold: float = 0.4  # stop drafting when the exit head's top-1 probability is lower
     probe: int = 8  # auto: measure every candidate layer's acceptance every `probe` verify steps
     explore: int = 16  # retry the slower of drafting / plain decoding every `explore` steps
+    adapter: str = ""  # exit adapters' artifact directory, "default" for the model's own, "" for none
 
     def __post_init__(self) -> None:
         if self.layer != "auto" and not self.layer.isdigit():
@@ -71,18 +77,22 @@ class LayerStats:
 class EarlyExit(Drafter):
     name = "early-exit"
 
-    def __init__(self, options: EarlyExitOptions, n_layers: int, head_layers: float) -> None:
+    def __init__(self, options: EarlyExitOptions, n_layers: int, head_layers: float, adapters: Any = None) -> None:
         self.options = options
         self.n_layers = n_layers
         self.head_layers = head_layers  # the head's cost in layers (SmolLM2: a 49k x 576 head ~ 8 layers)
+        self.adapters = adapters  # ponder.distill.exits.ExitAdapters, or None: the plain exit
         if options.layer == "auto":
             step = max(1, n_layers // 5)  # ~4 candidates: each costs a head evaluation per probe
-            self.candidates = list(range(step, n_layers - step + 1, step))
+            self.candidates = list(adapters.layers) if adapters else list(range(step, n_layers - step + 1, step))
             self.layer = self.candidates[len(self.candidates) // 3]
         else:
             self.layer = int(options.layer)
             if not 1 <= self.layer < n_layers:
                 raise ValueError(f"early-exit layer must be in [1, {n_layers - 1}], got {self.layer}")
+            if adapters and self.layer not in adapters.layers:
+                raise ValueError(f"the exit adapters have no layer {self.layer} (they have "
+                                 f"{', '.join(map(str, adapters.layers))}): use one of those or layer=auto")
             self.candidates = [self.layer]
         self.stats = LayerStats()
         self.steps = 0
@@ -112,14 +122,24 @@ class EarlyExit(Drafter):
 
     @classmethod
     def build(cls, options: EarlyExitOptions, target: Any) -> "EarlyExit":
+        from ponder.errors import PonderError
+
         cfg = target.model.config
         layer_params = 4 * cfg.hidden_size * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+        head = cfg.vocab_size * cfg.hidden_size
+        adapters = _load_adapters(options.adapter, target) if options.adapter else None
+        if adapters is not None:
+            head += cfg.hidden_size * cfg.hidden_size  # the adapter runs before the head on every exit
         try:
-            return cls(options, cfg.num_hidden_layers, cfg.vocab_size * cfg.hidden_size / layer_params)
+            return cls(options, cfg.num_hidden_layers, head / layer_params, adapters)
         except ValueError as e:
-            from ponder.errors import PonderError
-
             raise PonderError(str(e))
+
+    def _exit_logits(self, model: Any, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The exit head on the state entering ``layer`` # [..., E] -> # [..., V], through its adapter if any."""
+        if self.adapters is not None:
+            h = self.adapters(layer, h)
+        return model.logits(h)
 
     def propose(self, batch: DraftBatch) -> Proposal:
         model, cache, rows = batch.model, batch.cache, batch.rows
@@ -146,7 +166,7 @@ class EarlyExit(Drafter):
                     hidden[b].append(h[b, 0])
             if not any(active):
                 break
-            probs = torch.softmax(model.logits(h[:, 0]).float(), -1)
+            probs = torch.softmax(self._exit_logits(model, L, h[:, 0]).float(), -1)
             conf, tok = probs.max(-1)
             for b, r in enumerate(rows):
                 if active[b] and (len(drafts[b]) >= min(self.k, r.budget) or float(conf[b]) < self.options.threshold):
@@ -177,7 +197,7 @@ class EarlyExit(Drafter):
             inputs = [0] + [i + 1 for i in res.path]  # verify inputs whose next token was committed
             want = torch.tensor(res.committed, device=res.logits.device)
             for layer, h in res.hidden.items():
-                guess = model.logits(h[inputs]).argmax(-1)
+                guess = self._exit_logits(model, layer, h[inputs]).argmax(-1)
                 c = counts.setdefault(layer, [0, 0])
                 c[0] += int((guess == want).sum())
                 c[1] += len(inputs)
@@ -209,3 +229,17 @@ class EarlyExit(Drafter):
                 if tau / cost > best[0]:
                     best = (tau / cost, layer, k)
         _, self.layer, self.k = best
+
+
+def _load_adapters(adapter: str, target: Any) -> Any:
+    """The exit adapters ``adapter`` names ("default": the loaded model's default artifact directory), in the
+    target's dtype where it computes in floats (int8's residual stream is fp32)."""
+    from pathlib import Path
+
+    from ponder.distill.exits import KIND, load_exits
+    from ponder.distill.train import artifact_dir
+
+    path = artifact_dir(target, KIND) if adapter == "default" else Path(adapter).expanduser()
+    adapters, _ = load_exits(path, target.model)
+    dtype = target.model.dtype
+    return adapters.to(dtype if dtype in (torch.float32, torch.float16) else torch.float32)

@@ -1,0 +1,101 @@
+"""Exit adapters on the tiny models: identity at initialisation (the plain early exit, bit for bit), training end to
+end through the CLI raises agreement, the early-exit drafter's use of them, errors. The lossless matrices
+(test_speculate_core.py, test_seeded_sampling.py) run ``early-exit:layer=1:adapter=...`` with drafts accepted."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ponder.cli import main
+from ponder.distill.exits import ExitAdapters, agreement, default_layers, load_exits, states
+from ponder.distill.train import read_data, save_artifact, split
+from ponder.engine import Engine
+from ponder.errors import PonderError
+from ponder.sampling import SamplingParams
+from ponder.speculate import DraftBatch, DraftRow, make_speculator
+from test_speculate_core import PROMPTS
+
+
+def _identity_artifact(path: Path, model, layers: tuple[int, ...]) -> Path:
+    """Untrained adapters saved as ``ponder distill train exits`` saves trained ones."""
+    adapters = ExitAdapters(model.config.hidden_size, layers)
+    save_artifact(path, adapters.tensors(), {"kind": "exits", "layers": list(layers), "model": "test"})
+    return path
+
+
+def test_default_layers_scale_with_depth() -> None:
+    assert default_layers(30) == (8, 12, 16, 20, 24)
+    assert default_layers(3) == (1, 2) and default_layers(2) == (1,)
+
+
+def test_identity_adapters_are_the_plain_early_exit(cyclic, tmp_path: Path) -> None:
+    """Untrained adapters change nothing, bit for bit: the same logits, the same drafts with the same scores, the
+    same hidden states handed to the verify."""
+    path = _identity_artifact(tmp_path / "exits", cyclic.model, (1, 2))
+    adapters, _ = load_exits(path, cyclic.model)
+    h = torch.randn(4, 7, cyclic.model.config.hidden_size)
+    with torch.inference_mode():
+        assert torch.equal(cyclic.model.logits(adapters(1, h)), cyclic.model.logits(h))
+    model, tokens = cyclic.model, PROMPTS[0]
+    cache = model.new_cache(1, 64)
+    proposals = []
+    with torch.inference_mode():
+        model(torch.tensor([tokens[:-1]]), cache)
+        for spec in ("early-exit:layer=1", f"early-exit:layer=1:adapter={path}"):
+            drafter = make_speculator(spec, cyclic).drafter
+            proposals.append(drafter.propose(DraftBatch([DraftRow(tokens, None, 6)], model, cache)))
+    plain, adapted = proposals
+    assert len(plain.trees[0]) > 0 and cache.lengths == [len(tokens) - 1]
+    assert (plain.trees[0].tokens, plain.trees[0].scores) == (adapted.trees[0].tokens, adapted.trees[0].scores)
+    assert plain.start_layer == adapted.start_layer == 1 and torch.equal(plain.hidden[0], adapted.hidden[0])
+
+
+def test_train_exits_end_to_end(tiny, tiny_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    data = tiny_data_dir
+    out = tmp_path / "exits"
+    assert main(["distill", "train", "exits", "--model", str(tiny_dir), "--data", str(data), "--out", str(out),
+                 "--epochs", "3", "--lr", "1e-2", "--accum", "2", "--positions", "48", "--max-len", "256",
+                 "--quiet"]) == 0
+    assert (out / "loss.png").stat().st_size > 1000
+    adapters, recipe = load_exits(out, tiny.model)
+    assert recipe["kind"] == "exits" and recipe["layers"] == [1, 2] and adapters.layers == (1, 2)
+    held = recipe["heldback"]
+    assert len(held["top1_identity"]) == len(held["top1_adapted"]) == 2 and held["positions"] > 0
+    # trained: every layer agrees more often with the full model on the training sequences than the plain exit
+    _, seqs = read_data(data, 256)
+    train = [states(tiny.model, s, (1, 2), None) for s in split(seqs)[0]]
+    before = agreement(None, tiny.model, train, (1, 2))
+    after = agreement(adapters, tiny.model, train, (1, 2))
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+
+
+def test_auto_chooses_among_the_adapters_layers(cyclic, cyclic_exits_dir: Path) -> None:
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    want = [c.output_ids for c in Engine(cyclic).generate(PROMPTS, params)]
+    spec = make_speculator(f"early-exit:adapter={cyclic_exits_dir}:probe=1", cyclic)
+    drafter = spec.drafter
+    assert drafter.candidates == [1, 2] and drafter.adapters is not None
+    out = Engine(cyclic, spec).generate(PROMPTS, params, batch_size=3)
+    assert [c.output_ids for c in out] == want
+    assert set(drafter.stats.rate) == {1, 2}  # probed through the adapters
+
+
+def test_errors_are_one_line_and_name_the_fix(
+    cyclic, cyclic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+) -> None:
+    with pytest.raises(PonderError, match="ponder distill train exits"):
+        make_speculator(f"early-exit:adapter={tmp_path / 'none'}", cyclic)
+    monkeypatch.setenv("PONDER_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(PonderError, match="ponder distill train exits"):
+        make_speculator("early-exit:adapter=default", cyclic)
+    only2 = _identity_artifact(tmp_path / "only2", cyclic.model, (2,))
+    with pytest.raises(PonderError, match="no layer 1"):
+        make_speculator(f"early-exit:layer=1:adapter={only2}", cyclic)
+    for args, message in ((["--layers", "0,2"], "must lie in [1, 2]"), (["--layers", "x"], "comma-separated"),
+                          (["--positions", "-1"], "--positions >= 0")):
+        capsys.readouterr()
+        data = tmp_path / "nodata"
+        assert main(["distill", "train", "exits", "--model", str(cyclic_dir), "--data", str(data), "--quiet", *args]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("ponder: error:") and message in err, err
