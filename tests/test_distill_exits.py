@@ -9,7 +9,7 @@ import torch
 
 from ponder.cli import main
 from ponder.distill.exits import ExitAdapters, agreement, default_layers, load_exits, states
-from ponder.distill.train import read_data, save_artifact, split
+from ponder.distill.train import Sequence, read_data, save_artifact, split
 from ponder.engine import Engine
 from ponder.errors import PonderError
 from ponder.sampling import SamplingParams
@@ -49,6 +49,17 @@ def test_identity_adapters_are_the_plain_early_exit(cyclic, tmp_path: Path) -> N
     assert len(plain.trees[0]) > 0 and cache.lengths == [len(tokens) - 1]
     assert (plain.trees[0].tokens, plain.trees[0].scores) == (adapted.trees[0].tokens, adapted.trees[0].scores)
     assert plain.start_layer == adapted.start_layer == 1 and torch.equal(plain.hidden[0], adapted.hidden[0])
+
+
+def test_recomputed_states_are_the_recorded_ones(tiny, tiny_data_dir: Path) -> None:
+    """Data recorded without the exit layers gets them from one more target forward: the same states."""
+    seq = read_data(tiny_data_dir)[1][0]
+    bare = Sequence(seq.source, seq.tokens, seq.answer_start, {})  # as if no layer had been recorded
+    keep = torch.tensor([0, 3, len(seq.tokens) - 1])
+    stored, recomputed = states(tiny.model, seq, (1, 2), keep), states(tiny.model, bare, (1, 2), keep)
+    assert set(stored.hidden) == set(recomputed.hidden) == {1, 2, 3}
+    assert all(torch.equal(stored.hidden[k], recomputed.hidden[k]) for k in (1, 2, 3))
+    assert stored.tokens.tolist() == seq.tokens[keep].tolist() and stored.answer_start == 2
 
 
 def test_train_exits_end_to_end(tiny, tiny_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:

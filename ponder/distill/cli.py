@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
     train.add_argument("--heads", type=int, default=4, help="medusa: heads, i.e. draft depth (default 4)")
     train.add_argument("--layers", default="",
                        help="exits: candidate exit layers, e.g. 8,12,16,20,24 (default: those, scaled to the depth)")
-    train.add_argument("--positions", type=int, default=128,
-                       help="exits: positions per sequence trained on, drawn at random (0: all; default 128)")
+    train.add_argument("--positions", type=int, default=64,
+                       help="exits: positions per sequence trained on, drawn at random (0: all; default 64)")
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--accum", type=int, default=8, help="sequences per optimizer step (default 8)")

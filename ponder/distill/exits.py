@@ -9,10 +9,10 @@ trains an adapter at its exit layer for the same purpose. These adapters are the
 candidate exit layer; the target stays frozen. Storing the difference D_l rather than the whole matrix keeps the
 learned change intact in the bf16 artifact (bf16 cannot hold 1 + 0.003).
 
-Data: the distill data records only a few layers, so each sequence is run through the target once more
-(``data.record_hidden``, one inference-mode forward per sequence) to get the candidate layers' states and the last
-layer's; ``positions`` random positions per sequence (prompt and answer alike: drafting meets both kinds of context)
-are kept for training. The held-back sequences' answer positions measure top-1 agreement with the target's greedy
+Data: the states entering the candidate layers and the last layer's output. Data recorded with those layers
+(``ponder distill data --layers``) is used as stored; otherwise each sequence is run through the target once more
+(``data.record_hidden``, one inference-mode forward per sequence, about what recording cost). ``positions`` random
+positions per sequence (prompt and answer alike: drafting meets both kinds of context) are kept for training. The held-back sequences' answer positions measure top-1 agreement with the target's greedy
 choice per layer, with the identity map and with the trained one. Shapes: T positions, E hidden size, V vocabulary.
 """
 
@@ -75,15 +75,19 @@ class ExitAdapters(nn.Module):
 
 # --- data -------------------------------------------------------------------------------------------------------------
 def states(model: Any, seq: Sequence, layers: tuple[int, ...], keep: torch.Tensor | None) -> Sequence:
-    """The sequence's states entering each of ``layers`` and the last layer's output, recomputed by the target, at
-    the positions ``keep`` # [n] (None: all); returned as a Sequence of those positions (``answer_start`` is
-    relative to them; the states are bf16 like the distill data's)."""
-    last = model.config.num_hidden_layers
-    got = record_hidden(model, seq.tokens.tolist(), tuple(layers) + (last,))
+    """The sequence's states entering each of ``layers`` and the last layer's output (as recorded when the data has
+    them all, else recomputed by the target) at the positions ``keep`` # [n] (None: all); returned as a Sequence of
+    those positions (``answer_start`` is relative to them; the states are bf16 like the distill data's)."""
+    need = tuple(layers) + (model.config.num_hidden_layers,)
+    got = seq.hidden if recorded(seq, need) else record_hidden(model, seq.tokens.tolist(), need)
     idx = torch.arange(len(seq.tokens)) if keep is None else keep
-    hidden = {layer: h[idx.to(h.device)].to(torch.bfloat16).cpu() for layer, h in got.items()}
+    hidden = {layer: got[layer][idx.to(got[layer].device)].to(torch.bfloat16).cpu() for layer in need}
     answer = int((idx < seq.answer_start).sum())  # the first kept answer position
     return Sequence(seq.source, seq.tokens[idx], answer, hidden)
+
+
+def recorded(seq: Sequence, layers: tuple[int, ...]) -> bool:
+    return all(layer in seq.hidden for layer in layers)
 
 
 def sample_positions(n: int, count: int, generator: torch.Generator) -> torch.Tensor | None:
@@ -126,11 +130,11 @@ def agreement(
 
 
 def train_exits(
-    loaded: Any, data_dir: Any, out: Any, layers: tuple[int, ...] = (), positions: int = 128,
+    loaded: Any, data_dir: Any, out: Any, layers: tuple[int, ...] = (), positions: int = 64,
     cfg: TrainConfig | None = None, max_len: int = 1024, progress: bool = True,
 ) -> dict[str, Any]:
-    """Train exit adapters on ``data_dir`` (the sequences' tokens; states are recomputed) and save them to ``out``;
-    returns the recipe with the held-back agreement per layer before and after."""
+    """Train exit adapters on ``data_dir`` and save them to ``out``; returns the recipe with the held-back agreement
+    per layer before and after."""
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
     target = loaded.model
@@ -156,6 +160,7 @@ def train_exits(
     recipe = {"kind": KIND, "data": str(Path(data_dir).resolve()), "data_recipe": manifest["recipe"],
               "model": loaded.name, "layers": list(layers), "positions": positions, "train": dataclasses.asdict(cfg),
               "max_len": max_len, "sequences": len(train), "heldback_sequences": len(held),
+              "states": "recorded" if recorded(seqs[0], layers + (n,)) else "recomputed",
               "train_minutes": round(minutes, 2),
               "heldback": {"top1_identity": before, "top1_adapted": after,
                            "positions": sum(len(s.tokens) - max(0, s.answer_start - 1) for s in held)},
