@@ -4,7 +4,11 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PROMPT ?= Explain in three sentences why the sky is blue.
 
-.PHONY: install demo test bench-quick clean
+SPECBENCH ?= ../shared/specbench/dev.jsonl
+HEADS_DATA ?= $(HOME)/.cache/ponder/distill/heads-data
+SHIPPED = ponder/artifacts/smollm2-135m
+
+.PHONY: install demo test bench-quick heads clean
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
@@ -21,6 +25,13 @@ test: install
 
 bench-quick: install
 	$(PYTHON) -m ponder bench --suite builtin --methods baseline,hf --max-new-tokens 64 --out bench-out
+
+# the default model's trained drafting artifacts that ship with ponder (docs/distill.md): data, then each artifact
+heads: install
+	$(PYTHON) -m ponder distill data --specbench $(SPECBENCH) --out $(HEADS_DATA)
+	$(PYTHON) -m ponder distill train head --data $(HEADS_DATA) --out $(SHIPPED)/head
+	$(PYTHON) -m ponder distill train medusa --data $(HEADS_DATA) --out $(SHIPPED)/medusa
+	$(PYTHON) -m ponder distill train exits --data $(HEADS_DATA) --out $(SHIPPED)/exits
 
 clean:
 	rm -rf bench-out build dist *.egg-info .pytest_cache

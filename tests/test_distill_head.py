@@ -50,8 +50,31 @@ def test_train_head_end_to_end(tiny, data_dir: Path, tmp_path: Path) -> None:
     assert loaded_recipe == recipe
     tensors, _ = load_artifact(tmp_path / "head", "head")
     assert torch.equal(head.fc.weight, tensors["fc.weight"])  # bf16-stored weights come back as stored
-    assert torch.equal(head.inner.embed_tokens.weight, tiny.model.embed_tokens.weight[head.draft_ids])
+    assert torch.equal(head.inner.embed_tokens.weight, tiny.model.lm_head.weight[head.draft_ids])  # output rows
     with pytest.raises(PonderError, match="ponder distill train medusa"):
         load_artifact(tmp_path / "nothing", "medusa")
     with pytest.raises(PonderError, match="not a 'medusa'"):
         load_artifact(tmp_path / "head", "medusa")
+
+
+def test_feature_choice_prefers_the_default_low_mid_high_layers():
+    from ponder.distill.head import feature_choice
+
+    assert feature_choice([2, 15, 27, 30], 30) == (2, 15, 27)
+    assert feature_choice([2, 8, 12, 15, 16, 20, 24, 27, 30], 30) == (2, 15, 27)  # data also made for exit adapters
+    assert feature_choice([5, 9, 30], 30) == (5, 9)
+
+
+def test_default_artifact_is_the_users_own_then_the_shipped_one(tiny, tmp_path, monkeypatch):
+    from ponder.distill.train import artifact_dir, trained_artifact
+
+    monkeypatch.setenv("PONDER_CACHE", str(tmp_path / "cache"))
+    shipped = tmp_path / "shipped"
+    own = artifact_dir(tiny, "head")
+    assert trained_artifact(tiny, "head", shipped) == own  # neither: the user's path, whose error names the command
+    (shipped / tiny.name / "head").mkdir(parents=True)
+    (shipped / tiny.name / "head" / "weights.safetensors").write_bytes(b"x")
+    assert trained_artifact(tiny, "head", shipped) == shipped / tiny.name / "head"
+    own.mkdir(parents=True)
+    (own / "weights.safetensors").write_bytes(b"x")
+    assert trained_artifact(tiny, "head", shipped) == own

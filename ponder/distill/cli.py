@@ -39,7 +39,10 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
                        help="exits: positions per sequence trained on, drawn at random (0: all; default 64)")
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--accum", type=int, default=8, help="sequences per optimizer step (default 8)")
+    train.add_argument("--accum", type=int, default=1,
+                       help="sequences per optimizer step (default 1: small data needs many optimizer steps)")
+    train.add_argument("--answers-only", action="store_true",
+                       help="head: train on answer positions only (default: prompt positions too)")
     train.add_argument("--max-len", type=int, default=1024, help="tokens kept per sequence, answer first")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(distill_func=cmd_train)
@@ -100,7 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_head(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Namespace) -> tuple[dict, str]:
     from ponder.distill.head import train_head
 
-    recipe = train_head(loaded, data, out, args.vocab, args.steps, cfg, args.max_len, progress=not args.quiet)
+    recipe = train_head(loaded, data, out, args.vocab, args.steps, cfg, args.max_len, progress=not args.quiet,
+                        prompts=not args.answers_only)
     acc = ", ".join(f"{a:.1%}" for a in recipe["heldback"]["top1_by_depth"])
     return recipe, (f"held-back top-1 by depth: {acc}; draft vocabulary covers {recipe['vocab_coverage']:.1%} of "
                     "answer tokens")

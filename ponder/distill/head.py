@@ -37,13 +37,16 @@ KIND = "head"
 
 
 class DraftHead(nn.Module):
-    """fuse (3E -> E) + fc (2E -> E) + one Llama decoder layer + norm, scoring the draft vocabulary."""
+    """fuse (3E -> E) + norms + fc (2E -> E) + one Llama decoder layer + norm, scoring the draft vocabulary."""
 
     def __init__(self, target_cfg: Any, feature_layers: tuple[int, ...], draft_ids: torch.Tensor) -> None:
         super().__init__()
         E = target_cfg.hidden_size
         self.feature_layers = tuple(feature_layers)
         self.fuse = nn.Linear(len(feature_layers) * E, E, bias=False)
+        # the target's middle layers carry a few very large dimensions: both inputs of fc are normalised first
+        self.u_norm = nn.RMSNorm(E, eps=target_cfg.rms_norm_eps)
+        self.e_norm = nn.RMSNorm(E, eps=target_cfg.rms_norm_eps)
         self.fc = nn.Linear(2 * E, E, bias=False)
         cfg = dataclasses.replace(target_cfg, num_hidden_layers=1, vocab_size=len(draft_ids), tie_word_embeddings=True,
                                   sliding_window=None)
@@ -51,9 +54,10 @@ class DraftHead(nn.Module):
         self.register_buffer("draft_ids", draft_ids.long(), persistent=False)
 
     def attach(self, target: LlamaModel) -> None:
-        """Take the frozen output layer from the target's embedding rows of the draft vocabulary."""
+        """Take the frozen output layer from the target's output rows of the draft vocabulary (its tied embedding on
+        SmolLM2, ``lm_head`` on untied models)."""
         with torch.no_grad():
-            self.inner.embed_tokens.weight.copy_(target.embed_tokens.weight[self.draft_ids].float())
+            self.inner.embed_tokens.weight.copy_(target.lm_head.weight[self.draft_ids].float())
         self.inner.embed_tokens.weight.requires_grad_(False)
 
     def trainable(self) -> list[nn.Parameter]:
@@ -65,7 +69,7 @@ class DraftHead(nn.Module):
 
     def inputs(self, u: torch.Tensor, next_embed: torch.Tensor) -> torch.Tensor:
         """u # [..., E] (fused target state or the head's own output) and the next token's embedding -> z."""
-        return self.fc(torch.cat([u, next_embed], dim=-1))
+        return self.fc(torch.cat([self.u_norm(u), self.e_norm(next_embed)], dim=-1))
 
     def scores(self, g: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits # [..., N] from the layer's output g # [..., E]."""
@@ -126,9 +130,11 @@ def _ttt_mask(T: int, s: int, device: torch.device) -> torch.Tensor:
 
 
 # --- training ---------------------------------------------------------------------------------------------------------
-def ttt_loss(head: DraftHead, target: LlamaModel, seq: Sequence, steps: int, vmap: torch.Tensor) -> list[torch.Tensor]:
+def ttt_loss(
+    head: DraftHead, target: LlamaModel, seq: Sequence, steps: int, vmap: torch.Tensor, prompts: bool = False,
+) -> list[torch.Tensor]:
     """Per step, the mean cross-entropy of the head's draft-vocabulary scores against the target's labels on the
-    answer positions (labels outside the draft vocabulary are skipped)."""
+    answer positions, and on the prompt's too when ``prompts`` (labels outside the draft vocabulary are skipped)."""
     T = len(seq.tokens)
     feats = [seq.hidden[layer][: T - 1].float() for layer in head.feature_layers]
     with torch.no_grad():
@@ -136,7 +142,7 @@ def ttt_loss(head: DraftHead, target: LlamaModel, seq: Sequence, steps: int, vma
     z1 = head.inputs(head.fused(feats), emb)
     outs = head.ttt_outputs(z1, emb, steps)
     want = vmap[seq.labels[1:]]  # [T-1]: y[t + 1] in draft-vocabulary indices
-    first = max(0, seq.answer_start - 2)  # positions predicting answer tokens
+    first = 0 if prompts else max(0, seq.answer_start - 2)  # positions predicting answer tokens
     losses = []
     for s, g in enumerate(outs, 1):
         lo = max(first, s - 1)
@@ -170,9 +176,11 @@ def evaluate(head: DraftHead, target: LlamaModel, seqs: list[Sequence], steps: i
 
 def train_head(
     loaded: Any, data_dir: Any, out: Any, vocab: int = 8192, steps: int = 3, cfg: TrainConfig | None = None,
-    max_len: int = 1024, progress: bool = True,
+    max_len: int = 1024, progress: bool = True, prompts: bool = True,
 ) -> dict[str, Any]:
-    """Train a draft head on ``data_dir`` and save it to ``out``; returns the recipe (with the held-back eval)."""
+    """Train a draft head on ``data_dir`` and save it to ``out``; returns the recipe (with the held-back eval).
+    ``prompts``: also train on prompt positions (the target's labels there are as valid as on its answers; the
+    inputs are human text instead of the model's own, which is the data EAGLE itself trained on)."""
     import time
     from pathlib import Path
 
@@ -181,7 +189,7 @@ def train_head(
     target = loaded.model
     manifest, seqs = read_data(Path(data_dir), max_len)
     layers = sorted(manifest["recipe"]["layers"])
-    last, feature_layers = layers[-1], tuple(layers[:-1][-3:])
+    last, feature_layers = layers[-1], feature_choice(layers, target.config.num_hidden_layers)
     if last != target.config.num_hidden_layers or not feature_layers:
         raise ValueError(f"the data must record the last layer and at least one other, got layers {layers}")
     add_labels(target, seqs, last)
@@ -194,7 +202,7 @@ def train_head(
     start = time.perf_counter()
 
     def loss_of(seq: Sequence) -> torch.Tensor:
-        losses = ttt_loss(head, target, seq, steps, vmap)
+        losses = ttt_loss(head, target, seq, steps, vmap, prompts)
         return sum(w * l for w, l in zip(_step_weights(steps), losses))
 
     curve = train_loop(head.trainable(), loss_of, train, cfg, progress, desc="train head")
@@ -204,12 +212,24 @@ def train_head(
     coverage = _coverage(train, draft_ids)
     recipe = {"kind": KIND, "data": str(Path(data_dir).resolve()), "data_recipe": manifest["recipe"],
               "model": loaded.name, "feature_layers": list(feature_layers), "vocab": len(draft_ids), "ttt_steps": steps,
+              "prompt_positions": prompts,
               "train": dataclasses.asdict(cfg), "max_len": max_len, "sequences": len(train),
               "heldback_sequences": len(held), "train_minutes": round(minutes, 2), "vocab_coverage": coverage,
               "heldback": evaluation, "final_loss": curve[-1][1] if curve else math.nan}
     recipe = save_artifact(out, {**head.state_dict_to_save(), "draft_ids": draft_ids}, recipe)
     plot_curve(curve, out / "loss.png", f"draft head: {len(train)} sequences, {steps} TTT steps")
     return recipe
+
+
+def feature_choice(recorded: list[int], n_layers: int) -> tuple[int, ...]:
+    """The layers the head fuses: the data's default low, middle and high layer when recorded (data made for exit
+    adapters records more), else the last three recorded below the last."""
+    from ponder.distill.data import default_layers
+
+    low_mid_high = tuple(x for x in default_layers(n_layers) if x != n_layers)
+    if set(low_mid_high) <= set(recorded):
+        return low_mid_high
+    return tuple(x for x in recorded if x != n_layers)[-3:]
 
 
 def _step_weights(steps: int) -> list[float]:

@@ -107,7 +107,7 @@ def vocab_map(draft_ids: torch.Tensor, vocab: int) -> torch.Tensor:
 class TrainConfig:
     epochs: int = 2
     lr: float = 1e-3
-    accum: int = 8  # sequences per optimizer step
+    accum: int = 1  # sequences per optimizer step (small data sets need many optimizer steps)
     warmup: int = 20  # optimizer steps of linear warm-up, then cosine decay to 10%
     seed: int = 0
 
@@ -173,6 +173,20 @@ def artifact_dir(loaded: Any, kind: str) -> Path:
 
     key = hashlib.blake2b(str(Path(loaded.path).resolve()).encode(), digest_size=4).hexdigest()
     return cache_root() / "distill" / f"{Path(loaded.path).name}-{key}" / kind
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "artifacts"  # artifacts that ship with ponder, per model name
+
+
+def trained_artifact(loaded: Any, kind: str, shipped_root: Path = SHIPPED) -> Path:
+    """The ``kind`` artifact a drafter uses by default: the user's own (``artifact_dir``) when it exists, else the
+    one shipped with ponder for this model (``make heads`` rebuilds those), else the user's path (whose absence the
+    loader reports with the command that makes it)."""
+    own = artifact_dir(loaded, kind)
+    shipped = shipped_root / str(loaded.name) / kind
+    if not (own / "weights.safetensors").exists() and (shipped / "weights.safetensors").exists():
+        return shipped
+    return own
 
 
 def save_artifact(out: Path, tensors: dict[str, torch.Tensor], recipe: dict[str, Any]) -> dict[str, Any]:

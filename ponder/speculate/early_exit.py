@@ -237,9 +237,9 @@ def _load_adapters(adapter: str, target: Any) -> Any:
     from pathlib import Path
 
     from ponder.distill.exits import KIND, load_exits
-    from ponder.distill.train import artifact_dir
+    from ponder.distill.train import trained_artifact
 
-    path = artifact_dir(target, KIND) if adapter == "default" else Path(adapter).expanduser()
+    path = trained_artifact(target, KIND) if adapter == "default" else Path(adapter).expanduser()
     adapters, _ = load_exits(path, target.model)
     dtype = target.model.dtype
     return adapters.to(dtype if dtype in (torch.float32, torch.float16) else torch.float32)

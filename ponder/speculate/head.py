@@ -66,9 +66,9 @@ class HeadDrafter(Drafter):
         from pathlib import Path
 
         from ponder.distill.head import KIND, load_head
-        from ponder.distill.train import artifact_dir
+        from ponder.distill.train import trained_artifact
 
-        path = Path(options.path).expanduser() if options.path else artifact_dir(loaded, KIND)
+        path = Path(options.path).expanduser() if options.path else trained_artifact(loaded, KIND)
         head, recipe = load_head(path, loaded.model)
         head = head.to(loaded.model.dtype if loaded.model.dtype in (torch.float32, torch.float16) else torch.float32)
         return cls(options, loaded.model, head, recipe)

@@ -59,10 +59,10 @@ class MedusaDrafter(Drafter):
         from pathlib import Path
 
         from ponder.distill.medusa import KIND, load_medusa
-        from ponder.distill.train import artifact_dir
+        from ponder.distill.train import trained_artifact
         from ponder.errors import PonderError
 
-        path = Path(options.path).expanduser() if options.path else artifact_dir(loaded, KIND)
+        path = Path(options.path).expanduser() if options.path else trained_artifact(loaded, KIND)
         heads, recipe = load_medusa(path, loaded.model)
         if options.heads > heads.n_heads:
             raise PonderError(f"medusa:heads={options.heads}, but {path} holds {heads.n_heads} trained heads")
