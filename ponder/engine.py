@@ -410,7 +410,7 @@ class Engine:
             res.hidden = {layer: h[b, : len(trees[b]) + 1] for layer, h in captured.items() if h is not None}
         t2 = time.perf_counter()
         spec.drafter.observe(batch, results)
-        spec.policy.observe(trees, [r.path for r in results], drafting, time.perf_counter() - t0)
+        spec.policy.observe(trees, [r.path for r in results], drafting, time.perf_counter() - t0, t1 - t0)
         events = []
         for row, tree, res in zip(rows, trees, results):
             event = self._commit_many(row, res.committed, res.gaps, params)

@@ -11,7 +11,7 @@ def run(gate: DraftGate, rate: dict[bool, float], steps: int) -> list[bool]:
     for _ in range(steps):
         drafting = gate.drafting()
         modes.append(drafting)
-        gate.observe(drafting, tokens=int(rate[drafting] * 10), seconds=10.0)
+        gate.observe(drafting, tokens=int(rate[drafting] * 10), seconds=10.0, draft_seconds=3.0 if drafting else 0.0)
     return modes
 
 
@@ -43,5 +43,22 @@ def test_policy_without_adaptive_always_drafts():
 
 def test_policy_counts_committed_tokens_per_step():
     policy = DraftPolicy()
-    policy.observe([DraftTree.chain([1, 2, 3]), DraftTree.chain([4])], [[0, 1], []], True, seconds=2.0)
+    policy.observe([DraftTree.chain([1, 2, 3]), DraftTree.chain([4])], [[0, 1], []], True, seconds=2.0,
+                   draft_seconds=0.5)
+    assert policy.gate.draft_share == pytest.approx(0.25)
     assert policy.gate.rate[True] == pytest.approx((3 + 1) / 2.0)
+
+
+def test_gate_never_stops_drafting_that_costs_nothing():
+    gate = DraftGate(explore=4)
+    for _ in range(20):  # drafting looks slower (an unlucky stretch) but takes 1% of the step
+        drafting = gate.drafting()
+        assert drafting
+        gate.observe(drafting, tokens=1, seconds=1.0, draft_seconds=0.01)
+    costly = DraftGate(explore=4)
+    modes = []
+    for _ in range(20):
+        drafting = costly.drafting()
+        modes.append(drafting)
+        costly.observe(drafting, tokens=1 if drafting else 2, seconds=1.0, draft_seconds=0.3 if drafting else 0.0)
+    assert not all(modes) and sum(modes) < 10

@@ -117,24 +117,32 @@ class DraftGate:
     """Drafting or not, by measured committed tokens per second of whole steps (an exponential moving average per
     mode, weight ``1 - decay`` per step). The mode with the higher rate runs; every ``explore`` steps the other one
     runs once, so a change in the text (a passage that can be copied) is noticed. Both modes start unmeasured:
-    drafting runs first, then one step without."""
+    drafting runs first, then one step without. Drafting that costs under ``free`` of its steps' time (copying,
+    n-gram pools) always runs: the verify cost curve already prices its nodes, and one unlucky exploration step
+    would otherwise switch it off for ``explore`` steps."""
 
     explore: int = 16
     decay: float = 0.7
+    free: float = 0.05
     rate: dict[bool, float] = field(default_factory=dict)  # drafting? -> committed tokens per second
+    draft_share: float | None = None  # drafting steps: the share of their time spent drafting
     steps: int = 0
 
     def drafting(self) -> bool:
-        if True not in self.rate:
+        if True not in self.rate or (self.draft_share is not None and self.draft_share < self.free):
             return True
         if False not in self.rate:
             return self.steps < 4  # 4 steps of drafting, then one without
         best = self.rate[True] >= self.rate[False]
         return best if self.steps % self.explore else not best
 
-    def observe(self, drafted: bool, tokens: int, seconds: float) -> None:
+    def observe(self, drafted: bool, tokens: int, seconds: float, draft_seconds: float = 0.0) -> None:
         self.steps += 1
         r = tokens / max(seconds, 1e-9)
+        if drafted:
+            share = draft_seconds / max(seconds, 1e-9)
+            old_share = self.draft_share
+            self.draft_share = share if old_share is None else self.decay * old_share + (1 - self.decay) * share
         old = self.rate.get(drafted)
         self.rate[drafted] = r if old is None else self.decay * old + (1 - self.decay) * r
 
@@ -185,9 +193,13 @@ class DraftPolicy:
                 best_n, best_rate = n, rate
         return best_n
 
-    def observe(self, trees: list[DraftTree], paths: list[list[int]], drafted: bool = True, seconds: float = 0.0) -> None:
-        """Calibrate on what was accepted; ``seconds``: the whole step's wall time (draft, verify, accept)."""
+    def observe(
+        self, trees: list[DraftTree], paths: list[list[int]], drafted: bool = True, seconds: float = 0.0,
+        draft_seconds: float = 0.0,
+    ) -> None:
+        """Calibrate on what was accepted; ``seconds``: the whole step's wall time (draft, verify, accept), of which
+        ``draft_seconds`` drafting."""
         for tree, path in zip(trees, paths):
             self.calibration.update(tree, path)
         if seconds > 0:
-            self.gate.observe(drafted, sum(len(p) + 1 for p in paths), seconds)
+            self.gate.observe(drafted, sum(len(p) + 1 for p in paths), seconds, draft_seconds)
