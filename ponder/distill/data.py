@@ -126,7 +126,7 @@ def make_data(loaded: Any, options: DataOptions, out: Path, progress: bool = Tru
             break
         if c in done:  # resumed: this shard exists already
             continue
-        shard = _make_shard(engine, chunk, options, layers, chunk_seed(options.seed, c), bar)
+        shard = make_shard(engine, chunk, options, layers, chunk_seed(options.seed, c), bar)
         tensors, name = shard.pop("tensors"), None
         if tensors is not None:  # None: no prompt of the chunk fits the context window with its answer
             name = f"shard-{c:05d}.safetensors"
@@ -179,7 +179,7 @@ def _open_manifest(out: Path, loaded: Any, options: DataOptions, layers: tuple[i
     return old
 
 
-def _make_shard(
+def make_shard(
     engine: Any, chunk: list[Prompt], options: DataOptions, layers: tuple[int, ...], seed: int, bar: Any,
 ) -> dict[str, Any]:
     """Both answers to every prompt of a chunk, with their hidden states: {"tensors", "prompts", ...counts}."""

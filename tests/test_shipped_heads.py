@@ -1,0 +1,76 @@
+"""The default model's trained drafting artifacts that ship with ponder (``make heads``): present, small, and as good
+on held-back prompts, regenerated here, as their recipes say."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ponder.distill.train import SHIPPED, held_back
+
+MODEL_DIR = SHIPPED / "smollm2-135m"
+KINDS = ("head", "medusa", "exits")
+
+
+def test_shipped_artifacts_exist_with_their_recipes_and_total_at_most_25_mb():
+    total = 0
+    for kind in KINDS:
+        recipe = json.loads((MODEL_DIR / kind / "recipe.json").read_text())
+        assert recipe["kind"] == kind and recipe["model"] == "smollm2-135m"
+        total += (MODEL_DIR / kind / "weights.safetensors").stat().st_size + (MODEL_DIR / kind / "recipe.json").stat().st_size
+    assert total <= 25 * 2**20
+
+
+@pytest.fixture(scope="module")
+def heldback(smollm2):
+    """Greedy and sampled answers, with their states, to the first held-back prompts of the shipped head's data
+    recipe (128 new tokens instead of 256, to keep the test short)."""
+    from tqdm import tqdm
+
+    from ponder.distill.data import DataOptions, make_shard, chunk_seed, training_prompts
+    from ponder.distill.train import add_labels, shard_sequences
+    from ponder.engine import Engine
+
+    recipe = json.loads((MODEL_DIR / "head" / "recipe.json").read_text())["data_recipe"]
+    specbench = recipe["specbench"] if recipe["specbench"] and Path(recipe["specbench"]).exists() else ""
+    options = DataOptions(**{**recipe, "layers": tuple(recipe["layers"]), "max_new_tokens": 128, "specbench": specbench})
+    prompts = [p for p in training_prompts(options) if held_back(p.source)][:4]
+    assert len(prompts) == 4
+    shard = make_shard(Engine(smollm2), prompts, options, options.layers, chunk_seed(0, 0), tqdm(disable=True))
+    seqs = shard_sequences(shard["tensors"], shard["prompts"])
+    add_labels(smollm2.model, seqs, smollm2.model.config.num_hidden_layers)
+    return seqs
+
+
+@pytest.mark.slow
+def test_shipped_head_and_medusa_reach_their_heldback_accuracy(smollm2, heldback):
+    from ponder.distill.head import evaluate, load_head
+    from ponder.distill.medusa import evaluate as evaluate_medusa, load_medusa
+    from ponder.distill.train import vocab_map
+
+    head, recipe = load_head(MODEL_DIR / "head", smollm2.model)
+    vmap = vocab_map(head.draft_ids.cpu(), smollm2.model.config.vocab_size)
+    got = evaluate(head.float(), smollm2.model, heldback, recipe["ttt_steps"], vmap)["top1_by_depth"]
+    want = recipe["heldback"]["top1_by_depth"]
+    assert got[0] == pytest.approx(want[0], abs=0.12), (got, want)  # 4 prompts against the recipe's held-back set
+    heads, recipe = load_medusa(MODEL_DIR / "medusa", smollm2.model)
+    got = evaluate_medusa(heads.float(), heldback, smollm2.model.config.num_hidden_layers,
+                          vocab_map(heads.draft_ids.cpu(), smollm2.model.config.vocab_size))["top1_by_head"]
+    want = recipe["heldback"]["top1_by_head"]
+    assert got[0] == pytest.approx(want[0], abs=0.12), (got, want)
+
+
+@pytest.mark.slow
+def test_shipped_exit_adapters_reach_their_heldback_agreement(smollm2, heldback):
+    from ponder.distill.exits import agreement, load_exits, states
+
+    adapters, recipe = load_exits(MODEL_DIR / "exits", smollm2.model)
+    layers = tuple(adapters.layers)
+    seqs = [states(smollm2.model, s, layers, None) for s in heldback]
+    got = agreement(adapters.float(), smollm2.model, seqs, layers)
+    plain = agreement(None, smollm2.model, seqs, layers)
+    want = recipe["heldback"]["top1_adapted"]
+    assert got[-1] == pytest.approx(want[-1], abs=0.12), (got, want)
+    assert got[-1] > plain[-1]  # the adapter helps at the deepest exit layer
+    assert torch.tensor(got).mean() > torch.tensor(plain).mean()
