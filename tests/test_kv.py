@@ -258,9 +258,11 @@ def test_decode_eviction_bounds_the_cache(tiny) -> None:
 def speculators(tiny, tiny_dir, cyclic) -> dict:
     """Built once: each measures its verify-cost curve when first used, which dominates a tiny model's runs.
     Early exit runs on the cyclic model (tests/cyclic_model.py), whose first layer's exit head agrees with the full
-    model: on the random one it drafts nothing, and its reused hidden states would never meet the policy."""
+    model: on the random one it drafts nothing, and its reused hidden states would never meet the policy. Drafting
+    is forced on (adaptive=false): these speculators serve many calls, and the policy's gate, which times steps,
+    may stop drafting on a busy machine."""
     specs = {"pld+recycling:adaptive=false:min_prob=0": tiny, f"draft:{tiny_dir}:adaptive=false": tiny,
-             "early-exit:layer=1": cyclic}
+             "early-exit:layer=1:adaptive=false": cyclic}
     return {s: (target, make_speculator(s, target)) for s, target in specs.items()}
 
 
