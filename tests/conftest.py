@@ -104,27 +104,26 @@ def tiny_data_dir(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def cyclic_medusa_dir(cyclic_dir: Path, cyclic_head_dir: Path) -> Path:
-    """Medusa heads trained on the cyclic model through the CLI, on the head's data, in about a second."""
+def _train_on_cyclic(kind: str, cyclic_dir: Path, cyclic_head_dir: Path, *options: str) -> Path:
+    """Train ``kind`` on the cyclic model through the CLI, on the head's data, next to the head."""
     from ponder.cli import main
 
-    out = cyclic_head_dir.parent / "medusa"
+    out = cyclic_head_dir.parent / kind
     data = cyclic_head_dir.parent / "data"
-    assert main(["distill", "train", "medusa", "--model", str(cyclic_dir), "--data", str(data), "--out", str(out),
-                 "--vocab", "48", "--heads", "3", "--epochs", "4", "--lr", "2e-2", "--accum", "1",
-                 "--max-len", "256", "--quiet"]) == 0
+    assert main(["distill", "train", kind, "--model", str(cyclic_dir), "--data", str(data), "--out", str(out),
+                 *options, "--max-len", "256", "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def cyclic_medusa_dir(cyclic_dir: Path, cyclic_head_dir: Path) -> Path:
+    """Medusa heads trained on the cyclic model, in about a second."""
+    return _train_on_cyclic("medusa", cyclic_dir, cyclic_head_dir, "--vocab", "48", "--heads", "3", "--epochs", "4",
+                            "--lr", "2e-2", "--accum", "1")
 
 
 @pytest.fixture(scope="session")
 def cyclic_exits_dir(cyclic_dir: Path, cyclic_head_dir: Path) -> Path:
-    """Exit adapters (layers 1 and 2) trained on the cyclic model through the CLI, on the head's data, in seconds."""
-    from ponder.cli import main
-
-    out = cyclic_head_dir.parent / "exits"
-    data = cyclic_head_dir.parent / "data"
-    assert main(["distill", "train", "exits", "--model", str(cyclic_dir), "--data", str(data), "--out", str(out),
-                 "--epochs", "2", "--lr", "1e-2", "--accum", "2", "--positions", "32",
-                 "--max-len", "256", "--quiet"]) == 0
-    return out
+    """Exit adapters (layers 1 and 2) trained on the cyclic model, in seconds."""
+    return _train_on_cyclic("exits", cyclic_dir, cyclic_head_dir, "--epochs", "2", "--lr", "1e-2", "--accum", "2",
+                            "--positions", "32")
