@@ -28,7 +28,7 @@ from torch import nn
 
 from ponder.distill.train import (
     Sequence, TrainConfig, add_labels, draft_vocabulary, plot_curve, read_data, save_artifact, split, train_loop,
-    vocab_map,
+    vocab_coverage, vocab_map,
 )
 from ponder.model.llama import LlamaModel
 from ponder.model.rope import apply_rope, rope_tables
@@ -209,7 +209,7 @@ def train_head(
     minutes = (time.perf_counter() - start) / 60
     out = Path(out)
     evaluation = evaluate(head, target, held, steps, vmap)
-    coverage = _coverage(train, draft_ids)
+    coverage = vocab_coverage(train, draft_ids)
     recipe = {"kind": KIND, "data": str(Path(data_dir).resolve()), "data_recipe": manifest["recipe"],
               "model": loaded.name, "feature_layers": list(feature_layers), "vocab": len(draft_ids), "ttt_steps": steps,
               "prompt_positions": prompts,
@@ -234,12 +234,6 @@ def feature_choice(recorded: list[int], n_layers: int) -> tuple[int, ...]:
 
 def _step_weights(steps: int) -> list[float]:
     return [0.8 ** s for s in range(steps)]  # later steps count a little less, as in EAGLE-3's decayed weights
-
-
-def _coverage(seqs: list[Sequence], draft_ids: torch.Tensor) -> float:
-    """Share of answer labels inside the draft vocabulary (the head cannot draft the others)."""
-    hit = sum(int(torch.isin(s.labels[s.answer_start :], draft_ids).sum()) for s in seqs)
-    return hit / max(1, sum(len(s.labels) - s.answer_start for s in seqs))
 
 
 def _init_from_target(head: DraftHead, target: LlamaModel) -> None:

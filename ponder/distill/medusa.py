@@ -31,7 +31,7 @@ from torch import nn
 
 from ponder.distill.train import (
     Sequence, TrainConfig, add_labels, draft_vocabulary, load_artifact, plot_curve, read_data, save_artifact, split,
-    train_loop, vocab_map,
+    train_loop, vocab_coverage, vocab_map,
 )
 from ponder.errors import PonderError
 
@@ -164,18 +164,12 @@ def train_medusa(
               "model": loaded.name, "layer": last, "heads": n_heads, "vocab": len(draft_ids),
               "train": dataclasses.asdict(cfg), "max_len": max_len, "sequences": len(train),
               "heldback_sequences": len(held), "train_minutes": round(minutes, 2),
-              "vocab_coverage": coverage(train, draft_ids), "heldback": evaluate(heads, held, last, vmap),
+              "vocab_coverage": vocab_coverage(train, draft_ids), "heldback": evaluate(heads, held, last, vmap),
               "final_loss": curve[-1][1] if curve else math.nan}
     tensors = {k: v for k, v in heads.state_dict().items() if k.startswith("blocks.")}
     recipe = save_artifact(out, {**tensors, "draft_ids": draft_ids}, recipe)
     plot_curve(curve, out / "loss.png", f"Medusa heads: {n_heads} heads, {len(train)} sequences")
     return recipe
-
-
-def coverage(seqs: list[Sequence], draft_ids: torch.Tensor) -> float:
-    """Share of answer labels inside the draft vocabulary (no head can draft the others)."""
-    hit = sum(int(torch.isin(s.labels[s.answer_start :], draft_ids).sum()) for s in seqs)
-    return hit / max(1, sum(len(s.labels) - s.answer_start for s in seqs))
 
 
 def load_medusa(path: Any, target: Any) -> tuple[MedusaHeads, dict[str, Any]]:

@@ -101,6 +101,12 @@ def draft_vocabulary(seqs: list[Sequence], size: int, vocab: int) -> torch.Tenso
     return torch.argsort(counts, descending=True, stable=True)[: min(size, vocab)]
 
 
+def vocab_coverage(seqs: list[Sequence], draft_ids: torch.Tensor) -> float:
+    """Share of answer labels inside the draft vocabulary (no head can draft the others)."""
+    hit = sum(int(torch.isin(s.labels[s.answer_start :], draft_ids).sum()) for s in seqs)
+    return hit / max(1, sum(len(s.labels) - s.answer_start for s in seqs))
+
+
 def vocab_map(draft_ids: torch.Tensor, vocab: int) -> torch.Tensor:
     """Full-vocabulary id -> draft-vocabulary index, -100 (ignored by the loss) outside it # [vocab]."""
     out = torch.full((vocab,), -100, dtype=torch.int64)
