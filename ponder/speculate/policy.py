@@ -138,13 +138,13 @@ class DraftGate:
 
     def observe(self, drafted: bool, tokens: int, seconds: float, draft_seconds: float = 0.0) -> None:
         self.steps += 1
-        r = tokens / max(seconds, 1e-9)
+        seconds = max(seconds, 1e-9)
         if drafted:
-            share = draft_seconds / max(seconds, 1e-9)
-            old_share = self.draft_share
-            self.draft_share = share if old_share is None else self.decay * old_share + (1 - self.decay) * share
-        old = self.rate.get(drafted)
-        self.rate[drafted] = r if old is None else self.decay * old + (1 - self.decay) * r
+            self.draft_share = self._average(self.draft_share, draft_seconds / seconds)
+        self.rate[drafted] = self._average(self.rate.get(drafted), tokens / seconds)
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
 
 
 class DraftPolicy:
