@@ -39,6 +39,10 @@ def test_policy_without_adaptive_always_drafts():
         policy.observe([DraftTree.chain([1, 2])], [[]], True, seconds=100.0)  # slow and rejected
     with pytest.raises(ValueError, match="explore"):
         PolicyOptions(explore=1)
+    ungated = DraftPolicy(PolicyOptions(explore=0))  # adaptive trees, but drafting never switched off
+    for _ in range(30):
+        assert ungated.drafting()
+        ungated.observe([DraftTree.chain([1, 2])], [[]], True, seconds=100.0, draft_seconds=90.0)
 
 
 def test_policy_counts_committed_tokens_per_step():

@@ -36,15 +36,15 @@ class PolicyOptions:
     min_prob: float = 0.02  # drop nodes whose estimated chance of acceptance is lower
     adaptive: bool = True  # size trees by expected tokens per second, draft only when it pays (False: always
     # draft and keep the best max_nodes nodes)
-    explore: int = 16  # adaptive: retry the slower of drafting / not drafting every `explore` steps
+    explore: int = 16  # adaptive: retry the slower of drafting / not drafting every `explore` steps (0: always draft)
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_nodes <= 64:
             raise ValueError(f"max_nodes must be in [0, 64], got {self.max_nodes}")
         if not 0 <= self.min_prob < 1:
             raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
-        if self.explore < 2:
-            raise ValueError(f"explore must be >= 2, got {self.explore}")
+        if self.explore == 1 or self.explore < 0:
+            raise ValueError(f"explore must be 0 (always draft) or >= 2, got {self.explore}")
 
 
 @dataclass
@@ -152,7 +152,7 @@ class DraftPolicy:
         self.options = options or PolicyOptions()
         self.cost = cost or CostCurve()
         self.calibration = Calibration()
-        self.gate = DraftGate(self.options.explore)
+        self.gate = DraftGate(max(self.options.explore, 2))
 
     def budget(self, remaining: int) -> int:
         """Most nodes for a row that may still commit ``remaining`` tokens (a verify step commits up to depth + 1)."""
@@ -160,7 +160,7 @@ class DraftPolicy:
 
     def drafting(self) -> bool:
         """Whether this step drafts at all (always, unless adaptive)."""
-        return self.gate.drafting() if self.options.adaptive else True
+        return self.gate.drafting() if self.options.adaptive and self.options.explore else True
 
     def path_probs(self, tree: DraftTree) -> list[float]:
         out: list[float] = []
