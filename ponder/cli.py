@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--model", default=default, help=f"model name, HF dir, .gguf file or hub id (default {default})")
-    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weight dtype (int8 is lossy)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weight dtype (int8 and q4 are lossy)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 
 

@@ -6,7 +6,7 @@ computed alone (a decode step: 1-row projections, one query attending an unmaske
 depends on the CPU and the BLAS build, so these tests check the machine they run on, with SmolLM2's shapes and the
 same set-up speculation uses (``pack_for_rows`` for 4-32 rows):
 
-- int8 and fp16 round every projection's input to 8 or 11 bits of mantissa, so a last-bit difference can cross a
+- int8, q4 and fp16 round every projection's input to 8 or 11 bits of mantissa, so a last-bit difference can cross a
   rounding boundary and change tokens a few steps later: their projections must be row-invariant bit for bit and
   their attention (float64, ``LlamaModel.attention_dtype``) must round to the same value; the whole decoder's hidden
   state must come out identical.
@@ -30,7 +30,7 @@ from ponder.model.quant import convert_dtype
 # row counts of speculation's verify forwards (up to 32 tokens, ``Speculator.prepare``): every count where a kernel
 # could switch (1-9), around the packed sizes 16 and 32, and one between
 ROWS = [*range(1, 10), 12, 15, 16, 17, 24, 31, 32, 33]
-EXACT = ("fp16", "int8")  # dtypes whose lossless speculation needs identical bits (module doc)
+EXACT = ("fp16", "int8", "q4")  # dtypes whose lossless speculation needs identical bits (module doc)
 
 
 def smollm2_like(dtype: str, layers: int = 2, vocab: int = 8192) -> LlamaModel:
@@ -61,15 +61,16 @@ def fp32_bound(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     return 1e-5 * (x.float().abs() @ w.abs().T)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "q4"])
 def test_projection_rows_match_decode(dtype: str) -> None:
     """Each row of an n-row projection (n = 2..33, packed where ponder packs) against the same row computed alone."""
     model = smollm2_like(dtype)
-    head_exact = dtype == "fp16"  # int8 keeps an fp32 head: its last bits matter only at exact ties
+    # int8 keeps an fp32 head: its last bits matter only at exact ties; q4's int8 head re-scores rows one by one
+    head_exact = dtype in ("fp16", "q4")
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         for name, layer in projections(model).items():
-            act = model.dtype if name == "lm_head" or dtype != "int8" else torch.float32
+            act = model.dtype if name == "lm_head" or dtype not in ("int8", "q4") else torch.float32
             x = torch.randn(max(ROWS), layer.in_features, generator=g).to(act)  # [N, in]
             alone = torch.cat([layer(x[j : j + 1]) for j in range(len(x))])  # [N, out]: decode's 1-row calls
             exact = dtype in EXACT and (name != "lm_head" or head_exact)
@@ -114,7 +115,7 @@ def verify_hidden(model: LlamaModel, prompt: list[list[int]], tokens: list[list[
     return model.run_layers(model.embed(torch.tensor(tokens)), ctx, cache)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "q4"])
 def test_decoder_hidden_states_match_decode(dtype: str) -> None:
     """The decoder's final hidden state of each token: decode steps vs one verify forward of 16 tokens, for one row
     and for two rows of different lengths (ragged decode attends row by row; the verify's mask covers both)."""

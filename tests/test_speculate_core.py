@@ -90,9 +90,9 @@ def test_greedy_matrix_equals_baseline(
     assert all(c.spec.drafted > 0 for c in alone) and drafted_and_accepted(alone)[1] > 0
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp16", "int8", "q4"])
 def test_greedy_speculation_is_lossless_in_every_dtype(tiny_dir: Path, cyclic_dir: Path, dtype: str) -> None:
-    """fp32 is the matrix above; fp16 and int8 round activations to 11 and 8 bits of mantissa, where a last-bit
+    """fp32 is the matrix above; fp16, int8 and q4 round activations to 11 and 8 bits of mantissa, where a last-bit
     difference between a decode step and a verify forward would change tokens, so they attend in float64 (see
     ``quant.py``; tests/test_kernels.py checks the kernels bit for bit). The random model with itself as the draft
     model gets long chains accepted; the cyclic one gets trees (recycling) and early exit's reused hidden states

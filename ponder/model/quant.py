@@ -41,6 +41,8 @@ decoding after 31 and 45 tokens on 2 of 4 Spec-Bench prompts.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -49,8 +51,9 @@ from ponder.model.llama import LlamaModel
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def convert_dtype(model: LlamaModel, dtype: str) -> LlamaModel:
-    """Cast (fp32, bf16, fp16) or quantize (int8) the weights."""
+def convert_dtype(model: LlamaModel, dtype: str, gguf: Path | None = None) -> LlamaModel:
+    """Cast (fp32, bf16, fp16) or quantize (int8, q4) the weights; q4 takes the projections' 4-bit blocks from the
+    ``gguf`` file the model came from, where there is one (``q4.py``)."""
     if dtype in FLOAT_DTYPES:
         model = model.to(FLOAT_DTYPES[dtype])
         if dtype == "fp16":
@@ -58,6 +61,10 @@ def convert_dtype(model: LlamaModel, dtype: str) -> LlamaModel:
         return model
     if dtype == "int8":
         return quantize_int8(model)
+    if dtype == "q4":
+        from ponder.model.q4 import quantize_q4
+
+        return quantize_q4(model, gguf)
     raise ValueError(f"unknown dtype {dtype}")
 
 
@@ -66,15 +73,9 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        # the kernel takes bf16 scales: round them first and quantize against the rounded value, so every weight
-        # stays within half a step of its original (rounding the scale up keeps the extreme values in range)
-        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(torch.bfloat16)
-        up = scale.float() < w.abs().amax(dim=1) / 127.0
-        scale = torch.where(up, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("qweight", q.contiguous())
+        q, scale = int8_rows(linear.weight)
+        self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
@@ -92,6 +93,19 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rounding of weight # [out, in] with one bf16 scale per row: (int8 # [out, in], bf16 # [out])."""
+    w = weight.detach().float()
+    # the kernel takes bf16 scales: round them first and quantize against the rounded value, so every weight
+    # stays within half a step of its original (rounding the scale up keeps the extreme values in range)
+    peak = w.abs().amax(dim=1)
+    scale = (peak.clamp(min=1e-12) / 127.0).to(torch.bfloat16)
+    up = scale.float() < peak / 127.0
+    scale = torch.where(up, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
 
 
 def quantize_int8(model: LlamaModel) -> LlamaModel:

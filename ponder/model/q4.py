@@ -1,0 +1,185 @@
+"""``--dtype q4``: 4-bit projections kept as GGUF stores them, an int8 head with exact re-scoring of its top logits.
+
+**Weights.** The default model's GGUF holds each projection as Q4_1 blocks: per 32 consecutive weights of a row one
+fp16 scale ``d``, one fp16 minimum ``m`` and 32 four-bit codes ``q``, the weight being ``w = d * q + m`` (Q4_0: no
+minimum, ``w = d * (q - 8)``). PyTorch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``, group 32) computes
+``w = (q - 8) * scale + zero`` with bf16 scale and zero, so a Q4_1 block maps onto it with ``scale = d`` and
+``zero = m + 8 d``, rounded to bf16 (those two roundings are this format's only departure from the GGUF's own
+weights). Models that are not Q4 GGUFs (a Hugging Face directory in fp16/fp32) are quantized by ponder into the same
+format: per block of 32, ``m`` = the minimum, ``d`` = (maximum - minimum) / 15, ``q`` rounded to nearest.
+
+The kernel multiplies bf16 activations (fp32 activations take ~30x longer on the CPUs measured) and returns bf16;
+the residual stream, norms and attention stay fp32, and decode/verify attention runs in float64 as in int8 mode
+(``quant.py``: batch-invariant attention keeps speculation lossless). The kernel gives each row the bits it gets
+alone whatever else is in the call (tests/test_kernels.py checks it on the machine that runs the tests), which is
+the other half of that guarantee.
+
+**Head.** A 49152 x 576 fp32 head costs ~7 ms per decode step, more than all 30 layers' 4-bit projections (~2.5 ms).
+``Int8Head`` multiplies by an int8 copy with one scale per vocabulary row (~0.8 ms), whose bf16 logits are too coarse
+to pick the top token reliably (an int8 head cost int8 mode 3 points of top-1 agreement, ``quant.py``). So the
+``RESCORE`` best rows of those approximate logits are scored again in fp32 against the full-precision weight (for
+the default model: the GGUF's Q8_0 embedding, dequantized): the greedy token is the fp32 head's whenever it ranks in
+the approximate top ``RESCORE``, and the re-scored logits are the fp32 head's to the last bit in every row whatever
+the batch (an elementwise product and a sum over the hidden axis). The other logits keep the int8 approximation,
+which only sampling far into the tail can notice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ponder.errors import PonderError
+
+GROUP = 32  # weights per GGUF block and per scale of the int4 kernel
+INNER_K_TILES = 8  # the CPU packing's tile parameter (it accepts 2, 4 or 8)
+RESCORE = 16  # approximate top logits re-scored exactly per row
+Q4_TYPES = ("Q4_0", "Q4_1")
+
+
+def kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+class Q4Linear(nn.Module):
+    """``y = x W^T + b`` with W # [out, in] as 4-bit codes in groups of 32 along ``in`` (module doc)."""
+
+    def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """codes # [out, in] integers 0..15, d and m # [out, in / 32]: weight = d * code + m, block by block."""
+        super().__init__()
+        if not kernel_available():
+            raise PonderError(f"--dtype q4 needs PyTorch's CPU int4 kernel, which torch {torch.__version__} lacks")
+        self.out_features, self.in_features = codes.shape
+        if self.in_features % GROUP or d.shape != (self.out_features, self.in_features // GROUP) or d.shape != m.shape:
+            raise PonderError(f"q4 needs rows in blocks of {GROUP}: got codes {tuple(codes.shape)}, d {tuple(d.shape)}")
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), INNER_K_TILES)
+        scale = d.float()
+        zero = m.float() + 8 * scale
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zero", torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x # [..., in] -> # [..., out], in x's dtype (the product itself is computed from bf16 activations)."""
+        if x.device.type != "cpu":
+            raise PonderError("--dtype q4 runs on the CPU only (PyTorch's GPU int4 kernel packs weights differently)")
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scale_zero).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, # [out, in] fp32: the kernel applied to the identity matrix."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scale_zero).float().T
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1-style rounding of an fp32 weight # [out, in]: codes # [out, in], d and m # [out, in / 32]."""
+    out, inn = w.shape
+    if inn % GROUP:
+        raise PonderError(f"--dtype q4 needs every projection's input width to be a multiple of {GROUP}, got {inn}")
+    blocks = w.detach().float().reshape(out, inn // GROUP, GROUP)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    d = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = torch.round((blocks - lo[..., None]) / d[..., None]).clamp(0, 15)
+    return codes.reshape(out, inn).to(torch.uint8), d, lo
+
+
+def gguf_blocks(tensor: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes # [out, in], d and m # [out, in / 32] of a Q4_0/Q4_1 tensor from ``gguf.GGUFReader`` (exact: fp16
+    d and m widened to fp32, ``d * code + m`` equals the GGUF's own dequantization)."""
+    kind = tensor.tensor_type.name
+    raw = np.asarray(tensor.data, dtype=np.uint8)
+    out = raw.shape[0]
+    head = 4 if kind == "Q4_1" else 2  # bytes of d (and m) before each block's 16 bytes of codes
+    blocks = raw.reshape(out, -1, head + GROUP // 2)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * d
+    nib = blocks[..., head:]
+    codes = np.concatenate([nib & 0x0F, nib >> 4], axis=-1)  # byte j holds code j (low) and code j + 16 (high)
+    return torch.from_numpy(codes.reshape(out, -1)), torch.from_numpy(d), torch.from_numpy(m)
+
+
+class Int8Head(nn.Module):
+    """LM head: int8 approximate logits, the best ``RESCORE`` of each row re-scored in fp32 (module doc)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        """weight # [V, E] fp32, the full-precision head (shared with a tied embedding, not copied)."""
+        super().__init__()
+        from ponder.model.quant import int8_rows
+
+        self.weight = weight  # a plain attribute: the embedding owns it when tied
+        self.qweight, self.qscale = int8_rows(weight)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.rescore = min(RESCORE, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x # [..., E] -> logits # [..., V] fp32."""
+        flat = x.reshape(-1, self.in_features)
+        approx = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.qscale).float()
+        top = approx.topk(self.rescore, dim=-1).indices  # [N, k]
+        exact = (self.weight[top] * flat.float()[:, None, :]).sum(-1)  # [N, k]: per row, fixed summation order
+        approx.scatter_(1, top, exact)
+        return approx.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rescore={self.rescore}"
+
+
+def quantize_q4(model: nn.Module, gguf: Path | None = None) -> nn.Module:
+    """Swap every decoder projection for a ``Q4Linear`` (from ``gguf``'s own blocks when given) and the head for an
+    ``Int8Head``, in place."""
+    blocks = _gguf_projection_blocks(gguf, model.config) if gguf is not None else {}
+    for i, layer in enumerate(model.layers):
+        for owner, name in ((layer.attn, "wqkv"), (layer.attn, "wo"), (layer.mlp, "wgate_up"), (layer.mlp, "wdown")):
+            lin = getattr(owner, name)
+            codes, d, m = blocks[(i, name)] if blocks else quantize_blocks(lin.weight)
+            setattr(owner, name, Q4Linear(codes, d, m, lin.bias))
+    model.lm_head = Int8Head(model.lm_head.weight.detach())
+    model.attention_dtype = torch.float64  # batch-invariant attention: speculation stays lossless (quant.py)
+    return model
+
+
+# GGUF tensor names of each fused projection, in fusion order
+FUSED = {"wqkv": ("attn_q", "attn_k", "attn_v"), "wo": ("attn_output",), "wgate_up": ("ffn_gate", "ffn_up"),
+         "wdown": ("ffn_down",)}
+
+
+def _gguf_projection_blocks(path: Path, cfg: Any) -> dict[tuple[int, str], tuple[torch.Tensor, ...]]:
+    """(layer, fused projection) -> (codes, d, m) read from the GGUF file's Q4 blocks."""
+    from ponder.model.gguf_convert import _open, _unpermute
+
+    reader = _open(path)
+    tensors = {t.name: t for t in reader.tensors}
+    arch = str(reader.fields["general.architecture"].contents()) if "general.architecture" in reader.fields else "?"
+    out: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
+    for i in range(cfg.num_hidden_layers):
+        for fused, parts in FUSED.items():
+            pieces = []
+            for part in parts:
+                t = tensors.get(f"blk.{i}.{part}.weight")
+                if t is None:
+                    raise PonderError(f"{path.name} lacks blk.{i}.{part}.weight")
+                if t.tensor_type.name not in Q4_TYPES:
+                    raise PonderError(
+                        f"--dtype q4 reads Q4_0/Q4_1 GGUF projections, but {t.name} in {path.name} is "
+                        f"{t.tensor_type.name}; use --dtype int8 or fp32 with this file"
+                    )
+                codes, d, m = gguf_blocks(t)
+                if arch == "llama" and part in ("attn_q", "attn_k"):  # llama.cpp's rotary row order (gguf_convert)
+                    heads = cfg.num_attention_heads if part == "attn_q" else cfg.num_key_value_heads
+                    codes, d, m = (_unpermute(x, heads) for x in (codes, d, m))
+                pieces.append((codes, d, m))
+            out[(i, fused)] = tuple(torch.cat(xs).contiguous() for xs in zip(*pieces))
+    return out
