@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import ponder
 from ponder import bench
 from ponder.bench.methods import parse_methods, parse_spec
 from ponder.bench.metrics import divergence, near_tie_gap
@@ -132,6 +133,14 @@ def test_full_run_writes_the_documented_schema(tiny_dir: Path, tmp_path: Path) -
     assert set(r["categories"]) == {"qa", "rag"}
     assert "| hf |" in (out / "report.md").read_text()
     assert (out / "speed.png").read_bytes()[:4] == b"\x89PNG"
+    # roofline: the machine's bandwidth once, each method's weight bytes per forward and its fraction of it
+    assert 0.5 < r["machine"]["bandwidth_gb_per_s"] < 10_000
+    base, hf = r["methods"]["baseline"], r["methods"]["hf"]
+    params = sum(p.numel() for p in ponder.load(str(tiny_dir)).model.parameters())
+    assert base["weight_bytes"] == hf["weight_bytes"] < 4 * params  # fp32; the input embedding is not read whole
+    assert 0 < base["roofline"] < 1
+    assert abs(base["weight_gb_per_s"] - base["weight_bytes"] * base["decode_tokens_per_s"] / 1e9) < 1e-9
+    assert "Roofline: measured memory bandwidth" in (out / "report.md").read_text()
 
 
 def test_speculative_methods_in_a_run(tiny_dir: Path, tmp_path: Path) -> None:

@@ -132,3 +132,53 @@ def test_decoder_hidden_states_match_decode(dtype: str) -> None:
             else:
                 scale = dec.abs().amax(-1, keepdim=True)  # [B, T, 1]
                 assert ((dec - ver).abs() <= 1e-5 * scale).all(), f"{dtype}: {((dec - ver).abs() / scale).max():.3g}"
+
+
+def test_route_plan_pads_to_cheaper_row_counts_and_keeps_plain_within_the_margin() -> None:
+    from ponder.model.kernels import MARGIN, plan
+
+    costs = {("plain", 1): 10.0, ("nt", 1): 10.0, ("plain", 2): 30.0, ("nt", 2): 6.0, ("plain", 3): 31.0,
+             ("nt", 3): 12.0, ("plain", 4): 9.0 * (1 + MARGIN / 2), ("nt", 4): 9.0}
+    route = plan(costs)
+    assert route[1] == ("nt", 2)  # one row padded to two costs less than one row alone
+    assert route[2] == ("nt", 2)
+    assert route[3] == ("nt", 4) or route[3] == ("plain", 4)  # the 4-row call is cheaper than any 3-row one
+    assert route[4] == ("plain", 4)  # within the margin: plain stays
+    # the routed cost never decreases with the row count (no cliffs)
+    cost = {n: costs[route[n]] for n in route}
+    assert all(cost[n] <= cost[n + 1] for n in range(1, 4))
+
+
+def test_routes_are_measured_once_and_cached(tmp_path, monkeypatch) -> None:
+    from ponder.model import kernels
+
+    model = smollm2_like("fp32", layers=1, vocab=256)
+    calls = []
+    real = kernels.measure
+    monkeypatch.setattr(kernels, "measure", lambda *a, **k: calls.append(1) or real(*a, reps=1, **k))
+    first = kernels.tune(model, tmp_path)
+    assert len(calls) == 2 and set(first) == {"layers", "head"}  # the projections and the head
+    assert model.layers[0].mlp.wdown.route == first["layers"] and model.lm_head.route == first["head"]
+    assert set(first["layers"]) == set(range(1, max(kernels.ROWS) + 1))
+    again = smollm2_like("fp32", layers=1, vocab=256)
+    assert kernels.tune(again, tmp_path) == first and len(calls) == 2  # read back, not measured
+    assert kernels.tune(smollm2_like("int8", layers=1, vocab=256), tmp_path) == {}  # fp32 only
+
+
+@pytest.mark.parametrize("kernel", ["plain", "nt", "packed"])
+def test_every_kernel_computes_the_projection(kernel: str) -> None:
+    """Each route target, padded or not, within the fp32 bound of F.linear."""
+    from ponder.model.linear import Linear, can_pack
+
+    layer = Linear(96, 80)
+    torch.nn.init.normal_(layer.weight)
+    if kernel == "packed":
+        if not can_pack(layer.weight):
+            pytest.skip("no MKL packed GEMM in this PyTorch build")
+        layer.packed = {8: torch.ops.mkl._mkl_reorder_linear_weight(layer.weight.detach(), 8)}
+    x = torch.randn(5, 96)
+    for rows in (5, 8):
+        if kernel == "packed" and rows != 8:
+            continue
+        err = (layer.run(kernel, x, rows) - torch.nn.functional.linear(x, layer.weight)).abs()
+        assert (err <= fp32_bound(x, layer)).all()

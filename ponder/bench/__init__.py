@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         return _dump(Path(args.dump), cases, tokenizer)
     baseline = MethodSpec("baseline", "baseline")
     results: dict[str, dict[str, Any]] = {}
+    from ponder.bench.roofline import memory_bandwidth
+
+    args.bandwidth = memory_bandwidth(args.threads)  # measured before any method runs, with the methods' threads
     ref = _run_baseline(args, baseline, cases, tokenizer, eos, n_ctx, results)
     for spec in specs:
         if spec.text == "baseline":
@@ -189,6 +192,7 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "verify_cost_ms": a.get("verify_cost_ms", {}),
         "drafter": a.get("drafter", {}),
         "decode": [x + y for x, y in zip(a["decode"], b["decode"])],
+        "weight_bytes": a.get("weight_bytes"),
     }
 
 

@@ -160,6 +160,11 @@ class PonderRunner:
         self.engine = Engine(loaded, self.speculator, make_policy(spec.kv) if spec.kv else None)
         self.model = self.engine.model
 
+    def weight_bytes(self) -> int:
+        from ponder.bench.roofline import weight_bytes
+
+        return weight_bytes(self.model)
+
     def report(self) -> dict[str, Any]:
         """What a speculative method's drafter learned during the run (e.g. early-exit's per-layer acceptance)."""
         return self.speculator.drafter.report() if self.speculator is not None else {}
@@ -219,6 +224,11 @@ class HFRunner:
         self.eos = sorted(eos)
         self.extra = {"prompt_lookup_num_tokens": int(spec.options.get("n", 10))} if spec.name == "hf-pld" else {}
 
+    def weight_bytes(self) -> int:
+        from ponder.bench.roofline import hf_weight_bytes
+
+        return hf_weight_bytes(self.hf)
+
     def run(self, batch: list[list[int]], max_new: int) -> list[Output]:
         (prompt,) = batch
         streamer = _FirstTokenTimer()
@@ -261,6 +271,12 @@ class LlamaCppRunner:
             n_batch=512, verbose=False,
         )
         self.eos = eos
+        self.path = gguf_path(model)
+
+    def weight_bytes(self) -> int:
+        from ponder.bench.roofline import gguf_weight_bytes
+
+        return gguf_weight_bytes(self.path)
 
     def run(self, batch: list[list[int]], max_new: int) -> list[Output]:
         (prompt,) = batch

@@ -55,6 +55,7 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
         seconds, tokens = res.get("decode", (0.0, 0))
         if seconds > 0:  # tokens after each row's first / seconds decoding (worker.run_method)
             methods[spec]["decode_tokens_per_s"] = tokens / seconds
+            add_roofline(methods[spec], res.get("weight_bytes"), getattr(args, "bandwidth", None))
         for cat, figures in by_category(recs, res["shares"]).items():
             categories.setdefault(cat, {})[spec] = figures
         prompts.extend(recs)
@@ -67,7 +68,8 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
         "model": args.model,
         "suite": args.suite,
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": machine() | ({"bandwidth_gb_per_s": args.bandwidth / 1e9} if getattr(args, "bandwidth", None)
+                                else {}),
         "settings": {"max_new_tokens": args.max_new_tokens, "limit": args.limit,
                      "per_category": getattr(args, "per_category", None), "batch_size": args.batch_size,
                      "second_turns": args.second_turns, "warmup": args.warmup, "greedy": True,
@@ -76,6 +78,18 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
         "categories": categories,
         "prompts": prompts,
     }
+
+
+def add_roofline(figures: dict[str, Any], weight_bytes: int | None, bandwidth: float | None) -> None:
+    """Achieved weight bandwidth while decoding (weight bytes per forward x forwards per second) and its fraction
+    of the measured memory bandwidth (``roofline.py``). A batch's forward serves all its rows: forwards per second
+    are decode tokens per second / rows x forwards per token."""
+    if not weight_bytes or not bandwidth:
+        return
+    forwards = figures["decode_tokens_per_s"] * figures.get("forwards_per_token", 1.0) / figures["batch_size"]
+    figures["weight_bytes"] = weight_bytes
+    figures["weight_gb_per_s"] = weight_bytes * forwards / 1e9
+    figures["roofline"] = weight_bytes * forwards / bandwidth
 
 
 def add_exact_match_plain(methods: dict[str, dict[str, Any]], prompts: list[dict[str, Any]], batch: int) -> None:
@@ -114,6 +128,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {spec} | {f['batch_size']} | {f['tokens_per_s']:.1f} | {_x(f['speedup'])} | {f['exact_match']:.0%} "
             f"| {f['near_ties']} | {f['ttft_s']:.3f} | {f['peak_rss_mb']:.0f} | {top1} |"
         )
+    lines += roofline_lines(results)
     spec_rows = [(s, f) for s, f in results["methods"].items() if "tau" in f]
     if spec_rows:
         lines += ["", "Speculative decoding (tau: tokens per verify step; alpha: accepted / drafted):", "",
@@ -144,6 +159,20 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     lines += report_longctx.markdown(results)
     return "\n".join(lines) + "\n"
+
+
+def roofline_lines(results: dict[str, Any]) -> list[str]:
+    bw = results["machine"].get("bandwidth_gb_per_s")
+    rows = [(s, f) for s, f in results["methods"].items() if "roofline" in f]
+    if not bw or not rows:
+        return []
+    lines = ["", f"Roofline: measured memory bandwidth {bw:.1f} GB/s (STREAM-like copy, read + write); per method the "
+             "weight bytes one forward reads and the bandwidth its decoding achieves with them:", "",
+             "| method | weights per forward (MB) | decode tokens/s | weight GB/s | roofline fraction |", "|---|---|---|---|---|"]
+    for s, f in rows:
+        lines.append(f"| {s} | {f['weight_bytes'] / 1e6:.0f} | {f['decode_tokens_per_s']:.1f} "
+                     f"| {f['weight_gb_per_s']:.1f} | {f['roofline']:.0%} |")
+    return lines
 
 
 def _x(speedup: float | None) -> str:

@@ -69,7 +69,8 @@ def run_method(
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"prompts": prompts, "wall_seconds": wall, "shares": shares, "peak_rss_mb": peak_mb, "top1": top1,
             "batch_size": size, "verify_cost_ms": {n: 1000 * t for n, t in sorted(costs.items())},
-            "drafter": runner.report() if spec.is_ponder else {}, "decode": decode}
+            "drafter": runner.report() if spec.is_ponder else {}, "decode": decode,
+            "weight_bytes": runner.weight_bytes()}
 
 
 def time_shares(outs: list[Output], seconds: float, by_lifetime: bool) -> list[float]:

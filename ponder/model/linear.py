@@ -1,19 +1,26 @@
-"""Projection layer with a faster CPU kernel for small batches of rows.
+"""Projection layer that picks, per number of input rows, the fastest fp32 kernel this machine has.
 
-Measured on this project's CPU (Xeon, 2 cores, MKL 2024.2), SmolLM2's 121 fp32 projections per decode step:
-``F.linear`` takes ~21 ms for 1 input row but ~49 ms for 8, because MKL's plain sgemm handles 4-16 rows poorly.
-The same matmuls on weights reordered once with MKL's packed-GEMM API take ~30 ms for 8 rows, bit-identical.
-A packed weight only serves one row count, so ``Linear`` keeps the plain weight for 1-3 rows and, once
-``pack_rows(8)`` was called, pads 4-8 rows up to 8 for the packed kernel (8 padded rows are still cheaper than
-5 plain ones). Each packed size costs another copy of the weights, so the engine asks for packs only when it
-decodes a batch or verifies drafts (speculative decoding packs 4, 8 and 16 rows: whole-model forwards of 4, 8 and
-16 tokens then take ~34, ~41 and ~50 ms instead of ~45, ~60 and ~62 ms with plain sgemm; 1-3 tokens ~30 ms).
+Which BLAS path is fast for a few rows depends on the CPU. Measured with SmolLM2's 121 fp32 projections per
+forward (2 threads, PyTorch 2.13 with MKL):
 
-Bits: on that Xeon the packed kernel and plain sgemm gave every row the bits it gets alone. On an AMD EPYC (same
-PyTorch and MKL) the packed kernel and plain sgemm agree for 4 and more rows, but 1, 2 and 3 rows each get other
-last bits; padding a decode step's row to 4 would make them agree at ~2.4x the projections' time there (rough, on
-a shared machine), so fp32 keeps the fast kernels and speculation on fp32 is exact up to near ties
-(docs/speculation.md). tests/test_kernels.py bounds the difference on the machine it runs on.
+| rows | ``F.linear`` (x W^T) | ``W @ x^T`` | MKL packed (4, 8, 16) |
+|------|----------------------|-------------|-----------------------|
+| Intel Xeon, 2026-11-25: 1 / 8 | ~21 / ~49 ms | - | - / ~30 ms |
+| AMD EPYC, 2026-12-02: 1 / 2 / 4 / 16 | 25.7 / 41.4 / 39.2 / - ms | 25.8 / 13.3 / 20.3 / 39.7 ms | - |
+
+So the same product written as ``W @ x^T`` (another of MKL's code paths) is 3x faster for 2 rows on that AMD CPU,
+and there one input row padded with a zero row to two runs in half the time of the row alone. ``ponder.model.
+kernels`` measures the candidates once per machine and gives every ``Linear`` a route: for each row count, the
+kernel to use and how many rows to pad to (padding to a larger count whenever that is cheaper, which also makes the
+cost curve monotone in the row count: no cliffs for the speculative policy to trip on). Kernels:
+
+- ``plain``: ``F.linear``;
+- ``nt``: ``(W @ x^T)^T``; the same sums in MKL's other operand order;
+- ``packed``: MKL's packed GEMM on a weight reordered once per row count (``pack_rows``: another copy of the
+  weights each, so the engine packs only the sizes the route uses).
+
+Bits: kernels may differ in the last bits of fp32 sums (see tests/test_kernels.py); fp32 speculation is therefore
+exact up to near ties (docs/speculation.md), as it was with one kernel, whose 1-row and n-row calls differ too.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_PACKED_ROWS = 4  # below this, plain sgemm is as fast as the packed kernel
+MIN_PACKED_ROWS = 4  # below this the packed kernel is never chosen
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -36,16 +43,22 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` plus optional MKL-packed copies of the weight, each serving batches of up to its row count."""
+    """``nn.Linear`` plus a per-row-count kernel route (module doc) and optional MKL-packed weight copies."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, **kw: object) -> None:
         super().__init__(in_features, out_features, bias=bias, **kw)
         self.packed: dict[int, torch.Tensor] = {}  # row count -> packed weight
+        self.route: dict[int, tuple[str, int]] = {}  # rows -> (kernel, rows padded to); empty: F.linear everywhere
 
     def pack_rows(self, *sizes: int) -> None:
-        """Prepare the packed kernel for these row counts (a batch of n rows uses the smallest size >= n); sizes
-        below MIN_PACKED_ROWS are ignored, and packs for other sizes are freed."""
-        wanted = {s for s in sizes if s >= MIN_PACKED_ROWS}
+        """Prepare the packed kernel for forwards of up to max(sizes) rows and free other packs. Without a route,
+        pack these sizes (a batch of n rows uses the smallest size >= n; sizes below MIN_PACKED_ROWS are
+        ignored); with one, pack the sizes the route sends those row counts to."""
+        if self.route:
+            most = max(sizes, default=0)
+            wanted = {rows for n, (kernel, rows) in self.route.items() if kernel == "packed" and n <= most}
+        else:
+            wanted = {s for s in sizes if s >= MIN_PACKED_ROWS}
         if not can_pack(self.weight):
             return
         self.packed = {
@@ -60,11 +73,29 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x # [..., in] -> # [..., out]."""
         n = x.numel() // self.in_features
-        size = next((s for s in self.packed if s >= n), 0) if n >= MIN_PACKED_ROWS else 0
-        if not size:
+        if self.route:
+            kernel, rows = self.route.get(n, ("plain", n))
+            if kernel == "packed" and rows not in self.packed:
+                kernel, rows = "plain", n
+        else:  # no route: F.linear, or the smallest packed size that holds the rows
+            rows = next((s for s in self.packed if s >= n), 0) if n >= MIN_PACKED_ROWS else 0
+            kernel, rows = ("packed", rows) if rows else ("plain", n)
+        if kernel == "plain":
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(n, self.in_features)
-        if n < size:
-            flat = torch.cat([flat, flat.new_zeros(size - n, self.in_features)])
-        out = torch.ops.mkl._mkl_linear(flat, self.packed[size], self.weight, self.bias, size)
-        return out[:n].view(*x.shape[:-1], self.out_features)
+        out = self.run(kernel, x.reshape(n, self.in_features), rows)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def run(self, kernel: str, flat: torch.Tensor, rows: int) -> torch.Tensor:
+        """flat # [n, in] through ``kernel`` with the rows zero-padded to ``rows`` -> # [n, out]."""
+        n = flat.shape[0]
+        if rows > n:
+            flat = torch.cat([flat, flat.new_zeros(rows - n, self.in_features)])
+        if kernel == "packed":
+            out = torch.ops.mkl._mkl_linear(flat, self.packed[rows], self.weight, self.bias, rows)
+        elif kernel == "nt":
+            out = torch.matmul(self.weight, flat.T).T
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            out = F.linear(flat, self.weight, self.bias)
+        return out[:n]

@@ -137,7 +137,11 @@ def load_model(path: Path, dtype: str = "fp32") -> LlamaModel:
     model.eval().requires_grad_(False)
     from ponder.model.quant import convert_dtype
 
-    return convert_dtype(model, dtype, gguf_source(path) if dtype == "q4" else None)
+    model = convert_dtype(model, dtype, gguf_source(path) if dtype == "q4" else None)
+    from ponder.model.kernels import tune
+
+    tune(model, cache_root() / "kernels")  # fp32: the fastest kernel per row count on this machine (linear.py)
+    return model
 
 
 def _inv_freq(cfg: ModelConfig) -> torch.Tensor:

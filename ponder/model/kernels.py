@@ -1,0 +1,129 @@
+"""Measure this machine's fp32 projection kernels once, and route every ``Linear`` to the fastest (``linear.py``).
+
+For each row count in ``ROWS`` the candidates (``plain``, ``nt``, and ``packed`` from 4 rows where MKL has it) are
+timed on the model's own shapes: the projections of its first ``SAMPLE_LAYERS`` layers (enough weights to leave the
+caches, as a decode step does), and the LM head on its own. Each row count n is then routed to the cheapest
+(kernel, padded row count m >= n); ``plain`` unpadded is kept unless another choice saves at least ``MARGIN``, so
+noise does not move a route. The result is cached on disk per CPU model, thread count, PyTorch version and shapes
+(``$PONDER_CACHE/kernels``), so only the first process on a machine pays the measurement (~5 s for SmolLM2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ponder.model.linear import MIN_PACKED_ROWS, Linear, can_pack
+
+ROWS = (*range(1, 17), 24, 32)  # row counts measured; others route to the next measured count above
+SAMPLE_LAYERS = 6
+MARGIN = 0.05
+Route = dict[int, tuple[str, int]]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def tune(model: Any, cache_dir: Path | None) -> dict[str, Route]:
+    """Give the model's fp32 ``Linear`` layers their routes (measured, or read from ``cache_dir``); returns them
+    as {"layers": route, "head": route}. Models in other dtypes are left alone."""
+    sample = [m for layer in model.layers[:SAMPLE_LAYERS] for m in layer.modules() if isinstance(m, Linear)]
+    head = model.lm_head if isinstance(model.lm_head, Linear) else None
+    if not sample or sample[0].weight.dtype != torch.float32 or sample[0].weight.device.type != "cpu":
+        return {}
+    shapes = sorted({tuple(m.weight.shape) for m in sample} | ({tuple(head.weight.shape)} if head else set()))
+    key = hashlib.sha1(json.dumps([cpu_name(), torch.get_num_threads(), torch.__version__, shapes]).encode())
+    path = None if cache_dir is None else cache_dir / f"{key.hexdigest()[:16]}.json"
+    routes = _read(path)
+    if routes is None:
+        routes = {"layers": plan(measure(sample))}
+        if head is not None:
+            routes["head"] = plan(measure([head], packed=False))
+        _write(path, routes)
+    for layer in model.layers:
+        for m in layer.modules():
+            if isinstance(m, Linear):
+                m.route = dict(routes["layers"])
+    if head is not None and "head" in routes:
+        head.route = dict(routes["head"])
+    return routes
+
+
+def measure(linears: list[Linear], packed: bool = True, reps: int = 3) -> dict[tuple[str, int], float]:
+    """Seconds for one pass over ``linears`` by (kernel, rows): the best of ``reps`` after a warm-up pass."""
+    costs: dict[tuple[str, int], float] = {}
+    g = torch.Generator().manual_seed(0)
+    inputs = {n: {m.in_features: torch.randn(n, m.in_features, generator=g) for m in linears} for n in ROWS}
+    with torch.inference_mode():
+        for n in ROWS:
+            kernels = ["plain", "nt"]
+            if packed and n >= MIN_PACKED_ROWS and can_pack(linears[0].weight):
+                kernels.append("packed")
+                saved = [m.packed for m in linears]
+                for m in linears:
+                    m.packed = {n: torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), n)}
+            for kernel in kernels:
+                best = float("inf")
+                for _ in range(reps + 1):
+                    start = time.perf_counter()
+                    for m in linears:
+                        m.run(kernel, inputs[n][m.in_features], n)
+                    best = min(best, time.perf_counter() - start)
+                costs[(kernel, n)] = best
+            if "packed" in kernels:
+                for m, p in zip(linears, saved):
+                    m.packed = p
+    return costs
+
+
+def plan(costs: dict[tuple[str, int], float]) -> Route:
+    """Row count n (1..max measured) -> the cheapest (kernel, rows m >= n); unpadded ``plain`` unless another
+    choice is ``MARGIN`` cheaper."""
+    best = {}  # measured rows -> (seconds, kernel)
+    for (kernel, rows), s in costs.items():
+        if rows not in best or s < best[rows][0]:
+            best[rows] = (s, kernel)
+    route: Route = {}
+    for n in range(1, max(best) + 1):
+        s, rows = min((best[m][0], m) for m in best if m >= n)
+        plain = costs.get(("plain", n))
+        if plain is not None and plain <= s * (1 + MARGIN):
+            route[n] = ("plain", n)
+        else:
+            route[n] = (best[rows][1], rows)
+    return route
+
+
+def _read(path: Path | None) -> dict[str, Route] | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return {part: {int(n): (str(k), int(m)) for n, (k, m) in r.items()} for part, r in raw.items()}
+    except (OSError, ValueError, TypeError):
+        return None  # a damaged cache file is measured again
+
+
+def _write(path: Path | None, routes: dict[str, Route]) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({part: {str(n): list(v) for n, v in r.items()} for part, r in routes.items()}))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs the next process the measurement
