@@ -60,9 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return _dump(Path(args.dump), cases, tokenizer)
     baseline = MethodSpec("baseline", "baseline")
     results: dict[str, dict[str, Any]] = {}
-    from ponder.bench.roofline import memory_bandwidth
-
-    args.bandwidth = memory_bandwidth(args.threads)  # measured before any method runs, with the methods' threads
+    args.bandwidth = _bandwidth_in_child(args.threads)  # before any method runs, with the methods' threads
     ref = _run_baseline(args, baseline, cases, tokenizer, eos, n_ctx, results)
     for spec in specs:
         if spec.text == "baseline":
@@ -194,6 +192,15 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "decode": [x + y for x, y in zip(a["decode"], b["decode"])],
         "weight_bytes": a.get("weight_bytes"),
     }
+
+
+def _bandwidth_in_child(threads: int | None) -> float:
+    """``roofline.memory_bandwidth`` in its own process: its 1 GB of buffers must not raise the peak RSS that the
+    methods' processes (started from this one) report, since Linux carries a process's peak RSS across exec."""
+    from ponder.bench.roofline import memory_bandwidth
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(memory_bandwidth, threads).result()
 
 
 def _in_child(
