@@ -217,3 +217,27 @@ def test_exact_match_against_plain_decoding_of_the_same_dtype() -> None:
     add_exact_match_plain(methods, prompts, 1)
     assert methods["pld:dtype=int8"] == {"exact_match_plain": 0.5, "plain_method": "baseline:dtype=int8"}
     assert methods["pld:dtype=bf16"] == {}  # no plain bf16 method in the run
+
+
+def test_profile_splits_decode_and_verify_steps_into_categories(tiny_dir: Path, tmp_path: Path) -> None:
+    from ponder.bench.profile import CATEGORIES, category
+
+    assert [category(n) for n in ("aten::_weight_int4pack_mm_for_cpu", "aten::linear", "mkl::_mkl_linear",
+                                  "aten::scaled_dot_product_attention", "aten::rms_norm")] == [
+        "matmuls", "matmuls", "matmuls", "attention", "other ops"]
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["the sea is"]}))
+    out = tmp_path / "out"
+    args = _args(model=tiny_dir, suite=f"specbench:{suite}", methods="baseline,baseline:dtype=q4,hf",
+                 max_new_tokens=4, out=out)
+    args.profile = True
+    assert bench.run(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert "profile" not in r["methods"]["hf"]  # ponder methods only
+    for spec in ("baseline", "baseline:dtype=q4"):
+        p = r["methods"][spec]["profile"]
+        for kind in ("decode", "verify"):
+            assert set(p[kind]) == set(CATEGORIES) | {"step_ms"}
+            assert all(p[kind][c] > 0 for c in ("matmuls", "attention", "head", "other ops")), (spec, kind, p[kind])
+    report = (out / "report.md").read_text()
+    assert "Per-op breakdown" in report and "| baseline:dtype=q4 | verify |" in report

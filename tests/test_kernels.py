@@ -162,7 +162,9 @@ def test_routes_are_measured_once_and_cached(tmp_path, monkeypatch) -> None:
     assert set(first["layers"]) == set(range(1, max(kernels.ROWS) + 1))
     again = smollm2_like("fp32", layers=1, vocab=256)
     assert kernels.tune(again, tmp_path) == first and len(calls) == 2  # read back, not measured
-    assert kernels.tune(smollm2_like("int8", layers=1, vocab=256), tmp_path) == {}  # fp32 only
+    int8 = smollm2_like("int8", layers=1, vocab=256)  # int8 projections, fp32 head: only the head is routed
+    assert set(kernels.tune(int8, tmp_path)) == {"head"} and int8.lm_head.route
+    assert kernels.tune(smollm2_like("fp16", layers=1, vocab=256), tmp_path) == {}  # fp32 only
 
 
 @pytest.mark.parametrize("kernel", ["plain", "nt", "packed"])

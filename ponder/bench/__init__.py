@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ponder methods generate exactly --max-new-tokens tokens (for throughput; peers cannot)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (default 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per method (default: torch's choice)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time a decode and a verify step of each ponder method by operator category "
+                        "(matmuls, attention, head, other ops, python) into the report")
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     p.add_argument("--dump", metavar="FILE", default=None,
                    help="write the suite's exact prompts (text and token ids) and expected answers as JSONL, then stop")
@@ -191,6 +194,7 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "drafter": a.get("drafter", {}),
         "decode": [x + y for x, y in zip(a["decode"], b["decode"])],
         "weight_bytes": a.get("weight_bytes"),
+        "profile": a.get("profile"),
     }
 
 
@@ -210,7 +214,7 @@ def _in_child(
     from ponder.bench.worker import run_method
 
     job = (spec, args.model, cases, eos, n_ctx, ref, args.max_new_tokens, args.batch_size, args.warmup, args.threads,
-           getattr(args, "ignore_eos", False))
+           getattr(args, "ignore_eos", False), getattr(args, "profile", False))
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         try:
             return pool.submit(run_method, *job).result()

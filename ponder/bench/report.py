@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ponder.bench import report_longctx
+from ponder.bench import profile, report_longctx
 from ponder.bench.metrics import add_speedups, aggregate, by_category
 from ponder.bench.suites import Case
 from ponder.errors import PonderError
@@ -51,7 +51,8 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
             "top1_agreement": agree / total if total else None,
             "batch_size": res["batch_size"],
             "verify_cost_ms": res.get("verify_cost_ms", {}),
-        } | ({"drafter": res["drafter"]} if res.get("drafter") else {})
+        } | ({"drafter": res["drafter"]} if res.get("drafter") else {}) | (
+            {"profile": res["profile"]} if res.get("profile") else {})
         seconds, tokens = res.get("decode", (0.0, 0))
         if seconds > 0:  # tokens after each row's first / seconds decoding (worker.run_method)
             methods[spec]["decode_tokens_per_s"] = tokens / seconds
@@ -129,6 +130,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {f['near_ties']} | {f['ttft_s']:.3f} | {f['peak_rss_mb']:.0f} | {top1} |"
         )
     lines += roofline_lines(results)
+    lines += profile.markdown(results)
     spec_rows = [(s, f) for s, f in results["methods"].items() if "tau" in f]
     if spec_rows:
         lines += ["", "Speculative decoding (tau: tokens per verify step; alpha: accepted / drafted):", "",

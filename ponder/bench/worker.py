@@ -17,6 +17,7 @@ from ponder.bench.suites import Case
 def run_method(
     spec: MethodSpec, model: str, cases: list[Case], eos: set[int], n_ctx: int, ref: dict[str, Output] | None,
     max_new: int, batch_size: int, warmup: int, threads: int | None, ignore_eos: bool = False,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Per-prompt records, total wall seconds (each batch once), per-prompt time shares, peak RSS, top-1 counts."""
     from tqdm import tqdm
@@ -70,7 +71,13 @@ def run_method(
     return {"prompts": prompts, "wall_seconds": wall, "shares": shares, "peak_rss_mb": peak_mb, "top1": top1,
             "batch_size": size, "verify_cost_ms": {n: 1000 * t for n, t in sorted(costs.items())},
             "drafter": runner.report() if spec.is_ponder else {}, "decode": decode,
-            "weight_bytes": runner.weight_bytes()}
+            "weight_bytes": runner.weight_bytes(), "profile": _profile(runner) if profile and spec.is_ponder else None}
+
+
+def _profile(runner: Any) -> dict[str, Any]:
+    from ponder.bench.profile import profile_steps
+
+    return profile_steps(runner.model)
 
 
 def time_shares(outs: list[Output], seconds: float, by_lifetime: bool) -> list[float]:

@@ -38,32 +38,38 @@ def cpu_name() -> str:
 
 
 def tune(model: Any, cache_dir: Path | None) -> dict[str, Route]:
-    """Give the model's fp32 ``Linear`` layers their routes (measured, or read from ``cache_dir``); returns them
-    as {"layers": route, "head": route}. Models in other dtypes are left alone."""
+    """Give the model's fp32 ``Linear`` layers their routes (measured, or read from ``cache_dir``) and return them
+    as {"layers": route, "head": route}; a part that is not an fp32 ``Linear`` on the CPU (int8 or q4 layers, a
+    quantized head, other dtypes) is left alone and absent."""
+    def fp32_cpu(m: Linear) -> bool:
+        return m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+
     sample = [m for layer in model.layers[:SAMPLE_LAYERS] for m in layer.modules() if isinstance(m, Linear)]
-    head = model.lm_head if isinstance(model.lm_head, Linear) else None
-    if not sample or sample[0].weight.dtype != torch.float32 or sample[0].weight.device.type != "cpu":
+    sample = sample if sample and all(fp32_cpu(m) for m in sample) else []
+    head = model.lm_head if isinstance(model.lm_head, Linear) and fp32_cpu(model.lm_head) else None
+    if not sample and head is None:
         return {}
-    shapes = sorted({tuple(m.weight.shape) for m in sample} | ({tuple(head.weight.shape)} if head else set()))
+    shapes = [sorted({tuple(m.weight.shape) for m in sample}), tuple(head.weight.shape) if head else None]
     key = hashlib.sha1(json.dumps([cpu_name(), torch.get_num_threads(), torch.__version__, shapes]).encode())
     path = None if cache_dir is None else cache_dir / f"{key.hexdigest()[:16]}.json"
     routes = _read(path)
     if routes is None:
-        routes = {"layers": plan(measure(sample))}
+        routes = {"layers": plan(measure(sample))} if sample else {}
         if head is not None:
             routes["head"] = plan(measure([head], packed=False))
         _write(path, routes)
-    for layer in model.layers:
-        for m in layer.modules():
-            if isinstance(m, Linear):
-                m.route = dict(routes["layers"])
-    if head is not None and "head" in routes:
+    if sample:
+        for layer in model.layers:
+            for m in layer.modules():
+                if isinstance(m, Linear):
+                    m.route = dict(routes["layers"])
+    if head is not None:
         head.route = dict(routes["head"])
     return routes
 
 
 def measure(linears: list[Linear], packed: bool = True, reps: int = 3) -> dict[tuple[str, int], float]:
-    """Seconds for one pass over ``linears`` by (kernel, rows): the best of ``reps`` after a warm-up pass."""
+    """Seconds for one pass over ``linears`` by (kernel, rows): the best of ``reps`` rounds after a warm-up round."""
     costs: dict[tuple[str, int], float] = {}
     g = torch.Generator().manual_seed(0)
     inputs = {n: {m.in_features: torch.randn(n, m.in_features, generator=g) for m in linears} for n in ROWS}
@@ -75,14 +81,13 @@ def measure(linears: list[Linear], packed: bool = True, reps: int = 3) -> dict[t
                 saved = [m.packed for m in linears]
                 for m in linears:
                     m.packed = {n: torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), n)}
-            for kernel in kernels:
-                best = float("inf")
-                for _ in range(reps + 1):
+            for rep in range(reps + 1):  # round 0 warms up; kernels alternate, so a slow moment hits them alike
+                for kernel in kernels:
                     start = time.perf_counter()
                     for m in linears:
                         m.run(kernel, inputs[n][m.in_features], n)
-                    best = min(best, time.perf_counter() - start)
-                costs[(kernel, n)] = best
+                    if rep:
+                        costs[(kernel, n)] = min(costs.get((kernel, n), float("inf")), time.perf_counter() - start)
             if "packed" in kernels:
                 for m, p in zip(linears, saved):
                     m.packed = p

@@ -66,23 +66,27 @@ class CostCurve:
         return self.seconds[big] + slope * (n - big)
 
     @classmethod
-    def measure(cls, model: object, rows: int, max_tokens: int, prefix: int = 64, reps: int = 2) -> "CostCurve":
-        """Time ``model.forward_tree`` on scratch data for ``rows`` rows and each measured size up to max_tokens."""
+    def measure(cls, model: object, rows: int, max_tokens: int, prefix: int = 64, reps: int = 3) -> "CostCurve":
+        """Time ``model.forward_tree`` on scratch data for ``rows`` rows and each measured size up to max_tokens:
+        the best of ``reps`` rounds after a warm-up round, each round timing every size once (so a slow moment of
+        a shared machine hits all sizes alike rather than one)."""
         sizes = [t for t in MEASURED_SIZES if t <= max_tokens] or [1]
         cache = model.new_cache(rows, prefix + max(sizes))
-        out: dict[int, float] = {}
+        out: dict[int, float] = {rows * t: float("inf") for t in sizes}
         with torch.inference_mode():
             model(torch.zeros(rows, prefix, dtype=torch.long, device=model.device), cache)
+            inputs = []
             for t in sizes:
                 ids = torch.zeros(rows, t, dtype=torch.long, device=model.device)
                 depth = torch.arange(t, device=model.device)[None].expand(rows, t)
                 visible = torch.ones(t, t, dtype=torch.bool, device=model.device).tril()[None].expand(rows, t, t)
-                best = float("inf")
-                for _ in range(reps + 1):  # the first run warms up
+                inputs.append((t, ids, depth, visible))
+            for rep in range(reps + 1):  # round 0 warms up
+                for t, ids, depth, visible in inputs:
                     start = time.perf_counter()
                     model.forward_tree(ids, cache, depth, visible)
-                    best = min(best, time.perf_counter() - start)
-                out[rows * t] = best
+                    if rep:
+                        out[rows * t] = min(out[rows * t], time.perf_counter() - start)
         return cls(out)
 
 
