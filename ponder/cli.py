@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KV-cache compression (lossy): streaming, h2o or snapkv, with options (snapkv:window=64)")
     gen.add_argument("--kv-ratio", type=float, default=None, help="fraction of prompt KV entries the policy removes")
     gen.add_argument("--kv-budget", type=int, default=None, help="KV entries per row the policy keeps")
+    gen.add_argument("--compile", action="store_true",
+                     help="fast path: decode and verify steps run one compiled layer (a few seconds to compile the "
+                          "first time on a machine, cached after)")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="summary of a model: architecture, layers, heads, parameters, memory")
@@ -128,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PonderError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.system is not None and args.raw:
         raise PonderError("--system needs chat mode, but --raw sends the prompt as is: drop one of them")
-    loaded = ponder.load(args.model, args.dtype)
+    loaded = ponder.load(args.model, args.dtype, compile=args.compile)
     chat = not args.raw and _has_chat_template(loaded, args)  # before the set-up below: a mistake fails fast
     speculator = None
     if args.speculate:

@@ -58,11 +58,13 @@ def test_int8_speculation_is_lossless(smollm2_int8) -> None:
     assert [c.output_ids for c in eng.generate(INT8_PROMPTS, params, batch_size=3)] == reference
 
 
-def test_q4_speculation_is_lossless() -> None:
-    """q4 (the GGUF's 4-bit blocks, bf16 activations, an int8 head re-scored in fp32) attends in float64 like int8."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_q4_speculation_is_lossless(compile: bool) -> None:
+    """q4 (the GGUF's 4-bit blocks, bf16 activations, an int8 head re-scored in fp32) attends in float64 like int8;
+    also on the fast path (compiled decode/verify layer), against the fast path's own plain decoding."""
     import ponder
 
-    q4 = ponder.load(dtype="q4")
+    q4 = ponder.load(dtype="q4", compile=compile)
     params = SamplingParams(max_new_tokens=64)
     reference = [Engine(q4).generate([p], params)[0].output_ids for p in INT8_PROMPTS]
     eng = Engine(q4, make_speculator("pld+recycling", q4))

@@ -30,7 +30,7 @@ from ponder.errors import PonderError
 from ponder.model.loader import DTYPES
 
 METHOD_OPTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
-    "baseline": {"dtype": str, "batch": int},
+    "baseline": {"dtype": str, "batch": int, "compile": str},
     "hf": {},
     "hf-pld": {"n": int},
     "llamacpp": {},
@@ -53,6 +53,10 @@ class MethodSpec:
     @property
     def dtype(self) -> str:
         return str(self.options.get("dtype", "fp32"))
+
+    @property
+    def compile(self) -> bool:
+        return self.options.get("compile", "false") in ("1", "true")
 
     def batch(self, default: int) -> int:
         return int(self.options.get("batch", default)) if self.is_ponder else 1
@@ -81,8 +85,7 @@ def parse_spec(text: str) -> MethodSpec:
             options[key] = allowed[key](value)
         except ValueError:
             raise PonderError(f"method {text!r}: option {key} needs a {allowed[key].__name__}, got {value!r}")
-    if options.get("dtype", "fp32") not in DTYPES:
-        raise PonderError(f"method {text!r}: dtype must be one of {', '.join(DTYPES)}")
+    _check_common(text, options)
     if int(options.get("batch", 1)) < 1 or int(options.get("n", 1)) < 1:
         raise PonderError(f"method {text!r}: batch and n must be >= 1")
     return MethodSpec(text, name, options)
@@ -97,7 +100,7 @@ def _ponder_spec(text: str) -> MethodSpec:
         kept = []
         for i, part in enumerate(chunk.split(":")):
             key, eq, value = part.partition("=")
-            if i and eq and key in ("dtype", "batch"):
+            if i and eq and key in ("dtype", "batch", "compile"):
                 options[key] = value
             else:
                 kept.append(part)
@@ -110,14 +113,20 @@ def _ponder_spec(text: str) -> MethodSpec:
     rest = "+".join(chunks) or None
     if rest is not None:
         speculate.validate(rest)
-    if options.get("dtype", "fp32") not in DTYPES:
-        raise PonderError(f"method {text!r}: dtype must be one of {', '.join(DTYPES)}")
+    _check_common(text, options)
     if not str(options.get("batch", "1")).isdigit() or int(options.get("batch", 1)) < 1:
         raise PonderError(f"method {text!r}: batch must be an integer >= 1")
     if "batch" in options:
         options["batch"] = int(options["batch"])
     name = (rest or policy or "").split(":")[0].split("+")[0]
     return MethodSpec(text, name, options, rest, policy)
+
+
+def _check_common(text: str, options: dict[str, Any]) -> None:
+    if options.get("dtype", "fp32") not in DTYPES:
+        raise PonderError(f"method {text!r}: dtype must be one of {', '.join(DTYPES)}")
+    if options.get("compile", "false") not in ("0", "1", "false", "true"):
+        raise PonderError(f"method {text!r}: compile must be true or false")
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
@@ -155,7 +164,7 @@ class PonderRunner:
         from ponder.kv import make_policy
         from ponder.speculate import make_speculator
 
-        loaded = ponder.load(model, spec.dtype)
+        loaded = ponder.load(model, spec.dtype, compile=spec.compile)
         self.speculator = make_speculator(spec.speculator, loaded) if spec.speculator else None
         self.engine = Engine(loaded, self.speculator, make_policy(spec.kv) if spec.kv else None)
         self.model = self.engine.model

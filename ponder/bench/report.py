@@ -131,6 +131,11 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += roofline_lines(results)
     lines += profile.markdown(results)
+    for s, f in results["methods"].items():
+        if (fast := f.get("drafter", {}).get("fast_path")) is not None:
+            eager = ", ".join(f"{n} {why}" for why, n in fast["eager_fallbacks"].items()) or "none"
+            lines += ["", f"{s}: fast path ran {fast['compiled_forwards']} decode/verify forwards compiled; eager "
+                          f"fallbacks: {eager} (prefills always run eagerly)"]
     spec_rows = [(s, f) for s, f in results["methods"].items() if "tau" in f]
     if spec_rows:
         lines += ["", "Speculative decoding (tau: tokens per verify step; alpha: accepted / drafted):", "",

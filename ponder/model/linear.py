@@ -91,7 +91,7 @@ class Linear(nn.Linear):
         if rows > n:
             flat = torch.cat([flat, flat.new_zeros(rows - n, self.in_features)])
         if kernel == "packed":
-            out = torch.ops.mkl._mkl_linear(flat, self.packed[rows], self.weight, self.bias, rows)
+            out = _packed_linear(flat, self.packed[rows], self.weight, self.bias, rows)
         elif kernel == "nt":
             out = torch.matmul(self.weight, flat.T).T
             if self.bias is not None:
@@ -99,3 +99,12 @@ class Linear(nn.Linear):
         else:
             out = F.linear(flat, self.weight, self.bias)
         return out[:n]
+
+
+@torch.compiler.disable
+def _packed_linear(
+    flat: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
+) -> torch.Tensor:
+    """MKL's packed GEMM, always run eagerly: inductor's lowering of it needs a static row count, and the fast
+    path (fast.py) compiles with dynamic shapes."""
+    return torch.ops.mkl._mkl_linear(flat, packed, weight, bias, rows)

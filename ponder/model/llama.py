@@ -24,6 +24,7 @@ from ponder.model.rope import apply_rope, inv_frequencies, rope_tables
 
 if TYPE_CHECKING:
     from ponder.kv.base import KVHook
+    from ponder.model.fast import FastPath
 
 
 @dataclass
@@ -154,6 +155,7 @@ class LlamaModel(nn.Module):
         # speculation (see ``quant.py``). Prefills (several tokens per row in ``forward``) still attend in the
         # model's dtype: plain and speculative decoding prefill alike, and float64 would double their attention time
         self.attention_dtype: torch.dtype | None = None
+        self.fast: "FastPath | None" = None  # the compiled decode/verify layer (fast.py), when loaded with compile
 
     @property
     def dtype(self) -> torch.dtype:
@@ -190,6 +192,8 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Run layers ``[start, end)`` on h # [B, T, E]; each writes its K/V for the new tokens."""
         end = len(self.layers) if end is None else end
+        if self.fast is not None and (out := self.fast.run(self, h, ctx, cache, start, end)) is not None:
+            return out
         for i in range(start, end):
             h = self.layers[i](h, ctx, cache, i)
         return h

@@ -123,8 +123,9 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf(raw)
 
 
-def load_model(path: Path, dtype: str = "fp32") -> LlamaModel:
-    """Our model with the weights in ``path``, converted to ``dtype`` (fp32, bf16, fp16, int8 or q4 weights)."""
+def load_model(path: Path, dtype: str = "fp32", compile: bool = False) -> LlamaModel:
+    """Our model with the weights in ``path``, converted to ``dtype`` (fp32, bf16, fp16, int8 or q4 weights);
+    ``compile``: decode and verify steps run the compiled layer (``fast.py``)."""
     if dtype not in DTYPES:
         raise PonderError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     cfg = read_config(path)
@@ -141,6 +142,10 @@ def load_model(path: Path, dtype: str = "fp32") -> LlamaModel:
     from ponder.model.kernels import tune
 
     tune(model, cache_root() / "kernels")  # fp32: the fastest kernel per row count on this machine (linear.py)
+    if compile:
+        from ponder.model.fast import FastPath
+
+        model.fast = FastPath()
     return model
 
 
@@ -220,7 +225,7 @@ class Loaded:
     dtype: str
 
 
-def load(name: str = DEFAULT_MODEL, dtype: str = "fp32") -> Loaded:
-    """Load ``name`` (see module docstring) as a ``Loaded`` bundle."""
+def load(name: str = DEFAULT_MODEL, dtype: str = "fp32", compile: bool = False) -> Loaded:
+    """Load ``name`` (see module docstring) as a ``Loaded`` bundle; ``compile``: the fast path (``fast.py``)."""
     path = resolve(name)
-    return Loaded(load_model(path, dtype), load_tokenizer(path), name, path, dtype)
+    return Loaded(load_model(path, dtype, compile), load_tokenizer(path), name, path, dtype)

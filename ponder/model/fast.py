@@ -1,0 +1,106 @@
+"""The captured decode/verify layer: one decoder layer's step compiled once with ``torch.compile`` (inductor) and
+reused by all layers, for decode steps and verify forwards.
+
+In eager mode a q4 decode step of SmolLM2 is ~1500 small operators (norms, rotary embedding, dtype casts, residual
+adds, cache writes) around 121 int4 matmuls and 30 attention calls, and their dispatch costs as much as the
+matmuls. ``layer_step`` is the layer's decode/verify path written as one function of tensors (the layer's modules,
+the hidden state, the rotations, this layer's K/V cache tensors, the write position and the mask); compiled with
+dynamic shapes it becomes one graph whose norm, rotary, cast and residual operators are fused, with the matmul and
+attention kernels called as they are. All layers share it (the modules' weights are graph inputs; PyTorch's
+regional compilation of repeated blocks), so compiling costs a few seconds, not one compile per layer, and
+inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by default under /tmp) lets the next process on the machine
+skip most of that.
+
+What it covers: every forward that attends in the cache's dtype (decode steps and speculation's verify forwards,
+equal or ragged rows, tree and sliding-window masks; a ragged decode step attends under a mask where the eager layer
+calls attention once per row). Prefills run the eager layers (they are the same for plain and speculative decoding,
+and one row at a time), and so do forwards with a KV-cache policy's hook or per-head holes: ``FastPath.fallbacks``
+counts those by reason so the bench can say so. So a generation never switches between compiled and eager decode
+steps, whose last bits may differ.
+
+Numerics: the same operators in the same order; fusion keeps fp32 elementwise results (tests/test_fast.py checks
+decode and verify against eager, and the lossless matrix runs on it).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ponder.model.rope import apply_rope
+
+
+def layer_step(
+    blk: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+    start: int | None, slots: torch.Tensor | None, read_len: int, mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """One decoder layer on h # [B, T, E]: K/V go to slots [start, start + T) of every row of kc/vc
+    # [B, Hkv, S, D], or to ``slots`` # [B, T] (ragged rows); attention reads slots [0, read_len) under ``mask``
+    # [B, 1, T, S] (verify forwards, ragged decode), or unmasked (one-token decode steps of equal rows)."""
+    attn = blk.attn
+    B, T, _ = h.shape
+    H, Hkv, D = attn.n_heads, attn.n_kv, attn.head_dim
+    qkv = attn.wqkv(blk.attn_norm(h)).view(B, T, H + 2 * Hkv, D)
+    q, k = apply_rope(qkv[:, :, : H + Hkv], cos, sin).split([H, Hkv], dim=2)
+    v = qkv[:, :, H + Hkv :]
+    if slots is None:
+        kc[:, :, start : start + T] = k.transpose(1, 2).to(kc.dtype)
+        vc[:, :, start : start + T] = v.transpose(1, 2).to(vc.dtype)
+    else:
+        rows = torch.arange(B, device=h.device)[:, None].expand_as(slots)
+        kc[rows, :, slots] = k.to(kc.dtype)
+        vc[rows, :, slots] = v.to(vc.dtype)
+    keys, values = kc[:, :, :read_len], vc[:, :, :read_len]
+    q = q.to(kc.dtype)
+    if mask is None:  # one query per row: fold each KV head's query group (as llama._attend does)
+        out = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys, values).view(B, 1, H, D)
+    else:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=H > Hkv
+        ).transpose(1, 2)
+    h = h + attn.wo(out.to(h.dtype).reshape(B, T, H * D))
+    return h + blk.mlp(blk.mlp_norm(h))
+
+
+class FastPath:
+    """The compiled ``layer_step`` and the count of forwards that could not use it."""
+
+    def __init__(self) -> None:
+        import torch._dynamo
+
+        # one graph per (decode | verify) x (dtype) x (kernel routes that specialise on row counts): room for them
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.step = torch.compile(layer_step, dynamic=True)
+        self.fallbacks: Counter[str] = Counter()
+        self.forwards = 0
+
+    def reason_not(self, ctx: Any, cache: Any) -> str | None:
+        """Why this forward must run eagerly (None: it can run compiled)."""
+        if ctx.attn_dtype is not None:
+            return "prefill"
+        if ctx.kv_hook is not None or cache.holes is not None:
+            return "KV policy"
+        return None
+
+    def run(self, model: Any, h: torch.Tensor, ctx: Any, cache: Any, start: int, end: int) -> torch.Tensor | None:
+        """Layers [start, end) compiled, or None (and the reason counted) when this forward cannot be."""
+        if (why := self.reason_not(ctx, cache)) is not None:
+            if why != "prefill":
+                self.fallbacks[why] += 1
+            return None
+        self.forwards += 1
+        mask = ctx.mask
+        if ctx.row_read is not None:  # ragged decode: each row reads its own slots (eager: one SDPA call per row)
+            reads = torch.tensor(ctx.row_read, device=h.device)
+            mask = (torch.arange(ctx.read_len, device=h.device)[None] < reads[:, None])[:, None, None, :]
+        for i in range(start, end):
+            h = self.step(model.layers[i], h, ctx.cos, ctx.sin, cache.k[i], cache.v[i], ctx.write_start, ctx.slots,
+                          ctx.read_len, mask)
+        return h
+
+    def report(self) -> dict[str, Any]:
+        return {"compiled_forwards": self.forwards, "eager_fallbacks": dict(self.fallbacks)}

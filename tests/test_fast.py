@@ -1,0 +1,68 @@
+"""The fast path (ponder/model/fast.py): the compiled decode/verify layer against the eager layers, and lossless
+speculation on it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_kernels import decode_hidden, smollm2_like, verify_hidden
+from test_speculate_core import PROMPTS, drafted_and_accepted
+
+import ponder
+from ponder.engine import Engine
+from ponder.model.fast import FastPath
+from ponder.sampling import SamplingParams
+from ponder.speculate import make_speculator
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "q4"])
+def test_compiled_decode_and_verify_agree(dtype: str) -> None:
+    """q4 needs bit-identical decode steps and verify forwards on the compiled path (one row and two ragged rows);
+    fp32 stays within the eager layers' rounding of them."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(256, (n,), generator=g).tolist() for n in (37, 61)]
+    tokens = [torch.randint(256, (6,), generator=g).tolist() for _ in prompts]
+    eager = smollm2_like(dtype, vocab=256)
+    fast = smollm2_like(dtype, vocab=256)
+    fast.fast = FastPath()
+    with torch.inference_mode():
+        for rows in (1, 2):
+            dec = decode_hidden(fast, prompts[:rows], tokens[:rows])
+            ver = verify_hidden(fast, prompts[:rows], tokens[:rows])
+            ref = decode_hidden(eager, prompts[:rows], tokens[:rows])
+            scale = ref.abs().amax(-1, keepdim=True)
+            if dtype == "q4":
+                assert torch.equal(dec, ver), (rows, (dec - ver).abs().max())
+            else:
+                assert ((dec - ver).abs() <= 1e-5 * scale).all()
+            assert ((dec - ref).abs() <= (0.05 if dtype == "q4" else 1e-5) * scale).all()
+    assert fast.fast.forwards > 0 and not fast.fast.fallbacks
+
+
+def test_greedy_speculation_is_lossless_on_the_fast_path(tiny_dir: Path, cyclic_dir: Path) -> None:
+    """The lossless matrix's shape on compiled q4 layers: batch 1 and 3 (ragged rows) against compiled plain
+    decoding one prompt at a time; every case drafts and gets drafts accepted."""
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    for model_dir, specs in ((tiny_dir, [f"draft:{tiny_dir}:explore=0"]),
+                             (cyclic_dir, ["pld:explore=0", "recycling:explore=0", "early-exit:layer=1:explore=0"])):
+        target = ponder.load(str(model_dir), "q4", compile=True)
+        want = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=1)]
+        for spec in specs:
+            eng = Engine(target, make_speculator(spec, target))
+            for size in (1, 3):
+                out = eng.generate(PROMPTS, params, batch_size=size)
+                assert [c.output_ids for c in out] == want, (spec, size)
+                drafted, accepted = drafted_and_accepted(out)
+                assert drafted > 0 and accepted > 0, (spec, size, drafted, accepted)
+        assert target.model.fast.forwards > 0 and not target.model.fast.fallbacks
+
+
+def test_kv_policies_run_eagerly_and_say_so(tiny_dir: Path) -> None:
+    from ponder.kv import make_policy
+
+    target = ponder.load(str(tiny_dir), compile=True)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    want = Engine(ponder.load(str(tiny_dir)), kv=make_policy("h2o", 0.5)).generate(PROMPTS[:2], params)
+    got = Engine(target, kv=make_policy("h2o", 0.5)).generate(PROMPTS[:2], params)
+    assert [c.output_ids for c in got] == [c.output_ids for c in want]
+    assert target.model.fast.fallbacks["KV policy"] > 0
