@@ -137,3 +137,20 @@ def test_q4_loads_and_generates_from_a_model_directory(tiny_dir: Path) -> None:
     assert (got == want).float().mean().item() >= 0.3
     out = ponder.Engine(q4).generate(["the sea is"], ponder.SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert len(out[0].output_ids) == 5
+
+
+def test_kernel_ready_tensors_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second q4 load reads the cache instead of the GGUF and gets the same tensors."""
+    from ponder.model import q4 as q4_mod
+
+    path, cache = tmp_path / "q.gguf", tmp_path / "q4.safetensors"
+    write_q4_gguf(path, {})
+    first = quantize_q4(fp32_model_of(path), path, cache)
+    assert cache.is_file()
+    monkeypatch.setattr(q4_mod, "_gguf_projection_blocks", lambda *a: pytest.fail("read the GGUF again"))
+    second = quantize_q4(fp32_model_of(path), path, cache)
+    for a, b in zip(first.layers[0].modules(), second.layers[0].modules()):
+        if isinstance(a, Q4Linear):
+            assert torch.equal(a.packed, b.packed) and torch.equal(a.scale_zero, b.scale_zero)
+    x = torch.randn(2, 3, HIDDEN)
+    assert torch.equal(first.layers[0].mlp(x), second.layers[0].mlp(x))

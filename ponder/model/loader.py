@@ -138,7 +138,13 @@ def load_model(path: Path, dtype: str = "fp32", compile: bool = False) -> LlamaM
     model.eval().requires_grad_(False)
     from ponder.model.quant import convert_dtype
 
-    model = convert_dtype(model, dtype, gguf_source(path) if dtype == "q4" else None)
+    gguf = gguf_source(path) if dtype == "q4" else None
+    if gguf is not None:  # ponder's own conversion directory: the q4 tensors can be cached beside it
+        from ponder.model.q4 import cache_name
+
+        model = convert_dtype(model, dtype, gguf, path / cache_name())
+    else:
+        model = convert_dtype(model, dtype)
     from ponder.model.kernels import tune
 
     tune(model, cache_root() / "kernels")  # fp32: the fastest kernel per row count on this machine (linear.py)

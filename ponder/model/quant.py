@@ -51,9 +51,9 @@ from ponder.model.llama import LlamaModel
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def convert_dtype(model: LlamaModel, dtype: str, gguf: Path | None = None) -> LlamaModel:
+def convert_dtype(model: LlamaModel, dtype: str, gguf: Path | None = None, q4_cache: Path | None = None) -> LlamaModel:
     """Cast (fp32, bf16, fp16) or quantize (int8, q4) the weights; q4 takes the projections' 4-bit blocks from the
-    ``gguf`` file the model came from, where there is one (``q4.py``)."""
+    ``gguf`` file the model came from, where there is one, kernel-ready tensors cached in ``q4_cache`` (``q4.py``)."""
     if dtype in FLOAT_DTYPES:
         model = model.to(FLOAT_DTYPES[dtype])
         if dtype == "fp16":
@@ -64,7 +64,7 @@ def convert_dtype(model: LlamaModel, dtype: str, gguf: Path | None = None) -> Ll
     if dtype == "q4":
         from ponder.model.q4 import quantize_q4
 
-        return quantize_q4(model, gguf)
+        return quantize_q4(model, gguf, q4_cache)
     raise ValueError(f"unknown dtype {dtype}")
 
 
