@@ -33,6 +33,16 @@ def test_generate_streams_text_and_reports_speed(capsys, tiny_dir: Path) -> None
     assert "6 tokens" in err and "tokens/s" in err
 
 
+def test_generate_on_the_fast_path(capsys, tiny_dir: Path) -> None:
+    """--compile with q4 and speculation: the compiled layer's plain and speculative outputs are the same text."""
+    args = ("generate", "a b c a b c a", "--model", str(tiny_dir), "--raw", "--max-new-tokens", "8", "--ignore-eos",
+            "--dtype", "q4", "--compile")
+    code, plain, err = run_cli(capsys, *args)
+    assert code == 0 and "8 tokens" in err
+    code, spec, _ = run_cli(capsys, *args, "--speculate", "pld")
+    assert code == 0 and spec == plain
+
+
 def test_generate_batch_size_gives_the_same_text(capsys, tiny_dir: Path) -> None:
     args = ("generate", "a b c", "one two", "x", "--model", str(tiny_dir), "--raw", "--max-new-tokens", "6")
     _, whole, _ = run_cli(capsys, *args)
