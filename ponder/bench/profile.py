@@ -2,14 +2,15 @@
 
 On scratch data (a ``PROMPT``-token prefix, token ids 0), ``torch.profiler`` records ``STEPS`` decode steps (1 token
 per row) and as many verify forwards (``VERIFY_TOKENS`` tokens in a chain, as ``forward_tree`` runs them), after a
-warm-up. The operators called directly by the model's code (the top-level ones) are put in categories by name;
-their inclusive times add up per category:
+warm-up. The outermost operators (those called by the model's code, or by a compiled graph of the fast path) are
+put in categories by name; their inclusive times add up per category:
 
 - ``matmuls``: the projections' kernels (fp32 BLAS, int8 and int4 weight-only kernels, MKL's packed GEMM);
 - ``attention``: scaled-dot-product attention;
 - ``head``: the final norm and LM head (timed as one block: ``LlamaModel.logits``);
 - ``other ops``: everything else the layers call (norms, rotary embedding, activations, residual adds, dtype
-  casts, KV-cache writes, views);
+  casts, KV-cache writes, views); on the fast path, the compiled graphs' time outside the matmul and attention
+  kernels they call (their fused kernels, which the profiler does not name, and their wrappers and guards);
 - ``python``: the step's wall time under the profiler minus all of the above, i.e. the interpreter between
   operators (and the profiler's own per-operator cost, which inflates it).
 
@@ -28,8 +29,9 @@ PROMPT = 256
 STEPS = 8
 VERIFY_TOKENS = 4
 MATMULS = ("linear", "mm", "addmm", "matmul", "bmm", "_weight_int4pack_mm_for_cpu", "_weight_int8pack_mm",
-           "_weight_int4pack_mm", "_mkl_linear")
-ATTENTION = ("scaled_dot_product_attention",)
+           "_weight_int4pack_mm", "_mkl_linear", "int4mm_packed_weight_cpu")
+ATTENTION = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu")
+COMPILED = ("Torch-Compiled Region", "TorchDynamo Cache Lookup")  # the fast path's graphs and their guards
 CATEGORIES = ("matmuls", "attention", "head", "other ops", "python")
 
 
@@ -92,11 +94,32 @@ def _profiled(step: Any) -> dict[str, float]:
     for ev in prof.events():
         if ev.name == "ponder.head":
             totals["head"] += ev.cpu_time_total
-        elif ev.cpu_parent is None and ev.name.startswith("aten::"):
+        elif ev.cpu_parent is None and ev.name.startswith(COMPILED):
+            totals["other ops"] += ev.cpu_time_total  # less the operators inside it, counted below
+        elif _is_op(ev.name):
+            above = _ancestors(ev)
+            if "ponder.head" in above or any(_is_op(a) for a in above):
+                continue  # timed as the head, or inside an operator counted already
             totals[category(ev.name)] += ev.cpu_time_total
+            if any(a.startswith(COMPILED) for a in above):
+                totals["other ops"] -= ev.cpu_time_total
     ms = {k: v / 1000 / STEPS for k, v in totals.items()}  # profiler times are microseconds
     ms["python"] = max(0.0, 1000 * wall / STEPS - sum(ms.values()))
     return ms
+
+
+def _is_op(name: str) -> bool:
+    return "::" in name and not name.startswith("#")
+
+
+def _ancestors(ev: Any) -> list[str]:
+    """The names of the events that enclose ev, innermost first."""
+    names = []
+    p = ev.cpu_parent
+    while p is not None:
+        names.append(p.name)
+        p = p.cpu_parent
+    return names
 
 
 def markdown(results: dict[str, Any]) -> list[str]:
