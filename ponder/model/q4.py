@@ -1,4 +1,4 @@
-"""``--dtype q4``: 4-bit projections kept as GGUF stores them, an int8 head with exact re-scoring of its top logits.
+"""``--dtype q4``: 4-bit projections kept as GGUF stores them, a 4-bit head with exact re-scoring of its top logits.
 
 **Weights.** The default model's GGUF holds each projection as Q4_1 blocks: per 32 consecutive weights of a row one
 fp16 scale ``d``, one fp16 minimum ``m`` and 32 four-bit codes ``q``, the weight being ``w = d * q + m`` (Q4_0: no
@@ -15,12 +15,14 @@ alone whatever else is in the call (tests/test_kernels.py checks it on the machi
 the other half of that guarantee.
 
 **Head.** A 49152 x 576 fp32 head costs ~7 ms per decode step, more than all 30 layers' 4-bit projections (~2.5 ms).
-``Int8Head`` multiplies by an int8 copy with one scale per vocabulary row (~0.8 ms), whose bf16 logits are too coarse
-to pick the top token reliably (an int8 head cost int8 mode 3 points of top-1 agreement, ``quant.py``). So the
-``RESCORE`` best rows of those approximate logits are scored again in fp32 against the full-precision weight (for
-the default model: the GGUF's Q8_0 embedding, dequantized): the greedy token is the fp32 head's whenever it ranks in
-the approximate top ``RESCORE``, and the re-scored logits are the fp32 head's to the last bit in every row whatever
-the batch (an elementwise product and a sum over the hidden axis). The other logits keep the int8 approximation,
+``RescoredHead`` multiplies by a 4-bit copy (the same int4 kernel and blocks as the projections, ~0.45 ms; an int8
+copy with one scale per vocabulary row, ~0.7 ms, where the shape does not suit the int4 packing), whose bf16 logits
+are too coarse to pick the top token reliably (the true top token is the 4-bit copy's own top token at 83% of
+SmolLM2's positions). So the ``RESCORE`` best rows of those approximate logits are scored again in fp32 against the
+full-precision weight (for the default model: the GGUF's Q8_0 embedding, dequantized): the greedy token is the fp32
+head's whenever it ranks in the approximate top ``RESCORE`` (at 1500 of 1500 positions of a README passage for both
+copies; it is within the top 4 at 99.3%), and the re-scored logits are the fp32 head's to the last bit in every row
+whatever the batch (an elementwise product and a sum over the hidden axis). The other logits keep the approximation,
 which only sampling far into the tail can notice.
 """
 
@@ -64,6 +66,20 @@ class Q4Linear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scale_zero", torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @classmethod
+    def packed_as(
+        cls, out_features: int, in_features: int, packed: torch.Tensor, scale_zero: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> "Q4Linear":
+        """A layer from tensors already in the kernel's layout (the kernel-ready cache)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features = out_features, in_features
+        layer.register_buffer("packed", packed)
+        layer.register_buffer("scale_zero", scale_zero)
+        layer.register_buffer("bias", None if bias is None else bias.detach().float())
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x # [..., in] -> # [..., out], in x's dtype (the product itself is computed from bf16 activations)."""
@@ -111,35 +127,50 @@ def gguf_blocks(tensor: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.from_numpy(codes.reshape(out, -1)), torch.from_numpy(d), torch.from_numpy(m)
 
 
-class Int8Head(nn.Module):
-    """LM head: int8 approximate logits, the best ``RESCORE`` of each row re-scored in fp32 (module doc)."""
+class RescoredHead(nn.Module):
+    """LM head: approximate logits from a 4-bit (or int8) copy, the best ``RESCORE`` of each row re-scored in fp32
+    (module doc)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        """weight # [V, E] fp32, the full-precision head (shared with a tied embedding, not copied)."""
+    def __init__(self, weight: torch.Tensor, approx: "Q4Linear | None" = None) -> None:
+        """weight # [V, E] fp32, the full-precision head (shared with a tied embedding, not copied); ``approx``: its
+        4-bit copy when already made (the kernel-ready cache), else made here (int8 rows where E % 32 or V % 16)."""
         super().__init__()
-        from ponder.model.quant import int8_rows
-
         self.weight = weight  # a plain attribute: the embedding owns it when tied
-        self.qweight, self.qscale = int8_rows(weight)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.approx = approx
+        self.qweight = self.qscale = None
+        if approx is None and self.in_features % GROUP == 0 and self.out_features % 16 == 0:  # the packing's tiles
+            self.approx = Q4Linear(*quantize_blocks(weight))
+        elif approx is None:
+            from ponder.model.quant import int8_rows
+
+            self.qweight, self.qscale = int8_rows(weight)
         self.rescore = min(RESCORE, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x # [..., E] -> logits # [..., V] fp32."""
         flat = x.reshape(-1, self.in_features)
-        approx = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.qscale).float()
+        approx = self.approximate(flat)
         top = approx.topk(self.rescore, dim=-1).indices  # [N, k]
         exact = (self.weight[top] * flat.float()[:, None, :]).sum(-1)  # [N, k]: per row, fixed summation order
         approx.scatter_(1, top, exact)
         return approx.view(*x.shape[:-1], self.out_features)
 
+    def approximate(self, flat: torch.Tensor) -> torch.Tensor:
+        """The approximate copy's logits # [N, V] fp32 of flat # [N, E]."""
+        if self.approx is not None:
+            return self.approx(flat.to(torch.bfloat16)).float()
+        return torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.qscale).float()
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rescore={self.rescore}"
+        bits = "int4" if self.approx is not None else "int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, approx={bits}, " \
+               f"rescore={self.rescore}"
 
 
 def quantize_q4(model: nn.Module, gguf: Path | None = None, cache: Path | None = None) -> nn.Module:
-    """Swap every decoder projection for a ``Q4Linear`` (from ``gguf``'s own blocks when given) and the head for an
-    ``Int8Head``, in place. ``cache``: a safetensors file holding the kernel-ready tensors of an earlier call on
+    """Swap every decoder projection for a ``Q4Linear`` (from ``gguf``'s own blocks when given) and the head for a
+    ``RescoredHead``, in place. ``cache``: a safetensors file holding the kernel-ready tensors of an earlier call on
     the same model (read if present, written if not), which saves re-reading the GGUF's blocks (~2.5 s)."""
     names = [(i, owner, name) for i in range(len(model.layers)) for owner, name in (
         ("attn", "wqkv"), ("attn", "wo"), ("mlp", "wgate_up"), ("mlp", "wdown"))]
@@ -149,27 +180,30 @@ def quantize_q4(model: nn.Module, gguf: Path | None = None, cache: Path | None =
         parent = getattr(model.layers[i], owner)
         lin = getattr(parent, name)
         if stored is not None:
-            layer = Q4Linear.__new__(Q4Linear)
-            nn.Module.__init__(layer)
-            layer.out_features, layer.in_features = lin.out_features, lin.in_features
-            layer.register_buffer("packed", stored[f"{i}.{name}.packed"])
-            layer.register_buffer("scale_zero", stored[f"{i}.{name}.scale_zero"])
-            layer.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float())
+            layer = Q4Linear.packed_as(lin.out_features, lin.in_features, stored[f"{i}.{name}.packed"],
+                                       stored[f"{i}.{name}.scale_zero"], lin.bias)
         else:
             codes, d, m = blocks[(i, name)] if blocks else quantize_blocks(lin.weight)
             layer = Q4Linear(codes, d, m, lin.bias)
         setattr(parent, name, layer)
+    weight = model.lm_head.weight.detach()
+    approx = None
+    if stored is not None and "head.packed" in stored:
+        approx = Q4Linear.packed_as(*weight.shape, stored["head.packed"], stored["head.scale_zero"])
+    model.lm_head = RescoredHead(weight, approx)
     if cache is not None and stored is None:
-        _write_cache(cache, {f"{i}.{name}.{t}": getattr(getattr(getattr(model.layers[i], owner), name), t)
-                             for i, owner, name in names for t in ("packed", "scale_zero")})
-    model.lm_head = Int8Head(model.lm_head.weight.detach())
+        tensors = {f"{i}.{name}.{t}": getattr(getattr(getattr(model.layers[i], owner), name), t)
+                   for i, owner, name in names for t in ("packed", "scale_zero")}
+        if model.lm_head.approx is not None:
+            tensors |= {"head.packed": model.lm_head.approx.packed, "head.scale_zero": model.lm_head.approx.scale_zero}
+        _write_cache(cache, tensors)
     model.attention_dtype = torch.float64  # batch-invariant attention: speculation stays lossless (quant.py)
     return model
 
 
 def cache_name() -> str:
     """The kernel-ready cache's file name: the CPU packing's layout may change with the PyTorch version."""
-    return f"q4-torch{torch.__version__.split('+')[0]}.safetensors"
+    return f"q4-v2-torch{torch.__version__.split('+')[0]}.safetensors"  # v2: with the 4-bit head
 
 
 def _read_cache(path: Path | None) -> dict[str, torch.Tensor] | None:

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ponder.errors import PonderError
 from ponder.model.llama import LlamaModel
 
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,6 +98,8 @@ class Int8Linear(nn.Module):
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 rounding of weight # [out, in] with one bf16 scale per row: (int8 # [out, in], bf16 # [out])."""
+    if weight.shape[1] % 16:  # the kernel reads rows in 16-wide tiles and crashes the process on others
+        raise PonderError(f"int8 weights need an input width that is a multiple of 16, got {tuple(weight.shape)}")
     w = weight.detach().float()
     # the kernel takes bf16 scales: round them first and quantize against the rounded value, so every weight
     # stays within half a step of its original (rounding the scale up keeps the extreme values in range)
