@@ -163,3 +163,19 @@ def test_kernel_ready_tensors_are_cached(tmp_path: Path, monkeypatch: pytest.Mon
             assert torch.equal(a.packed, b.packed) and torch.equal(a.scale_zero, b.scale_zero)
     x = torch.randn(2, 3, HIDDEN)
     assert torch.equal(first.layers[0].mlp(x), second.layers[0].mlp(x))
+
+
+def test_roofline_counts_the_bytes_each_format_reads(tiny_dir: Path) -> None:
+    """The bench's weight bytes per forward: q4 < int8 < fp32, the q4 head counted as the copy its kernel reads."""
+    import ponder
+    from ponder.bench.roofline import weight_bytes
+
+    sizes = {d: weight_bytes(ponder.load(str(tiny_dir), dtype=d).model) for d in ("fp32", "int8", "q4")}
+    assert sizes["q4"] < sizes["int8"] < sizes["fp32"]
+    q4 = ponder.load(str(tiny_dir), dtype="q4").model
+    head = q4.lm_head
+    read = sum(t.numel() * t.element_size() for t in head.approx.buffers()) if head.approx is not None else \
+        head.qweight.numel() + 2 * head.qscale.numel()
+    layers = sum(t.numel() * t.element_size() for part in (*q4.layers, q4.norm)
+                 for t in (*part.parameters(), *part.buffers()))
+    assert sizes["q4"] == layers + read

@@ -47,7 +47,9 @@ def weight_bytes(model: nn.Module) -> int:
     for part in (*model.layers, model.norm):
         total += sum(t.numel() * t.element_size() for t in (*part.parameters(), *part.buffers()))
     head = model.lm_head
-    if hasattr(head, "qweight"):  # q4's int8 head (the re-scored rows are a few hundred bytes)
+    if getattr(head, "approx", None) is not None:  # q4's head: its 4-bit copy (the re-scored rows: ~37 KB)
+        total += sum(t.numel() * t.element_size() for t in head.approx.buffers())
+    elif getattr(head, "qweight", None) is not None:  # its int8 copy
         total += head.qweight.numel() + head.qscale.numel() * head.qscale.element_size()
     else:
         total += head.weight.numel() * head.weight.element_size()
