@@ -77,9 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-ratio", type=float, default=None, help="fraction of prompt KV entries the policy removes")
     gen.add_argument("--kv-budget", type=int, default=None, help="KV entries per row the policy keeps")
     gen.add_argument("--compile", action="store_true",
-                     help="fast path: decode and verify steps run one compiled layer (a few seconds to compile the "
+                     help="fast path: decode and verify steps run compiled groups of layers (~15 s to compile the "
                           "first time on a machine, cached after)")
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat completions)")
+    _model_args(serve, DEFAULT_MODEL)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    serve.add_argument("--batch-size", type=int, default=8, metavar="N", help="requests decoded together (default 8)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default 64)")
+    serve.add_argument("--max-body-kb", type=int, default=1024, help="request body cap in KiB; more get 413")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' (default: $PONDER_API_KEY if set, else none)")
+    serve.add_argument("--speculate", metavar="SPEC", default=None, help="lossless speculative decoding, as generate")
+    serve.add_argument("--kv", metavar="POLICY", default=None, help="KV-cache compression (lossy), as generate")
+    serve.add_argument("--kv-ratio", type=float, default=None)
+    serve.add_argument("--kv-budget", type=int, default=None)
+    serve.add_argument("--compile", action="store_true", help="fast path, as generate")
+    serve.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="summary of a model: architecture, layers, heads, parameters, memory")
     _model_args(info, DEFAULT_MODEL)
@@ -151,6 +168,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
             header = f"--- [{i}] " if len(completions) > 1 else ""
             print(f"{header}{c.text}" if not header else f"{header}\n{c.text}")
     _print_stats(completions, time.perf_counter() - start)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from ponder.server.app import create_app, serve
+    except ImportError as e:
+        raise PonderError(f"ponder serve needs FastAPI and uvicorn ({e.name} is missing): "
+                          "pip install 'ponder[serve]'") from None
+    import ponder
+    from ponder.engine import Engine
+    from ponder.server.loop import EngineLoop
+
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--max-queue", args.max_queue, 0),
+                             ("--max-body-kb", args.max_body_kb, 1), ("--port", args.port, 0)):
+        if value < low:
+            raise PonderError(f"{name} must be >= {low}, got {value}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PONDER_API_KEY") or None
+    loaded = ponder.load(args.model, args.dtype, compile=args.compile)
+    speculator = None
+    if args.speculate:
+        from ponder.speculate import make_speculator
+
+        speculator = make_speculator(args.speculate, loaded)
+    engine = Engine(loaded, speculator, _kv_policy(args))
+    loop = EngineLoop(engine, args.batch_size, args.max_queue)
+    app = create_app(loop, args.served_model_name or args.model, api_key, args.max_body_kb * 1024)
+    loop.start()
+    print(f"ponder serve: {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1 "
+          f"(batch {args.batch_size}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+    try:
+        serve(app, args.host, args.port)
+    finally:
+        loop.stop()
     return 0
 
 

@@ -31,6 +31,7 @@ from ponder.model.loader import Loaded, eos_token_ids
 from ponder.sampling import RowNoise, SamplingParams, resolve_seed, sample, top2_gap
 
 if TYPE_CHECKING:
+    from ponder.core import EngineCore
     from ponder.kv import KVPolicy, KVState
     from ponder.speculate import DraftTree, Proposal, RowResult, Speculator
 
@@ -76,7 +77,7 @@ class SpecCounts:
 
 @dataclass
 class StreamEvent:
-    row: int  # index of the prompt in the call
+    row: Any  # the request's id: the index of the prompt in a generate/stream call
     text: str  # new text since the previous event of this row
     token_ids: list[int]
     finished: bool
@@ -93,6 +94,7 @@ class _Row:
     kv_state: "KVState | None" = None  # the KV policy's per-row state
     prompt_hidden: dict[int, torch.Tensor] | None = None  # layer -> # [P, E]: prefill states a drafter asked for
     start: float = 0.0  # perf_counter() when the row was admitted (its TTFT and seconds count from here)
+    params: SamplingParams = field(default_factory=SamplingParams)  # the request's own sampling and stopping
 
     @property
     def tokens(self) -> list[int]:
@@ -167,39 +169,39 @@ class Engine:
             raise PonderError(f"batch_size must be a positive integer, got {batch_size!r}")
         ids = [self.encode(p, chat) for p in prompts]
         for i, p in enumerate(ids):
-            if not p:
-                raise PonderError(f"prompt {i} is empty (it encodes to no tokens); give it some text")
-            if len(p) >= self.context_window:
-                raise PonderError(
-                    f"prompt {i} is {len(p)} tokens, longer than the model's context window of "
-                    f"{self.context_window} tokens; shorten it"
-                )
+            self.check_prompt(p, f"prompt {i}")
         size = min(batch_size or len(ids), len(ids))
         self.kv_bytes = self.peak_kv_bytes = 0
         self.prefill_seconds = 0.0
-        with torch.inference_mode():
-            yield from self._run(ids, params, size) if self.speculator is None else self._run_spec(ids, params, size)
+        core = self.core(size)
+        for i, (p, noise) in enumerate(zip(ids, _noises(params, len(ids)))):
+            core.add_request(p, params, i, noise)
+        while core.has_work():
+            yield from core.step()
 
-    def _run(self, ids: list[list[int]], params: SamplingParams, size: int) -> Iterator[StreamEvent]:
-        self.model.pack_for_rows(size)
-        waiting = deque(_Row(i, Completion(p), n) for i, (p, n) in enumerate(zip(ids, _noises(params, len(ids)))))
-        rows: list[_Row] = []
-        cache: KVCache | None = None
-        last: list[int] = []  # each running row's newest token, fed by the next step
-        while rows or waiting:
-            if waiting and self._has_room(rows, size):
-                new, cache, events = self._admit(waiting, size - len(rows), rows, cache, params, 0)
-                yield from events
-                rows += new
-                last += [r.completion.output_ids[-1] for r in new]
-                continue  # rows that finished on their first token leave room for more
-            logits = self._decode_step(rows, cache, last)
-            tokens, gaps = self._pick(logits, rows, params)
-            events = [self._commit(r, t, g, params) for r, t, g in zip(rows, tokens, gaps)]
-            yield from events
-            alive = [i for i, e in enumerate(events) if not e.finished]
-            cache.keep_rows(alive)
-            rows, last = [rows[i] for i in alive], [tokens[i] for i in alive]
+    def core(self, batch_size: int) -> "EngineCore":
+        """A request-level core over this engine (``ponder.core``): ``add_request``, ``step``, ``abort``."""
+        from ponder.core import EngineCore
+
+        return EngineCore(self, batch_size)
+
+    def check_prompt(self, ids: list[int], name: str = "the prompt") -> None:
+        """A one-line error for a prompt the model cannot take: empty, invalid ids, or longer than the context."""
+        if not ids:
+            raise PonderError(f"{name} is empty (it encodes to no tokens); give it some text")
+        if not all(isinstance(t, int) and 0 <= t < self.model.config.vocab_size for t in ids):
+            raise PonderError(f"{name} has token ids outside the vocabulary (0..{self.model.config.vocab_size - 1})")
+        if len(ids) >= self.context_window:
+            raise PonderError(
+                f"{name} is {len(ids)} tokens, longer than the model's context window of {self.context_window} "
+                "tokens; shorten it"
+            )
+
+    def _plain_step(self, rows: list[_Row], cache: KVCache) -> list[StreamEvent]:
+        """One decode step of every running row: feed its newest token, pick and commit the next."""
+        logits = self._decode_step(rows, cache, [r.completion.output_ids[-1] for r in rows])
+        tokens, gaps = self._pick(logits, rows)
+        return [self._commit(r, t, g) for r, t, g in zip(rows, tokens, gaps)]
 
     def _has_room(self, rows: list[_Row], size: int) -> bool:
         """Whether waiting prompts may join now: continuous batching refills up to ``size`` rows; with a KV policy
@@ -207,7 +209,7 @@ class Engine:
         return len(rows) < size if self.kv is None else not rows
 
     def _admit(
-        self, waiting: deque, n: int, rows: list[_Row], cache: KVCache | None, params: SamplingParams, extra: int,
+        self, waiting: deque, n: int, rows: list[_Row], cache: KVCache | None, extra: int,
     ) -> tuple[list[_Row], KVCache, list[StreamEvent]]:
         """Prefill up to n waiting rows, sample and commit their first tokens, and append those still running to
         the batch cache; returns (the new running rows, the batch cache, the rows' first events)."""
@@ -216,9 +218,9 @@ class Engine:
         for r in new:
             r.start = start
         capture = self.speculator.drafter.prefill_capture if self.speculator is not None else ()
-        new_cache, logits = self._prefill(new, params.max_new_tokens, extra, capture)
-        tokens, gaps = self._pick(logits, new, params)
-        events = [self._commit(r, t, g, params) for r, t, g in zip(new, tokens, gaps)]
+        new_cache, logits = self._prefill(new, max(r.params.max_new_tokens for r in new), extra, capture)
+        tokens, gaps = self._pick(logits, new)
+        events = [self._commit(r, t, g) for r, t, g in zip(new, tokens, gaps)]
         alive = [i for i, e in enumerate(events) if not e.finished]
         new_cache.keep_rows(alive)
         new = [new[i] for i in alive]
@@ -323,19 +325,26 @@ class Engine:
         row.prompt_hidden = {layer: h[0] for layer, h in hidden.items()} if capture else None
         return logits
 
-    def _pick(self, logits: torch.Tensor, rows: list[_Row], params: SamplingParams) -> tuple[list[int], list[float]]:
-        """Each row's next token from its logits # [B, V] (sampling: with the noise of its next output position)."""
+    def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[float]]:
+        """Each row's next token from its logits # [B, V], with its own sampling parameters (sampling: with the
+        noise of its next output position). Rows sharing parameters are sampled in one call (every sampling op
+        works row by row, so grouping does not change a row's token)."""
         V = logits.shape[-1]
-        noise = None if params.greedy else [r.noise.at(len(r.completion.output_ids), V) for r in rows]
-        tokens = sample(logits, params, noise)
+        tokens = [0] * len(rows)
+        for params, members in _groups(rows).items():
+            noise = None if params.greedy else [rows[b].noise.at(len(rows[b].completion.output_ids), V)
+                                                for b in members]
+            picked = sample(logits[members], params, noise).tolist()
+            for b, t in zip(members, picked):
+                tokens[b] = t
         for r in rows:
             if r.noise is not None:
                 r.noise.forget_below(len(r.completion.output_ids) + 1)
-        return tokens.tolist(), top2_gap(logits).tolist()
+        return tokens, top2_gap(logits).tolist()
 
-    def _commit(self, row: _Row, token: int, gap: float, params: SamplingParams) -> StreamEvent:
+    def _commit(self, row: _Row, token: int, gap: float) -> StreamEvent:
         """Append one token to a row, detokenize, and decide whether the row is finished."""
-        c = row.completion
+        c, params = row.completion, row.params
         cached = len(c.prompt_ids) + len(c.output_ids)  # tokens in the row's cache before this one is fed
         if not c.output_ids:
             c.ttft_s = time.perf_counter() - row.start
@@ -357,37 +366,13 @@ class Engine:
 
 
     # --- speculative decoding -------------------------------------------------------------------------------------
-    def _run_spec(self, ids: list[list[int]], params: SamplingParams, size: int) -> Iterator[StreamEvent]:
-        spec = self.speculator
-        spec.prepare(self.model, size)  # once per batch size: packs weights, measures the verify-cost curve
-        noises = _noises(params, len(ids))
-        waiting = deque(_Row(i, Completion(p, spec=SpecCounts()), n) for i, (p, n) in enumerate(zip(ids, noises)))
-        rows: list[_Row] = []
-        cache: KVCache | None = None
-        while rows or waiting:
-            if waiting and self._has_room(rows, size):
-                new, cache, events = self._admit(waiting, size - len(rows), rows, cache, params, spec.max_nodes + 2)
-                for r in new:
-                    r.draft_state = spec.drafter.new_state(r.completion.prompt_ids)
-                    if r.prompt_hidden is not None:
-                        spec.drafter.prefilled(r.draft_state, r.prompt_hidden)
-                        r.prompt_hidden = None
-                yield from events
-                rows += new
-                continue
-            events = self._spec_step(rows, cache, params)
-            yield from events
-            alive = [i for i, e in enumerate(events) if not e.finished]
-            cache.keep_rows(alive)
-            rows = [rows[i] for i in alive]
-
-    def _spec_step(self, rows: list[_Row], cache: KVCache, params: SamplingParams) -> list[StreamEvent]:
+    def _spec_step(self, rows: list[_Row], cache: KVCache) -> list[StreamEvent]:
         """Draft -> verify -> accept -> compact -> observe -> commit, for every row at once."""
         from ponder.speculate import DraftBatch, DraftRow
 
         spec = self.speculator
         drafting = spec.policy.drafting()
-        budgets = [spec.policy.budget(params.max_new_tokens - len(r.completion.output_ids)) if drafting else 0
+        budgets = [spec.policy.budget(r.params.max_new_tokens - len(r.completion.output_ids)) if drafting else 0
                    for r in rows]
         kv = self._kv(rows)
         if kv:  # drafts stop at the next eviction point, so evictions happen where plain decoding has them
@@ -402,7 +387,7 @@ class Engine:
         hook = kv.decode_hook([r.kv_state for r in rows], cache) if kv else None
         starts = list(cache.lengths)
         logits = self._verify(rows, trees, cache, proposal, captured, hook)
-        results = self._accept(rows, trees, logits, cache, params)
+        results = self._accept(rows, trees, logits, cache)
         if kv:
             inputs = [[0] + [i + 1 for i in res.path] for res in results]
             kv.after_step(cache, [r.kv_state for r in rows], hook, inputs, starts)
@@ -413,7 +398,7 @@ class Engine:
         spec.policy.observe(trees, [r.path for r in results], drafting, time.perf_counter() - t0, t1 - t0)
         events = []
         for row, tree, res in zip(rows, trees, results):
-            event = self._commit_many(row, res.committed, res.gaps, params)
+            event = self._commit_many(row, res.committed, res.gaps)
             # a row that stops (EOS, stop string) inside its accepted path used only the drafts it committed
             used = min(len(res.path), len(event.token_ids))
             row.completion.spec.add(max(tree.depths(), default=0), len(tree), used, t1 - t0, t2 - t1)
@@ -447,14 +432,14 @@ class Engine:
         )
 
     def _accept(
-        self, rows: list[_Row], trees: list["DraftTree"], logits: torch.Tensor, cache: KVCache, params: SamplingParams
+        self, rows: list[_Row], trees: list["DraftTree"], logits: torch.Tensor, cache: KVCache
     ) -> list["RowResult"]:
         """Each row's accepted path and bonus token; the path's K/V is compacted right after the row's prefix."""
         from ponder.speculate import RowResult
         from ponder.speculate.accept import accept
 
         gaps_all = top2_gap(logits.flatten(0, 1)).view(logits.shape[:2]).tolist()
-        targets = self._targets(rows, trees, logits, params)
+        targets = self._targets(rows, trees, logits)
         results = []
         for b, (row, tree) in enumerate(zip(rows, trees)):
             n = len(tree) + 1
@@ -467,29 +452,28 @@ class Engine:
             results.append(res)
         return results
 
-    def _targets(
-        self, rows: list[_Row], trees: list["DraftTree"], logits: torch.Tensor, params: SamplingParams
-    ) -> list[list[int]]:
+    def _targets(self, rows: list[_Row], trees: list["DraftTree"], logits: torch.Tensor) -> list[list[int]]:
         """The token plain decoding would emit after each verify input, per row: the argmax, or when sampling the
         Gumbel-max token with the noise of the output position that input's successor takes (the row's next
         position plus the input's depth), exactly what a plain step at that position would sample."""
-        if params.greedy:
-            return logits.argmax(-1).tolist()
+        greedy = logits.argmax(-1).tolist()
         V, out = logits.shape[-1], []
         for b, (row, tree) in enumerate(zip(rows, trees)):
+            params = row.params
+            if params.greedy:
+                out.append(greedy[b])
+                continue
             first = len(row.completion.output_ids)
             row.noise.forget_below(first)
             noise = [row.noise.at(first + d, V) for d in [0] + tree.depths()]
             out.append(sample(logits[b, : len(tree) + 1], params, noise).tolist())
         return out
 
-    def _commit_many(
-        self, row: _Row, tokens: list[int], gaps: list[float], params: SamplingParams
-    ) -> StreamEvent:
+    def _commit_many(self, row: _Row, tokens: list[int], gaps: list[float]) -> StreamEvent:
         """Commit a verify step's tokens in order, stopping where the row finishes; one event for all of them."""
         text, taken = "", []
         for tok, gap in zip(tokens, gaps):
-            event = self._commit(row, tok, gap, params)
+            event = self._commit(row, tok, gap)
             text += event.text
             taken.append(tok)
             if event.finished:
@@ -503,6 +487,14 @@ def _noises(params: SamplingParams, n: int) -> list[RowNoise | None]:
         return [None] * n
     seed = resolve_seed(params)
     return [RowNoise(seed, i) for i in range(n)]
+
+
+def _groups(rows: list[_Row]) -> dict[SamplingParams, list[int]]:
+    """Row indices by their sampling parameters (the ones that decide how a token is picked)."""
+    groups: dict[SamplingParams, list[int]] = {}
+    for b, r in enumerate(rows):
+        groups.setdefault(r.params, []).append(b)
+    return groups
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -1,0 +1,231 @@
+"""The FastAPI application of ``ponder serve`` (package doc): OpenAI's completions and chat completions, streamed as
+server-sent events or not, over the engine loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Iterator
+
+from ponder.errors import PonderError
+from ponder.sampling import RowNoise, SamplingParams, resolve_seed
+from ponder.server.loop import EngineLoop, QueueFull
+from ponder.server.protocol import APIError, ChatRequest, CompletionRequest, check_supported
+
+PUBLIC = ("/health",)  # paths that need no API key
+
+
+def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, max_body: int = 1 << 20) -> Any:
+    """The application serving ``loop``'s engine as ``model_name``."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="ponder", version="1")
+    engine = loop.engine
+    created = int(time.time())
+
+    def error(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = "the body is not valid JSON"
+        return error(APIError(400, f"{'.'.join(loc) + ': ' if loc else ''}{message}", param=".".join(loc) or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error(APIError(e.status_code, str(e.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:  # a bug of ours: still OpenAI's shape
+        return error(APIError(500, f"internal error: {type(e).__name__}", "server_error"))
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Any) -> Any:
+        if api_key is not None and request.url.path not in PUBLIC:
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return error(APIError(401, "a valid API key is needed (Authorization: Bearer ...)",
+                                      "authentication_error", code="invalid_api_key"))
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            return error(APIError(413, f"the request body is over {max_body} bytes", code="request_too_large"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "running": len(loop.core.rows), "in_flight": loop.in_flight}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "ponder"}]}
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
+                           "not_found_error", "model", "model_not_found")
+
+    async def prompt_ids(prompt: Any, chat: bool) -> list[int]:
+        def encode() -> list[int]:
+            ids = engine.encode(prompt)  # text, token ids, or chat messages through the template
+            engine.check_prompt(ids)
+            return ids
+
+        try:
+            return await asyncio.wrap_future(loop.call(encode))
+        except PonderError as e:
+            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+
+    def sampling(req: Any, ids: list[int], max_tokens: int | None) -> SamplingParams:
+        room = engine.context_window - len(ids)
+        try:
+            return SamplingParams(max_new_tokens=max(1, min(max_tokens or room, room)), temperature=req.temperature,
+                                  top_p=req.top_p, seed=req.seed, stop=tuple(req.stop or ()))
+        except PonderError as e:
+            raise APIError(400, str(e)) from None
+
+    async def run(ids: list[int], params: SamplingParams, n: int, prefix: str) -> AsyncIterator[tuple[int, Any]]:
+        """Submit n choices and yield (choice index, event) as they come; abort what is left if the consumer
+        stops (a client that went away)."""
+        aio = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seed = None if params.greedy else resolve_seed(params)
+        rids = [f"{prefix}-{i}" for i in range(n)]
+        left = set(range(n))
+        try:
+            for i, rid in enumerate(rids):
+                noise = None if seed is None else RowNoise(seed, i)
+                loop.submit(rid, ids, params, noise,
+                            lambda ev, i=i: aio.call_soon_threadsafe(events.put_nowait, (i, ev)))
+        except QueueFull as e:
+            for rid in rids:
+                loop.abort(rid)
+            raise APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error") from None
+        try:
+            while left:
+                i, ev = await events.get()
+                if isinstance(ev, Exception):
+                    left.discard(i)
+                    raise APIError(500, f"generation failed: {ev}", "server_error")
+                if ev.finished:
+                    left.discard(i)
+                yield i, ev
+        finally:
+            for i in left:
+                loop.abort(rids[i])
+
+    def finish(c: Any) -> str:
+        return "length" if c.finish_reason == "length" else "stop"
+
+    def usage(ids: list[int], completions: list[Any]) -> dict[str, int]:
+        out = sum(len(c.output_ids) for c in completions)
+        return {"prompt_tokens": len(ids), "completion_tokens": out, "total_tokens": len(ids) + out}
+
+    async def respond(req: Any, ids: list[int], params: SamplingParams, chat: bool) -> Any:
+        kind = "chatcmpl" if chat else "cmpl"
+        rid = f"{kind}-{uuid.uuid4().hex}"
+        obj = "chat.completion" if chat else "text_completion"
+        if not req.stream:
+            done: dict[int, Any] = {}
+            async for i, ev in run(ids, params, req.n, rid):
+                if ev.finished:
+                    done[i] = ev.completion
+            comps = [done[i] for i in range(req.n)]
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": finish(c),
+                 "logprobs": None} if chat else
+                {"index": i, "text": c.text, "finish_reason": finish(c), "logprobs": None}
+                for i, c in enumerate(comps)
+            ]
+            return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices,
+                    "usage": usage(ids, comps)}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
+            body = {"id": rid, "object": chunk_obj, "created": int(time.time()), "model": model_name,
+                    "choices": choices} | (extra or {})
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def sse() -> AsyncIterator[str]:
+            finals: dict[int, Any] = {}
+            if chat:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                             for i in range(req.n)])
+            try:
+                async for i, ev in run(ids, params, req.n, rid):
+                    reason = finish(ev.completion) if ev.finished else None
+                    if ev.finished:
+                        finals[i] = ev.completion
+                    if not ev.text and reason is None:
+                        continue
+                    if chat:
+                        delta = {"content": ev.text} if ev.text else {}
+                        yield chunk([{"index": i, "delta": delta, "finish_reason": reason}])
+                    else:
+                        yield chunk([{"index": i, "text": ev.text, "finish_reason": reason, "logprobs": None}])
+            except APIError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
+                return
+            if include_usage:
+                yield chunk([], {"usage": usage(ids, [finals[i] for i in range(req.n)])})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        check_supported(req)
+        check_model(req.model)
+        ids = await prompt_ids(req.prompt, chat=False)
+        return await respond(req, ids, sampling(req, ids, req.max_tokens), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest) -> Any:
+        check_supported(req)
+        check_model(req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                    for m in req.messages]
+        ids = await prompt_ids(messages, chat=True)
+        return await respond(req, ids, sampling(req, ids, req.max_completion_tokens or req.max_tokens), chat=True)
+
+    return app
+
+
+def serve(app: Any, host: str, port: int, grace_s: float = 30.0) -> None:
+    """Run ``app`` with uvicorn until SIGINT/SIGTERM, then let running requests finish (at most ``grace_s``)."""
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # a graceful stop is a normal exit (code 0): uvicorn's own handler re-raises the signal after shutdown
+            old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
+    Server(config).run()

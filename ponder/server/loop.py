@@ -1,0 +1,152 @@
+"""The engine loop: one thread owns an ``EngineCore`` and steps it; everything else talks to it through a queue.
+
+PyTorch work and tokenization never run on the HTTP event loop, so ``/health`` and new connections stay responsive while a batch
+decodes. A handler ``submit``s a request with a callback (``sink``) that the loop thread calls with each of the
+request's ``StreamEvent``s (the app forwards them to the handler's asyncio queue with ``call_soon_threadsafe``), and
+``abort``s it when the client goes away: the loop removes the row from the running batch before its next step, so
+its KV row is freed. Admission is bounded: at most ``max_queue`` requests wait (``submit`` raises ``QueueFull``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
+
+from ponder.sampling import RowNoise, SamplingParams
+
+Sink = Callable[[Any], None]  # called on the loop thread with a StreamEvent, or with an Exception (then no more)
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server admits (``--max-queue``)."""
+
+
+@dataclass
+class _Submit:
+    request_id: Hashable
+    prompt_ids: list[int]
+    params: SamplingParams
+    noise: RowNoise | None
+    sink: Sink
+
+
+class EngineLoop:
+    """The thread that steps one ``EngineCore`` (module doc)."""
+
+    def __init__(self, engine: Any, batch_size: int, max_queue: int) -> None:
+        self.engine = engine
+        self.core = engine.core(batch_size)
+        self.max_queue = max_queue
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[Hashable, Sink] = {}
+        self._pending = 0  # submitted, not yet finished or aborted (guarded by _lock)
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="ponder-engine", daemon=True)
+        self.steps = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._pending
+
+    def submit(self, request_id: Hashable, prompt_ids: list[int], params: SamplingParams, noise: RowNoise | None,
+               sink: Sink) -> None:
+        """Queue a request; its events go to ``sink`` on the loop thread. Raises ``QueueFull``."""
+        with self._lock:
+            if self._pending - len(self.core.rows) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            self._pending += 1
+        self._inbox.put(_Submit(request_id, prompt_ids, params, noise, sink))
+        self._wake.set()
+
+    def abort(self, request_id: Hashable) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the loop thread between two steps (the tokenizer is not safe to share between threads:
+        handlers encode prompts here); its result or exception in the returned future."""
+        future: Future = Future()
+        self._inbox.put(("call", fn, future))
+        self._wake.set()
+        return future
+
+    # --- the loop thread ------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain()
+            if not self.core.has_work():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.core.step()
+            except Exception as e:  # an engine failure fails the requests in flight, not the server
+                self._fail_all(e)
+                continue
+            self.steps += 1
+            for ev in events:
+                sink = self._sinks.get(ev.row)
+                if sink is not None:
+                    _deliver(sink, ev)
+                if ev.finished:
+                    self._done(ev.row)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Submit):
+                try:
+                    self.core.add_request(item.prompt_ids, item.params, item.request_id, item.noise)
+                except Exception as e:
+                    _deliver(item.sink, e)
+                    with self._lock:
+                        self._pending -= 1
+                    continue
+                self._sinks[item.request_id] = item.sink
+            elif item[0] == "call":
+                _, fn, future = item
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # handed to the caller, who decides what the client sees
+                    future.set_exception(e)
+            else:
+                _, rid = item
+                if self.core.abort(rid):
+                    self._done(rid)
+
+    def _done(self, rid: Hashable) -> None:
+        if self._sinks.pop(rid, None) is not None:
+            with self._lock:
+                self._pending -= 1
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid, sink in list(self._sinks.items()):
+            self.core.abort(rid)
+            _deliver(sink, error)
+            self._done(rid)
+
+
+def _deliver(sink: Sink, item: Any) -> None:
+    """Hand an event to a request's handler; a handler that is gone (its event loop closed) must not stop the
+    loop thread."""
+    try:
+        sink(item)
+    except Exception:
+        pass

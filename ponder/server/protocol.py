@@ -1,0 +1,103 @@
+"""Request bodies of the OpenAI API as ponder serves it, and OpenAI-shaped errors.
+
+Bodies are validated by pydantic (types and ranges); anything a client gets wrong is a 4xx with OpenAI's error
+object ``{"error": {"message", "type", "param", "code"}}``, never a 500. Fields ponder does not implement yet
+(``logprobs``, ``tools``, ...) are refused with a 400 that names them rather than silently ignored."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_N = 4
+MAX_STOPS = 4
+
+
+class APIError(Exception):
+    """An error the client gets as OpenAI's error object with this HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields: checked against UNSUPPORTED, the rest ignored
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [] if v is None else [v] if isinstance(v, str) else v
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int]
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | list[int]) -> str | list[int]:
+        if not v:
+            raise ValueError("the prompt is empty")
+        return v
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+# fields of OpenAI's API that ponder does not implement yet: a clear 400 instead of a silent default
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "logit_bias", "suffix", "tools", "tool_choice",
+               "functions", "function_call", "response_format", "presence_penalty", "frequency_penalty", "ponder")
+
+
+def check_supported(req: _Common) -> None:
+    extra = req.model_extra or {}
+    for name in UNSUPPORTED:
+        value = extra.get(name)
+        if value not in (None, False, 0, 0.0):
+            raise APIError(400, f"'{name}' is not supported by this server yet", param=name)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options needs stream: true", param="stream_options")

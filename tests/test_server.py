@@ -1,0 +1,203 @@
+"""``ponder serve``: started by the tests as a subprocess on 127.0.0.1 with a free port (tiny model), talked to with
+the real ``openai`` client and with raw HTTP, stopped by the tests; every wait is bounded."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+import ponder  # noqa: E402
+from ponder.engine import Engine  # noqa: E402
+from ponder.sampling import SamplingParams  # noqa: E402
+
+MODEL = "tiny"
+KEY = "sk-test-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ponder", "serve", "--model", str(model_dir), "--served-model-name", MODEL,
+             "--host", "127.0.0.1", "--port", str(self.port), "--batch-size", "4", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ponder serve exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError("ponder serve did not come up within 90 s")
+
+    def client(self, key: str = "none", **kw) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir: Path) -> Iterator[Server]:
+    s = Server(tiny_dir)
+    yield s
+    assert s.stop() == 0  # SIGTERM: a clean exit
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir: Path) -> Engine:
+    return Engine(ponder.load(str(tiny_dir)))
+
+
+def test_completions_equal_the_engine_and_stream_equals_non_stream(server: Server, engine: Engine) -> None:
+    c = server.client()
+    r = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=12, temperature=0)
+    want = engine.generate(["Hello world"], SamplingParams(max_new_tokens=12))[0]
+    assert r.choices[0].text == want.text
+    assert r.choices[0].finish_reason == ("length" if want.finish_reason == "length" else "stop")
+    assert r.usage.prompt_tokens == len(want.prompt_ids)
+    assert r.usage.completion_tokens == len(want.output_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    chunks = list(c.completions.create(model=MODEL, prompt="Hello world", max_tokens=12, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    ids = c.completions.create(model=MODEL, prompt=want.prompt_ids, max_tokens=12, temperature=0)  # token ids
+    assert ids.choices[0].text == want.text
+
+
+def test_chat_stream_equals_non_stream_and_seeded_n_is_reproducible(server: Server, engine: Engine) -> None:
+    c = server.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about rain."}]
+    r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    want = engine.generate([messages], SamplingParams(max_new_tokens=10))[0]
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    stream = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream) == want.text
+    kw = dict(model=MODEL, messages=messages, max_completion_tokens=8, temperature=0.9, seed=5, n=3)
+    a, b = c.chat.completions.create(**kw), c.chat.completions.create(**kw)
+    assert [ch.message.content for ch in a.choices] == [ch.message.content for ch in b.choices]
+    assert len({ch.message.content for ch in a.choices}) > 1  # the n choices draw different noise
+    assert 3 <= a.usage.completion_tokens <= 3 * 8 and a.usage.prompt_tokens == len(want.prompt_ids)
+
+
+def test_stop_strings_cut_the_text(server: Server, engine: Engine) -> None:
+    c = server.client()
+    full = c.completions.create(model=MODEL, prompt="abc", max_tokens=20, temperature=0).choices[0].text
+    if len(full) < 4:
+        pytest.skip("the tiny model's output is too short to place a stop string")
+    stop = full[2:4]
+    r = c.completions.create(model=MODEL, prompt="abc", max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+BAD = [
+    ("not json", "/v1/completions", b"{not json", "application/json"),
+    ("array body", "/v1/completions", b"[1, 2]", "application/json"),
+    ("no prompt", "/v1/completions", {"model": MODEL}, None),
+    ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, None),
+    ("ids outside the vocabulary", "/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, None),
+    ("negative temperature", "/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, None),
+    ("huge temperature", "/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 1e9}, None),
+    ("top_p zero", "/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, None),
+    ("max_tokens zero", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, None),
+    ("n too large", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 5}, None),
+    ("negative seed", "/v1/completions", {"model": MODEL, "prompt": "x", "seed": -3}, None),
+    ("empty stop", "/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, None),
+    ("logprobs", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2}, None),
+    ("stream_options without stream", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, None),
+    ("prompt over the context", "/v1/completions", {"model": MODEL, "prompt": [1] * 100_000}, None),
+    ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, None),
+    ("no messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, None),
+    ("bad role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, None),
+    ("content not a string", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": {"a": 1}}]}, None),
+    ("message not an object", "/v1/chat/completions", {"model": MODEL, "messages": ["hi"]}, None),
+    ("invalid utf-8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', "application/json"),
+    ("deep nesting", "/v1/completions", b'{"model": "tiny", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+     "application/json"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,ctype", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_4xx_error_object_and_the_server_keeps_serving(server: Server, name, path, body,
+                                                                      ctype) -> None:
+    if isinstance(body, bytes):
+        r = httpx.post(server.base + path, content=body, headers={"content-type": ctype}, timeout=30)
+    else:
+        r = httpx.post(server.base + path, json=body, timeout=30)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["message"] and {"type", "param", "code"} <= set(err)
+    if name == "unknown model":
+        assert r.status_code == 404
+    ok = httpx.post(server.base + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+                    timeout=30)
+    assert ok.status_code == 200
+
+
+def test_wrong_method_oversized_body_and_unknown_path(server: Server) -> None:
+    assert httpx.get(server.base + "/v1/completions", timeout=10).status_code == 405
+    big = httpx.post(server.base + "/v1/completions", content=b"x" * (2 << 20),
+                     headers={"content-type": "application/json"}, timeout=30)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    nf = httpx.get(server.base + "/v1/nothing", timeout=10)
+    assert nf.status_code == 404 and "error" in nf.json()
+    assert server.client().models.list().data[0].id == MODEL
+
+
+def test_a_client_that_goes_away_frees_its_row(server: Server) -> None:
+    with httpx.stream("POST", server.base + "/v1/completions", timeout=30,
+                      json={"model": MODEL, "prompt": "x", "max_tokens": 100_000, "stream": True}) as r:
+        assert r.status_code == 200
+        first = next(r.iter_lines())
+        assert first.startswith("data: ") and "choices" in json.loads(first[6:])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if httpx.get(server.base + "/health", timeout=5).json()["in_flight"] == 0:
+            break
+        time.sleep(0.1)
+    assert httpx.get(server.base + "/health", timeout=5).json() | {"status": "ok"} == {
+        "status": "ok", "running": 0, "in_flight": 0}
+
+
+def test_api_key(tiny_dir: Path) -> None:
+    s = Server(tiny_dir, "--api-key", KEY)
+    try:
+        assert httpx.get(s.base + "/health", timeout=10).status_code == 200  # public
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        r = httpx.post(s.base + "/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert s.client(KEY).completions.create(model=MODEL, prompt="x", max_tokens=2).choices
+    finally:
+        assert s.stop() == 0
+    assert KEY not in s.proc.stdout.read()  # the key is never logged
