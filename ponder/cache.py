@@ -161,6 +161,10 @@ class KVCache:
         if max_len > self.max_len:
             self._grow(max(max_len, 2 * self.max_len))
 
+    def reserve(self, max_len: int) -> None:
+        """Grow the sequence axis to exactly ``max_len`` slots if it is shorter (no doubling), keeping the contents."""
+        self._grow(max_len)
+
     def _grow(self, new: int) -> None:
         """Make the sequence axis exactly ``new`` slots long (>= the current length), keeping the contents."""
         if new <= self.max_len:

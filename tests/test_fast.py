@@ -66,3 +66,18 @@ def test_kv_policies_run_eagerly_and_say_so(tiny_dir: Path) -> None:
     got = Engine(target, kv=make_policy("h2o", 0.5)).generate(PROMPTS[:2], params)
     assert [c.output_ids for c in got] == [c.output_ids for c in want]
     assert target.model.fast.fallbacks["KV policy"] > 0
+
+
+def test_a_forward_that_reads_every_slot_gets_a_spare_one(tiny_dir: Path) -> None:
+    """Reading the whole cache would compile graphs of its own (the slice is the full tensor): the fast path keeps
+    one spare slot instead, and the step gives the bits it gives in a larger cache."""
+    m = ponder.load(str(tiny_dir), compile=True).model
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    out = []
+    with torch.inference_mode():
+        for size in (9, 32):
+            cache = m.new_cache(1, size)
+            m(prompt, cache)
+            out.append(m(torch.tensor([[13]]), cache)[0, -1])
+            assert cache.max_len == (10 if size == 9 else 32) and cache.lengths == [9]
+    assert torch.equal(out[0], out[1])

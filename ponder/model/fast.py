@@ -110,6 +110,10 @@ class FastPath:
                 self.fallbacks[why] += 1
             return None
         self.forwards += 1
+        if ctx.read_len >= cache.max_len:
+            # reading every slot makes the cache slice the whole tensor, which compiles a graph of its own (and
+            # recompiles the general one after it): keep one spare slot instead (a copy, only for such a forward)
+            cache.reserve(ctx.read_len + 1)
         mask = ctx.mask
         if ctx.row_read is not None:  # ragged decode: each row reads its own slots (eager: one SDPA call per row)
             reads = torch.tensor(ctx.row_read, device=h.device)
