@@ -81,3 +81,41 @@ def test_a_forward_that_reads_every_slot_gets_a_spare_one(tiny_dir: Path) -> Non
             out.append(m(torch.tensor([[13]]), cache)[0, -1])
             assert cache.max_len == (10 if size == 9 else 32) and cache.lengths == [9]
     assert torch.equal(out[0], out[1])
+
+
+def test_capturing_or_starting_late_runs_the_same_graphs() -> None:
+    """A verify that captures hidden states (the head drafter) or is handed a drafter's state at a later layer
+    (early exit) gives the bits of a plain verify: on the fast path the layer groups are fixed from layer 0 (on
+    SmolLM2 q4, regrouping layers around captured ones changed head+pld's tokens on 2 of 39 Spec-Bench prompts)."""
+    from test_kernels import prefilled
+
+    model = smollm2_like("q4", layers=12, vocab=256)
+    model.fast = FastPath()
+    g = torch.Generator().manual_seed(3)
+    prompt = [torch.randint(256, (40,), generator=g).tolist()]
+    ids = torch.randint(256, (1, 4), generator=g)
+    depth = torch.arange(4)[None]
+    visible = torch.ones(4, 4, dtype=torch.bool).tril()[None]
+    index = {id(layer): i for i, layer in enumerate(model.layers)}
+    groups, compiled = [], model.fast.step
+
+    def recording(blocks, *args):  # which layers each compiled call ran
+        groups.append((index[id(blocks[0])], index[id(blocks[-1])] + 1))
+        return compiled(blocks, *args)
+
+    model.fast.step = recording
+    with torch.inference_mode():
+        plain = model.forward_tree(ids, prefilled(model, prompt), depth, visible)
+        assert groups == [(0, 5), (5, 10), (10, 12)]
+        capture = dict.fromkeys((2, 7, 12))
+        groups.clear()
+        captured = model.forward_tree(ids, prefilled(model, prompt), depth, visible, capture=capture)
+        assert groups == [(0, 5), (5, 10), (10, 12)]
+        cache = prefilled(model, prompt)
+        h3 = model.run_layers(model.embed(ids), model.tree_context(cache, depth, visible), cache, 0, 3)
+        groups.clear()
+        late = model.forward_tree(ids, cache, depth, visible, start_layer=3, hidden=h3)
+        assert groups == [(0, 5), (5, 10), (10, 12)]
+    assert torch.equal(captured, plain) and torch.equal(late, plain)
+    assert all(capture[k] is not None and capture[k].shape == (1, 4, 576) for k in capture)
+    assert torch.equal(model.logits(capture[12]), plain)  # the last layer's output is the state the head reads

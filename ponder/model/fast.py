@@ -75,11 +75,14 @@ GROUP = 5  # layers per compiled call (module doc)
 def group_step(
     blocks: list[nn.Module], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ks: list[torch.Tensor],
     vs: list[torch.Tensor], start: int | None, slots: torch.Tensor | None, read_len: int, mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """``layer_step`` through consecutive layers ``blocks`` with their caches ``ks``/``vs``."""
+) -> list[torch.Tensor]:
+    """``layer_step`` through consecutive layers ``blocks`` with their caches ``ks``/``vs``; every layer's output
+    (always all of them, so a forward that captures hidden states runs the very graph one that does not runs)."""
+    outs = []
     for blk, kc, vc in zip(blocks, ks, vs):
         h = layer_step(blk, h, cos, sin, kc, vc, start, slots, read_len, mask)
-    return h
+        outs.append(h)
+    return outs
 
 
 class FastPath:
@@ -103,8 +106,16 @@ class FastPath:
             return "KV policy"
         return None
 
-    def run(self, model: Any, h: torch.Tensor, ctx: Any, cache: Any, start: int, end: int) -> torch.Tensor | None:
-        """Layers [start, end) compiled, or None (and the reason counted) when this forward cannot be."""
+    def run(
+        self, model: Any, h: torch.Tensor, ctx: Any, cache: Any, start: int, end: int,
+        capture: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
+        """Layers [start, end) compiled, or None (and the reason counted) when this forward cannot be.
+
+        Groups are fixed: layers [0, G), [G, 2G), ... (a range that starts or ends inside one runs that group's part
+        of it as a graph of its own; only drafting passes do). Every decode step and verify forward runs all layers
+        from 0, so the same graphs compute every token of a generation, with or without speculation: a compiled
+        graph's last bits may depend on how many layers it fuses. ``capture`` as in ``LlamaModel.run_layers``."""
         if (why := self.reason_not(ctx, cache)) is not None:
             if why != "prefill":
                 self.fallbacks[why] += 1
@@ -118,10 +129,18 @@ class FastPath:
         if ctx.row_read is not None:  # ragged decode: each row reads its own slots (eager: one SDPA call per row)
             reads = torch.tensor(ctx.row_read, device=h.device)
             mask = (torch.arange(ctx.read_len, device=h.device)[None] < reads[:, None])[:, None, None, :]
-        for a in range(start, end, self.group):
-            b = min(a + self.group, end)  # a shorter last group (an early-exit range) is a graph of its own
-            h = self.step(list(model.layers[a:b]), h, ctx.cos, ctx.sin, list(cache.k[a:b]), list(cache.v[a:b]),
-                          ctx.write_start, ctx.slots, ctx.read_len, mask)
+        if capture is not None and start in capture:
+            capture[start] = h
+        a = start
+        while a < end:
+            b = min((a // self.group + 1) * self.group, end)
+            outs = self.step(list(model.layers[a:b]), h, ctx.cos, ctx.sin, list(cache.k[a:b]), list(cache.v[a:b]),
+                             ctx.write_start, ctx.slots, ctx.read_len, mask)
+            if capture is not None:
+                for i, out in enumerate(outs):
+                    if a + i + 1 in capture:
+                        capture[a + i + 1] = out
+            h, a = outs[-1], b
         return h
 
     def report(self) -> dict[str, Any]:

@@ -188,14 +188,20 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(ids)
 
     def run_layers(
-        self, h: torch.Tensor, ctx: StepContext, cache: KVCache, start: int = 0, end: int | None = None
+        self, h: torch.Tensor, ctx: StepContext, cache: KVCache, start: int = 0, end: int | None = None,
+        capture: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Run layers ``[start, end)`` on h # [B, T, E]; each writes its K/V for the new tokens."""
+        """Run layers ``[start, end)`` on h # [B, T, E]; each writes its K/V for the new tokens. ``capture``: its
+        keys name layers l in ``[start, end]`` whose input hidden state (l = ``end``: the output) is stored into it."""
         end = len(self.layers) if end is None else end
-        if self.fast is not None and (out := self.fast.run(self, h, ctx, cache, start, end)) is not None:
+        if self.fast is not None and (out := self.fast.run(self, h, ctx, cache, start, end, capture)) is not None:
             return out
         for i in range(start, end):
+            if capture is not None and i in capture:
+                capture[i] = h
             h = self.layers[i](h, ctx, cache, i)
+        if capture is not None and end in capture:
+            capture[end] = h
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -217,7 +223,7 @@ class LlamaModel(nn.Module):
         n_new = [T] * B if n_new is None else n_new
         ctx = self.step_context(cache, T, n_new)
         ctx.kv_hook = kv_hook
-        h = self._run_capturing(self.embed(ids), ctx, cache, 0, capture)
+        h = self.run_layers(self.embed(ids), ctx, cache, 0, None, capture)
         cache.advance(n_new)
         if last_only:
             last = torch.tensor([n - 1 for n in n_new], device=h.device)
@@ -240,19 +246,12 @@ class LlamaModel(nn.Module):
         """
         ctx = self.tree_context(cache, depth, visible)
         ctx.kv_hook = kv_hook
+        if hidden is not None and self.fast is not None and self.fast.reason_not(ctx, cache) is None:
+            # the fast path groups layers from layer 0 in fixed groups, so every forward of a generation runs the
+            # same compiled graphs (starting at start_layer would regroup the layers and change the last bits)
+            hidden, start_layer = None, 0
         h = self.embed(ids) if hidden is None else hidden
-        return self.logits(self._run_capturing(h, ctx, cache, start_layer, capture))
-
-    def _run_capturing(
-        self, h: torch.Tensor, ctx: StepContext, cache: KVCache, start: int, capture: dict[int, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """Run layers ``[start, end)`` on h # [B, T, E], storing the input of each layer named in ``capture``."""
-        at = start
-        for layer in sorted(capture or {}):
-            if layer >= at:
-                h = self.run_layers(h, ctx, cache, at, layer)
-                capture[layer], at = h, layer
-        return self.run_layers(h, ctx, cache, at)
+        return self.logits(self.run_layers(h, ctx, cache, start_layer, None, capture))
 
     # --- per-step metadata ----------------------------------------------------------------------------------------
     def tree_context(self, cache: KVCache, depth: torch.Tensor, visible: torch.Tensor) -> StepContext:
