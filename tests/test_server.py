@@ -175,6 +175,7 @@ def test_wrong_method_oversized_body_and_unknown_path(server: Server) -> None:
 
 
 def test_a_client_that_goes_away_frees_its_row(server: Server) -> None:
+    gone = scrape(server)["ponder:client_disconnects_total"]
     with httpx.stream("POST", server.base + "/v1/completions", timeout=30,
                       json={"model": MODEL, "prompt": "x", "max_tokens": 100_000, "stream": True}) as r:
         assert r.status_code == 200
@@ -187,6 +188,7 @@ def test_a_client_that_goes_away_frees_its_row(server: Server) -> None:
         time.sleep(0.1)
     assert httpx.get(server.base + "/health", timeout=5).json() | {"status": "ok"} == {
         "status": "ok", "running": 0, "in_flight": 0}
+    assert scrape(server)["ponder:client_disconnects_total"] == gone + 1
 
 
 def test_api_key(tiny_dir: Path) -> None:
@@ -201,3 +203,37 @@ def test_api_key(tiny_dir: Path) -> None:
     finally:
         assert s.stop() == 0
     assert KEY not in s.proc.stdout.read()  # the key is never logged
+
+
+def test_tokenize_and_detokenize(server: Server, engine: Engine) -> None:
+    r = httpx.post(server.base + "/tokenize", json={"prompt": "Hello world"}, timeout=10).json()
+    assert r["tokens"] == engine.encode("Hello world") and r["count"] == len(r["tokens"])
+    chat = httpx.post(server.base + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]},
+                      timeout=10).json()
+    assert chat["tokens"] == engine.encode([{"role": "user", "content": "hi"}])
+    back = httpx.post(server.base + "/detokenize", json={"tokens": r["tokens"]}, timeout=10).json()
+    assert back["prompt"] == engine.tokenizer.decode(r["tokens"])
+    for path, body in (("/tokenize", {}), ("/tokenize", {"prompt": "a", "messages": []}),
+                       ("/detokenize", {"tokens": [10**9]}), ("/detokenize", {"tokens": "abc"})):
+        bad = httpx.post(server.base + path, json=body, timeout=10)
+        assert bad.status_code == 400 and "error" in bad.json(), (path, body, bad.text)
+
+
+def scrape(server: Server) -> dict[str, float]:
+    text = httpx.get(server.base + "/metrics", timeout=10).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_metrics_count_what_was_served(server: Server) -> None:
+    before = scrape(server)
+    r = server.client().completions.create(model=MODEL, prompt="count me", max_tokens=7, temperature=0)
+    after = scrape(server)
+    assert after["ponder:generation_tokens_total"] - before["ponder:generation_tokens_total"] == \
+        r.usage.completion_tokens
+    assert after["ponder:prompt_tokens_total"] - before["ponder:prompt_tokens_total"] == r.usage.prompt_tokens
+    assert after["ponder:time_to_first_token_seconds_count"] == before["ponder:time_to_first_token_seconds_count"] + 1
+    assert after["ponder:e2e_request_latency_seconds_count"] == before["ponder:e2e_request_latency_seconds_count"] + 1
+    assert after['ponder:e2e_request_latency_seconds_bucket{le="+Inf"}'] == \
+        after["ponder:e2e_request_latency_seconds_count"]
+    assert after["ponder:num_requests_running"] == 0

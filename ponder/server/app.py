@@ -13,7 +13,9 @@ from typing import Any, AsyncIterator, Iterator
 from ponder.errors import PonderError
 from ponder.sampling import RowNoise, SamplingParams, resolve_seed
 from ponder.server.loop import EngineLoop, QueueFull
-from ponder.server.protocol import APIError, ChatRequest, CompletionRequest, check_supported
+from ponder.server.metrics import Metrics
+from ponder.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                    check_supported)
 
 PUBLIC = ("/health",)  # paths that need no API key
 
@@ -27,6 +29,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
 
     app = FastAPI(title="ponder", version="1")
     engine = loop.engine
+    metrics = Metrics()
     created = int(time.time())
 
     def error(e: APIError) -> JSONResponse:
@@ -71,6 +74,36 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
     async def health() -> dict[str, Any]:
         return {"status": "ok", "running": len(loop.core.rows), "in_flight": loop.in_flight}
 
+    @app.get("/metrics")
+    async def prometheus() -> Any:
+        from fastapi.responses import PlainTextResponse
+
+        running = len(loop.core.rows)
+        return PlainTextResponse(metrics.render(running, max(0, loop.in_flight - running)),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            check_model(req.model)
+        prompt: Any = req.prompt if req.prompt is not None else [m.model_dump(exclude_none=True)
+                                                                 for m in req.messages or []]
+        try:
+            ids = await asyncio.wrap_future(loop.call(lambda: engine.encode(prompt)))
+        except PonderError as e:
+            raise APIError(400, str(e), param="prompt" if req.prompt is not None else "messages") from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.context_window}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            check_model(req.model)
+        vocab = engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be in 0..{vocab - 1}", param="tokens")
+        text = await asyncio.wrap_future(loop.call(lambda: engine.tokenizer.decode(req.tokens)))
+        return {"prompt": text}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
@@ -100,9 +133,10 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         except PonderError as e:
             raise APIError(400, str(e)) from None
 
-    async def run(ids: list[int], params: SamplingParams, n: int, prefix: str) -> AsyncIterator[tuple[int, Any]]:
+    async def run(ids: list[int], params: SamplingParams, n: int, prefix: str,
+                  arrival: float) -> AsyncIterator[tuple[int, Any]]:
         """Submit n choices and yield (choice index, event) as they come; abort what is left if the consumer
-        stops (a client that went away)."""
+        stops (a client that went away). Latencies count from ``arrival`` (perf_counter)."""
         aio = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seed = None if params.greedy else resolve_seed(params)
@@ -116,16 +150,33 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         except QueueFull as e:
             for rid in rids:
                 loop.abort(rid)
+            metrics.counters["request_rejected_total"] += 1
             raise APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error") from None
+        last: dict[int, float] = {}
+        latest: dict[int, Any] = {}
         try:
             while left:
                 i, ev = await events.get()
                 if isinstance(ev, Exception):
                     left.discard(i)
                     raise APIError(500, f"generation failed: {ev}", "server_error")
+                now = time.perf_counter()
+                if i not in last:
+                    metrics.histograms["time_to_first_token_seconds"].observe(now - arrival)
+                    metrics.histograms["request_queue_time_seconds"].observe(
+                        max(0.0, now - arrival - ev.completion.ttft_s))
+                elif ev.token_ids:
+                    for _ in ev.token_ids:
+                        metrics.histograms["inter_token_latency_seconds"].observe((now - last[i]) / len(ev.token_ids))
+                last[i], latest[i] = now, ev.completion
                 if ev.finished:
                     left.discard(i)
+                    metrics.finished(ev.completion, arrival, now)
                 yield i, ev
+        except (asyncio.CancelledError, GeneratorExit):
+            for i in left:
+                metrics.cancelled(latest.get(i), len(ids))
+            raise
         finally:
             for i in left:
                 loop.abort(rids[i])
@@ -137,13 +188,13 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         out = sum(len(c.output_ids) for c in completions)
         return {"prompt_tokens": len(ids), "completion_tokens": out, "total_tokens": len(ids) + out}
 
-    async def respond(req: Any, ids: list[int], params: SamplingParams, chat: bool) -> Any:
+    async def respond(req: Any, ids: list[int], params: SamplingParams, chat: bool, arrival: float) -> Any:
         kind = "chatcmpl" if chat else "cmpl"
         rid = f"{kind}-{uuid.uuid4().hex}"
         obj = "chat.completion" if chat else "text_completion"
         if not req.stream:
             done: dict[int, Any] = {}
-            async for i, ev in run(ids, params, req.n, rid):
+            async for i, ev in run(ids, params, req.n, rid, arrival):
                 if ev.finished:
                     done[i] = ev.completion
             comps = [done[i] for i in range(req.n)]
@@ -170,7 +221,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(req.n)])
             try:
-                async for i, ev in run(ids, params, req.n, rid):
+                async for i, ev in run(ids, params, req.n, rid, arrival):
                     reason = finish(ev.completion) if ev.finished else None
                     if ev.finished:
                         finals[i] = ev.completion
@@ -192,19 +243,22 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
+        arrival = time.perf_counter()
         check_supported(req)
         check_model(req.model)
         ids = await prompt_ids(req.prompt, chat=False)
-        return await respond(req, ids, sampling(req, ids, req.max_tokens), chat=False)
+        return await respond(req, ids, sampling(req, ids, req.max_tokens), False, arrival)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> Any:
+        arrival = time.perf_counter()
         check_supported(req)
         check_model(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                     for m in req.messages]
         ids = await prompt_ids(messages, chat=True)
-        return await respond(req, ids, sampling(req, ids, req.max_completion_tokens or req.max_tokens), chat=True)
+        return await respond(req, ids, sampling(req, ids, req.max_completion_tokens or req.max_tokens), True,
+                             arrival)
 
     return app
 
