@@ -241,3 +241,21 @@ def test_profile_splits_decode_and_verify_steps_into_categories(tiny_dir: Path, 
             assert all(p[kind][c] > 0 for c in ("matmuls", "attention", "head", "other ops")), (spec, kind, p[kind])
     report = (out / "report.md").read_text()
     assert "Per-op breakdown" in report and "| baseline:dtype=q4 | verify |" in report
+
+
+def test_the_report_says_what_ran_on_the_fast_path(tiny_dir: Path, tmp_path: Path) -> None:
+    """compile=true: the drafter report carries the fast path's counts, and the report says them in one line (the
+    eager fallbacks of a KV policy's forwards: tests/test_fast.py)."""
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["a b c a b c a b"]}))
+    out = tmp_path / "out"
+    plain = "baseline:compile=true"
+    args = _args(model=tiny_dir, suite=f"specbench:{suite}", methods=plain, max_new_tokens=8,
+                 per_category=1, out=out)
+    assert bench.run(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    fast = r["methods"][plain]["drafter"]["fast_path"]
+    assert fast["compiled_forwards"] >= 7 and fast["eager_fallbacks"] == {}
+    report = (out / "report.md").read_text()
+    assert f"{plain}: fast path ran {fast['compiled_forwards']} decode/verify forwards compiled; eager fallbacks: none" \
+        in report

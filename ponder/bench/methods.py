@@ -175,8 +175,12 @@ class PonderRunner:
         return weight_bytes(self.model)
 
     def report(self) -> dict[str, Any]:
-        """What a speculative method's drafter learned during the run (e.g. early-exit's per-layer acceptance)."""
-        return self.speculator.drafter.report() if self.speculator is not None else {}
+        """What a speculative method's drafter learned during the run (e.g. early-exit's per-layer acceptance), and
+        on the fast path how many forwards ran compiled and which ran eagerly, by reason (``fast_path``)."""
+        out = self.speculator.drafter.report() if self.speculator is not None else {}
+        if getattr(self.model, "fast", None) is not None:
+            out = out | {"fast_path": self.model.fast.report()}
+        return out
 
     def verify_costs(self, rows: int, max_tokens: int = 32) -> dict[int, float]:
         """Seconds of one target forward by total tokens (the verify-cost curve), for this method's dtype."""

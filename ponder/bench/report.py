@@ -148,8 +148,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {s} | {f['tau']:.2f} | {f['alpha']:.2f} | {f['forwards_per_token']:.2f} "
                          f"| {f['draft_s']:.1f} | {f['verify_s']:.1f} | {pos} | {plain} |")
     for s, f in spec_rows:
-        if f.get("drafter"):
-            lines += ["", f"{s}, what the drafter learned: `{json.dumps(f['drafter'])}`"]
+        if learned := {k: v for k, v in f.get("drafter", {}).items() if k != "fast_path"}:
+            lines += ["", f"{s}, what the drafter learned: `{json.dumps(learned)}`"]
     curves = {s: f["verify_cost_ms"] for s, f in results["methods"].items() if f.get("verify_cost_ms")}
     if curves:
         sizes = sorted({int(n) for c in curves.values() for n in c})
