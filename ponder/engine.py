@@ -90,6 +90,7 @@ class _Row:
     completion: Completion
     noise: RowNoise | None  # the row's Gumbel noise per output position (None: greedy)
     emitted: int = 0  # characters of completion.text already streamed
+    detok: tuple[int, int] = (0, 0)  # incremental detokenization: (window start, decoded up to), output positions
     draft_state: Any = None  # the drafter's per-row state (speculative decoding)
     kv_state: "KVState | None" = None  # the KV policy's per-row state
     prompt_hidden: dict[int, torch.Tensor] | None = None  # layer -> # [P, E]: prefill states a drafter asked for
@@ -350,7 +351,7 @@ class Engine:
             c.ttft_s = time.perf_counter() - row.start
         c.output_ids.append(token)
         c.top2_gaps.append(gap)
-        c.text = self.tokenizer.decode(c.output_ids, skip_special_tokens=True)
+        c.text += self._new_text(row)
         if token in self.eos_ids and not params.ignore_eos:
             c.finish_reason = "eos"
         elif (cut := _first_stop(c.text, params.stop)) is not None:
@@ -358,12 +359,38 @@ class Engine:
         elif len(c.output_ids) >= params.max_new_tokens or cached + 1 >= self.context_window:
             c.finish_reason = "length"
         finished = c.finish_reason is not None
+        if finished and c.finish_reason != "stop":  # the held-back tail too (an incomplete character at the end)
+            c.text = self.tokenizer.decode(c.output_ids, skip_special_tokens=True)
         end = len(c.text) if finished else _safe_end(c.text, params.stop)
         delta, row.emitted = c.text[row.emitted : end], max(row.emitted, end)
         if finished:
             c.seconds = time.perf_counter() - row.start
         return StreamEvent(row.index, delta, [token], finished, c)
 
+
+    def _new_text(self, row: _Row) -> str:
+        """The text the row's newest token adds, decoding only a few tokens (decoding the whole output at every
+        token is quadratic in its length). ``row.detok`` = (window start, characters of the window's text already
+        emitted): the window is the last token decoded completely, as context (a token's text can depend on its
+        neighbours: a leading space), plus the tokens since. An incomplete character at the window's end is held
+        back until it completes; where the window's text does not continue what was emitted (a tokenizer that
+        rewrites earlier text), the whole output is decoded once."""
+        ids, text = row.completion.output_ids, row.completion.text
+        decode = self.tokenizer.decode
+        start, done = row.detok
+        window = decode(ids[start:], skip_special_tokens=True)
+        stable = window.rstrip("\ufffd")
+        if text.endswith(stable[:done]):
+            new = stable[done:]
+        else:
+            full = decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+            new = full[len(text):] if full.startswith(text) else ""
+        last = decode(ids[-1:], skip_special_tokens=True) if window == stable and len(ids) - start > 1 else ""
+        if last:  # all complete: the last token (one with text) is the next window's context
+            row.detok = (len(ids) - 1, len(last))
+        else:
+            row.detok = (start, max(done, len(stable)))
+        return new
 
     # --- speculative decoding -------------------------------------------------------------------------------------
     def _spec_step(self, rows: list[_Row], cache: KVCache) -> list[StreamEvent]:

@@ -182,3 +182,23 @@ def test_cache_extend_appends_rows() -> None:
     a.extend(b)
     assert a.batch == 3 and a.max_len == 12 and a.lengths == [3, 2, 5] and a.evicted == [0, 0, 4]
     assert a.k[0].shape == (3, 1, 12, 4) and float(a.k[0][2, 0, 4, 0]) == 2.0 and float(a.k[0][0, 0, 2, 0]) == 1.0
+
+
+def test_incremental_detokenization_follows_the_full_decode(tiny) -> None:
+    """Each token's text comes from decoding a few tokens, not the whole output: at every step the text so far is a
+    prefix of decoding all output tokens, at most a held-back incomplete character behind it."""
+    import random
+
+    from ponder.engine import Completion, _Row
+
+    eng = Engine(tiny)
+    rng = random.Random(0)
+    sample_text = "héllo wörld, ça va? 你好 🙂 the end  of   spaces"
+    for ids in (eng.encode(sample_text), [rng.randrange(tiny.model.config.vocab_size) for _ in range(300)]):
+        row = _Row(0, Completion([1]), None)
+        for i, t in enumerate(ids):
+            row.completion.output_ids.append(t)
+            row.completion.text += eng._new_text(row)
+            full = tiny.tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+            assert full.startswith(row.completion.text) and len(full) - len(row.completion.text) <= 8, i
+        assert row.completion.text == tiny.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
