@@ -86,6 +86,18 @@ def _args(**kw) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _one_prompt_run(model: Path, tmp_path: Path, prompt: str, methods: str, max_new_tokens: int,
+                    profile: bool = False) -> tuple[dict, str]:
+    """A bench run of ``methods`` on one Spec-Bench-style prompt: (results.json, report.md)."""
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": [prompt]}))
+    out = tmp_path / "out"
+    args = _args(model=model, suite=f"specbench:{suite}", methods=methods, max_new_tokens=max_new_tokens, out=out)
+    args.profile = profile
+    assert bench.run(args) == 0
+    return json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
+
+
 def _peak_mb_of_importing_torch() -> float:
     """Peak RSS (MB, from the kernel's VmHWM in kB) of a process that only imports torch: a method's child imports
     torch and then runs a model, so its peak cannot be lower. Catches a wrong unit or the wrong process's figure."""
@@ -225,37 +237,22 @@ def test_profile_splits_decode_and_verify_steps_into_categories(tiny_dir: Path, 
     assert [category(n) for n in ("aten::_weight_int4pack_mm_for_cpu", "aten::linear", "mkl::_mkl_linear",
                                   "aten::scaled_dot_product_attention", "aten::rms_norm")] == [
         "matmuls", "matmuls", "matmuls", "attention", "other ops"]
-    suite = tmp_path / "suite.jsonl"
-    suite.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["the sea is"]}))
-    out = tmp_path / "out"
-    args = _args(model=tiny_dir, suite=f"specbench:{suite}", methods="baseline,baseline:dtype=q4,hf",
-                 max_new_tokens=4, out=out)
-    args.profile = True
-    assert bench.run(args) == 0
-    r = json.loads((out / "results.json").read_text())
+    r, report = _one_prompt_run(tiny_dir, tmp_path, "the sea is", "baseline,baseline:dtype=q4,hf", 4, profile=True)
     assert "profile" not in r["methods"]["hf"]  # ponder methods only
     for spec in ("baseline", "baseline:dtype=q4"):
         p = r["methods"][spec]["profile"]
         for kind in ("decode", "verify"):
             assert set(p[kind]) == set(CATEGORIES) | {"step_ms"}
             assert all(p[kind][c] > 0 for c in ("matmuls", "attention", "head", "other ops")), (spec, kind, p[kind])
-    report = (out / "report.md").read_text()
     assert "Per-op breakdown" in report and "| baseline:dtype=q4 | verify |" in report
 
 
 def test_the_report_says_what_ran_on_the_fast_path(tiny_dir: Path, tmp_path: Path) -> None:
     """compile=true: the drafter report carries the fast path's counts, and the report says them in one line (the
     eager fallbacks of a KV policy's forwards: tests/test_fast.py)."""
-    suite = tmp_path / "suite.jsonl"
-    suite.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["a b c a b c a b"]}))
-    out = tmp_path / "out"
     plain = "baseline:compile=true"
-    args = _args(model=tiny_dir, suite=f"specbench:{suite}", methods=plain, max_new_tokens=8,
-                 per_category=1, out=out)
-    assert bench.run(args) == 0
-    r = json.loads((out / "results.json").read_text())
+    r, report = _one_prompt_run(tiny_dir, tmp_path, "a b c a b c a b", plain, 8)
     fast = r["methods"][plain]["drafter"]["fast_path"]
     assert fast["compiled_forwards"] >= 7 and fast["eager_fallbacks"] == {}
-    report = (out / "report.md").read_text()
     assert f"{plain}: fast path ran {fast['compiled_forwards']} decode/verify forwards compiled; eager fallbacks: none" \
         in report
