@@ -2,6 +2,7 @@
 the real ``openai`` client and with raw HTTP, stopped by the tests; every wait is bounded."""
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -237,3 +238,26 @@ def test_metrics_count_what_was_served(server: Server) -> None:
     assert after['ponder:e2e_request_latency_seconds_bucket{le="+Inf"}'] == \
         after["ponder:e2e_request_latency_seconds_count"]
     assert after["ponder:num_requests_running"] == 0
+
+
+def test_sigterm_drains_running_requests_and_refuses_new_ones(tiny_dir: Path) -> None:
+    """SIGTERM: running requests finish (their streams end in [DONE]), new ones get 503, the exit code is 0."""
+    s = Server(tiny_dir, "--batch-size", "1")
+    try:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 250, "n": 4, "stream": True, "temperature": 0.8,
+                "seed": 1}  # 4 choices one after another (batch 1): ~1000 decode steps still to run
+        with httpx.stream("POST", s.base + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            s.proc.send_signal(signal.SIGTERM)
+            refused = httpx.post(s.base + "/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=10)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            assert httpx.get(s.base + "/health", timeout=10).json()["status"] == "draining"
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        finished = [json.loads(x[6:])["choices"][0] for x in rest[:-1]]
+        assert sum(1 for c in finished if c["finish_reason"]) == 4  # every choice ran to its end
+        assert s.proc.wait(30) == 0
+    finally:
+        if s.proc.poll() is None:
+            s.stop()

@@ -28,6 +28,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="ponder", version="1")
+    app.state.draining = False  # set on SIGTERM (``serve``): new requests get 503 while running ones finish
+    app.state.loop = loop
     engine = loop.engine
     metrics = Metrics()
     created = int(time.time())
@@ -59,6 +61,9 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
 
     @app.middleware("http")
     async def _guard(request: Request, call_next: Any) -> Any:
+        if app.state.draining and request.url.path not in PUBLIC:
+            return error(APIError(503, "the server is shutting down; retry on another instance", "server_error",
+                                  code="shutting_down"))
         if api_key is not None and request.url.path not in PUBLIC:
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
@@ -72,7 +77,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "running": len(loop.core.rows), "in_flight": loop.in_flight}
+        return {"status": "draining" if app.state.draining else "ok", "running": len(loop.core.rows),
+                "in_flight": loop.in_flight}
 
     @app.get("/metrics")
     async def prometheus() -> Any:
@@ -264,22 +270,40 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
 
 
 def serve(app: Any, host: str, port: int, grace_s: float = 30.0) -> None:
-    """Run ``app`` with uvicorn until SIGINT/SIGTERM, then let running requests finish (at most ``grace_s``)."""
+    """Run ``app`` with uvicorn until SIGINT/SIGTERM; then new requests get 503 while the running ones finish (at
+    most ``grace_s``), and the process exits with code 0. A second signal stops at once."""
     import contextlib
     import signal
+    import threading
 
     import uvicorn
+
+    loop: EngineLoop = app.state.loop
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            # a graceful stop is a normal exit (code 0): uvicorn's own handler re-raises the signal after shutdown
-            old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            # uvicorn's own handler closes the listener at once and re-raises the signal after shutdown
+            old = {sig: signal.signal(sig, self.drain) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 yield
             finally:
                 for sig, handler in old.items():
                     signal.signal(sig, handler)
+
+        def drain(self, sig: int, frame: Any) -> None:
+            if app.state.draining:
+                self.handle_exit(sig, frame)
+                return
+            app.state.draining = True
+
+            def wait() -> None:
+                deadline = time.monotonic() + grace_s
+                while loop.in_flight and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                self.should_exit = True
+
+            threading.Thread(target=wait, name="ponder-drain", daemon=True).start()
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
     Server(config).run()
