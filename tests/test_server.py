@@ -145,6 +145,41 @@ BAD = [
     ("invalid utf-8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', "application/json"),
     ("deep nesting", "/v1/completions", b'{"model": "tiny", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
      "application/json"),
+    ("empty body", "/v1/completions", b"", "application/json"),
+    ("null body", "/v1/completions", b"null", "application/json"),
+    ("string body", "/v1/completions", b'"hello"', "application/json"),
+    ("wrong content type", "/v1/completions", b'{"model": "tiny", "prompt": "x"}', "text/plain"),
+    ("NaN temperature", "/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": NaN}',
+     "application/json"),
+    ("prompt a number", "/v1/completions", {"model": MODEL, "prompt": 123}, None),
+    ("prompt a list of strings", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, None),
+    ("empty id list", "/v1/completions", {"model": MODEL, "prompt": []}, None),
+    ("negative token id", "/v1/completions", {"model": MODEL, "prompt": [1, -1]}, None),
+    ("fractional token id", "/v1/completions", {"model": MODEL, "prompt": [1, 1.5]}, None),
+    ("no model", "/v1/completions", {"prompt": "x"}, None),
+    ("model a number", "/v1/completions", {"model": 7, "prompt": "x"}, None),
+    ("temperature a word", "/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, None),
+    ("top_p above 1", "/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 1.5}, None),
+    ("fractional max_tokens", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1.5}, None),
+    ("n zero", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, None),
+    ("huge seed", "/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**70}, None),
+    ("five stops", "/v1/completions", {"model": MODEL, "prompt": "x", "stop": list("abcde")}, None),
+    ("stop not a string", "/v1/completions", {"model": MODEL, "prompt": "x", "stop": [1]}, None),
+    ("unknown stream option", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "stream": True, "stream_options": {"bogus": 1}}, None),
+    ("top_logprobs over 20", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, None),
+    ("tools", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, None),
+    ("message without content", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, None),
+    ("message without role", "/v1/chat/completions", {"model": MODEL, "messages": [{"content": "x"}]}, None),
+    ("messages not a list", "/v1/chat/completions", {"model": MODEL, "messages": "hi"}, None),
+    ("negative max_completion_tokens", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -5}, None),
+    ("unknown chat model", "/v1/chat/completions",
+     {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, None),
+    ("unknown endpoint", "/v1/embeddings", {"model": MODEL, "input": "x"}, None),
+    ("detokenize out of vocabulary", "/detokenize", {"tokens": [-4]}, None),
 ]
 
 
@@ -158,7 +193,7 @@ def test_bad_input_is_a_4xx_error_object_and_the_server_keeps_serving(server: Se
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     err = r.json()["error"]
     assert isinstance(err["message"], str) and err["message"] and {"type", "param", "code"} <= set(err)
-    if name == "unknown model":
+    if name in ("unknown model", "unknown chat model", "unknown endpoint"):
         assert r.status_code == 404
     ok = httpx.post(server.base + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
                     timeout=30)
@@ -261,3 +296,41 @@ def test_sigterm_drains_running_requests_and_refuses_new_ones(tiny_dir: Path) ->
     finally:
         if s.proc.poll() is None:
             s.stop()
+
+
+def test_the_async_client_runs_requests_concurrently(server: Server, engine: Engine) -> None:
+    """AsyncOpenAI: four concurrent requests (one streamed) share the running batch and each gets its own answer."""
+    import asyncio
+
+    prompts = ["one", "two three", "four five six", "seven"]
+
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0, timeout=60)
+
+        async def one(p: str) -> str:
+            r = await client.completions.create(model=MODEL, prompt=p, max_tokens=9, temperature=0)
+            return r.choices[0].text
+
+        async def streamed(p: str) -> str:
+            stream = await client.completions.create(model=MODEL, prompt=p, max_tokens=9, temperature=0, stream=True)
+            return "".join([c.choices[0].text async for c in stream if c.choices])
+
+        try:
+            return await asyncio.gather(*[one(p) for p in prompts[:3]], streamed(prompts[3]))
+        finally:
+            await client.close()
+
+    got = asyncio.run(main())
+    want = [c.text for c in engine.generate(prompts, SamplingParams(max_new_tokens=9))]
+    assert got == want
+
+
+def test_seeded_completions_are_reproducible_and_stream_the_same_text(server: Server) -> None:
+    c = server.client()
+    kw = dict(model=MODEL, prompt="a b c", max_tokens=10, temperature=1.0, top_p=0.9, seed=11)
+    a, b = c.completions.create(**kw), c.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(**kw, stream=True) if ch.choices)
+    assert streamed == a.choices[0].text
+    other = c.completions.create(**(kw | {"seed": 12}))
+    assert other.usage.completion_tokens >= 1
