@@ -91,20 +91,28 @@ def test_greedy_matrix_equals_baseline(
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "q4"])
-def test_greedy_speculation_is_lossless_in_every_dtype(tiny_dir: Path, cyclic_dir: Path, dtype: str) -> None:
+def test_greedy_speculation_is_lossless_in_every_dtype(
+    tiny_dir: Path, cyclic_dir: Path, cyclic_head_dir: Path, dtype: str,
+) -> None:
     """fp32 is the matrix above; fp16, int8 and q4 round activations to 11 and 8 bits of mantissa, where a last-bit
     difference between a decode step and a verify forward would change tokens, so they attend in float64 (see
     ``quant.py``; tests/test_kernels.py checks the kernels bit for bit). The random model with itself as the draft
     model gets long chains accepted; the cyclic one gets trees (recycling) and early exit's reused hidden states
-    accepted."""
+    accepted, and the trained head (with int8 weights of its own under int8 and q4 targets)."""
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     # explore=0: the gate times steps, and every case here must draft (and accept) whatever the machine's load
     for model_dir, specs in ((tiny_dir, [f"draft:{tiny_dir}:explore=0"]),
-                             (cyclic_dir, ["recycling:explore=0", "early-exit:layer=1:explore=0"])):
+                             (cyclic_dir, ["recycling:explore=0", "early-exit:layer=1:explore=0",
+                                           f"head:{cyclic_head_dir}:explore=0"])):
         target = ponder.load(str(model_dir), dtype)
         want = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=1)]
         for spec in specs:
             eng = Engine(target, make_speculator(spec, target))
+            if spec.startswith("head"):
+                from ponder.model.quant import Int8Linear
+
+                int8 = [m for m in eng.speculator.drafter.head.modules() if isinstance(m, Int8Linear)]
+                assert bool(int8) == (dtype in ("int8", "q4")), dtype
             for size in (1, 3):
                 out = eng.generate(PROMPTS, params, batch_size=size)
                 assert [c.output_ids for c in out] == want, (dtype, spec, size)
