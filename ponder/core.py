@@ -30,6 +30,8 @@ from ponder.errors import PonderError
 from ponder.sampling import RowNoise, SamplingParams, resolve_seed
 
 if TYPE_CHECKING:
+    from typing import Iterable
+
     from ponder.cache import KVCache
     from ponder.engine import Engine, StreamEvent, _Row
 
@@ -143,7 +145,3 @@ class EngineCore:
     def _forget(self, finished: "Iterable[StreamEvent]") -> None:
         for ev in finished:
             self._ids.discard(ev.row)
-
-
-if TYPE_CHECKING:
-    from typing import Iterable
