@@ -90,7 +90,7 @@ class _Row:
     completion: Completion
     noise: RowNoise | None  # the row's Gumbel noise per output position (None: greedy)
     emitted: int = 0  # characters of completion.text already streamed
-    detok: tuple[int, int] = (0, 0)  # incremental detokenization: (window start, decoded up to), output positions
+    detok: tuple[int, int] = (0, 0)  # incremental detokenization: (window start token, its text's chars emitted)
     draft_state: Any = None  # the drafter's per-row state (speculative decoding)
     kv_state: "KVState | None" = None  # the KV policy's per-row state
     prompt_hidden: dict[int, torch.Tensor] | None = None  # layer -> # [P, E]: prefill states a drafter asked for

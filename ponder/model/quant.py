@@ -111,13 +111,19 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
+def int8_linears(module: nn.Module, skip_unsupported: bool = False) -> None:
+    """Swap every ``nn.Linear`` inside ``module`` for an ``Int8Linear``, in place; with ``skip_unsupported``, those
+    whose input width the kernel cannot take (not a multiple of 16) stay as they are instead of being refused."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and not (skip_unsupported and child.in_features % 16):
+                setattr(parent, name, Int8Linear(child))
+
+
 def quantize_int8(model: LlamaModel) -> LlamaModel:
     """Swap every projection inside the decoder layers for an ``Int8Linear``, in place."""
     for layer in model.layers:
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child))
+        int8_linears(layer)
     model.attention_dtype = torch.float64  # batch-invariant attention: speculation stays lossless (module doc)
     return model
 

@@ -192,14 +192,9 @@ def _quantize_head(head: Any) -> None:
     """With an int8 or q4 target, the head drafts through int8 weights too (bf16 activations, as the target's
     projections): its fp32 layer and 8192-row output cost a quarter of a q4 run's time when drafting (docs/distill.md).
     Drafts only propose tokens, so this changes which drafts are offered, never the output (lossless either way)."""
-    from torch import nn
+    from ponder.model.quant import int8_linears
 
-    from ponder.model.quant import Int8Linear
-
-    for parent in list(head.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.in_features % 16 == 0:
-                setattr(parent, name, Int8Linear(child))
+    int8_linears(head, skip_unsupported=True)
 
 
 def _depth(node: int, parents: list[int]) -> int:
