@@ -255,14 +255,17 @@ def test_decode_eviction_bounds_the_cache(tiny) -> None:
 
 # --- composition with speculative decoding ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def speculators(tiny, tiny_dir, cyclic) -> dict:
+def speculators(tiny, tiny_dir, cyclic, cyclic_head_dir, cyclic_medusa_dir) -> dict:
     """Built once: each measures its verify-cost curve when first used, which dominates a tiny model's runs.
     Early exit runs on the cyclic model (tests/cyclic_model.py), whose first layer's exit head agrees with the full
-    model: on the random one it drafts nothing, and its reused hidden states would never meet the policy. Drafting
+    model: on the random one it drafts nothing, and its reused hidden states would never meet the policy (the head
+    and Medusa heads are trained on it, tests/conftest.py). Drafting
     is forced on (adaptive=false): these speculators serve many calls, and the policy's gate, which times steps,
     may stop drafting on a busy machine."""
     specs = {"pld+recycling:adaptive=false:min_prob=0": tiny, f"draft:{tiny_dir}:adaptive=false": tiny,
-             "early-exit:layer=1:adaptive=false": cyclic}
+             "early-exit:layer=1:adaptive=false": cyclic,
+             # the trained drafters read the hidden states of the verify forward through the policy's hooks
+             f"head:{cyclic_head_dir}:adaptive=false": cyclic, f"medusa:{cyclic_medusa_dir}:adaptive=false": cyclic}
     return {s: (target, make_speculator(s, target)) for s, target in specs.items()}
 
 
@@ -276,7 +279,7 @@ def test_speculation_is_lossless_relative_to_the_policy(speculators, kv: str) ->
                 want[id(target)] = [c.output_ids for c in Engine(target, kv=make_policy(kv)).generate(prompts, params)]
             out = Engine(target, speculator, make_policy(kv)).generate(prompts, params)
             assert [c.output_ids for c in out] == want[id(target)], (kv, spec, len(prompts))
-            if spec.startswith(("draft", "early-exit")):
+            if spec.startswith(("draft", "early-exit", "head", "medusa")):
                 assert sum(c.spec.accepted for c in out) > 0  # drafts really were accepted through the policy
 
 
