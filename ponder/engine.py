@@ -48,6 +48,18 @@ class Completion:
     seconds: float = 0.0
     top2_gaps: list[float] = field(default_factory=list)  # per output token: the target's top-1 vs top-2 logit margin
     spec: "SpecCounts | None" = None  # speculative decoding counters (None without a speculator)
+    token_logprobs: list["TokenLogprob"] = field(default_factory=list)  # per output token, when params.logprobs asks
+
+
+@dataclass
+class TokenLogprob:
+    """One output token's log-probability under the model (log-softmax of its logits: before temperature and
+    top-k/top-p, as OpenAI's and vLLM's APIs report them) and the ``k`` most likely tokens' (``params.logprobs``),
+    most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -202,7 +214,8 @@ class Engine:
         """One decode step of every running row: feed its newest token, pick and commit the next."""
         logits = self._decode_step(rows, cache, [r.completion.output_ids[-1] for r in rows])
         tokens, gaps = self._pick(logits, rows)
-        return [self._commit(r, t, g) for r, t, g in zip(rows, tokens, gaps)]
+        lps = _logprobs(logits, rows, tokens)
+        return [self._commit(r, t, g, lp) for r, t, g, lp in zip(rows, tokens, gaps, lps)]
 
     def _has_room(self, rows: list[_Row], size: int) -> bool:
         """Whether waiting prompts may join now: continuous batching refills up to ``size`` rows; with a KV policy
@@ -221,7 +234,8 @@ class Engine:
         capture = self.speculator.drafter.prefill_capture if self.speculator is not None else ()
         new_cache, logits = self._prefill(new, max(r.params.max_new_tokens for r in new), extra, capture)
         tokens, gaps = self._pick(logits, new)
-        events = [self._commit(r, t, g) for r, t, g in zip(new, tokens, gaps)]
+        lps = _logprobs(logits, new, tokens)
+        events = [self._commit(r, t, g, lp) for r, t, g, lp in zip(new, tokens, gaps, lps)]
         alive = [i for i, e in enumerate(events) if not e.finished]
         new_cache.keep_rows(alive)
         new = [new[i] for i in alive]
@@ -343,7 +357,7 @@ class Engine:
                 r.noise.forget_below(len(r.completion.output_ids) + 1)
         return tokens, top2_gap(logits).tolist()
 
-    def _commit(self, row: _Row, token: int, gap: float) -> StreamEvent:
+    def _commit(self, row: _Row, token: int, gap: float, logprob: TokenLogprob | None = None) -> StreamEvent:
         """Append one token to a row, detokenize, and decide whether the row is finished."""
         c, params = row.completion, row.params
         cached = len(c.prompt_ids) + len(c.output_ids)  # tokens in the row's cache before this one is fed
@@ -351,6 +365,8 @@ class Engine:
             c.ttft_s = time.perf_counter() - row.start
         c.output_ids.append(token)
         c.top2_gaps.append(gap)
+        if logprob is not None:
+            c.token_logprobs.append(logprob)
         c.text += self._new_text(row)
         if token in self.eos_ids and not params.ignore_eos:
             c.finish_reason = "eos"
@@ -425,7 +441,7 @@ class Engine:
         spec.policy.observe(trees, [r.path for r in results], drafting, time.perf_counter() - t0, t1 - t0)
         events = []
         for row, tree, res in zip(rows, trees, results):
-            event = self._commit_many(row, res.committed, res.gaps)
+            event = self._commit_many(row, res.committed, res.gaps, res.logprobs)
             # a row that stops (EOS, stop string) inside its accepted path used only the drafts it committed
             used = min(len(res.path), len(event.token_ids))
             row.completion.spec.add(max(tree.depths(), default=0), len(tree), used, t1 - t0, t2 - t1)
@@ -476,6 +492,8 @@ class Engine:
             committed = [tree.tokens[i] for i in path] + [bonus]
             res = RowResult(tree, path, committed, logits[b, :n])
             res.gaps = [gaps_all[b][j] for j in inputs]
+            if row.params.logprobs is not None:
+                res.logprobs = _token_logprobs(logits[b, inputs], committed, row.params.logprobs)
             results.append(res)
         return results
 
@@ -496,16 +514,39 @@ class Engine:
             out.append(sample(logits[b, : len(tree) + 1], params, noise).tolist())
         return out
 
-    def _commit_many(self, row: _Row, tokens: list[int], gaps: list[float]) -> StreamEvent:
+    def _commit_many(
+        self, row: _Row, tokens: list[int], gaps: list[float], logprobs: list[TokenLogprob] | None = None,
+    ) -> StreamEvent:
         """Commit a verify step's tokens in order, stopping where the row finishes; one event for all of them."""
         text, taken = "", []
-        for tok, gap in zip(tokens, gaps):
-            event = self._commit(row, tok, gap)
+        for i, (tok, gap) in enumerate(zip(tokens, gaps)):
+            event = self._commit(row, tok, gap, logprobs[i] if logprobs else None)
             text += event.text
             taken.append(tok)
             if event.finished:
                 break
         return StreamEvent(row.index, text, taken, event.finished, row.completion)
+
+
+def _logprobs(logits: torch.Tensor, rows: list[_Row], tokens: list[int]) -> list[TokenLogprob | None]:
+    """Per row of logits # [B, V], the picked token's ``TokenLogprob`` where the row's params ask for them."""
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    for b, r in enumerate(rows):
+        if r.params.logprobs is not None:
+            out[b] = _token_logprobs(logits[b : b + 1], tokens[b : b + 1], r.params.logprobs)[0]
+    return out
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """``TokenLogprob`` of ``tokens[i]`` under logits # [n, V] row i, with its row's k most likely tokens."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).view(-1, 1))[:, 0].tolist()
+    if k:
+        values, ids = lp.topk(k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in tokens]
+    return [TokenLogprob(t, c, top) for t, c, top in zip(tokens, chosen, tops)]
 
 
 def _noises(params: SamplingParams, n: int) -> list[RowNoise | None]:

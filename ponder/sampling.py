@@ -26,6 +26,9 @@ class InvalidParameter(PonderError, ValueError):
     """A sampling or generation parameter outside its valid range."""
 
 
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. ``temperature == 0`` means greedy."""
@@ -37,6 +40,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: each output token's log-probability and the k most likely
+    # tokens' (the model's own distribution, before temperature and cuts; at most MAX_LOGPROBS)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
@@ -48,6 +53,8 @@ class SamplingParams:
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs must be in 0..{MAX_LOGPROBS} (top alternatives per token), got {self.logprobs}"),
         ]
         for ok, message in checks:
             if not ok:

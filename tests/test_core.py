@@ -98,3 +98,42 @@ def test_bad_requests_get_one_line_errors(cyclic) -> None:
     assert [r.index for r in core.waiting] == ["x"]  # the refused requests left nothing behind
     run(core)
     core.add_request(PROMPTS[1], request_id="x")  # a finished request's id is free again
+
+
+# --- log-probabilities --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [None, "pld:explore=0", "recycling:explore=0"])
+def test_logprobs_are_the_models_own_and_do_not_depend_on_speculation(cyclic, spec: str | None) -> None:
+    """Each output token's log-probability is the model's log-softmax at that position (``Engine.score``, teacher
+    forced one step at a time), its top alternatives come most likely first, and a speculative step (which reads
+    them from the verify forward) reports what plain decoding reports."""
+    import math
+
+    eng = Engine(cyclic, make_speculator(spec, cyclic) if spec else None)
+    plain = Engine(cyclic)
+    for params in (SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=3),
+                   SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=0, temperature=0.8, seed=5)):
+        out = eng.generate(PROMPTS[:3], params)
+        ref = plain.generate(PROMPTS[:3], params)
+        if spec:
+            assert sum(c.spec.accepted for c in out) > 0  # some tokens came from verify steps
+        for p, c, r in zip(PROMPTS, out, ref):
+            assert c.output_ids == r.output_ids
+            assert [lp.token for lp in c.token_logprobs] == c.output_ids
+            want = plain.score(p, c.output_ids)
+            assert [lp.logprob for lp in c.token_logprobs] == pytest.approx(want, abs=1e-4)
+            assert [lp.logprob for lp in c.token_logprobs] == pytest.approx([lp.logprob for lp in r.token_logprobs],
+                                                                            abs=1e-5)
+            for lp in c.token_logprobs:
+                assert len(lp.top) == params.logprobs
+                values = [v for _, v in lp.top]
+                assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+                if params.greedy:  # the greedy token is the most likely one
+                    assert lp.top[0][0] == lp.token and math.isclose(lp.top[0][1], lp.logprob, abs_tol=1e-6)
+
+
+def test_logprobs_off_by_default_and_bounded(cyclic) -> None:
+    out = Engine(cyclic).generate([PROMPTS[0]], SamplingParams(max_new_tokens=4))
+    assert out[0].token_logprobs == []
+    for bad in (-1, 21):
+        with pytest.raises(PonderError, match="logprobs must be in 0..20"):
+            SamplingParams(logprobs=bad)

@@ -119,6 +119,59 @@ def test_stop_strings_cut_the_text(server: Server, engine: Engine) -> None:
     assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
 
 
+def test_logprobs_are_the_engines_in_openais_shapes(server: Server, engine: Engine) -> None:
+    """Chat (``logprobs`` + ``top_logprobs``) and completions (``logprobs``: alternatives per token), streamed and
+    not: one entry per completion token, the engine's own values, the token texts spelling the output."""
+    c = server.client()
+    messages = [{"role": "user", "content": "Tell me about rain."}]
+    want = engine.generate([messages], SamplingParams(max_new_tokens=10, logprobs=3))[0]
+    r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, logprobs=True,
+                                  top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == len(want.output_ids)
+    assert [e.logprob for e in content] == pytest.approx([lp.logprob for lp in want.token_logprobs], abs=1e-5)
+    for e, lp in zip(content, want.token_logprobs):
+        assert e.token == engine.tokenizer.decode([lp.token])
+        assert bytes(e.bytes).decode("utf-8", errors="replace") == e.token or "\ufffd" in e.token
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx([v for _, v in lp.top], abs=1e-5)
+        assert e.top_logprobs[0].token == e.token  # greedy: the chosen token is the most likely
+    stream = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, logprobs=True,
+                                       top_logprobs=3, stream=True)
+    streamed = [e for ch in stream if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None  # not asked: not computed
+
+    comp = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=8, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == comp.usage.completion_tokens
+    assert all(len(top) <= 2 for top in lp.top_logprobs) and all(v <= 0 for v in lp.token_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(len(lp.tokens))]
+    chunks = list(c.completions.create(model=MODEL, prompt="Hello world", max_tokens=8, temperature=0, logprobs=2,
+                                       stream=True))
+    assert [t for ch in chunks for t in ch.choices[0].logprobs.tokens] == lp.tokens
+    assert [o for ch in chunks for o in ch.choices[0].logprobs.text_offset] == lp.text_offset
+
+
+def test_token_bytes_of_partial_characters() -> None:
+    """A byte-level BPE token holding part of a character decodes to U+FFFD alone; its bytes are its own."""
+    from ponder.server.logprobs import TokenPieces
+
+    class Tok:  # byte-level symbols: "Ã" is byte 0xC3, "©" is 0xA9 ("é" in UTF-8); "Ġ" is the space byte
+        symbols = {0: "Ã", 1: "©", 2: "Ġhi", 3: "<0xE2>"}
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+            return {0: "\ufffd", 1: "\ufffd", 2: " hi", 3: "\ufffd"}[ids[0]]
+
+        def convert_ids_to_tokens(self, token: int) -> str:
+            return self.symbols[token]
+
+    pieces = TokenPieces(Tok())
+    assert pieces(0)[1] + pieces(1)[1] == list("é".encode())
+    assert pieces(2) == (" hi", list(b" hi"))
+    assert pieces(3)[1] == [0xE2]  # SentencePiece's byte tokens
+
+
 BAD = [
     ("not json", "/v1/completions", b"{not json", "application/json"),
     ("array body", "/v1/completions", b"[1, 2]", "application/json"),
@@ -132,7 +185,11 @@ BAD = [
     ("n too large", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 5}, None),
     ("negative seed", "/v1/completions", {"model": MODEL, "prompt": "x", "seed": -3}, None),
     ("empty stop", "/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, None),
-    ("logprobs", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2}, None),
+    ("logprobs over 20", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, None),
+    ("negative logprobs", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": -1}, None),
+    ("top_logprobs without logprobs", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, None),
+    ("echo", "/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, None),
     ("stream_options without stream", "/v1/completions",
      {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, None),
     ("prompt over the context", "/v1/completions", {"model": MODEL, "prompt": [1] * 100_000}, None),

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from ponder.errors import PonderError
 from ponder.sampling import RowNoise, SamplingParams, resolve_seed
+from ponder.server.logprobs import TokenPieces, chat_logprobs, completion_logprobs, pieces_of
 from ponder.server.loop import EngineLoop, QueueFull
 from ponder.server.metrics import Metrics
 from ponder.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -33,6 +34,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
     engine = loop.engine
     metrics = Metrics()
     created = int(time.time())
+    pieces = TokenPieces(engine.tokenizer)  # used on the loop thread only, like the tokenizer
 
     def error(e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -135,24 +137,33 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         room = engine.context_window - len(ids)
         try:
             return SamplingParams(max_new_tokens=max(1, min(max_tokens or room, room)), temperature=req.temperature,
-                                  top_p=req.top_p, seed=req.seed, stop=tuple(req.stop or ()))
+                                  top_p=req.top_p, seed=req.seed, stop=tuple(req.stop or ()),
+                                  logprobs=req.top_logprobs_asked())
         except PonderError as e:
             raise APIError(400, str(e)) from None
 
     async def run(ids: list[int], params: SamplingParams, n: int, prefix: str,
-                  arrival: float) -> AsyncIterator[tuple[int, Any]]:
-        """Submit n choices and yield (choice index, event) as they come; abort what is left if the consumer
-        stops (a client that went away). Latencies count from ``arrival`` (perf_counter)."""
+                  arrival: float) -> AsyncIterator[tuple[int, Any, Any]]:
+        """Submit n choices and yield (choice index, event, logprobs) as they come; abort what is left if the
+        consumer stops (a client that went away). Latencies count from ``arrival`` (perf_counter). logprobs: None,
+        or (the event's ``TokenLogprob`` entries, their tokens' text and bytes), made on the loop thread."""
         aio = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seed = None if params.greedy else resolve_seed(params)
         rids = [f"{prefix}-{i}" for i in range(n)]
         left = set(range(n))
+        def sink(i: int, ev: Any) -> None:  # on the loop thread
+            lp = None
+            if params.logprobs is not None and not isinstance(ev, Exception) and ev.token_ids:
+                c = ev.completion
+                entries = c.token_logprobs[len(c.output_ids) - len(ev.token_ids) : len(c.output_ids)]
+                lp = (entries, pieces_of(pieces, entries))
+            aio.call_soon_threadsafe(events.put_nowait, (i, ev, lp))
+
         try:
             for i, rid in enumerate(rids):
                 noise = None if seed is None else RowNoise(seed, i)
-                loop.submit(rid, ids, params, noise,
-                            lambda ev, i=i: aio.call_soon_threadsafe(events.put_nowait, (i, ev)))
+                loop.submit(rid, ids, params, noise, lambda ev, i=i: sink(i, ev))
         except QueueFull as e:
             for rid in rids:
                 loop.abort(rid)
@@ -162,7 +173,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         latest: dict[int, Any] = {}
         try:
             while left:
-                i, ev = await events.get()
+                i, ev, lp = await events.get()
                 if isinstance(ev, Exception):
                     left.discard(i)
                     raise APIError(500, f"generation failed: {ev}", "server_error")
@@ -178,7 +189,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                 if ev.finished:
                     left.discard(i)
                     metrics.finished(ev.completion, arrival, now)
-                yield i, ev
+                yield i, ev, lp
         except (asyncio.CancelledError, GeneratorExit):
             for i in left:
                 metrics.cancelled(latest.get(i), len(ids))
@@ -198,16 +209,28 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         kind = "chatcmpl" if chat else "cmpl"
         rid = f"{kind}-{uuid.uuid4().hex}"
         obj = "chat.completion" if chat else "text_completion"
+        want_lp = params.logprobs is not None
         if not req.stream:
             done: dict[int, Any] = {}
-            async for i, ev in run(ids, params, req.n, rid, arrival):
+            entries: dict[int, list[Any]] = {i: [] for i in range(req.n)}
+            known: dict[int, Any] = {}
+            async for i, ev, lp in run(ids, params, req.n, rid, arrival):
+                if lp is not None:
+                    entries[i] += lp[0]
+                    known |= lp[1]
                 if ev.finished:
                     done[i] = ev.completion
             comps = [done[i] for i in range(req.n)]
+
+            def logprobs(i: int) -> Any:
+                if not want_lp:
+                    return None
+                return chat_logprobs(entries[i], known) if chat else completion_logprobs(entries[i], known, 0)
+
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": finish(c),
-                 "logprobs": None} if chat else
-                {"index": i, "text": c.text, "finish_reason": finish(c), "logprobs": None}
+                 "logprobs": logprobs(i)} if chat else
+                {"index": i, "text": c.text, "finish_reason": finish(c), "logprobs": logprobs(i)}
                 for i, c in enumerate(comps)
             ]
             return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices,
@@ -223,21 +246,28 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
 
         async def sse() -> AsyncIterator[str]:
             finals: dict[int, Any] = {}
+            offsets = [0] * req.n  # characters of each choice's token texts already sent (completions' text_offset)
             if chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(req.n)])
             try:
-                async for i, ev in run(ids, params, req.n, rid, arrival):
+                async for i, ev, lp in run(ids, params, req.n, rid, arrival):
                     reason = finish(ev.completion) if ev.finished else None
                     if ev.finished:
                         finals[i] = ev.completion
-                    if not ev.text and reason is None:
+                    if not ev.text and reason is None and lp is None:
                         continue
+                    logprobs = None
+                    if lp is not None:
+                        logprobs = chat_logprobs(*lp) if chat else completion_logprobs(*lp, offsets[i])
+                        offsets[i] += sum(len(lp[1][e.token][0]) for e in lp[0])
+                    elif want_lp and not chat:
+                        logprobs = completion_logprobs([], {}, offsets[i])
                     if chat:
                         delta = {"content": ev.text} if ev.text else {}
-                        yield chunk([{"index": i, "delta": delta, "finish_reason": reason}])
+                        yield chunk([{"index": i, "delta": delta, "finish_reason": reason, "logprobs": logprobs}])
                     else:
-                        yield chunk([{"index": i, "text": ev.text, "finish_reason": reason, "logprobs": None}])
+                        yield chunk([{"index": i, "text": ev.text, "finish_reason": reason, "logprobs": logprobs}])
             except APIError as e:
                 yield f"data: {json.dumps(e.body())}\n\n"
                 return

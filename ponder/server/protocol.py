@@ -2,7 +2,7 @@
 
 Bodies are validated by pydantic (types and ranges); anything a client gets wrong is a 4xx with OpenAI's error
 object ``{"error": {"message", "type", "param", "code"}}``, never a 500. Fields ponder does not implement yet
-(``logprobs``, ``tools``, ...) are refused with a 400 that names them rather than silently ignored."""
+(``tools``, ``logit_bias``, ...) are refused with a 400 that names them rather than silently ignored."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_N = 4
 MAX_STOPS = 4
+MAX_LOGPROBS = 20  # ponder.sampling.MAX_LOGPROBS
 
 
 class APIError(Exception):
@@ -67,6 +68,10 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: str | list[int]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # alternatives per token (None: off)
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -86,10 +91,21 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # fields of OpenAI's API that ponder does not implement yet: a clear 400 instead of a silent default
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "logit_bias", "suffix", "tools", "tool_choice",
+UNSUPPORTED = ("echo", "best_of", "logit_bias", "suffix", "tools", "tool_choice",
                "functions", "function_call", "response_format", "presence_penalty", "frequency_penalty", "ponder")
 
 

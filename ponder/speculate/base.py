@@ -44,6 +44,7 @@ class RowResult:
     logits: torch.Tensor  # [T, V] target logits per verify input (index 0: the pending token)
     gaps: list[float] = field(default_factory=list)  # per committed token: the target's top-1 vs top-2 logit margin
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> # [T, E], as Proposal.capture asked
+    logprobs: list = field(default_factory=list)  # per committed token, its TokenLogprob when the row asks for them
 
 
 @dataclass
