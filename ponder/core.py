@@ -4,11 +4,22 @@ The shape vLLM's and nano-vllm's engines have (schedule -> run -> postprocess), 
 one running batch: a queue of waiting requests, the running rows and their batch KV cache. Each ``step`` does one
 thing and returns the events it produced:
 
-- **admit**: when requests wait and the batch has room (continuous batching: up to ``batch_size`` rows; with a KV
-  policy only when the batch is empty, as ``Engine._has_room`` says), prefill them, sample their first tokens and
-  append the still-running rows to the batch cache;
-- otherwise **decode**: one plain decode step for every running row, or, with a speculator, one speculative step
-  (draft -> verify -> accept -> commit) for every running row; rows that finish leave the batch.
+- **decode**: one plain decode step for every running row, or, with a speculator, one speculative step
+  (draft -> verify -> accept -> commit) for every running row; rows that finish leave the batch;
+- **prefill**: while requests wait and the batch has room (continuous batching: up to ``batch_size`` rows),
+  prefill them in order, at most ``prefill_chunk`` prompt tokens per step (**chunked prefill**, Sarathi-Serve arXiv
+  2403.02310: a long prompt is prefilled over several steps, each also decoding the running rows, so one 6k-token
+  prompt does not freeze every other stream; None: whole prompts). A prompt whose prefill completes gets its first
+  token sampled and joins the running batch (its cache row appended), decoding from the next step.
+
+With ``max_kv_bytes``, a request starts only when the batch cache with its row added (every row as long as the
+longest: room for its prompt, its new tokens and a speculative step's verify slots) stays within that budget; until
+then it waits (admission by KV memory); a request that could never fit alone is refused by ``add_request``.
+
+With a ``PrefixCache`` (``ponder.prefix``), a prompt that begins like an earlier one copies that prefix's K/V and
+prefills only the rest; every completed prefill is stored for later prompts. With a KV policy, prompts are
+prefilled whole and taken ``batch_size`` at a time once the running batch is done (``Engine._has_room``: each batch
+cache is sized and compressed for its own rows); chunking and prefix caching apply to the full cache only.
 
 Requests carry their own ``SamplingParams`` (temperature, top-k/p, seed, stop strings, max new tokens) within one
 running batch. A sampled request draws its Gumbel noise from the stream keyed by its seed and its noise index
@@ -21,7 +32,10 @@ and the prompt index, as before) and step until the core has no work.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Hashable
 
 import torch
@@ -34,19 +48,40 @@ if TYPE_CHECKING:
 
     from ponder.cache import KVCache
     from ponder.engine import Engine, StreamEvent, _Row
+    from ponder.prefix import PrefixCache
+
+
+@dataclass
+class _Prefilling:
+    """A request whose prompt is partly prefilled (chunked prefill): its own one-row cache and progress."""
+
+    row: "_Row"
+    cache: "KVCache"
+    done: int  # prompt tokens in the cache
+    hidden: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # captured states per layer, chunk by chunk
 
 
 class EngineCore:
     """One running batch of requests on an ``Engine`` (module doc)."""
 
-    def __init__(self, engine: "Engine", batch_size: int) -> None:
+    def __init__(
+        self, engine: "Engine", batch_size: int, prefill_chunk: int | None = None,
+        prefix_cache: "PrefixCache | None" = None, max_kv_bytes: int | None = None,
+    ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise PonderError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise PonderError(f"prefill_chunk must be a positive integer (tokens per step), got {prefill_chunk!r}")
         self.engine = engine
         self.batch_size = batch_size
+        self.prefill_chunk = prefill_chunk
+        self.max_kv_bytes = max_kv_bytes
+        self.slot_bytes = engine.model.new_cache(1, 1).nbytes()  # one token of one row, every layer's K and V
+        self.prefix_cache = prefix_cache if engine.kv is None else None
         self.waiting: deque["_Row"] = deque()
         self.rows: list["_Row"] = []
         self.cache: "KVCache | None" = None
+        self.partial: _Prefilling | None = None  # the request being prefilled over several steps
         self._ids: set[Hashable] = set()
         self._next_id = 0
         self._prepared = False
@@ -62,6 +97,11 @@ class EngineCore:
 
         params = params or SamplingParams()
         self.engine.check_prompt(prompt_ids)
+        if self.max_kv_bytes is not None and (need := self._slots(prompt_ids, params) * self.slot_bytes) > \
+                self.max_kv_bytes:
+            raise PonderError(f"this request needs {need / 2**20:.1f} MiB of KV cache (prompt plus "
+                              f"{params.max_new_tokens} new tokens), more than the budget of "
+                              f"{self.max_kv_bytes / 2**20:.1f} MiB; shorten it or ask for fewer tokens")
         if request_id is None:
             while self._next_id in self._ids:
                 self._next_id += 1
@@ -76,7 +116,12 @@ class EngineCore:
         return request_id
 
     def abort(self, request_id: Hashable) -> bool:
-        """Drop a waiting or running request (its KV row is freed now); False if no such request is left."""
+        """Drop a waiting, prefilling or running request (its KV row is freed now); False if no such request is
+        left."""
+        if self.partial is not None and self.partial.row.index == request_id:
+            self.partial = None
+            self._ids.discard(request_id)
+            return True
         for r in self.waiting:
             if r.index == request_id:
                 self.waiting.remove(r)
@@ -90,23 +135,38 @@ class EngineCore:
         return False
 
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting)
+        return bool(self.rows or self.waiting or self.partial)
+
+    @property
+    def in_prefill(self) -> int:
+        """Requests admitted but not yet decoding (the one being prefilled in chunks)."""
+        return int(self.partial is not None)
 
     def step(self) -> list["StreamEvent"]:
-        """Admit waiting requests if there is room, else one decode (or speculative) step of the running rows; the
-        events produced, one per row that made progress (``finished`` on a row's last)."""
+        """One decode (or speculative) step of the running rows, then prefill work for waiting requests while the
+        batch has room (module doc); the events produced, one per row that made progress (``finished`` on a row's
+        last)."""
         e = self.engine
         if not self.has_work():
             return []
         with torch.inference_mode():
             self._prepare()
-            if self.waiting and e._has_room(self.rows, self.batch_size):
-                return self._admit()
-            events = e._spec_step(self.rows, self.cache) if e.speculator is not None else e._plain_step(self.rows,
-                                                                                                        self.cache)
-            self._keep([i for i, ev in enumerate(events) if not ev.finished])
-            self._forget(ev for ev in events if ev.finished)
+            if e.kv is not None:  # whole prompts, a batch at a time (module doc)
+                if self.waiting and e._has_room(self.rows, self.batch_size):
+                    return self._admit()
+                return self._decode()
+            events = self._decode() if self.rows else []
+            if self.partial is not None or (self.waiting and len(self.rows) < self.batch_size):
+                events += self._prefill()
             return events
+
+    def _decode(self) -> list["StreamEvent"]:
+        e = self.engine
+        events = e._spec_step(self.rows, self.cache) if e.speculator is not None else e._plain_step(self.rows,
+                                                                                                    self.cache)
+        self._keep([i for i, ev in enumerate(events) if not ev.finished])
+        self._forget(ev for ev in events if ev.finished)
+        return events
 
     # --- internals ------------------------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -119,12 +179,109 @@ class EngineCore:
         if e.speculator is not None:
             e.speculator.prepare(e.model, self.batch_size)
 
-    def _admit(self) -> list["StreamEvent"]:
+    def _prefill(self) -> list["StreamEvent"]:
+        """Prefill waiting requests in order, at most ``prefill_chunk`` prompt tokens in all; those completed get
+        their first token and join the running batch."""
+        from ponder.engine import _logprobs
+
         e = self.engine
         spec = e.speculator
+        capture = spec.drafter.prefill_capture if spec is not None else ()
+        budget = self.prefill_chunk or math.inf
+        start = time.perf_counter()
+        done: list[_Prefilling] = []
+        last: list[torch.Tensor] = []
+        while budget > 0:
+            if self.partial is None:
+                if not self.waiting or len(self.rows) + len(done) >= self.batch_size:
+                    break
+                if not self._fits(self.waiting[0], done):
+                    break
+                self.partial = self._start(self.waiting.popleft(), capture)
+            p = self.partial
+            prompt = p.row.completion.prompt_ids
+            n = int(min(budget, len(prompt) - p.done))
+            hidden = dict.fromkeys(capture)
+            ids = torch.tensor([prompt[p.done : p.done + n]], device=e.model.device)
+            logits = e.model(ids, p.cache, last_only=True, capture=hidden)[:, -1]
+            for layer, h in hidden.items():
+                p.hidden.setdefault(layer, []).append(h[0])
+            p.done += n
+            budget -= n
+            if p.done == len(prompt):
+                done.append(p)
+                last.append(logits)
+                self.partial = None
+                if self.prefix_cache is not None:
+                    self.prefix_cache.insert(prompt, p.cache, {k: torch.cat(v) for k, v in p.hidden.items()})
+        e.prefill_seconds += time.perf_counter() - start
+        if not done:
+            return []
+        new = [p.row for p in done]
+        for p in done:
+            p.row.prompt_hidden = {k: torch.cat(v) for k, v in p.hidden.items()} if capture else None
+        logits = torch.cat(last)
+        tokens, gaps = e._pick(logits, new)
+        lps = _logprobs(logits, new, tokens)
+        events = [e._commit(r, t, g, lp) for r, t, g, lp in zip(new, tokens, gaps, lps)]
+        alive = [i for i, ev in enumerate(events) if not ev.finished]
+        if alive:
+            joined = e.model.new_cache(len(alive), max(done[i].cache.max_len for i in alive))
+            for b, i in enumerate(alive):
+                joined.copy_row(b, done[i].cache)
+            if self.cache is None or not self.rows:
+                self.cache = joined
+            else:
+                self.cache.extend(joined)
+            e.kv_bytes = max(e.kv_bytes, self.cache.nbytes())
+            e.peak_kv_bytes = max(e.peak_kv_bytes, e.kv_bytes)
+        self._join([new[i] for i in alive])
+        self._forget(ev for ev in events if ev.finished)  # rows that finished on their first token
+        return events
+
+    def _slots(self, prompt: list[int], params: SamplingParams) -> int:
+        """Cache slots a request's row needs: its prompt, its new tokens and a speculative step's verify slots."""
+        spec = self.engine.speculator
         extra = spec.max_nodes + 2 if spec is not None else 0
-        new, self.cache, events = e._admit(self.waiting, self.batch_size - len(self.rows), self.rows, self.cache,
-                                           extra)
+        return min(self.engine.context_window, len(prompt) + params.max_new_tokens) + extra
+
+    def _fits(self, row: "_Row", done: list[_Prefilling]) -> bool:
+        """Whether ``row`` may start under the KV budget: the batch cache with the running rows, those whose prefill
+        completed this step and this one, all as long as the longest."""
+        if self.max_kv_bytes is None:
+            return True
+        lengths = [self._slots(row.completion.prompt_ids, row.params)] + [p.cache.max_len for p in done]
+        if self.cache is not None and self.rows:
+            lengths.append(self.cache.max_len)
+        rows = len(self.rows) + len(done) + 1
+        return rows * max(lengths) * self.slot_bytes <= self.max_kv_bytes or not (self.rows or done)
+
+    def kv_bytes(self) -> int:
+        """Bytes of K/V the core holds now: the batch cache and a prompt being prefilled."""
+        held = self.cache.nbytes() if self.cache is not None and self.rows else 0
+        return held + (self.partial.cache.nbytes() if self.partial is not None else 0)
+
+    def _start(self, row: "_Row", capture: tuple[int, ...]) -> _Prefilling:
+        """Admit a request: its one-row cache (room for the prompt, its new tokens and the verify slots of a
+        speculative step), holding whatever prefix of its prompt the prefix cache has."""
+        e = self.engine
+        row.start = time.perf_counter()
+        prompt = row.completion.prompt_ids
+        cache = e.model.new_cache(1, self._slots(prompt, row.params))
+        p = _Prefilling(row, cache, 0)
+        if self.prefix_cache is not None:
+            entry, n = self.prefix_cache.lookup(prompt, len(prompt) - 1)  # the last token's logits are needed
+            if entry is not None and (not capture or all(layer in entry.hidden for layer in capture)):
+                view = entry.kv.row(0)
+                view.lengths = [n]
+                cache.copy_row(0, view)
+                p.done = n
+                p.hidden = {layer: [entry.hidden[layer][:n]] for layer in capture}
+        return p
+
+    def _join(self, new: list["_Row"]) -> None:
+        """Rows whose prefill completed start decoding: the speculator's per-row state, then the running batch."""
+        spec = self.engine.speculator
         if spec is not None:
             for r in new:
                 r.draft_state = spec.drafter.new_state(r.completion.prompt_ids)
@@ -132,6 +289,14 @@ class EngineCore:
                     spec.drafter.prefilled(r.draft_state, r.prompt_hidden)
                     r.prompt_hidden = None
         self.rows += new
+
+    def _admit(self) -> list["StreamEvent"]:
+        e = self.engine
+        spec = e.speculator
+        extra = spec.max_nodes + 2 if spec is not None else 0
+        new, self.cache, events = e._admit(self.waiting, self.batch_size - len(self.rows), self.rows, self.cache,
+                                           extra)
+        self._join(new)
         self._forget(ev for ev in events if ev.finished)  # rows that finished on their first token
         return events
 

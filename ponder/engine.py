@@ -33,6 +33,7 @@ from ponder.sampling import RowNoise, SamplingParams, resolve_seed, sample, top2
 if TYPE_CHECKING:
     from ponder.core import EngineCore
     from ponder.kv import KVPolicy, KVState
+    from ponder.prefix import PrefixCache
     from ponder.speculate import DraftTree, Proposal, RowResult, Speculator
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]  # text, token ids, or chat messages
@@ -192,11 +193,16 @@ class Engine:
         while core.has_work():
             yield from core.step()
 
-    def core(self, batch_size: int) -> "EngineCore":
-        """A request-level core over this engine (``ponder.core``): ``add_request``, ``step``, ``abort``."""
+    def core(
+        self, batch_size: int, prefill_chunk: int | None = None, prefix_cache: "PrefixCache | None" = None,
+        max_kv_bytes: int | None = None,
+    ) -> "EngineCore":
+        """A request-level core over this engine (``ponder.core``): ``add_request``, ``step``, ``abort``; with
+        chunked prefill (``prefill_chunk`` prompt tokens per step), a prefix cache and a KV-memory budget if
+        given."""
         from ponder.core import EngineCore
 
-        return EngineCore(self, batch_size)
+        return EngineCore(self, batch_size, prefill_chunk, prefix_cache, max_kv_bytes)
 
     def check_prompt(self, ids: list[int], name: str = "the prompt") -> None:
         """A one-line error for a prompt the model cannot take: empty, invalid ids, or longer than the context."""

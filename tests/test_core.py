@@ -137,3 +137,142 @@ def test_logprobs_off_by_default_and_bounded(cyclic) -> None:
     for bad in (-1, 21):
         with pytest.raises(PonderError, match="logprobs must be in 0..20"):
             SamplingParams(logprobs=bad)
+
+
+# --- chunked prefill and prefix caching ---------------------------------------------------------------------------
+LONG = [(7 * i + 3) % 37 + 3 for i in range(70)]  # a 70-token prompt
+
+
+@pytest.mark.parametrize("spec", [None, "pld:explore=0", "head"])
+def test_chunked_prefill_interleaves_with_decoding_and_changes_no_token(
+    cyclic, cyclic_head_dir, spec: str | None,
+) -> None:
+    """A long prompt prefilled 8 tokens per step: the running row gets a token at every one of those steps, and
+    every request's tokens equal its tokens prefilled whole and alone (with a draft head too, whose prompt states
+    are captured chunk by chunk)."""
+    if spec == "head":
+        spec = f"head:{cyclic_head_dir}:explore=0"
+    eng = Engine(cyclic, make_speculator(spec, cyclic) if spec else None)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    core = eng.core(batch_size=3, prefill_chunk=8)
+    core.add_request(PROMPTS[0], params, "short")
+    out = {}
+    for ev in core.step():  # 13 prompt tokens: 8 now, 5 with the next step
+        out.setdefault(ev.row, []).extend(ev.token_ids)
+    assert core.partial is not None and not core.rows
+    for ev in core.step():
+        out.setdefault(ev.row, []).extend(ev.token_ids)
+    assert [r.index for r in core.rows] == ["short"] and core.partial is None
+    core.add_request(LONG, params, "long")
+    steps, during = 0, 0
+    while core.partial is not None or not any(r.index == "long" for r in core.rows):
+        running = any(r.index == "short" for r in core.rows)
+        events = core.step()
+        steps += 1
+        during += running and any(ev.row == "short" and ev.token_ids for ev in events)
+        assert during == steps or not running  # the short row decoded at every step of the long prefill
+        for ev in events:
+            out.setdefault(ev.row, []).extend(ev.token_ids)
+    assert steps == -(-70 // 8) and during >= 3
+    got = run(core, {k: list(v) for k, v in out.items()})
+    whole = Engine(cyclic, make_speculator(spec, cyclic) if spec else None)
+    assert got["short"] == alone(whole, PROMPTS[0], params)
+    assert got["long"] == alone(whole, LONG, params)
+
+
+@pytest.mark.parametrize("spec", [None, "head"])
+def test_prefix_cache_hits_change_no_token(cyclic, cyclic_head_dir, spec: str | None) -> None:
+    """Requests sharing a 48-token prefix: the second and later copy its K/V (and the head's captured states) and
+    prefill only their own suffix; each output equals the request run alone without the cache."""
+    from ponder.prefix import PrefixCache
+
+    if spec == "head":
+        spec = f"head:{cyclic_head_dir}:explore=0"
+    make = lambda: Engine(cyclic, make_speculator(spec, cyclic) if spec else None)  # noqa: E731
+    eng, ref = make(), make()
+    prefix = LONG[:48]
+    prompts = [prefix + [5, 6, 7], prefix + [11, 12], prefix + [3, 1, 4, 1, 5], prefix[:40] + [9, 9, 9]]
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    cache = PrefixCache(64 << 20)
+    core = eng.core(batch_size=2, prefix_cache=cache, prefill_chunk=16)
+    for i, p in enumerate(prompts):
+        core.add_request(p, params, i)
+    got = run(core)
+    for i, p in enumerate(prompts):
+        assert got[i] == alone(ref, p, params), i
+    # the first prompt was prefilled whole; the next two reused 48 tokens, the last 40 (its own tokens differ after)
+    assert cache.stats.lookups == 4 and cache.stats.hits == 3
+    assert cache.stats.reused_tokens == 48 + 48 + 40
+    again = eng.core(batch_size=1, prefix_cache=cache)
+    again.add_request(prompts[1], params, "again")  # a whole prompt cached: all but its last token reused
+    assert run(again)["again"] == got[1]
+    assert cache.stats.reused_tokens == 48 + 48 + 40 + len(prompts[1]) - 1
+
+
+def test_prefix_cache_is_bounded_and_least_recently_used_goes_first(cyclic) -> None:
+    from ponder.prefix import BLOCK, PrefixCache
+
+    model = cyclic.model
+    per_token = model.new_cache(1, 1).nbytes()
+
+    def kv(n: int):
+        c = model.new_cache(1, n)
+        c.set_length(0, n)
+        return c
+
+    a, b, c = [1] * 32, [2] * 32, [3] * 32
+    cache = PrefixCache(per_token * 70)  # room for two 32-token entries
+    cache.insert(a, kv(32))
+    cache.insert(b, kv(32))
+    assert cache.lookup(a + [5], 40)[1] == 32  # a is now the most recently used
+    cache.insert(c, kv(32))  # evicts b
+    assert cache.bytes <= cache.max_bytes and len(cache.entries) == 2
+    assert cache.lookup(b + [5], 40) == (None, 0)
+    assert cache.lookup(c, 31)[1] == 31  # at most the limit (a prompt's last token is always prefilled)
+    longer = a + [4] * 20
+    cache.insert(longer, kv(52))  # covers a: a is dropped, not evicted by age
+    assert all(e.tokens != a for e in cache.entries.values())
+    entry, n = cache.lookup(a + [6] * 20, 100)
+    assert entry.tokens == longer and n == 32  # a block-aligned hit extended token by token up to the difference
+    entry, n = cache.lookup(longer[:BLOCK + 3] + [9] * 40, 100)
+    assert n == BLOCK + 3
+    assert cache.lookup([1] * (BLOCK - 1), 100) == (None, 0)  # less than a block: no lookup hit
+    cache.insert([7] * 200, kv(200))  # larger than the whole budget: not stored
+    assert cache.bytes <= cache.max_bytes and cache.lookup([7] * 200, 199) == (None, 0)
+
+
+def test_abort_while_prefilling_frees_the_partial_cache(cyclic) -> None:
+    eng = Engine(cyclic)
+    core = eng.core(batch_size=2, prefill_chunk=8)
+    core.add_request(LONG, SamplingParams(max_new_tokens=5), "long")
+    core.step()
+    assert core.partial is not None and core.in_prefill == 1
+    assert core.abort("long") and core.partial is None and not core.has_work()
+    with pytest.raises(PonderError, match="prefill_chunk"):
+        eng.core(batch_size=1, prefill_chunk=0)
+
+
+def test_kv_budget_admits_what_fits_and_refuses_what_never_can(cyclic) -> None:
+    """A budget of two rows' K/V: a third request waits until a row leaves, every output is unchanged, the batch
+    cache never holds more than the budget, and a request larger than the budget alone is refused."""
+    eng = Engine(cyclic)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    slot = cyclic.model.new_cache(1, 1).nbytes()
+    budget = 2 * (len(PROMPTS[0]) + 12) * slot
+    core = eng.core(batch_size=4, max_kv_bytes=budget)
+    for i, p in enumerate(PROMPTS[:3]):
+        core.add_request(p, params, i)
+    core.step()
+    assert len(core.rows) == 2 and len(core.waiting) == 1  # room for 4 rows, KV for 2
+    out: dict = {}
+    most = 0
+    while core.has_work():
+        for ev in core.step():
+            out.setdefault(ev.row, []).extend(ev.token_ids)
+        most = max(most, core.kv_bytes())
+    assert most <= budget
+    for i, p in enumerate(PROMPTS[:3]):
+        assert len(out[i]) == 12 or i < 2  # the first two rows' first tokens came in the admission step above
+        assert eng.generate([p], params)[0].output_ids[-len(out[i]):] == out[i]
+    with pytest.raises(PonderError, match="needs .* MiB of KV cache"):
+        core.add_request(PROMPTS[0], SamplingParams(max_new_tokens=200))
