@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-size", type=int, default=8, metavar="N", help="requests decoded together (default 8)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default 64)")
     serve.add_argument("--max-body-kb", type=int, default=1024, help="request body cap in KiB; more get 413")
+    serve.add_argument("--prefill-chunk", type=int, default=256, metavar="TOKENS",
+                       help="prompt tokens prefilled per step between decode steps (chunked prefill; default 256; "
+                            "0: whole prompts)")
+    serve.add_argument("--prefix-cache-mb", type=int, default=512, metavar="MB",
+                       help="memory for prompts' K/V reused by later prompts with the same prefix (default 512; "
+                            "0: off)")
+    serve.add_argument("--max-kv-mb", type=int, default=None, metavar="MB",
+                       help="KV-cache budget of the running batch: requests wait until theirs fits (default: no "
+                            "budget beyond --batch-size)")
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' (default: $PONDER_API_KEY if set, else none)")
     serve.add_argument("--speculate", metavar="SPEC", default=None, help="lossless speculative decoding, as generate")
@@ -185,7 +194,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ponder.server.loop import EngineLoop
 
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--max-queue", args.max_queue, 0),
-                             ("--max-body-kb", args.max_body_kb, 1), ("--port", args.port, 0)):
+                             ("--max-body-kb", args.max_body_kb, 1), ("--port", args.port, 0),
+                             ("--prefill-chunk", args.prefill_chunk, 0), ("--prefix-cache-mb", args.prefix_cache_mb, 0),
+                             ("--max-kv-mb", args.max_kv_mb if args.max_kv_mb is not None else 1, 1)):
         if value < low:
             raise PonderError(f"{name} must be >= {low}, got {value}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("PONDER_API_KEY") or None
@@ -196,7 +207,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         speculator = make_speculator(args.speculate, loaded)
     engine = Engine(loaded, speculator, _kv_policy(args))
-    loop = EngineLoop(engine, args.batch_size, args.max_queue)
+    loop = EngineLoop(engine, args.batch_size, args.max_queue, args.prefill_chunk or None,
+                      args.prefix_cache_mb << 20, args.max_kv_mb << 20 if args.max_kv_mb is not None else None)
     app = create_app(loop, args.served_model_name or args.model, api_key, args.max_body_kb * 1024)
     loop.start()
     print(f"ponder serve: {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1 "

@@ -96,12 +96,7 @@ class EngineCore:
         from ponder.engine import Completion, SpecCounts, _Row
 
         params = params or SamplingParams()
-        self.engine.check_prompt(prompt_ids)
-        if self.max_kv_bytes is not None and (need := self._slots(prompt_ids, params) * self.slot_bytes) > \
-                self.max_kv_bytes:
-            raise PonderError(f"this request needs {need / 2**20:.1f} MiB of KV cache (prompt plus "
-                              f"{params.max_new_tokens} new tokens), more than the budget of "
-                              f"{self.max_kv_bytes / 2**20:.1f} MiB; shorten it or ask for fewer tokens")
+        self.check_request(prompt_ids, params)
         if request_id is None:
             while self._next_id in self._ids:
                 self._next_id += 1
@@ -114,6 +109,16 @@ class EngineCore:
         self.waiting.append(_Row(request_id, Completion(list(prompt_ids), spec=spec), noise, params=params))
         self._ids.add(request_id)
         return request_id
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """A one-line ``PonderError`` for a request this core can never run: a bad prompt (``Engine.check_prompt``)
+        or one whose KV row alone is over the budget."""
+        self.engine.check_prompt(prompt_ids)
+        if self.max_kv_bytes is not None and (need := self._slots(prompt_ids, params) * self.slot_bytes) > \
+                self.max_kv_bytes:
+            raise PonderError(f"this request needs {need / 2**20:.1f} MiB of KV cache (prompt plus "
+                              f"{params.max_new_tokens} new tokens), more than the budget of "
+                              f"{self.max_kv_bytes / 2**20:.1f} MiB; shorten it or ask for fewer tokens")
 
     def abort(self, request_id: Hashable) -> bool:
         """Drop a waiting, prefilling or running request (its KV row is freed now); False if no such request is

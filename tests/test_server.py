@@ -391,3 +391,52 @@ def test_seeded_completions_are_reproducible_and_stream_the_same_text(server: Se
     assert streamed == a.choices[0].text
     other = c.completions.create(**(kw | {"seed": 12}))
     assert other.usage.completion_tokens >= 1
+
+
+def test_overload_gets_429_with_retry_after_and_admitted_requests_succeed(tiny_dir: Path) -> None:
+    """12 clients at once, one running place and 2 waiting places: the excess gets 429 (OpenAI's shape, Retry-After)
+    at once, and every admitted request completes."""
+    import asyncio
+
+    s = Server(tiny_dir, "--batch-size", "1", "--max-queue", "2")
+    try:
+        async def main() -> list[tuple[int, dict, dict, float]]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                async def one(i: int) -> tuple[int, dict, dict, float]:
+                    t = time.perf_counter()
+                    r = await client.post(s.base + "/v1/completions",
+                                          json={"model": MODEL, "prompt": f"word {i}", "max_tokens": 120,
+                                                "temperature": 0})
+                    return r.status_code, r.json(), dict(r.headers), time.perf_counter() - t
+
+                return await asyncio.gather(*[one(i) for i in range(12)])
+
+        results = asyncio.run(main())
+        codes = sorted(code for code, *_ in results)
+        assert set(codes) == {200, 429} and codes.count(200) >= 3, codes
+        for code, body, headers, seconds in results:
+            if code == 429:
+                assert body["error"]["type"] == "rate_limit_error" and headers["retry-after"] == "1"
+                assert seconds < 5  # refused at once, not after the admitted ones ran
+            else:
+                assert body["choices"][0]["finish_reason"] in ("stop", "length")
+        assert scrape(s)["ponder:request_rejected_total"] == codes.count(429)
+    finally:
+        assert s.stop() == 0
+
+
+def test_shared_prefixes_are_reused_and_change_no_output(server: Server, engine: Engine) -> None:
+    """Chat requests with one long system prompt: the later ones reuse its K/V (the prefix-cache counters say so)
+    and each answer equals the engine's for the same request alone."""
+    system = " ".join(["the cat sat on the mat and the dog ran"] * 6)
+    c = server.client()
+    before = scrape(server)
+    for question in ("where is the cat", "what did the dog do", "tell me more"):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == engine.generate([messages], SamplingParams(max_new_tokens=12))[0].text
+    after = scrape(server)
+    hits = after["ponder:prefix_cache_hits_total"] - before["ponder:prefix_cache_hits_total"]
+    reused = after["ponder:prefix_cache_hit_tokens_total"] - before["ponder:prefix_cache_hit_tokens_total"]
+    assert hits >= 2 and reused >= 2 * 48
+    assert after["ponder:prefix_cache_bytes"] > 0 and "ponder:kv_cache_bytes" in after

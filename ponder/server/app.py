@@ -37,7 +37,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
     pieces = TokenPieces(engine.tokenizer)  # used on the loop thread only, like the tokenizer
 
     def error(e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -86,8 +86,22 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
     async def prometheus() -> Any:
         from fastapi.responses import PlainTextResponse
 
-        running = len(loop.core.rows)
-        return PlainTextResponse(metrics.render(running, max(0, loop.in_flight - running)),
+        core = loop.core
+        running = len(core.rows)
+        kv = core.kv_bytes()
+        extra = [("kv_cache_bytes", "gauge", "Bytes of K/V held by running and prefilling requests.", kv)]
+        if core.max_kv_bytes:
+            extra.append(("kv_cache_usage_perc", "gauge", "Fraction of the KV budget (--max-kv-mb) in use.",
+                          kv / core.max_kv_bytes))
+        if core.prefix_cache is not None:
+            stats = core.prefix_cache.stats
+            extra += [("prefix_cache_queries_total", "counter", "Prompts looked up in the prefix cache.",
+                       stats.lookups),
+                      ("prefix_cache_hits_total", "counter", "Lookups that reused a cached prefix.", stats.hits),
+                      ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens reused instead of prefilled.",
+                       stats.reused_tokens),
+                      ("prefix_cache_bytes", "gauge", "Bytes held by the prefix cache.", core.prefix_cache.bytes)]
+        return PlainTextResponse(metrics.render(running, max(0, loop.in_flight - running), extra),
                                  media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
@@ -136,11 +150,13 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
     def sampling(req: Any, ids: list[int], max_tokens: int | None) -> SamplingParams:
         room = engine.context_window - len(ids)
         try:
-            return SamplingParams(max_new_tokens=max(1, min(max_tokens or room, room)), temperature=req.temperature,
-                                  top_p=req.top_p, seed=req.seed, stop=tuple(req.stop or ()),
-                                  logprobs=req.top_logprobs_asked())
+            params = SamplingParams(max_new_tokens=max(1, min(max_tokens or room, room)),
+                                    temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                    stop=tuple(req.stop or ()), logprobs=req.top_logprobs_asked())
+            loop.core.check_request(ids, params)  # arithmetic only: safe off the loop thread
         except PonderError as e:
             raise APIError(400, str(e)) from None
+        return params
 
     async def run(ids: list[int], params: SamplingParams, n: int, prefix: str,
                   arrival: float) -> AsyncIterator[tuple[int, Any, Any]]:
@@ -168,12 +184,16 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
             for rid in rids:
                 loop.abort(rid)
             metrics.counters["request_rejected_total"] += 1
-            raise APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error") from None
+            raise APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
         last: dict[int, float] = {}
         latest: dict[int, Any] = {}
         try:
             while left:
                 i, ev, lp = await events.get()
+                if isinstance(ev, PonderError):  # refused by the engine when queued: the request's own fault
+                    left.discard(i)
+                    raise APIError(400, str(ev))
                 if isinstance(ev, Exception):
                     left.discard(i)
                     raise APIError(500, f"generation failed: {ev}", "server_error")

@@ -80,12 +80,16 @@ class Metrics:
         if completion is not None:
             self.counters["generation_tokens_total"] += len(completion.output_ids)
 
-    def render(self, running: int, waiting: int) -> str:
+    def render(self, running: int, waiting: int, extra: list[tuple[str, str, str, float]] = ()) -> str:
+        """The text page; ``extra``: (name, type, help, value) read from the engine core (KV bytes, prefix
+        cache)."""
         p = "ponder:"
         lines = [f"# HELP {p}num_requests_running Requests in the running batch.",
                  f"# TYPE {p}num_requests_running gauge", f"{p}num_requests_running {running}",
-                 f"# HELP {p}num_requests_waiting Requests waiting for a place in the batch.",
+                 f"# HELP {p}num_requests_waiting Requests waiting for a place in the batch (or being prefilled).",
                  f"# TYPE {p}num_requests_waiting gauge", f"{p}num_requests_waiting {waiting}"]
+        for name, kind, help_, value in extra:
+            lines += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} {kind}", f"{p}{name} {value}"]
         for name, help_ in self.COUNTERS.items():
             lines += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} counter", f"{p}{name} {self.counters[name]}"]
         lines += [f"# HELP {p}request_success_total Finished requests by finish reason.",
