@@ -88,11 +88,12 @@ class EngineCore:
 
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: Hashable = None,
-        noise: RowNoise | None = None,
+        noise: RowNoise | None = None, speculate: bool = True,
     ) -> Hashable:
         """Queue a request (token ids; ``Engine.encode`` makes them from text or chat messages); returns its id
         (``request_id``, or the next free integer). ``noise``: its sampling noise stream (default: keyed by its
-        seed, a fresh random one when unseeded, and index 0)."""
+        seed, a fresh random one when unseeded, and index 0). ``speculate=False``: the engine's speculator drafts
+        nothing for this request (its output is the same: speculation is lossless)."""
         from ponder.engine import Completion, SpecCounts, _Row
 
         params = params or SamplingParams()
@@ -106,7 +107,8 @@ class EngineCore:
         if noise is None and not params.greedy:
             noise = RowNoise(resolve_seed(params), 0)
         spec = SpecCounts() if self.engine.speculator is not None else None
-        self.waiting.append(_Row(request_id, Completion(list(prompt_ids), spec=spec), noise, params=params))
+        self.waiting.append(_Row(request_id, Completion(list(prompt_ids), spec=spec), noise, params=params,
+                                 speculate=speculate))
         self._ids.add(request_id)
         return request_id
 

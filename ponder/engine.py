@@ -109,6 +109,7 @@ class _Row:
     prompt_hidden: dict[int, torch.Tensor] | None = None  # layer -> # [P, E]: prefill states a drafter asked for
     start: float = 0.0  # perf_counter() when the row was admitted (its TTFT and seconds count from here)
     params: SamplingParams = field(default_factory=SamplingParams)  # the request's own sampling and stopping
+    speculate: bool = True  # False: the speculator proposes nothing for this row (its steps commit one token)
 
     @property
     def tokens(self) -> list[int]:
@@ -421,8 +422,8 @@ class Engine:
 
         spec = self.speculator
         drafting = spec.policy.drafting()
-        budgets = [spec.policy.budget(r.params.max_new_tokens - len(r.completion.output_ids)) if drafting else 0
-                   for r in rows]
+        budgets = [spec.policy.budget(r.params.max_new_tokens - len(r.completion.output_ids))
+                   if drafting and r.speculate else 0 for r in rows]
         kv = self._kv(rows)
         if kv:  # drafts stop at the next eviction point, so evictions happen where plain decoding has them
             rooms = [kv.room(r.kv_state, cache, b) for b, r in enumerate(rows)]

@@ -276,3 +276,21 @@ def test_kv_budget_admits_what_fits_and_refuses_what_never_can(cyclic) -> None:
         assert eng.generate([p], params)[0].output_ids[-len(out[i]):] == out[i]
     with pytest.raises(PonderError, match="needs .* MiB of KV cache"):
         core.add_request(PROMPTS[0], SamplingParams(max_new_tokens=200))
+
+
+def test_a_request_may_turn_speculation_off(cyclic) -> None:
+    """``speculate=False``: the speculator drafts nothing for that row, the rows beside it still draft, and both
+    outputs are plain decoding's."""
+    eng = Engine(cyclic, make_speculator("pld:explore=0", cyclic))
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    core = eng.core(batch_size=2)
+    core.add_request(PROMPTS[0], params, "on")
+    core.add_request(PROMPTS[0], params, "off", speculate=False)
+    done = {}
+    while core.has_work():
+        for ev in core.step():
+            if ev.finished:
+                done[ev.row] = ev.completion
+    plain = alone(Engine(cyclic), PROMPTS[0], params)
+    assert done["on"].output_ids == done["off"].output_ids == plain
+    assert done["on"].spec.drafted > 0 and done["off"].spec.drafted == 0

@@ -172,6 +172,25 @@ def test_token_bytes_of_partial_characters() -> None:
     assert pieces(3)[1] == [0xE2]  # SentencePiece's byte tokens
 
 
+def test_per_request_ponder_options(tiny_dir: Path, engine: Engine) -> None:
+    """``ponder: {speculate: "off"}`` turns the server's speculation off for one request (same output: lossless);
+    naming the server's own settings is accepted; anything the engine cannot do per request is a 400 naming it."""
+    s = Server(tiny_dir, "--speculate", "pld")
+    try:
+        body = {"model": MODEL, "prompt": "the cat the cat the cat", "max_tokens": 12, "temperature": 0}
+        want = engine.generate(["the cat the cat the cat"], SamplingParams(max_new_tokens=12))[0].text
+        for opts in ({"speculate": "off"}, {"speculate": False}, {"speculate": "pld"}, {"speculate": True}, {}):
+            r = httpx.post(s.base + "/v1/completions", json=body | {"ponder": opts}, timeout=30)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, opts
+        for opts, param in (({"speculate": "lookahead"}, "ponder.speculate"), ({"kv": "snapkv"}, "ponder.kv"),
+                            ({"unknown": 1}, "ponder.unknown"), ("pld", "ponder")):
+            for stream in (False, True):
+                r = httpx.post(s.base + "/v1/completions", json=body | {"ponder": opts, "stream": stream}, timeout=30)
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, (opts, r.text)
+    finally:
+        assert s.stop() == 0
+
+
 BAD = [
     ("not json", "/v1/completions", b"{not json", "application/json"),
     ("array body", "/v1/completions", b"[1, 2]", "application/json"),

@@ -21,8 +21,10 @@ from ponder.server.protocol import (APIError, ChatRequest, CompletionRequest, De
 PUBLIC = ("/health",)  # paths that need no API key
 
 
-def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, max_body: int = 1 << 20) -> Any:
-    """The application serving ``loop``'s engine as ``model_name``."""
+def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, max_body: int = 1 << 20,
+               speculate: str | None = None, kv: str | None = None) -> Any:
+    """The application serving ``loop``'s engine as ``model_name``; ``speculate`` and ``kv``: the server's
+    ``--speculate`` and ``--kv`` settings (what a request's ``ponder`` options are checked against)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -158,8 +160,28 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
             raise APIError(400, str(e)) from None
         return params
 
+    def speculates(req: Any) -> bool:
+        """Whether the engine's speculator drafts for this request: a request's ``ponder`` options may turn the
+        server's speculation off, or name the server's own settings; anything else is a 400 that says why."""
+        opts = req.ponder
+        if opts is None:
+            return True
+        if opts.kv is not None and opts.kv != kv:
+            raise APIError(400, f"the KV policy is set per server (now: {kv or 'none'}, --kv); one batch shares one "
+                                "cache, so a request cannot choose another", param="ponder.kv")
+        value = opts.speculate
+        if value is None or value is True or value == speculate:
+            if value is True and speculate is None:
+                raise APIError(400, "this server does not speculate; start it with --speculate SPEC",
+                               param="ponder.speculate")
+            return True
+        if value is False or value in ("off", "none"):
+            return False
+        raise APIError(400, f"this server speculates with {speculate or 'nothing'} (--speculate) for every request; "
+                            "a request may only turn it off (\"speculate\": \"off\")", param="ponder.speculate")
+
     async def run(ids: list[int], params: SamplingParams, n: int, prefix: str,
-                  arrival: float) -> AsyncIterator[tuple[int, Any, Any]]:
+                  arrival: float, speculate: bool = True) -> AsyncIterator[tuple[int, Any, Any]]:
         """Submit n choices and yield (choice index, event, logprobs) as they come; abort what is left if the
         consumer stops (a client that went away). Latencies count from ``arrival`` (perf_counter). logprobs: None,
         or (the event's ``TokenLogprob`` entries, their tokens' text and bytes), made on the loop thread."""
@@ -179,7 +201,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         try:
             for i, rid in enumerate(rids):
                 noise = None if seed is None else RowNoise(seed, i)
-                loop.submit(rid, ids, params, noise, lambda ev, i=i: sink(i, ev))
+                loop.submit(rid, ids, params, noise, lambda ev, i=i: sink(i, ev), speculate)
         except QueueFull as e:
             for rid in rids:
                 loop.abort(rid)
@@ -230,11 +252,12 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         rid = f"{kind}-{uuid.uuid4().hex}"
         obj = "chat.completion" if chat else "text_completion"
         want_lp = params.logprobs is not None
+        spec_on = speculates(req)  # before any response starts: a bad option is a 400, not an error event
         if not req.stream:
             done: dict[int, Any] = {}
             entries: dict[int, list[Any]] = {i: [] for i in range(req.n)}
             known: dict[int, Any] = {}
-            async for i, ev, lp in run(ids, params, req.n, rid, arrival):
+            async for i, ev, lp in run(ids, params, req.n, rid, arrival, spec_on):
                 if lp is not None:
                     entries[i] += lp[0]
                     known |= lp[1]
@@ -271,7 +294,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(req.n)])
             try:
-                async for i, ev, lp in run(ids, params, req.n, rid, arrival):
+                async for i, ev, lp in run(ids, params, req.n, rid, arrival, spec_on):
                     reason = finish(ev.completion) if ev.finished else None
                     if ev.finished:
                         finals[i] = ev.completion

@@ -31,6 +31,7 @@ class _Submit:
     params: SamplingParams
     noise: RowNoise | None
     sink: Sink
+    speculate: bool = True
 
 
 class EngineLoop:
@@ -67,13 +68,13 @@ class EngineLoop:
             return self._pending
 
     def submit(self, request_id: Hashable, prompt_ids: list[int], params: SamplingParams, noise: RowNoise | None,
-               sink: Sink) -> None:
+               sink: Sink, speculate: bool = True) -> None:
         """Queue a request; its events go to ``sink`` on the loop thread. Raises ``QueueFull``."""
         with self._lock:
             if self._pending - len(self.core.rows) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             self._pending += 1
-        self._inbox.put(_Submit(request_id, prompt_ids, params, noise, sink))
+        self._inbox.put(_Submit(request_id, prompt_ids, params, noise, sink, speculate))
         self._wake.set()
 
     def abort(self, request_id: Hashable) -> None:
@@ -117,7 +118,7 @@ class EngineLoop:
                 return
             if isinstance(item, _Submit):
                 try:
-                    self.core.add_request(item.prompt_ids, item.params, item.request_id, item.noise)
+                    self.core.add_request(item.prompt_ids, item.params, item.request_id, item.noise, item.speculate)
                 except Exception as e:
                     _deliver(item.sink, e)
                     with self._lock:

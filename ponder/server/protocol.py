@@ -34,6 +34,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class PonderOptions(BaseModel):
+    """ponder's own per-request options, as an extra body field ``ponder`` (module ``app``: what a request may
+    change is checked against the server's settings)."""
+
+    model_config = ConfigDict(extra="forbid")
+    speculate: str | bool | None = None
+    kv: str | None = None
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown fields: checked against UNSUPPORTED, the rest ignored
 
@@ -47,6 +56,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ponder: PonderOptions | None = None
 
     @field_validator("temperature", "top_p")
     @classmethod
@@ -107,7 +117,7 @@ class ChatRequest(_Common):
 
 # fields of OpenAI's API that ponder does not implement yet: a clear 400 instead of a silent default
 UNSUPPORTED = ("echo", "best_of", "logit_bias", "suffix", "tools", "tool_choice",
-               "functions", "function_call", "response_format", "presence_penalty", "frequency_penalty", "ponder")
+               "functions", "function_call", "response_format", "presence_penalty", "frequency_penalty")
 
 
 def check_supported(req: _Common) -> None:
