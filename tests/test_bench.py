@@ -256,3 +256,30 @@ def test_the_report_says_what_ran_on_the_fast_path(tiny_dir: Path, tmp_path: Pat
     assert fast["compiled_forwards"] >= 7 and fast["eager_fallbacks"] == {}
     assert f"{plain}: fast path ran {fast['compiled_forwards']} decode/verify forwards compiled; eager fallbacks: none" \
         in report
+
+
+def test_serve_suite_loads_each_methods_server_and_reports(tiny_dir: Path, tmp_path: Path) -> None:
+    """``--suite serve``: a ``ponder serve`` child per method on loopback, closed-loop streaming clients per level,
+    the prefix-cache probe; every request completes, tokens and latencies are reported, the servers are gone."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    out = tmp_path / "serve"
+    args = _args(model=tiny_dir, suite="serve", methods="baseline,pld", concurrency="1,3", requests=4,
+                 max_new_tokens=6, out=out)
+    assert bench.run(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert set(r["methods"]) == {"baseline", "pld"} and r["concurrency"] == [1, 3]
+    for name, entry in r["methods"].items():
+        assert "--speculate pld" in entry["command"] if name == "pld" else "--speculate" not in entry["command"]
+        for level in entry["levels"]:
+            assert level["completed"] == 4 and level["failed"] == level["unfinished"] == 0, level
+            assert 4 <= level["tokens"] <= 4 * 6 and level["throughput_tok_s"] > 0
+            assert 0 < level["ttft_p50_s"] <= level["ttft_p99_s"] <= level["e2e_p99_s"]
+        probe = entry["prefix"]
+        assert probe["first_ttft_s"] > 0 and len(probe["ttfts_s"]) == 5
+    report = (out / "report.md").read_text()
+    assert "| baseline | 3 | 4/4 |" in report and "Prefix cache" in report
+    with pytest.raises(PonderError, match="serve suite runs ponder methods and llamacpp"):
+        bench.run(_args(model=tiny_dir, suite="serve", methods="baseline,hf", out=tmp_path / "x"))
+    with pytest.raises(PonderError, match="--concurrency"):
+        bench.run(_args(model=tiny_dir, suite="serve", methods="baseline", concurrency="0", out=tmp_path / "y"))

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model for every method (default {DEFAULT_MODEL})")
     p.add_argument("--suite", default="builtin",
                    help="builtin (default), specbench:PATH, niah[:lengths=1024-2048-4096-8192][:depths=5] or "
-                        "ruler[:lengths=1024-2048-4096][:tasks=mk-mv-vt-cwe][:n=2], ppl[:length=4096][:eval=256][:texts=4]")
+                        "ruler[:lengths=1024-2048-4096][:tasks=mk-mv-vt-cwe][:n=2], ppl[:length=4096][:eval=256][:texts=4], "
+                        "or serve[:PROMPTS] (servers under load: docs/serve.md)")
     p.add_argument("--methods", default="baseline,hf", help="comma-separated method specs (default baseline,hf)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts of the suite (default: all)")
     p.add_argument("--per-category", type=int, default=None, metavar="N",
@@ -47,6 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="also time a decode and a verify step of each ponder method by operator category "
                         "(matmuls, attention, head, other ops, python) into the report")
+    p.add_argument("--concurrency", default=",".join(map(str, (1, 4, 8, 16, 64))),
+                   help="serve suite: concurrent clients per load level (default 1,4,8,16,64)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="serve suite: requests per load level (default max(16, 2 x concurrency))")
+    p.add_argument("--level-timeout", type=float, default=600.0,
+                   help="serve suite: seconds a load level may run; unfinished requests are cancelled (default 600)")
+    p.add_argument("--no-prefix-probe", dest="prefix_probe", action="store_false",
+                   help="serve suite: skip the prefix-cache probe (a ~1,000-token system prompt, five questions)")
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     p.add_argument("--dump", metavar="FILE", default=None,
                    help="write the suite's exact prompts (text and token ids) and expected answers as JSONL, then stop")
@@ -58,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens is None:
         args.max_new_tokens = {"niah": 16, "ruler": 48}.get(args.suite.split(":")[0], 128)
     specs = _check(args)
+    if args.suite.split(":")[0] == "serve":
+        from ponder.bench.serve import run_serve
+
+        if bad := [s.text for s in specs if not s.is_ponder and s.name != "llamacpp"]:
+            raise PonderError(f"the serve suite runs ponder methods and llamacpp (a server each); drop {', '.join(bad)}")
+        return run_serve(args, specs)
     cases, tokenizer, eos, n_ctx = _prepare(args)
     if args.dump:
         return _dump(Path(args.dump), cases, tokenizer)
