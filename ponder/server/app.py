@@ -10,6 +10,8 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Iterator
 
+from starlette.requests import Request  # FastAPI injects it by this annotation (resolved at module level)
+
 from ponder.errors import PonderError
 from ponder.sampling import RowNoise, SamplingParams, resolve_seed
 from ponder.server.logprobs import TokenPieces, chat_logprobs, completion_logprobs, pieces_of
@@ -19,15 +21,16 @@ from ponder.server.protocol import (APIError, ChatRequest, CompletionRequest, De
                                     check_supported)
 
 PUBLIC = ("/health",)  # paths that need no API key
+DISCONNECT_POLL_S = 0.05  # how often a non-streamed request checks that its client is still there
 
 
 def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, max_body: int = 1 << 20,
                speculate: str | None = None, kv: str | None = None) -> Any:
     """The application serving ``loop``'s engine as ``model_name``; ``speculate`` and ``kv``: the server's
     ``--speculate`` and ``--kv`` settings (what a request's ``ponder`` options are checked against)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="ponder", version="1")
@@ -55,29 +58,75 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         return error(APIError(400, f"{'.'.join(loc) + ': ' if loc else ''}{message}", param=".".join(loc) or None))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if request.scope.get("ponder.body_too_large"):
+            return error(too_large())
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return error(APIError(e.status_code, str(e.detail), kind))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception) -> JSONResponse:  # a bug of ours: still OpenAI's shape
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:  # a bug of ours: still OpenAI's shape
+        if request.scope.get("ponder.body_too_large"):
+            return error(too_large())
         return error(APIError(500, f"internal error: {type(e).__name__}", "server_error"))
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next: Any) -> Any:
-        if app.state.draining and request.url.path not in PUBLIC:
-            return error(APIError(503, "the server is shutting down; retry on another instance", "server_error",
-                                  code="shutting_down"))
-        if api_key is not None and request.url.path not in PUBLIC:
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return error(APIError(401, "a valid API key is needed (Authorization: Bearer ...)",
-                                      "authentication_error", code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body:
-            return error(APIError(413, f"the request body is over {max_body} bytes", code="request_too_large"))
-        return await call_next(request)
+    class Guard:
+        """Every request passes here first (a plain ASGI middleware: it leaves the endpoints' view of the connection
+        intact, so a handler can tell that its client went away): 503 while draining, the API key, and the body
+        cap, on the declared length and on the bytes actually received (a chunked body has no declared length)."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            path = scope.get("path", "")
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            refusal = None
+            if app.state.draining and path not in PUBLIC:
+                refusal = APIError(503, "the server is shutting down; retry on another instance", "server_error",
+                                   code="shutting_down")
+            elif api_key is not None and path not in PUBLIC:
+                given = headers.get("authorization", "")
+                token = given[7:] if given.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(token.encode(), api_key.encode()):
+                    refusal = APIError(401, "a valid API key is needed (Authorization: Bearer ...)",
+                                       "authentication_error", code="invalid_api_key")
+            length = headers.get("content-length")
+            if refusal is None and length is not None and length.isdigit() and int(length) > max_body:
+                refusal = too_large()
+            if refusal is not None:
+                return await error(refusal)(scope, receive, send)
+            received = 0
+
+            async def counted() -> dict:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > max_body:
+                        scope["ponder.body_too_large"] = True  # FastAPI turns the error into its own 400
+                        raise _BodyTooLarge()
+                return message
+
+            started = False
+
+            async def tracked(message: dict) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                await self.inner(scope, counted, tracked)
+            except _BodyTooLarge:
+                if not started:
+                    await error(too_large())(scope, receive, send)
+
+    def too_large() -> APIError:
+        return APIError(413, f"the request body is over {max_body} bytes", code="request_too_large")
+
+    app.add_middleware(Guard)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -247,7 +296,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         out = sum(len(c.output_ids) for c in completions)
         return {"prompt_tokens": len(ids), "completion_tokens": out, "total_tokens": len(ids) + out}
 
-    async def respond(req: Any, ids: list[int], params: SamplingParams, chat: bool, arrival: float) -> Any:
+    async def respond(req: Any, ids: list[int], params: SamplingParams, chat: bool, arrival: float,
+                      http: Request) -> Any:
         kind = "chatcmpl" if chat else "cmpl"
         rid = f"{kind}-{uuid.uuid4().hex}"
         obj = "chat.completion" if chat else "text_completion"
@@ -257,12 +307,25 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
             done: dict[int, Any] = {}
             entries: dict[int, list[Any]] = {i: [] for i in range(req.n)}
             known: dict[int, Any] = {}
-            async for i, ev, lp in run(ids, params, req.n, rid, arrival, spec_on):
-                if lp is not None:
-                    entries[i] += lp[0]
-                    known |= lp[1]
-                if ev.finished:
-                    done[i] = ev.completion
+
+            async def collect() -> None:
+                async for i, ev, lp in run(ids, params, req.n, rid, arrival, spec_on):
+                    if lp is not None:
+                        entries[i] += lp[0]
+                        known.update(lp[1])
+                    if ev.finished:
+                        done[i] = ev.completion
+
+            # a client that goes away before a non-streamed answer is ready: nothing else would notice until the
+            # answer is complete, so watch for it and cancel (run() then aborts the requests and frees their rows)
+            task = asyncio.ensure_future(collect())
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await http.is_disconnected():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    return Response(status_code=499)  # nobody reads it
+            task.result()  # an APIError raised while generating reaches its handler
             comps = [done[i] for i in range(req.n)]
 
             def logprobs(i: int) -> Any:
@@ -321,15 +384,15 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, http: Request) -> Any:
         arrival = time.perf_counter()
         check_supported(req)
         check_model(req.model)
         ids = await prompt_ids(req.prompt, chat=False)
-        return await respond(req, ids, sampling(req, ids, req.max_tokens), False, arrival)
+        return await respond(req, ids, sampling(req, ids, req.max_tokens), False, arrival, http)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest) -> Any:
+    async def chat_completions(req: ChatRequest, http: Request) -> Any:
         arrival = time.perf_counter()
         check_supported(req)
         check_model(req.model)
@@ -337,9 +400,13 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                     for m in req.messages]
         ids = await prompt_ids(messages, chat=True)
         return await respond(req, ids, sampling(req, ids, req.max_completion_tokens or req.max_tokens), True,
-                             arrival)
+                             arrival, http)
 
     return app
+
+
+class _BodyTooLarge(Exception):
+    """Raised from the body reader when a request's bytes pass the cap."""
 
 
 def serve(app: Any, host: str, port: int, grace_s: float = 30.0) -> None:

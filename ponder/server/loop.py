@@ -4,7 +4,8 @@ PyTorch work and tokenization never run on the HTTP event loop, so ``/health`` a
 decodes. A handler ``submit``s a request with a callback (``sink``) that the loop thread calls with each of the
 request's ``StreamEvent``s (the app forwards them to the handler's asyncio queue with ``call_soon_threadsafe``), and
 ``abort``s it when the client goes away: the loop removes the row from the running batch before its next step, so
-its KV row is freed. Admission is bounded: at most ``max_queue`` requests wait (``submit`` raises ``QueueFull``).
+its KV row is freed. Admission is bounded: at most ``batch_size`` requests run and ``max_queue`` more wait (``submit``
+raises ``QueueFull``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ class EngineLoop:
                sink: Sink, speculate: bool = True) -> None:
         """Queue a request; its events go to ``sink`` on the loop thread. Raises ``QueueFull``."""
         with self._lock:
-            if self._pending - len(self.core.rows) >= self.max_queue:
+            # in flight: the batch's places (running or about to) plus the queue's; counted on submission, so a
+            # burst is admitted the same way whatever the engine thread has got to
+            if self._pending >= self.core.batch_size + self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             self._pending += 1
         self._inbox.put(_Submit(request_id, prompt_ids, params, noise, sink, speculate))
