@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{spec.text}: skipped (the ppl suite scores ponder methods only)", file=sys.stderr)
             continue
         if spec.name == "llamacpp" and not llamacpp_available():
-            print(f"{spec.text}: skipped (pip install llama-cpp-python, or pip install 'ponder[llamacpp]')",
+            print(f"{spec.text}: skipped (pip install 'ponder[llamacpp]')",
                   file=sys.stderr)
             continue
         results[spec.text] = _in_child(spec, args, cases, eos, n_ctx, ref)

@@ -290,8 +290,8 @@ def run_serve(args: Any, specs: list[Any]) -> int:
                                "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu_name(),
                                "threads": args.threads}
     for spec in specs:
-        if spec.name == "llamacpp" and not llamacpp_available():
-            print(f"{spec.text}: skipped (pip install 'llama-cpp-python[server]')", file=sys.stderr)
+        if spec.name == "llamacpp" and not (llamacpp_available() and _llamacpp_server_deps()):
+            print(f"{spec.text}: skipped (pip install 'ponder[llamacpp]': llama-cpp-python[server])", file=sys.stderr)
             continue
         port = free_port()
         log = out / f"server-{_slug(spec.text)}.log"
@@ -323,6 +323,14 @@ def run_serve(args: Any, specs: list[Any]) -> int:
     print(report)
     print("wrote " + ", ".join(str(out / w) for w in written))
     return 0
+
+
+def _llamacpp_server_deps() -> bool:
+    """llama-cpp-python's server needs its [server] extra's packages."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("sse_starlette", "starlette_context", "pydantic_settings", "uvicorn", "fastapi"))
 
 
 def _levels(text: str) -> list[int]:
