@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-size", type=int, default=8, metavar="N", help="requests decoded together (default 8)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default 64)")
     serve.add_argument("--max-body-kb", type=int, default=1024, help="request body cap in KiB; more get 413")
-    serve.add_argument("--prefill-chunk", type=int, default=128, metavar="TOKENS",
-                       help="prompt tokens prefilled per step between decode steps (chunked prefill; default 128; "
+    serve.add_argument("--prefill-chunk", type=int, default=96, metavar="TOKENS",
+                       help="prompt tokens prefilled per step between decode steps (chunked prefill; default 96; "
                             "0: whole prompts)")
     serve.add_argument("--prefix-cache-mb", type=int, default=512, metavar="MB",
                        help="memory for prompts' K/V reused by later prompts with the same prefix (default 512; "

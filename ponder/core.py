@@ -7,9 +7,13 @@ thing and returns the events it produced:
 - **decode**: one plain decode step for every running row, or, with a speculator, one speculative step
   (draft -> verify -> accept -> commit) for every running row; rows that finish leave the batch;
 - **prefill**: while requests wait and the batch has room (continuous batching: up to ``batch_size`` rows),
-  prefill them in order, at most ``prefill_chunk`` prompt tokens per step (**chunked prefill**, Sarathi-Serve arXiv
-  2403.02310: a long prompt is prefilled over several steps, each also decoding the running rows, so one 6k-token
-  prompt does not freeze every other stream; None: whole prompts). A prompt whose prefill completes gets its first
+  prefill them in order, at most ``prefill_chunk`` prompt tokens' worth of work per step (**chunked prefill**,
+  Sarathi-Serve arXiv 2403.02310: a long prompt is prefilled over several steps, each also decoding the running
+  rows, so one 6k-token prompt does not freeze every other stream; None: whole prompts). On a CPU attention over a
+  long prefix costs as much as the weights: a prompt token at position c counts ``1 + c / K`` tokens, where K
+  (``parity_keys``) is the number of keys whose attention costs what the weights cost per token (weights /
+  (2 x heads x head_dim x layers): ~3,900 on SmolLM2), so chunks shrink as the prefix grows and a step's time
+  stays about the same from the first chunk of a prompt to its last. A prompt whose prefill completes gets its first
   token sampled and joins the running batch (its cache row appended), decoding from the next step.
 
 With ``max_kv_bytes``, a request starts only when the batch cache with its row added (every row as long as the
@@ -36,7 +40,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 import torch
 
@@ -49,6 +53,15 @@ if TYPE_CHECKING:
     from ponder.cache import KVCache
     from ponder.engine import Engine, StreamEvent, _Row
     from ponder.prefix import PrefixCache
+
+
+def parity_keys(config: Any) -> float:
+    """Keys whose attention costs, per query token, what the weights cost per token: weights / (2 x query heads x
+    head_dim x layers) (each key costs 4 x heads x head_dim flops per layer, each weight 2)."""
+    E, L = config.hidden_size, config.num_hidden_layers
+    H, D, Hkv = config.num_attention_heads, config.head_dim, config.num_key_value_heads
+    per_layer = E * (H * D + 2 * Hkv * D) + H * D * E + 3 * E * config.intermediate_size
+    return (L * per_layer + config.vocab_size * E) / (2 * H * D * L)
 
 
 @dataclass
@@ -77,6 +90,7 @@ class EngineCore:
         self.prefill_chunk = prefill_chunk
         self.max_kv_bytes = max_kv_bytes
         self.slot_bytes = engine.model.new_cache(1, 1).nbytes()  # one token of one row, every layer's K and V
+        self.parity_keys = parity_keys(engine.model.config)
         self.prefix_cache = prefix_cache if engine.kv is None else None
         self.waiting: deque["_Row"] = deque()
         self.rows: list["_Row"] = []
@@ -207,14 +221,16 @@ class EngineCore:
                 self.partial = self._start(self.waiting.popleft(), capture)
             p = self.partial
             prompt = p.row.completion.prompt_ids
-            n = int(min(budget, len(prompt) - p.done))
+            n = min(self._chunk(p.done, budget), len(prompt) - p.done)
+            if n < 1:
+                break
             hidden = dict.fromkeys(capture)
             ids = torch.tensor([prompt[p.done : p.done + n]], device=e.model.device)
             logits = e.model(ids, p.cache, last_only=True, capture=hidden)[:, -1]
             for layer, h in hidden.items():
                 p.hidden.setdefault(layer, []).append(h[0])
+            budget -= n + n * (p.done + n / 2) / self.parity_keys
             p.done += n
-            budget -= n
             if p.done == len(prompt):
                 done.append(p)
                 last.append(logits)
@@ -245,6 +261,15 @@ class EngineCore:
         self._join([new[i] for i in alive])
         self._forget(ev for ev in events if ev.finished)  # rows that finished on their first token
         return events
+
+    def _chunk(self, at: int, budget: float) -> int:
+        """Prompt tokens from position ``at`` whose cost (module doc) fits ``budget``; at least 16 at a step's
+        first chunk, so that every step makes progress."""
+        if math.isinf(budget):
+            return 1 << 62
+        K, a = self.parity_keys, 1 + at / self.parity_keys
+        n = int(K * (math.sqrt(a * a + 2 * budget / K) - a))
+        return max(n, min(16, self.prefill_chunk)) if budget == self.prefill_chunk else n
 
     def _slots(self, prompt: list[int], params: SamplingParams) -> int:
         """Cache slots a request's row needs: its prompt, its new tokens and a speculative step's verify slots."""

@@ -4,6 +4,8 @@ joining a running batch, abort, and clear errors; with and without a speculator.
 The reference for every request is the same request generated alone (``Engine.generate`` with one prompt): a
 request's tokens must not depend on what else shares its batch."""
 
+import math
+
 import pytest
 
 from ponder.core import EngineCore
@@ -294,3 +296,22 @@ def test_a_request_may_turn_speculation_off(cyclic) -> None:
     plain = alone(Engine(cyclic), PROMPTS[0], params)
     assert done["on"].output_ids == done["off"].output_ids == plain
     assert done["on"].spec.drafted > 0 and done["off"].spec.drafted == 0
+
+
+def test_prefill_chunks_shrink_as_the_prefix_grows(cyclic) -> None:
+    """A prompt token at position c costs 1 + c / K tokens' worth (K: SmolLM2's ~3,900 keys whose attention costs
+    what its weights cost per token): chunks fill the step's budget, shrink along a long prompt, never go below 16
+    tokens at a step's first chunk, and the whole prompt is still prefilled."""
+    from ponder.core import parity_keys
+
+    eng = Engine(cyclic)
+    core = eng.core(batch_size=1, prefill_chunk=128)
+    assert core.parity_keys == parity_keys(cyclic.model.config)
+    core.parity_keys = 3891.0  # SmolLM2-135M's (ponder.core.parity_keys of its config)
+    cost = lambda at, n: n + n * (at + n / 2) / core.parity_keys  # noqa: E731
+    sizes = [core._chunk(at, 128) for at in (0, 1000, 4000, 8000, 30000)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] >= 120 and sizes[-1] == 16
+    for at, n in zip((0, 1000, 4000, 8000), sizes):
+        assert cost(at, n) <= 128 < cost(at, n + 1) or n == 16
+    assert core._chunk(100, 10.0) < 16  # the rest of a step's budget: no minimum
+    assert core._chunk(0, math.inf) > 10**9  # no chunking

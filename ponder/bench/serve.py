@@ -65,7 +65,9 @@ def server_command(spec: Any, model: str, port: int, threads: int | None, batch:
         from ponder.bench.methods import gguf_path
 
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path(model)), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", str(n_ctx), "--model_alias", "bench"]
+               "--port", str(port), "--n_ctx", str(n_ctx), "--model_alias", "bench",
+               # by default a new request interrupts the running one (its answer ends early): queue them instead
+               "--interrupt_requests", "False"]
         return cmd + (["--n_threads", str(threads), "--n_threads_batch", str(threads)] if threads else [])
     if not spec.is_ponder:
         raise PonderError(f"the serve suite runs ponder methods and llamacpp, not {spec.text}")

@@ -183,7 +183,7 @@ def make_shard(
     engine: Any, chunk: list[Prompt], options: DataOptions, layers: tuple[int, ...], seed: int, bar: Any,
 ) -> dict[str, Any]:
     """Both answers to every prompt of a chunk, with their hidden states: {"tensors", "prompts", ...counts}."""
-    from ponder.sampling import SamplingParams
+    from ponder.sampling import RowNoise, SamplingParams
 
     chat = bool(getattr(engine.tokenizer, "chat_template", None))
     room = engine.context_window - options.max_new_tokens
@@ -193,14 +193,20 @@ def make_shard(
         return {"tensors": None, "prompts": [], "answer_tokens": 0, "tokens": 0}
     greedy = SamplingParams(max_new_tokens=options.max_new_tokens)
     sampled = SamplingParams(max_new_tokens=options.max_new_tokens, temperature=options.temperature, seed=seed)
-    seqs: list[tuple[list[int], list[int]]] = []
-    for params in (greedy, sampled):
-        answers: dict[int, list[int]] = {}
-        for event in engine.stream(prompt_ids, params, batch_size=options.batch_size):
+    # both answers of every prompt in one continuously batched run (each request with its own parameters; prompt
+    # i's sampled answer draws the noise stream (seed, i), as a generate call over the chunk would), so the batch
+    # stays full until the chunk's last answers instead of draining twice
+    core = engine.core(options.batch_size)
+    for i, ids in enumerate(prompt_ids):
+        core.add_request(ids, greedy, ("greedy", i))
+        core.add_request(ids, sampled, ("sampled", i), RowNoise(seed, i))
+    answers: dict[tuple[str, int], list[int]] = {}
+    while core.has_work():
+        for event in core.step():
             bar.update(len(event.token_ids))
             if event.finished:
                 answers[event.row] = event.completion.output_ids
-        seqs += [(prompt_ids[i], answers[i]) for i in range(len(prompt_ids))]
+    seqs = [(prompt_ids[i], answers[(kind, i)]) for kind in ("greedy", "sampled") for i in range(len(prompt_ids))]
     tensors = _record(engine.model, seqs, layers)
     return {"tensors": tensors, "prompts": [p.source for p, _ in kept],
             "answer_tokens": sum(len(a) for _, a in seqs), "tokens": sum(len(p) + len(a) for p, a in seqs)}

@@ -21,6 +21,7 @@ from ponder.server.protocol import (APIError, ChatRequest, CompletionRequest, De
                                     check_supported)
 
 PUBLIC = ("/health",)  # paths that need no API key
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 DISCONNECT_POLL_S = 0.05  # how often a non-streamed request checks that its client is still there
 
 
@@ -93,6 +94,12 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                 if not hmac.compare_digest(token.encode(), api_key.encode()):
                     refusal = APIError(401, "a valid API key is needed (Authorization: Bearer ...)",
                                        "authentication_error", code="invalid_api_key")
+            if refusal is None and path in GENERATION_PATHS and loop.full(1):
+                # no room: refused before the body is even read (the cheapest answer to a burst)
+                metrics.counters["request_rejected_total"] += 1
+                refusal = APIError(429, f"the server is busy: {loop.max_queue} requests are already waiting; "
+                                        "retry later", "rate_limit_error", code="queue_full",
+                                   headers={"Retry-After": "1"})
             length = headers.get("content-length")
             if refusal is None and length is not None and length.isdigit() and int(length) > max_body:
                 refusal = too_large()
@@ -187,6 +194,17 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
                            "not_found_error", "model", "model_not_found")
 
+    def busy(why: str) -> None:
+        metrics.counters["request_rejected_total"] += 1
+        raise APIError(429, f"the server is busy: {why}; retry later", "rate_limit_error", code="queue_full",
+                       headers={"Retry-After": "1"})
+
+    def admit_or_refuse(n: int) -> None:
+        """Refuse at once when there is no room for ``n`` more requests: before the prompt is encoded, which
+        waits for the engine thread's current step (``submit`` checks again, exactly, when it queues them)."""
+        if loop.full(n):
+            busy(f"{loop.max_queue} requests are already waiting")
+
     async def prompt_ids(prompt: Any, chat: bool) -> list[int]:
         def encode() -> list[int]:
             ids = engine.encode(prompt)  # text, token ids, or chat messages through the template
@@ -254,9 +272,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         except QueueFull as e:
             for rid in rids:
                 loop.abort(rid)
-            metrics.counters["request_rejected_total"] += 1
-            raise APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
+            busy(str(e))
         last: dict[int, float] = {}
         latest: dict[int, Any] = {}
         try:
@@ -388,6 +404,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         arrival = time.perf_counter()
         check_supported(req)
         check_model(req.model)
+        admit_or_refuse(req.n)
         ids = await prompt_ids(req.prompt, chat=False)
         return await respond(req, ids, sampling(req, ids, req.max_tokens), False, arrival, http)
 
@@ -396,6 +413,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         arrival = time.perf_counter()
         check_supported(req)
         check_model(req.model)
+        admit_or_refuse(req.n)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                     for m in req.messages]
         ids = await prompt_ids(messages, chat=True)

@@ -68,6 +68,11 @@ class EngineLoop:
         with self._lock:
             return self._pending
 
+    def full(self, n: int = 1) -> bool:
+        """Whether ``n`` more requests would be refused now (``submit`` decides, under its lock)."""
+        with self._lock:
+            return self._pending + n > self.core.batch_size + self.max_queue
+
     def submit(self, request_id: Hashable, prompt_ids: list[int], params: SamplingParams, noise: RowNoise | None,
                sink: Sink, speculate: bool = True) -> None:
         """Queue a request; its events go to ``sink`` on the loop thread. Raises ``QueueFull``."""
