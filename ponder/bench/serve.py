@@ -262,6 +262,7 @@ def run_serve(args: Any, specs: list[Any]) -> int:
     """The serve suite (module doc): every method's server in turn, the load levels, the prefix probe, outputs."""
     from ponder.bench.methods import llamacpp_available
     from ponder.bench.suites import load_suite
+    from ponder.model.kernels import cpu_name
     from ponder.model.loader import load_tokenizer, read_config, resolve
 
     levels = _levels(args.concurrency)
@@ -289,7 +290,7 @@ def run_serve(args: Any, specs: list[Any]) -> int:
     results: dict[str, Any] = {"suite": "serve", "prompts": source, "n_prompts": len(prompts),
                                "max_new_tokens": args.max_new_tokens, "concurrency": levels,
                                "level_timeout_s": args.level_timeout, "methods": {},
-                               "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu_name(),
+                               "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_name(),
                                "threads": args.threads}
     for spec in specs:
         if spec.name == "llamacpp" and not (llamacpp_available() and _llamacpp_server_deps()):
@@ -351,18 +352,6 @@ def _slug(text: str) -> str:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.0f} ms"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def markdown(results: dict[str, Any]) -> str:
