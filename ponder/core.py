@@ -203,8 +203,6 @@ class EngineCore:
     def _prefill(self) -> list["StreamEvent"]:
         """Prefill waiting requests in order, at most ``prefill_chunk`` prompt tokens in all; those completed get
         their first token and join the running batch."""
-        from ponder.engine import _logprobs
-
         e = self.engine
         spec = e.speculator
         capture = spec.drafter.prefill_capture if spec is not None else ()
@@ -235,18 +233,14 @@ class EngineCore:
                 done.append(p)
                 last.append(logits)
                 self.partial = None
+                p.row.prompt_hidden = {k: torch.cat(v) for k, v in p.hidden.items()} if capture else None
                 if self.prefix_cache is not None:
-                    self.prefix_cache.insert(prompt, p.cache, {k: torch.cat(v) for k, v in p.hidden.items()})
+                    self.prefix_cache.insert(prompt, p.cache, p.row.prompt_hidden)
         e.prefill_seconds += time.perf_counter() - start
         if not done:
             return []
         new = [p.row for p in done]
-        for p in done:
-            p.row.prompt_hidden = {k: torch.cat(v) for k, v in p.hidden.items()} if capture else None
-        logits = torch.cat(last)
-        tokens, gaps = e._pick(logits, new)
-        lps = _logprobs(logits, new, tokens)
-        events = [e._commit(r, t, g, lp) for r, t, g, lp in zip(new, tokens, gaps, lps)]
+        events = e._pick_and_commit(torch.cat(last), new)
         alive = [i for i, ev in enumerate(events) if not ev.finished]
         if alive:
             joined = e.model.new_cache(len(alive), max(done[i].cache.max_len for i in alive))
@@ -271,11 +265,14 @@ class EngineCore:
         n = int(K * (math.sqrt(a * a + 2 * budget / K) - a))
         return max(n, min(16, self.prefill_chunk)) if budget == self.prefill_chunk else n
 
+    def _verify_slots(self) -> int:
+        """Cache slots a speculative step writes beyond a row's tokens (its tree and pending token); 0 without."""
+        spec = self.engine.speculator
+        return spec.max_nodes + 2 if spec is not None else 0
+
     def _slots(self, prompt: list[int], params: SamplingParams) -> int:
         """Cache slots a request's row needs: its prompt, its new tokens and a speculative step's verify slots."""
-        spec = self.engine.speculator
-        extra = spec.max_nodes + 2 if spec is not None else 0
-        return min(self.engine.context_window, len(prompt) + params.max_new_tokens) + extra
+        return min(self.engine.context_window, len(prompt) + params.max_new_tokens) + self._verify_slots()
 
     def _fits(self, row: "_Row", done: list[_Prefilling]) -> bool:
         """Whether ``row`` may start under the KV budget: the batch cache with the running rows, those whose prefill
@@ -323,11 +320,8 @@ class EngineCore:
         self.rows += new
 
     def _admit(self) -> list["StreamEvent"]:
-        e = self.engine
-        spec = e.speculator
-        extra = spec.max_nodes + 2 if spec is not None else 0
-        new, self.cache, events = e._admit(self.waiting, self.batch_size - len(self.rows), self.rows, self.cache,
-                                           extra)
+        new, self.cache, events = self.engine._admit(self.waiting, self.batch_size - len(self.rows), self.rows,
+                                                     self.cache, self._verify_slots())
         self._join(new)
         self._forget(ev for ev in events if ev.finished)  # rows that finished on their first token
         return events

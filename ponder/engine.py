@@ -220,9 +220,7 @@ class Engine:
     def _plain_step(self, rows: list[_Row], cache: KVCache) -> list[StreamEvent]:
         """One decode step of every running row: feed its newest token, pick and commit the next."""
         logits = self._decode_step(rows, cache, [r.completion.output_ids[-1] for r in rows])
-        tokens, gaps = self._pick(logits, rows)
-        lps = _logprobs(logits, rows, tokens)
-        return [self._commit(r, t, g, lp) for r, t, g, lp in zip(rows, tokens, gaps, lps)]
+        return self._pick_and_commit(logits, rows)
 
     def _has_room(self, rows: list[_Row], size: int) -> bool:
         """Whether waiting prompts may join now: continuous batching refills up to ``size`` rows; with a KV policy
@@ -240,9 +238,7 @@ class Engine:
             r.start = start
         capture = self.speculator.drafter.prefill_capture if self.speculator is not None else ()
         new_cache, logits = self._prefill(new, max(r.params.max_new_tokens for r in new), extra, capture)
-        tokens, gaps = self._pick(logits, new)
-        lps = _logprobs(logits, new, tokens)
-        events = [self._commit(r, t, g, lp) for r, t, g, lp in zip(new, tokens, gaps, lps)]
+        events = self._pick_and_commit(logits, new)
         alive = [i for i, e in enumerate(events) if not e.finished]
         new_cache.keep_rows(alive)
         new = [new[i] for i in alive]
@@ -346,6 +342,13 @@ class Engine:
         logits = self.model(ids, cache, last_only=True, kv_hook=hook, capture=hidden)[:, -1]
         row.prompt_hidden = {layer: h[0] for layer, h in hidden.items()} if capture else None
         return logits
+
+    def _pick_and_commit(self, logits: torch.Tensor, rows: list[_Row]) -> list[StreamEvent]:
+        """Each row's next token from its logits # [B, V] (``_pick``), committed with its log-probability where the
+        row asks for it; one event per row."""
+        tokens, gaps = self._pick(logits, rows)
+        lps = _logprobs(logits, rows, tokens)
+        return [self._commit(r, t, g, lp) for r, t, g, lp in zip(rows, tokens, gaps, lps)]
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[float]]:
         """Each row's next token from its logits # [B, V], with its own sampling parameters (sampling: with the

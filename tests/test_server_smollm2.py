@@ -13,13 +13,9 @@ pytest.importorskip("fastapi")
 
 from conftest import HAVE_SMOLLM2, SMOLLM2_MISSING  # noqa: E402
 from test_server import Server  # noqa: E402
+from test_server_load import _pct  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the real default model
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def test_a_7000_token_prefill_does_not_starve_running_streams() -> None:

@@ -96,10 +96,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                                        "authentication_error", code="invalid_api_key")
             if refusal is None and path in GENERATION_PATHS and loop.full(1):
                 # no room: refused before the body is even read (the cheapest answer to a burst)
-                metrics.counters["request_rejected_total"] += 1
-                refusal = APIError(429, f"the server is busy: {loop.max_queue} requests are already waiting; "
-                                        "retry later", "rate_limit_error", code="queue_full",
-                                   headers={"Retry-After": "1"})
+                refusal = busy(f"{loop.max_queue} requests are already waiting")
             length = headers.get("content-length")
             if refusal is None and length is not None and length.isdigit() and int(length) > max_body:
                 refusal = too_large()
@@ -194,16 +191,17 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
                            "not_found_error", "model", "model_not_found")
 
-    def busy(why: str) -> None:
+    def busy(why: str) -> APIError:
+        """A refusal for a full queue (429 with Retry-After), counted."""
         metrics.counters["request_rejected_total"] += 1
-        raise APIError(429, f"the server is busy: {why}; retry later", "rate_limit_error", code="queue_full",
-                       headers={"Retry-After": "1"})
+        return APIError(429, f"the server is busy: {why}; retry later", "rate_limit_error", code="queue_full",
+                        headers={"Retry-After": "1"})
 
     def admit_or_refuse(n: int) -> None:
         """Refuse at once when there is no room for ``n`` more requests: before the prompt is encoded, which
         waits for the engine thread's current step (``submit`` checks again, exactly, when it queues them)."""
         if loop.full(n):
-            busy(f"{loop.max_queue} requests are already waiting")
+            raise busy(f"{loop.max_queue} requests are already waiting")
 
     async def prompt_ids(prompt: Any, chat: bool) -> list[int]:
         def encode() -> list[int]:
@@ -272,7 +270,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         except QueueFull as e:
             for rid in rids:
                 loop.abort(rid)
-            busy(str(e))
+            raise busy(str(e)) from None
         last: dict[int, float] = {}
         latest: dict[int, Any] = {}
         try:
