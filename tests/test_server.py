@@ -256,6 +256,11 @@ BAD = [
      {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, None),
     ("unknown endpoint", "/v1/embeddings", {"model": MODEL, "input": "x"}, None),
     ("detokenize out of vocabulary", "/detokenize", {"tokens": [-4]}, None),
+    # strict types (found by the schema fuzzer): false was taken as 0 alternatives, i.e. logprobs turned on
+    ("logprobs false", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": False}, None),
+    ("token id as a string", "/detokenize", {"tokens": ["5"]}, None),
+    ("max_tokens as a string", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "4"}, None),
+    ("temperature a boolean", "/v1/completions", {"model": MODEL, "prompt": "x", "temperature": True}, None),
 ]
 
 
@@ -277,7 +282,12 @@ def test_bad_input_is_a_4xx_error_object_and_the_server_keeps_serving(server: Se
 
 
 def test_wrong_method_oversized_body_and_unknown_path(server: Server) -> None:
-    assert httpx.get(server.base + "/v1/completions", timeout=10).status_code == 405
+    wrong = httpx.get(server.base + "/v1/completions", timeout=10)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"  # RFC 9110: a 405 names what is allowed
+    whole = httpx.post(server.base + "/v1/completions", timeout=30,  # JSON's 2.0 is the integer 2
+                       json={"model": MODEL, "prompt": [1.0, 2], "max_tokens": 2.0, "n": 1.0})
+    assert whole.status_code == 200 and whole.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 2,
+                                                                 "total_tokens": 4}
     big = httpx.post(server.base + "/v1/completions", content=b"x" * (2 << 20),
                      headers={"content-type": "application/json"}, timeout=30)
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"

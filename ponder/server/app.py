@@ -17,10 +17,12 @@ from ponder.sampling import RowNoise, SamplingParams, resolve_seed
 from ponder.server.logprobs import TokenPieces, chat_logprobs, completion_logprobs, pieces_of
 from ponder.server.loop import EngineLoop, QueueFull
 from ponder.server.metrics import Metrics
+from ponder.server.openapi import describe
 from ponder.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                     check_supported)
 
-PUBLIC = ("/health",)  # paths that need no API key
+# paths that need no API key (the schema says what the API is, not what it holds)
+PUBLIC = ("/health", "/openapi.json")
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 DISCONNECT_POLL_S = 0.05  # how often a non-streamed request checks that its client is still there
 
@@ -63,7 +65,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         if request.scope.get("ponder.body_too_large"):
             return error(too_large())
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error(APIError(e.status_code, str(e.detail), kind))
+        return error(APIError(e.status_code, str(e.detail), kind, headers=dict(e.headers or {})))  # 405: Allow
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:  # a bug of ours: still OpenAI's shape
@@ -418,6 +420,16 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         return await respond(req, ids, sampling(req, ids, req.max_completion_tokens or req.max_tokens), True,
                              arrival, http)
 
+    def openapi() -> dict[str, Any]:  # FastAPI's documented way to extend its generated document
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            app.openapi_schema = describe(get_openapi(title=app.title, version=app.version, routes=app.routes),
+                                          model_name, engine.model.config.vocab_size, engine.context_window,
+                                          speculate, kv, api_key is not None, PUBLIC)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

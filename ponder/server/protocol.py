@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI API as ponder serves it, and OpenAI-shaped errors.
 
-Bodies are validated by pydantic (types and ranges); anything a client gets wrong is a 4xx with OpenAI's error
+Bodies are validated by pydantic in strict mode (types and ranges, no coercion); anything a client gets wrong is a 4xx with OpenAI's error
 object ``{"error": {"message", "type", "param", "code"}}``, never a 500. Fields ponder does not implement yet
 (``tools``, ``logit_bias``, ...) are refused with a 400 that names them rather than silently ignored."""
 
@@ -14,6 +14,27 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_N = 4
 MAX_STOPS = 4
 MAX_LOGPROBS = 20  # ponder.sampling.MAX_LOGPROBS
+
+
+# integer fields: strict mode refuses strings, booleans and fractions, but JSON does not tell 57 from 57.0 (JSON
+# Schema's integers include both), so a whole float is taken as that integer (also inside lists of token ids)
+INT_FIELDS = ("max_tokens", "max_completion_tokens", "seed", "n", "logprobs", "top_logprobs", "prompt", "tokens")
+
+
+def _whole(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def whole_floats(data: Any) -> Any:
+    """``data`` (a request body) with whole floats in the integer fields made integers (see ``INT_FIELDS``)."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for name in INT_FIELDS:
+        if name in out:
+            v = out[name]
+            out[name] = [_whole(x) for x in v] if isinstance(v, list) else _whole(v)
+    return out
 
 
 class APIError(Exception):
@@ -30,7 +51,7 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
@@ -38,13 +59,14 @@ class PonderOptions(BaseModel):
     """ponder's own per-request options, as an extra body field ``ponder`` (module ``app``: what a request may
     change is checked against the server's settings)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     speculate: str | bool | None = None
     kv: str | None = None
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields: checked against UNSUPPORTED, the rest ignored
+    model_config = ConfigDict(extra="allow", strict=True)  # unknown fields: checked against UNSUPPORTED, the rest
+    # ignored; strict: no coercion ("logprobs": false is not 0, "1" is not a token id)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -57,6 +79,11 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ponder: PonderOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integers(cls, data: Any) -> Any:
+        return whole_floats(data)
 
     @field_validator("temperature", "top_p")
     @classmethod
@@ -93,7 +120,7 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant", "developer"]
     content: str
     name: str | None = None
@@ -131,7 +158,7 @@ def check_supported(req: _Common) -> None:
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -144,6 +171,11 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     tokens: list[int]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integers(cls, data: Any) -> Any:
+        return whole_floats(data)
