@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KV-cache compression (lossy): streaming, h2o or snapkv, with options (snapkv:window=64)")
     gen.add_argument("--kv-ratio", type=float, default=None, help="fraction of prompt KV entries the policy removes")
     gen.add_argument("--kv-budget", type=int, default=None, help="KV entries per row the policy keeps")
+    gen.add_argument("--depth", metavar="POLICY", default=None,
+                     help="adaptive depth (lossy): static, skipdecode, exit or ffn-skip, with options "
+                          "(exit:threshold=0.9:adapter=default); prints the mean layers run per token")
     gen.add_argument("--compile", action="store_true",
                      help="fast path: decode and verify steps run compiled groups of layers (~15 s to compile the "
                           "first time on a machine, cached after)")
@@ -166,7 +169,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         speculator = make_speculator(args.speculate, loaded)
         # one-time set-up, kept out of the timing below
         speculator.prepare(loaded.model, min(args.batch_size or len(args.prompt), len(args.prompt)))
-    engine = Engine(loaded, speculator, _kv_policy(args))
+    depth = None
+    if args.depth:
+        from ponder.depth import make_policy as make_depth
+
+        depth = make_depth(args.depth, loaded)
+    engine = Engine(loaded, speculator, _kv_policy(args), depth)
     prompts = [_as_prompt(p, args) for p in args.prompt] if chat else list(args.prompt)
     start = time.perf_counter()
     if len(prompts) == 1 and not args.no_stream:
@@ -177,6 +185,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             header = f"--- [{i}] " if len(completions) > 1 else ""
             print(f"{header}{c.text}" if not header else f"{header}\n{c.text}")
     _print_stats(completions, time.perf_counter() - start)
+    if depth is not None:
+        st = depth.stats
+        print(f"[depth {depth.spec}: {st.mean_layers():.1f} attention and {st.mean_ffn():.1f} FFN blocks per decoded "
+              f"token of {depth.n_layers}]", file=sys.stderr)
     return 0
 
 

@@ -31,6 +31,7 @@ from ponder.model.loader import Loaded, eos_token_ids
 from ponder.sampling import RowNoise, SamplingParams, resolve_seed, sample, top2_gap
 
 if TYPE_CHECKING:
+    from ponder.depth import DepthPolicy
     from ponder.core import EngineCore
     from ponder.kv import KVPolicy, KVState
     from ponder.prefix import PrefixCache
@@ -110,6 +111,7 @@ class _Row:
     start: float = 0.0  # perf_counter() when the row was admitted (its TTFT and seconds count from here)
     params: SamplingParams = field(default_factory=SamplingParams)  # the request's own sampling and stopping
     speculate: bool = True  # False: the speculator proposes nothing for this row (its steps commit one token)
+    depth_state: Any = None  # the depth policy's per-row state (``ponder.depth.DepthRow``)
 
     @property
     def tokens(self) -> list[int]:
@@ -119,7 +121,14 @@ class _Row:
 class Engine:
     """Batched, KV-cached generation with one model."""
 
-    def __init__(self, loaded: Loaded, speculator: "Speculator | None" = None, kv: "KVPolicy | None" = None) -> None:
+    def __init__(self, loaded: Loaded, speculator: "Speculator | None" = None, kv: "KVPolicy | None" = None,
+                 depth: "DepthPolicy | None" = None) -> None:
+        if depth is not None and speculator is not None:
+            raise PonderError(f"the {depth.name} depth policy changes which layers each token runs, so a verify "
+                              "forward could not reproduce its tokens: use --depth without --speculate")
+        if depth is not None and kv is not None and (kv.observes_decode or not kv.speculates or kv.name == "quant"):
+            raise PonderError(f"the {kv.name} KV policy acts in every decode step's layers, which depth policies run "
+                              "for a subset of rows; depth composes with streaming and snapkv")
         if speculator is not None and kv is not None and not kv.speculates:
             raise PonderError(f"the {kv.name} KV policy selects entries per decoded token and does not compose with "
                               "speculative decoding; use streaming, h2o or snapkv with --speculate")
@@ -129,6 +138,7 @@ class Engine:
                               f"{window} tokens; its window mask compares cache slots); drop --kv for this model")
         self.speculator = speculator
         self.kv = kv
+        self.depth = depth
         self.kv_bytes = 0  # bytes of the last call's largest batch KV cache (the tensors decoding reads and writes)
         self.peak_kv_bytes = 0  # the most KV bytes the last call held at once (a compressed prefill's full row too)
         self.prefill_seconds = 0.0  # seconds the last call spent prefilling prompts (the rest is decoding)
@@ -252,11 +262,22 @@ class Engine:
         return new, cache, events
 
     def _decode_step(self, rows: list[_Row], cache: KVCache, tokens: list[int]) -> torch.Tensor:
-        """Feed one token per row (through the KV policy's hooks); the next logits # [B, V]."""
+        """Feed one token per row (through the KV policy's hooks, at the depth policy's depth); the next logits
+        # [B, V]."""
         kv = self._kv(rows)
         hook = kv.decode_hook([r.kv_state for r in rows], cache) if kv else None
         step = torch.tensor([[t] for t in tokens], device=self.model.device)
-        logits = self.model(step, cache, kv_hook=hook)[:, -1]
+        if self.depth is not None:
+            from ponder.depth import DepthRow, decode
+
+            assert hook is None, "the engine refuses KV policies with decode hooks under a depth policy"
+            for r in rows:
+                if r.depth_state is None:
+                    r.depth_state = DepthRow(len(r.completion.prompt_ids), policy_state=self.depth.new_row(
+                        len(r.completion.prompt_ids), r.params.max_new_tokens))
+            logits = decode(self.model, step, cache, self.depth, [r.depth_state for r in rows])
+        else:
+            logits = self.model(step, cache, kv_hook=hook)[:, -1]
         if kv:
             kv.after_step(cache, [r.kv_state for r in rows], hook)
         return logits

@@ -1,0 +1,69 @@
+"""Depth policies (lossy): how many layers, and which FFN blocks, each decoded token runs. One technique per file,
+behind ``ponder.depth.base``'s seam.
+
+A policy SPEC is ``name[:key=value...]``: ``static:layers=24``, ``skipdecode:end=22:span=128``,
+``exit:threshold=0.9:measure=softmax:adapter=default``, ``ffn-skip:skip=4``. Each has a no-op setting that runs the
+full model exactly (``static`` / ``skipdecode`` with their defaults, ``exit:threshold=2``, ``ffn-skip:skip=0``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ponder import options as options_mod
+from ponder.depth.base import DepthPolicy, DepthRow, DepthStats, decode
+from ponder.errors import PonderError
+
+
+@dataclass(frozen=True)
+class Entry:
+    options: type
+    build: Callable[[Any], DepthPolicy]
+    help: str
+
+
+def _registry() -> dict[str, Entry]:
+    from ponder.depth import exit, ffn_skip, skipdecode, static
+
+    return {
+        "static": Entry(static.StaticOptions, static.StaticExit, "every token runs the first N layers (baseline)"),
+        "skipdecode": Entry(skipdecode.SkipDecodeOptions, skipdecode.SkipDecode,
+                            "exit point per position, non-increasing along the sequence (2307.02628)"),
+        "exit": Entry(exit.ExitOptions, exit.ConfidentExit,
+                      "confidence exits at candidate layers with K/V fill (CALM, 2207.07061)"),
+        "ffn-skip": Entry(ffn_skip.FFNSkipOptions, ffn_skip.FFNSkip,
+                          "skip the most saturated FFN blocks after a warm-up (2404.03865)"),
+    }
+
+
+def policy_names() -> list[str]:
+    return list(_registry())
+
+
+def validate(text: str) -> DepthPolicy:
+    """The (unbound) policy a SPEC names: a one-line ``PonderError`` for unknown names or options."""
+    name, *parts = text.strip().split(":")
+    reg = _registry()
+    if name not in reg:
+        raise PonderError(f"unknown depth policy {name!r} in {text!r}: choose from {', '.join(reg)}")
+    raw: dict[str, str] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise PonderError(f"bad option {part!r} for depth policy {name!r}: write key=value")
+        raw[key] = value
+    entry = reg[name]
+    policy = entry.build(options_mod.build(entry.options, raw, text))
+    policy.spec = text.strip()
+    return policy
+
+
+def make_policy(text: str, loaded: Any) -> DepthPolicy:
+    """The policy a SPEC names, bound to ``loaded`` (settings the model cannot take: a one-line ``PonderError``)."""
+    policy = validate(text)
+    policy.bind(loaded)
+    return policy
+
+
+__all__ = ["DepthPolicy", "DepthRow", "DepthStats", "decode", "make_policy", "policy_names", "validate"]
