@@ -283,3 +283,58 @@ def test_serve_suite_loads_each_methods_server_and_reports(tiny_dir: Path, tmp_p
         bench.run(_args(model=tiny_dir, suite="serve", methods="baseline,hf", out=tmp_path / "x"))
     with pytest.raises(PonderError, match="--concurrency"):
         bench.run(_args(model=tiny_dir, suite="serve", methods="baseline", concurrency="0", out=tmp_path / "y"))
+
+
+def test_depth_methods_in_a_run(tiny_dir: Path, tmp_path: Path) -> None:
+    """Depth policies as bench methods: the no-op setting is exact with full agreement and zero KL, a lossy one
+    reports its compute and fidelity, a KV policy joins one, and the frontier plot is written."""
+    from ponder.bench.methods import parse_spec
+
+    NOOP, LOSSY, BOTH = "exit:threshold=2", "static:layers=2", "snapkv:ratio=0.5+static:layers=2"
+    assert parse_spec("exit:layers=1/2:threshold=0.5").depth == "exit:layers=1/2:threshold=0.5"
+    assert (parse_spec(BOTH).kv, parse_spec(BOTH).depth) == ("snapkv:ratio=0.5", "static:layers=2")
+    with pytest.raises(PonderError, match="do not compose with speculative"):
+        parse_spec("pld+static:layers=2")
+    with pytest.raises(PonderError, match="unknown option"):
+        parse_spec("skipdecode:bogus=1")
+    suite = tmp_path / "suite.jsonl"
+    rows = [{"question_id": 1, "category": "math_reasoning", "turns": ["two plus two is"],
+             "reference": ["2+2=<<2+2=4>>4\n#### 4"]},
+            {"question_id": 2, "category": "translation", "turns": ["Translate: guten tag"], "reference": ["good day"]},
+            {"question_id": 3, "category": "qa", "turns": ["who is it"]}]
+    suite.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    args = _args(model=tiny_dir, suite=f"specbench:{suite}", methods=f"baseline,{NOOP},{LOSSY},{BOTH}",
+                 max_new_tokens=10, out=out)
+    assert bench.run(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    noop, lossy = r["methods"][NOOP], r["methods"][LOSSY]
+    assert noop["exact_match"] == 1.0
+    assert noop["depth"]["fidelity"]["top1_agreement"] == 1.0 and abs(noop["depth"]["fidelity"]["kl"]) < 1e-4
+    assert noop["depth"]["generation"]["mean_attention_blocks"] == 3 and noop["depth"]["generation"]["weight_share"] == 1
+    assert lossy["depth"]["generation"]["mean_attention_blocks"] == 2
+    assert lossy["depth"]["generation"]["weight_share"] == pytest.approx(2 / 3, abs=1e-3)
+    assert 0 <= lossy["depth"]["fidelity"]["top1_agreement"] < 1 and lossy["depth"]["fidelity"]["kl"] > 0
+    assert r["methods"][BOTH]["depth"]["fidelity"]["top1_agreement"] is None  # not measured with a KV policy
+    # task scores on the prompts with references, for every ponder method
+    assert set(r["methods"]["baseline"]["task"]) == {"gsm8k", "chrf"}
+    assert r["methods"]["baseline"]["task"]["gsm8k"]["n"] == 1
+    report = (out / "report.md").read_text()
+    assert "Adaptive depth" in report and f"| {LOSSY} | 2.00 | 2.00 | 3 | 66.7% |" in report
+    assert "Task accuracy" in report and "GSM8K accuracy" in report
+    assert (out / "depth.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_task_scores() -> None:
+    from ponder.bench.tasks import aggregate, gsm8k_answer, score
+
+    assert gsm8k_answer("so 3+4=<<3+4=7>>7\n#### 1,000") == 1000
+    assert score("math_reasoning", ["#### 72"], "The answer is 72.") == {"gsm8k": 1.0}
+    assert score("math_reasoning", ["#### 72"], "It is 72, no, 71") == {"gsm8k": 0.0}  # the last number counts
+    assert score("math_reasoning", ["no final answer"], "72") == {}
+    assert score("rag", [["Blue Sky", "green"]], "the blue sky is there") == {"containment": 0.5}
+    assert score("translation", ["good day"], "good day")["chrf"] == pytest.approx(100.0)
+    assert score("summarization", ["the cat sat"], "the cat sat")["rougeL"] == pytest.approx(1.0)
+    assert score("summarization", ["the cat sat"], "dogs run")["rougeL"] == 0.0
+    assert score("qa", ["x"], "x") == {}
+    assert aggregate([{"task": {"gsm8k": 1.0}}, {"task": {"gsm8k": 0.0}}, {}]) == {"gsm8k": {"mean": 0.5, "n": 2}}

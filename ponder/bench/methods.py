@@ -11,6 +11,10 @@ A method SPEC is ``name``, ``name:arg`` or ``name:key=value:key=value``; results
   and ``batch=`` work as for ``baseline``, anywhere in the spec (``pld:dtype=int8``).
 - KV-cache compression: any KV policy SPEC (``snapkv:ratio=0.5``, ``streaming:budget=512``, ``h2o:ratio=0.75``),
   alone (plain greedy decoding with that cache) or joined to a speculator with ``+`` (``pld+snapkv:ratio=0.5``).
+- adaptive depth: any depth policy SPEC (``static:layers=24``, ``skipdecode:end=22``, ``exit:threshold=0.9``,
+  ``ffn-skip:skip=4``; layer lists written with ``/``), alone or joined to a KV policy with ``+``; its fidelity
+  (teacher-forced top-1 agreement, KL) and compute (blocks run per token) are measured against the same model at
+  full depth.
 
 Every runner takes prompt token ids and returns, per prompt, the new token ids (EOS included, as ponder's engine
 does), the wall seconds and the time to the first new token.
@@ -45,10 +49,12 @@ class MethodSpec:
     options: dict[str, Any] = field(default_factory=dict)
     speculator: str | None = None  # the speculator SPEC (drafters and their options) for speculative methods
     kv: str | None = None  # the KV-cache policy SPEC
+    depth: str | None = None  # the depth policy SPEC
 
     @property
     def is_ponder(self) -> bool:
-        return self.name in PONDER_METHODS or self.speculator is not None or self.kv is not None
+        return (self.name in PONDER_METHODS or self.speculator is not None or self.kv is not None
+                or self.depth is not None)
 
     @property
     def dtype(self) -> str:
@@ -64,15 +70,16 @@ class MethodSpec:
 
 def parse_spec(text: str) -> MethodSpec:
     """``name[:key=value...]`` -> MethodSpec; unknown names or options raise PonderError."""
-    from ponder import kv, speculate
+    from ponder import depth, kv, speculate
 
     text = text.strip()
     name, *parts = text.split(":")
     heads = [chunk.split(":")[0].strip() for chunk in text.split("+")]
-    if any(h in speculate.drafter_names() or h in kv.policy_names() for h in heads):
+    if any(h in speculate.drafter_names() or h in kv.policy_names() or h in depth.policy_names() for h in heads):
         return _ponder_spec(text)
     if name not in METHOD_OPTIONS:
-        choices = ", ".join(list(METHOD_OPTIONS) + speculate.drafter_names() + kv.policy_names())
+        choices = ", ".join(list(METHOD_OPTIONS) + speculate.drafter_names() + kv.policy_names()
+                            + depth.policy_names())
         raise PonderError(f"unknown method {name!r} in {text!r}: choose from {choices}")
     allowed = METHOD_OPTIONS[name]
     options: dict[str, Any] = {}
@@ -92,10 +99,11 @@ def parse_spec(text: str) -> MethodSpec:
 
 
 def _ponder_spec(text: str) -> MethodSpec:
-    """Split ``dtype=``/``batch=`` and the KV policy off a speculator SPEC and validate the rest."""
-    from ponder import kv, speculate
+    """Split ``dtype=``/``batch=``, the KV policy and the depth policy off a speculator SPEC and validate the
+    rest."""
+    from ponder import depth, kv, speculate
 
-    chunks, kv_chunks, options = [], [], {}
+    chunks, kv_chunks, depth_chunks, options = [], [], [], {}
     for chunk in text.split("+"):
         kept = []
         for i, part in enumerate(chunk.split(":")):
@@ -104,9 +112,18 @@ def _ponder_spec(text: str) -> MethodSpec:
                 options[key] = value
             else:
                 kept.append(part)
-        (kv_chunks if kept[0].strip() in kv.policy_names() else chunks).append(":".join(kept))
+        head = kept[0].strip()
+        (kv_chunks if head in kv.policy_names() else depth_chunks if head in depth.policy_names()
+         else chunks).append(":".join(kept))
     if len(kv_chunks) > 1:
         raise PonderError(f"method {text!r} names {len(kv_chunks)} KV-cache policies; use one")
+    if len(depth_chunks) > 1:
+        raise PonderError(f"method {text!r} names {len(depth_chunks)} depth policies; use one")
+    depth_spec = depth_chunks[0] if depth_chunks else None
+    if depth_spec is not None:
+        depth.validate(depth_spec)
+        if chunks:
+            raise PonderError(f"method {text!r}: depth policies do not compose with speculative decoding")
     policy = kv_chunks[0] if kv_chunks else None
     if policy is not None:
         kv.make_policy(policy)  # validates names and options
@@ -118,8 +135,8 @@ def _ponder_spec(text: str) -> MethodSpec:
         raise PonderError(f"method {text!r}: batch must be an integer >= 1")
     if "batch" in options:
         options["batch"] = int(options["batch"])
-    name = (rest or policy or "").split(":")[0].split("+")[0]
-    return MethodSpec(text, name, options, rest, policy)
+    name = (rest or depth_spec or policy or "").split(":")[0].split("+")[0]
+    return MethodSpec(text, name, options, rest, policy, depth_spec)
 
 
 def _check_common(text: str, options: dict[str, Any]) -> None:
@@ -165,8 +182,14 @@ class PonderRunner:
         from ponder.speculate import make_speculator
 
         loaded = ponder.load(model, spec.dtype, compile=spec.compile)
+        self.loaded, self.spec = loaded, spec
         self.speculator = make_speculator(spec.speculator, loaded) if spec.speculator else None
-        self.engine = Engine(loaded, self.speculator, make_policy(spec.kv) if spec.kv else None)
+        self.depth = None
+        if spec.depth:
+            from ponder.depth import make_policy as make_depth
+
+            self.depth = make_depth(spec.depth, loaded)
+        self.engine = Engine(loaded, self.speculator, make_policy(spec.kv) if spec.kv else None, self.depth)
         self.model = self.engine.model
 
     def weight_bytes(self) -> int:
@@ -178,6 +201,8 @@ class PonderRunner:
         """What a speculative method's drafter learned during the run (e.g. early-exit's per-layer acceptance), and
         on the fast path how many forwards ran compiled and which ran eagerly, by reason (``fast_path``)."""
         out = self.speculator.drafter.report() if self.speculator is not None else {}
+        if self.depth is not None:
+            out = out | {"depth": self.depth.report()}
         if getattr(self.model, "fast", None) is not None:
             out = out | {"fast_path": self.model.fast.report()}
         return out
@@ -215,6 +240,16 @@ class PonderRunner:
         # each row's own seconds: from its admission to its last token
         return [Output(c.output_ids, c.seconds, c.ttft_s, c.top2_gaps, c.spec, c.text, kv, peak, prefill_s=prefill)
                 for c in (done[i] for i in range(len(batch)))]
+
+    def depth_fidelity(self, prompt: list[int], reference: list[int]) -> Any:
+        """Teacher-forced fidelity of this method's depth policy to the same model at full depth
+        (``ponder.depth.fidelity``), scored with a policy of its own (the generation's statistics stay apart)."""
+        from ponder.depth import make_policy as make_depth
+        from ponder.depth.fidelity import teacher_forced
+
+        if not hasattr(self, "_scoring"):
+            self._scoring = make_depth(self.spec.depth, self.loaded)
+        return teacher_forced(self.model, self._scoring, prompt, reference)
 
     def top1_agreement(self, prompt: list[int], reference: list[int]) -> tuple[int, int]:
         """(agreeing, total) argmax predictions of the reference continuation, teacher-forced in one forward."""

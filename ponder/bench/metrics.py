@@ -75,6 +75,12 @@ def _answer_fields(case: Any, out: Any) -> dict[str, Any]:
     if getattr(out, "logprobs", None) is not None:
         nll = -sum(out.logprobs)
         fields |= {"nll": nll, "scored_tokens": len(out.logprobs), "ppl": math.exp(nll / len(out.logprobs))}
+    reference = getattr(case, "meta", {}).get("reference")
+    if reference is not None and getattr(case, "turn", 1) == 1 and getattr(out, "text", ""):
+        from ponder.bench.tasks import score
+
+        if task := score(case.category, reference, out.text):
+            fields["task"] = task
     if getattr(case, "expected", None) is not None:
         wanted = [case.expected] if isinstance(case.expected, str) else list(case.expected)
         found = sum(w in out.text for w in wanted) / len(wanted)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ponder.bench import profile, report_longctx
+from ponder.bench import profile, report_longctx, tasks
 from ponder.bench.metrics import add_speedups, aggregate, by_category
 from ponder.bench.suites import Case
 from ponder.errors import PonderError
@@ -53,6 +53,12 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
             "verify_cost_ms": res.get("verify_cost_ms", {}),
         } | ({"drafter": res["drafter"]} if res.get("drafter") else {}) | (
             {"profile": res["profile"]} if res.get("profile") else {})
+        if task := tasks.aggregate(recs):
+            methods[spec]["task"] = task
+        if (gen := res.get("drafter", {}).get("depth")) is not None:  # the generation's compute, and the
+            # teacher-forced fidelity (depth alone: not measured when a KV policy is joined to it)
+            empty = {"top1_agreement": None, "kl": None}
+            methods[spec]["depth"] = {"fidelity": res.get("depth_fidelity") or empty, "generation": gen}
         seconds, tokens = res.get("decode", (0.0, 0))
         if seconds > 0:  # tokens after each row's first / seconds decoding (worker.run_method)
             methods[spec]["decode_tokens_per_s"] = tokens / seconds
@@ -164,8 +170,87 @@ def markdown(results: dict[str, Any]) -> str:
     for cat, per in results["categories"].items():
         cells = [f"{per[s]['tokens_per_s']:.1f} ({_x(per[s]['speedup'])})" if s in per else "-" for s in specs]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    lines += task_lines(results)
+    lines += depth_lines(results)
     lines += report_longctx.markdown(results)
     return "\n".join(lines) + "\n"
+
+
+TASK_SCORES = {"gsm8k": ("GSM8K accuracy", "{:.1%}"), "containment": ("RAG containment", "{:.1%}"),
+               "chrf": ("translation chrF", "{:.1f}"), "rougeL": ("summarization ROUGE-L", "{:.3f}")}
+
+
+def task_lines(results: dict[str, Any]) -> list[str]:
+    """Task accuracy per method on the prompts with Spec-Bench references (``tasks.py``)."""
+    rows = {s: f["task"] for s, f in results["methods"].items() if f.get("task")}
+    names = [n for n in TASK_SCORES if any(n in t for t in rows.values())]
+    if not names:
+        return []
+    lines = ["", "Task accuracy on the prompts with references (first turns; ponder methods):", "",
+             "| method | " + " | ".join(f"{TASK_SCORES[n][0]} (n)" for n in names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for s, t in rows.items():
+        cells = [TASK_SCORES[n][1].format(t[n]["mean"]) + f" ({t[n]['n']})" if n in t else "-" for n in names]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def depth_lines(results: dict[str, Any]) -> list[str]:
+    """Adaptive depth: compute per decoded token and fidelity to the same model at full depth."""
+    rows = {s: f for s, f in results["methods"].items() if f.get("depth")}
+    if not rows:
+        return []
+    lines = ["", "Adaptive depth (compute: blocks run per decoded token in the generation; fidelity teacher-forced "
+                 "on the baseline's greedy tokens; KL(full || policy) in nats):", "",
+             "| method | attention blocks | FFN blocks | of layers | weights run | top-1 agreement | KL | exact match "
+             "| tokens/s | speedup |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s, f in rows.items():
+        gen, fid = f["depth"]["generation"], f["depth"]["fidelity"]
+        top1 = "-" if fid["top1_agreement"] is None else f"{fid['top1_agreement']:.1%}"
+        kl = "-" if fid["kl"] is None else f"{fid['kl']:.3f}"
+        lines.append(f"| {s} | {gen.get('mean_attention_blocks', 0):.2f} | {gen.get('mean_ffn_blocks', 0):.2f} "
+                     f"| {gen.get('layers', '-')} | {gen.get('weight_share', 0):.1%} | {top1} | {kl} | {f['exact_match']:.0%} | {f['tokens_per_s']:.1f} "
+                     f"| {_x(f['speedup'])} |")
+    return lines
+
+
+def plot_depth(results: dict[str, Any], path: Path) -> bool:
+    """The fidelity-compute frontier: teacher-forced top-1 agreement against blocks run per token (left) and
+    against tokens/s (right), one series per depth policy, the full model as the reference point."""
+    rows = {s: f for s, f in results["methods"].items() if f.get("depth")
+            and f["depth"]["fidelity"]["top1_agreement"] is not None}
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    families: dict[str, list[tuple[float, float, float]]] = {}
+    for s, f in rows.items():
+        gen, fid = f["depth"]["generation"], f["depth"]["fidelity"]
+        families.setdefault(gen.get("policy", s), []).append(
+            (gen.get("weight_share", 0.0), fid["top1_agreement"], f["tokens_per_s"]))
+    for name, pts in sorted(families.items()):
+        pts.sort()
+        left.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        right.scatter([p[2] for p in pts], [p[1] for p in pts], label=name)
+    base = results["methods"].get("baseline")
+    if base is not None:
+        left.scatter([1.0], [1.0], color="black", marker="*", s=80, label="full model")
+        right.scatter([base["tokens_per_s"]], [1.0], color="black", marker="*", s=80, label="baseline")
+    left.set_xlabel("share of the layers' weights run per decoded token")
+    right.set_xlabel("tokens/s")
+    for ax in (left, right):
+        ax.set_ylabel("teacher-forced top-1 agreement")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{results['model']}, {results['suite']}: fidelity vs compute", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def roofline_lines(results: dict[str, Any]) -> list[str]:
@@ -246,6 +331,8 @@ def write_outputs(out: Path, args: argparse.Namespace, cases: list[Case], raw: d
             written.append("heatmap.png")
         if report_longctx.plot_accuracy_vs_ratio(results, out / "accuracy_vs_ratio.png"):
             written.append("accuracy_vs_ratio.png")
+        if plot_depth(results, out / "depth.png"):
+            written.append("depth.png")
     except OSError as e:
         raise PonderError(f"cannot write bench results to {out}: {e}")
     print(report)

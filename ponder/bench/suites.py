@@ -63,7 +63,7 @@ def load_suite(
                 raise PonderError(f"suite {spec!r} has no {split} questions (numeric question ids are split by % 4)")
     else:
         raise PonderError(f"unknown suite {spec!r}: use builtin, specbench:PATH (a Spec-Bench .jsonl file), niah, ruler or ppl")
-    firsts = [Case(c.id, c.category, c.turns[:1]) for c in cases]
+    firsts = [Case(c.id, c.category, c.turns[:1], meta=dict(c.meta)) for c in cases]
     if not second_turns:
         return firsts
     return firsts + [Case(c.id, c.category, c.turns[:2], turn=2) for c in cases if len(c.turns) > 1]
@@ -83,7 +83,9 @@ def _read_specbench(path: Path) -> list[Case]:
             turns = row["turns"]
             if not turns or not all(isinstance(t, str) and t for t in turns):
                 raise ValueError("'turns' must be a non-empty list of strings")
-            cases.append(Case(str(row["question_id"]), str(row.get("category", "uncategorized")), list(turns)))
+            meta = {"reference": row["reference"]} if row.get("reference") else {}
+            cases.append(Case(str(row["question_id"]), str(row.get("category", "uncategorized")), list(turns),
+                              meta=meta))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise PonderError(
                 f"{path}:{n}: not a Spec-Bench record ({type(e).__name__}: {e}); each line needs "

@@ -27,12 +27,17 @@ def run_method(
     runner = make_runner(spec, model, eos, n_ctx)
     runner.ignore_eos = ignore_eos
     size = spec.batch(batch_size)
-    costs = runner.verify_costs(size) if spec.is_ponder and spec.kv is None else {}
+    costs = runner.verify_costs(size) if spec.is_ponder and spec.kv is None and spec.depth is None else {}
     for _ in range(warmup):
         runner.run([cases[0].prompt_ids], min(8, max_new))
     prompts: list[dict[str, Any]] = []
     shares: dict[str, float] = {}
     wall, top1, decode = 0.0, [0, 0], [0.0, 0]  # decode: [seconds decoding, tokens after each row's first]
+    fidelity = None
+    if spec.depth is not None and spec.kv is None:  # teacher-forced through the depth policy on a plain cache
+        from ponder.depth.fidelity import Fidelity
+
+        fidelity = Fidelity()
     bar = tqdm(total=len(cases), desc=f"{spec.text:>16}", unit="prompt", file=sys.stderr, leave=True)
     perplexity = "continuation" in cases[0].meta
     # ponder decodes with continuous batching (a finished row's place goes to the next prompt) in one call; KV
@@ -61,7 +66,13 @@ def run_method(
                 rec["_gaps"] = out.top2_gaps
             prompts.append(rec)
             shares[key] = share
-            if ref is not None and spec.is_ponder and spec.dtype != "fp32":
+            if ref is not None and fidelity is not None:  # against the baseline's greedy ids; KL: same model, full
+                f = runner.depth_fidelity(case.prompt_ids, ref[key].ids)
+                fidelity.add(f)
+                rec |= {"top1_agreement": f.agree / f.steps if f.steps else None,
+                        "kl": f.kl_sum / f.steps if f.steps else None}
+                top1 = [top1[0] + f.agree, top1[1] + f.steps]
+            elif ref is not None and spec.is_ponder and spec.dtype != "fp32":
                 agree, total = runner.top1_agreement(case.prompt_ids, ref[key].ids)
                 top1 = [top1[0] + agree, top1[1] + total]
         if not continuous:
@@ -71,7 +82,8 @@ def run_method(
     return {"prompts": prompts, "wall_seconds": wall, "shares": shares, "peak_rss_mb": peak_mb, "top1": top1,
             "batch_size": size, "verify_cost_ms": {n: 1000 * t for n, t in sorted(costs.items())},
             "drafter": runner.report() if spec.is_ponder else {}, "decode": decode,
-            "weight_bytes": runner.weight_bytes(), "profile": _profile(runner) if profile and spec.is_ponder else None}
+            "weight_bytes": runner.weight_bytes(), "profile": _profile(runner) if profile and spec.is_ponder else None,
+            "depth_fidelity": fidelity.as_dict() if fidelity is not None else None}
 
 
 def _profile(runner: Any) -> dict[str, Any]:

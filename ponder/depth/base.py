@@ -57,9 +57,18 @@ class DepthStats:
     def mean_ffn(self) -> float:
         return self.ffn_blocks / self.tokens if self.tokens else 0.0
 
-    def as_dict(self, n_layers: int) -> dict[str, Any]:
+    def weight_share(self, n_layers: int, attn_params: int, ffn_params: int) -> float:
+        """The share of the layers' weights decoded tokens ran, on average (an FFN block weighs more than an
+        attention block: on SmolLM2 3x)."""
+        if not self.tokens or not n_layers:
+            return 0.0
+        run = self.mean_layers() * attn_params + self.mean_ffn() * ffn_params
+        return run / (n_layers * (attn_params + ffn_params))
+
+    def as_dict(self, n_layers: int, attn_params: int = 1, ffn_params: int = 1) -> dict[str, Any]:
         return {"tokens": self.tokens, "mean_attention_blocks": round(self.mean_layers(), 3),
                 "mean_ffn_blocks": round(self.mean_ffn(), 3), "layers": n_layers,
+                "weight_share": round(self.weight_share(n_layers, attn_params, ffn_params), 4),
                 "exits": {str(k): v for k, v in sorted(self.exits.items())}}
 
 
@@ -72,11 +81,16 @@ class DepthPolicy:
 
     def __init__(self) -> None:
         self.n_layers = 0  # set by ``bind``
+        self.attn_params = self.ffn_params = 1  # weights of one attention / FFN block (``bind``)
         self.stats = DepthStats()
 
     def bind(self, loaded: Any) -> None:
         """Attach to the loaded model (layer count, adapters); raise ``PonderError`` for settings it cannot take."""
-        self.n_layers = loaded.model.config.num_hidden_layers
+        c = loaded.model.config
+        self.n_layers = c.num_hidden_layers
+        self.attn_params = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + \
+            c.num_attention_heads * c.head_dim * c.hidden_size
+        self.ffn_params = 3 * c.hidden_size * c.intermediate_size
 
     def new_row(self, prompt_len: int, max_new: int) -> Any:
         """The policy's own per-row state (``DepthRow.policy_state``)."""
@@ -100,6 +114,10 @@ class DepthPolicy:
         """Which of ``rows`` run layer ``layer``'s FFN block # [n] bool; None: all of them."""
         return None
 
+    def skips_ffn(self, rows: list[DepthRow]) -> bool:
+        """Whether ``ffn_rows`` may skip anything for these rows this step (False: the step can run as plain)."""
+        return False
+
     def exit_logits(self, model: Any, layer: int, h: torch.Tensor) -> torch.Tensor:
         """The exit head on the state after ``layer`` layers # [n, 1, E] -> # [n, V]."""
         return model.logits(h)[:, -1]
@@ -113,18 +131,23 @@ class DepthPolicy:
         return False
 
     def report(self) -> dict[str, Any]:
-        return {"policy": self.name, **self.stats.as_dict(self.n_layers)}
+        return {"policy": self.name, **self.stats.as_dict(self.n_layers, self.attn_params, self.ffn_params)}
 
 
 def decode(model: Any, ids: torch.Tensor, cache: KVCache, policy: DepthPolicy, rows: list[DepthRow]) -> torch.Tensor:
     """One decode step under ``policy``: ids # [B, 1] -> logits # [B, V]; advances the cache by one slot per row."""
     B = ids.shape[0]
     L = len(model.layers)
-    ctx = model.step_context(cache, 1, [1] * B)
-    h = model.embed(ids)  # [B, 1, E]
     budgets = policy.budgets(rows)
     candidates = set(policy.candidates())
     measure = policy.wants_saturation(rows)
+    if not candidates and not measure and min(budgets) >= L and not policy.skips_ffn(rows):
+        _check_floor(policy, rows, L)
+        logits = model(ids, cache)[:, -1]  # nothing to decide this step: the plain step (the fast path if loaded)
+        _account(policy, rows, [L] * B, L * B, {})
+        return logits
+    ctx = model.step_context(cache, 1, [1] * B)
+    h = model.embed(ids)  # [B, 1, E]
     saturation: dict[int, torch.Tensor] = {}
     exit_at = [L] * B
     logits: list[torch.Tensor | None] = [None] * B
@@ -183,8 +206,15 @@ def decode(model: Any, ids: torch.Tensor, cache: KVCache, policy: DepthPolicy, r
             h = h.clone()
             h[active] = out
     cache.advance([1] * B)
+    _account(policy, rows, exit_at, ffn_run, saturation)
+    return torch.stack(logits)  # type: ignore[arg-type]
+
+
+def _account(policy: DepthPolicy, rows: list[DepthRow], exit_at: list[int], ffn_run: int,
+             saturation: dict[int, torch.Tensor]) -> None:
+    """A step's compute into the policy's statistics and each row's state, then the policy's own ``observe``."""
     st = policy.stats
-    st.tokens += B
+    st.tokens += len(rows)
     st.attention_blocks += sum(exit_at)
     st.ffn_blocks += ffn_run
     for e in exit_at:
@@ -194,7 +224,6 @@ def decode(model: Any, ids: torch.Tensor, cache: KVCache, policy: DepthPolicy, r
         r.floor = e if r.floor is None else min(r.floor, e)
         r.exits.append(e)
     policy.observe(rows, exit_at, saturation)
-    return torch.stack(logits)  # type: ignore[arg-type]
 
 
 def _check_floor(policy: DepthPolicy, rows: list[DepthRow], layer: int) -> None:

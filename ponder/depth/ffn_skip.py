@@ -69,6 +69,9 @@ class FFNSkip(DepthPolicy):
             return None
         return torch.tensor([not (r.policy_state.skipped and layer in r.policy_state.skipped) for r in rows])
 
+    def skips_ffn(self, rows: list[DepthRow]) -> bool:
+        return any(r.policy_state.skipped for r in rows)
+
     def observe(self, rows: list[DepthRow], exits: list[int], ffn_saturation: dict[int, torch.Tensor]) -> None:
         if not ffn_saturation:
             return
