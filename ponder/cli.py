@@ -125,7 +125,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill_cli.add_arguments(distill, DEFAULT_MODEL)
     distill.set_defaults(func=distill_cli.run)
+
+    analyze = sub.add_parser("analyze", help="analyses of a model's computation (depth: an oracle of token difficulty)")
+    what = analyze.add_subparsers(dest="what", required=True)
+    depth = what.add_parser("depth", help="how many layers each token needs: oracle exits and skips vs a router")
+    _model_args(depth, DEFAULT_MODEL)
+    depth.add_argument("--suite", default="builtin",
+                       help="prompts: builtin, or specbench:PATH[:train|:heldout] (default builtin)")
+    depth.add_argument("--per-category", type=int, default=None, metavar="N", help="at most N prompts per category")
+    depth.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    depth.add_argument("--max-new-tokens", type=int, default=128)
+    depth.add_argument("--adapter", default="default",
+                       help="exit adapters: default (the model's trained or shipped ones), none, or a directory")
+    depth.add_argument("--skip-positions", type=int, default=4, metavar="N",
+                       help="sampled tokens per answer for the FFN- and layer-skip oracles (0: off)")
+    depth.add_argument("--seed", type=int, default=0)
+    depth.add_argument("--out", default="analyze-depth", help="output directory (default analyze-depth)")
+    depth.set_defaults(func=cmd_analyze_depth)
     return parser
+
+
+def cmd_analyze_depth(args: argparse.Namespace) -> int:
+    """``ponder analyze depth`` (``ponder.depth.oracle``)."""
+    from pathlib import Path
+
+    import ponder
+    from ponder.bench.suites import load_suite
+    from ponder.depth import oracle
+
+    for name in ("per_category", "limit", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise PonderError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.skip_positions < 0:
+        raise PonderError("--skip-positions must be >= 0")
+    cases = load_suite(args.suite)
+    if args.per_category:
+        seen: dict[str, int] = {}
+        cases = [c for c in cases if seen.setdefault(c.category, 0) < args.per_category
+                 and not seen.__setitem__(c.category, seen[c.category] + 1)]
+    cases = cases[: args.limit] if args.limit else cases
+    loaded = ponder.load(args.model, args.dtype)
+    prompts = [(c.category, c.turns[0]) for c in cases]
+    analysis = oracle.analyze(loaded, prompts, args.max_new_tokens, args.adapter, args.skip_positions, args.seed)
+    out = Path(args.out)
+    try:
+        written = oracle.write(analysis, out)
+    except OSError as e:
+        raise PonderError(f"cannot write the analysis to {out}: {e}")
+    print((out / "report.md").read_text())
+    print("wrote " + ", ".join(str(out / w) for w in written))
+    return 0
 
 
 def _model_args(p: argparse.ArgumentParser, default: str) -> None:

@@ -166,3 +166,52 @@ def test_generate_cli_prints_the_compute(tiny_dir: Path, capsys: pytest.CaptureF
                  "--depth", "static:layers=2", "--no-stream"]) == 0
     err = capsys.readouterr().err
     assert "[depth static:layers=2: 2.0 attention and 2.0 FFN blocks per decoded token of 3]" in err
+
+
+def test_token_classes() -> None:
+    from ponder.depth.oracle import token_class
+
+    assert [token_class(p) for p in [" the", " cat", "ting", ",", " 42", "\n", "3.5", " Of"]] == [
+        "function word", "word start", "word piece", "punctuation", "number", "whitespace", "number",
+        "function word"]
+
+
+def test_skip_oracle_restores_the_cache_and_matches_the_full_model_without_skips(deep) -> None:
+    from ponder.depth.oracle import _bisect, _single
+
+    model = deep.model
+    seq = torch.tensor([[4, 9, 13, 2, 8, 30, 31]])
+    cache = model.new_cache(1, 8)
+    with torch.inference_mode():
+        logits = model(seq, cache)
+        before = [t.clone() for t in cache.k + cache.v]
+        for pos in (3, 6):
+            assert _single(model, cache, seq, pos, [], ffn_only=True) == int(logits[0, pos].argmax())
+            _single(model, cache, seq, pos, [1, 2, 3], ffn_only=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.k + cache.v)) and cache.lengths == [7]
+    assert _bisect(lambda k: k <= 3, 10) == 3 and _bisect(lambda k: k == 0, 5) == 0
+
+
+def test_analyze_depth_cli(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The oracle report end to end on the tiny model: shares by layer are cumulative and end at 100%, and every
+    file is written; with the tiny model's (identity) exit adapters the router sweep is reported too."""
+    import json
+
+    from ponder.cli import main
+    from ponder.distill.exits import ExitAdapters
+    from ponder.distill.train import save_artifact
+
+    adapters = ExitAdapters(64, (1, 2))
+    save_artifact(tmp_path / "exits", adapters.tensors(), {"kind": "exits", "layers": [1, 2], "model": "tiny"})
+    out = tmp_path / "out"
+    assert main(["analyze", "depth", "--model", str(tiny_dir), "--max-new-tokens", "8", "--limit", "3",
+                 "--adapter", str(tmp_path / "exits"), "--skip-positions", "2", "--out", str(out)]) == 0
+    s = json.loads((out / "depth.json").read_text())["summary"]
+    shares = s["share_by_layer_lens"]
+    assert shares == sorted(shares) and shares[-1] == 1.0 and s["tokens"] == 24
+    assert s["share_by_layer_adapter"] == shares  # identity adapters: the logit lens
+    assert s["router"] and s["skip_oracle"]["tokens"] == 6
+    assert {p.name for p in out.iterdir()} == {"depth.json", "report.md", "exits.png", "router.png",
+                                               "difficulty.html"}
+    assert "Depth oracle: 24 answer tokens, 3 layers" in capsys.readouterr().out
+    assert main(["analyze", "depth", "--model", str(tiny_dir), "--limit", "0"]) == 1
