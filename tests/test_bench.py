@@ -314,7 +314,9 @@ def test_depth_methods_in_a_run(tiny_dir: Path, tmp_path: Path) -> None:
     assert noop["depth"]["generation"]["mean_attention_blocks"] == 3 and noop["depth"]["generation"]["weight_share"] == 1
     assert lossy["depth"]["generation"]["mean_attention_blocks"] == 2
     assert lossy["depth"]["generation"]["weight_share"] == pytest.approx(2 / 3, abs=1e-3)
-    assert 0 <= lossy["depth"]["fidelity"]["top1_agreement"] < 1 and lossy["depth"]["fidelity"]["kl"] > 0
+    fid = lossy["depth"]["fidelity"]
+    assert 0 <= fid["top1_agreement"] < 1 and fid["kl"] > 0 and fid["ppl"] > fid["ppl_full"] >= 1
+    assert noop["depth"]["fidelity"]["ppl"] == pytest.approx(noop["depth"]["fidelity"]["ppl_full"], rel=1e-4)
     assert r["methods"][BOTH]["depth"]["fidelity"]["top1_agreement"] is None  # not measured with a KV policy
     # task scores on the prompts with references, for every ponder method
     assert set(r["methods"]["baseline"]["task"]) == {"gsm8k", "chrf"}

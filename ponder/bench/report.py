@@ -202,14 +202,15 @@ def depth_lines(results: dict[str, Any]) -> list[str]:
         return []
     lines = ["", "Adaptive depth (compute: blocks run per decoded token in the generation; fidelity teacher-forced "
                  "on the baseline's greedy tokens; KL(full || policy) in nats):", "",
-             "| method | attention blocks | FFN blocks | of layers | weights run | top-1 agreement | KL | exact match "
-             "| tokens/s | speedup |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | attention blocks | FFN blocks | of layers | weights run | top-1 agreement | KL | perplexity "
+             "(full) | exact match | tokens/s | speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s, f in rows.items():
         gen, fid = f["depth"]["generation"], f["depth"]["fidelity"]
         top1 = "-" if fid["top1_agreement"] is None else f"{fid['top1_agreement']:.1%}"
         kl = "-" if fid["kl"] is None else f"{fid['kl']:.3f}"
+        ppl = "-" if fid.get("ppl") is None else f"{fid['ppl']:.3f} ({fid['ppl_full']:.3f})"
         lines.append(f"| {s} | {gen.get('mean_attention_blocks', 0):.2f} | {gen.get('mean_ffn_blocks', 0):.2f} "
-                     f"| {gen.get('layers', '-')} | {gen.get('weight_share', 0):.1%} | {top1} | {kl} | {f['exact_match']:.0%} | {f['tokens_per_s']:.1f} "
+                     f"| {gen.get('layers', '-')} | {gen.get('weight_share', 0):.1%} | {top1} | {kl} | {ppl} | {f['exact_match']:.0%} | {f['tokens_per_s']:.1f} "
                      f"| {_x(f['speedup'])} |")
     return lines
 

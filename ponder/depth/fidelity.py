@@ -4,6 +4,8 @@ step's prediction is compared with the full model's.
 
 - **top-1 agreement**: the share of decode steps whose argmax is the full model's greedy token;
 - **KL**: mean KL(full || policy) of the next-token distributions, in nats;
+- **perplexity**: exp of the mean negative log-likelihood of the full model's greedy tokens, under the policy and
+  under the full model (their difference: the perplexity delta);
 - **compute**: attention and FFN blocks the policy ran per decoded token, and the share of the layers' weights
   that is (``DepthStats.weight_share``).
 
@@ -12,6 +14,7 @@ it are counted. Shapes: V vocabulary."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,8 @@ class Fidelity:
     agree: int = 0
     steps: int = 0
     kl_sum: float = 0.0
+    nll_sum: float = 0.0  # under the policy
+    nll_full_sum: float = 0.0  # under the full model
     attention_blocks: int = 0
     ffn_blocks: int = 0
 
@@ -31,13 +36,16 @@ class Fidelity:
         self.agree += other.agree
         self.steps += other.steps
         self.kl_sum += other.kl_sum
+        self.nll_sum += other.nll_sum
+        self.nll_full_sum += other.nll_full_sum
         self.attention_blocks += other.attention_blocks
         self.ffn_blocks += other.ffn_blocks
 
     def as_dict(self) -> dict[str, float | int | None]:
         n = self.steps
         return {"top1_agreement": self.agree / n if n else None, "kl": self.kl_sum / n if n else None,
-                "steps": n, "mean_attention_blocks": self.attention_blocks / n if n else None,
+                "ppl": math.exp(self.nll_sum / n) if n else None,
+                "ppl_full": math.exp(self.nll_full_sum / n) if n else None, "steps": n, "mean_attention_blocks": self.attention_blocks / n if n else None,
                 "mean_ffn_blocks": self.ffn_blocks / n if n else None}
 
 
@@ -64,6 +72,8 @@ def teacher_forced(model: torch.nn.Module, policy: DepthPolicy, prompt: list[int
     out.steps = len(want)
     logp_full, logp = torch.log_softmax(full, -1), torch.log_softmax(got, -1)
     out.kl_sum = float((logp_full.exp() * (logp_full - logp)).sum())
+    out.nll_sum = -float(logp.gather(1, want[:, None]).sum())
+    out.nll_full_sum = -float(logp_full.gather(1, want[:, None]).sum())
     out.attention_blocks = policy.stats.attention_blocks - before[0]
     out.ffn_blocks = policy.stats.ffn_blocks - before[1]
     return out
