@@ -249,7 +249,7 @@ class EngineCore:
             if self.cache is None or not self.rows:
                 self.cache = joined
             else:
-                self.cache.extend(joined)
+                self.cache.extend(joined, self._capacity(joined.max_len))
             e.kv_bytes = max(e.kv_bytes, self.cache.nbytes())
             e.peak_kv_bytes = max(e.peak_kv_bytes, e.kv_bytes)
         self._join([new[i] for i in alive])
@@ -284,6 +284,13 @@ class EngineCore:
             lengths.append(self.cache.max_len)
         rows = len(self.rows) + len(done) + 1
         return rows * max(lengths) * self.slot_bytes <= self.max_kv_bytes or not (self.rows or done)
+
+    def _capacity(self, max_len: int) -> int:
+        """Rows the batch cache's store may hold (``KVCache.extend``): the batch size, fewer under a KV budget."""
+        cap = self.batch_size
+        if self.max_kv_bytes is not None:
+            cap = min(cap, self.max_kv_bytes // max(1, max(max_len, self.cache.max_len) * self.slot_bytes))
+        return max(cap, len(self.rows) + 1)
 
     def kv_bytes(self) -> int:
         """Bytes of K/V the core holds now: the batch cache and a prompt being prefilled."""
@@ -329,9 +336,8 @@ class EngineCore:
     def _keep(self, alive: list[int]) -> None:
         if len(alive) == len(self.rows):
             return
-        if self.cache is not None:
-            self.cache.keep_rows(alive)
-        self.rows = [self.rows[i] for i in alive]
+        order = self.cache.keep_rows_unordered(alive) if self.cache is not None else alive
+        self.rows = [self.rows[i] for i in order]
 
     def _forget(self, finished: "Iterable[StreamEvent]") -> None:
         for ev in finished:

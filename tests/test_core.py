@@ -315,3 +315,35 @@ def test_prefill_chunks_shrink_as_the_prefix_grows(cyclic) -> None:
         assert cost(at, n) <= 128 < cost(at, n + 1) or n == 16
     assert core._chunk(100, 10.0) < 16  # the rest of a step's budget: no minimum
     assert core._chunk(0, math.inf) > 10**9  # no chunking
+
+
+def test_batch_cache_store_moves_one_row_per_finish_and_keeps_every_rows_contents() -> None:
+    """KVCache with a capacity (continuous batching): joining rows land in the store, a finished row's place takes
+    the last row, and each row's valid slots are what they were, whatever its new index."""
+    from ponder.cache import KVCache
+
+    def row_cache(value: float, length: int) -> KVCache:
+        c = KVCache(2, 1, 1, 8, 2)
+        for t in c.k + c.v:
+            t[0, :, :length] = value
+        c.lengths = [length]
+        return c
+
+    cache = row_cache(0.0, 3)
+    for i in range(1, 4):
+        cache.extend(row_cache(float(i), 3 + i), capacity=4)
+    assert cache.store is not None and cache.batch == 4 and cache.store[0][0].shape[0] == 4
+    store = [t.data_ptr() for t in cache.store[0]]
+    order = cache.keep_rows_unordered([0, 2, 3])  # row 1 finished: row 3 takes its place
+    assert order == [0, 3, 2] and cache.lengths == [3, 6, 5]
+    for new, old in enumerate(order):
+        for t in cache.k + cache.v:
+            assert bool((t[new, :, : cache.lengths[new]] == float(old)).all())
+    cache.extend(row_cache(9.0, 2), capacity=4)  # joins without a new store
+    assert [t.data_ptr() for t in cache.store[0]] == store and cache.lengths == [3, 6, 5, 2]
+    cache.ensure(16)  # the sequence axis grows with the store
+    assert cache.max_len == 16 and cache.store[0][0].shape == (4, 1, 16, 2)
+    assert bool((cache.k[1][1, :, :6] == 3.0).all()) and bool((cache.v[0][3, :, :2] == 9.0).all())
+    assert cache.nbytes() == 2 * 2 * 4 * 16 * 2 * 4  # the store's rows are memory held
+    cache.keep_rows([3, 0])  # the ordered path leaves the store
+    assert cache.store is None and cache.lengths == [2, 3]
