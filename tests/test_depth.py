@@ -215,3 +215,23 @@ def test_analyze_depth_cli(tiny_dir: Path, tmp_path: Path, capsys: pytest.Captur
                                                "difficulty.html"}
     assert "Depth oracle: 24 answer tokens, 3 layers" in capsys.readouterr().out
     assert main(["analyze", "depth", "--model", str(tiny_dir), "--limit", "0"]) == 1
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_exit_adapters_in_any_float_dtype(tmp_path: Path, dtype: str) -> None:
+    """Exits read through trained adapters whatever the model's dtype (bf16 states meet fp32 maps); identity maps
+    with a threshold above 1 leave the output as it was."""
+    from ponder.distill.exits import ExitAdapters
+    from ponder.distill.train import save_artifact
+
+    loaded = ponder.load(str(make_model_dir(tmp_path / "m", num_hidden_layers=6)), dtype)
+    save_artifact(tmp_path / "exits", ExitAdapters(64, (2, 4)).tensors(), {"kind": "exits", "layers": [2, 4]})
+    adapter = str(tmp_path / "exits")
+    lossy = make_policy(f"exit:threshold=0.1:adapter={adapter}", loaded)
+    out = Engine(loaded, depth=lossy).generate(PROMPTS, GREEDY)
+    assert all(len(c.output_ids) == 20 for c in out) and lossy.stats.mean_layers() < 6
+    plain = Engine(loaded).generate(PROMPTS, GREEDY)
+    noop = Engine(loaded, depth=make_policy(f"exit:threshold=2:adapter={adapter}", loaded)).generate(PROMPTS, GREEDY)
+    assert [c.output_ids for c in noop] == [c.output_ids for c in plain]
+    with pytest.raises(PonderError, match="no map for layers"):
+        make_policy(f"exit:layers=3:adapter={adapter}", loaded)

@@ -55,8 +55,10 @@ class ExitAdapters(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """A_l(h) for h # [..., E], the state entering layer ``layer`` (the output of layers [0, layer))."""
-        return h + self.maps[str(layer)](h)
+        """A_l(h) for h # [..., E], the state entering layer ``layer`` (the output of layers [0, layer)), in h's
+        dtype (the map computes in its own: bf16 states meet fp32 maps)."""
+        m = self.maps[str(layer)]
+        return h + m(h.to(m.weight.dtype)).to(h.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What the artifact stores: ``delta.L`` # [E, E] and ``bias.L`` # [E] per exit layer L."""
