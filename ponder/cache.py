@@ -239,11 +239,12 @@ class KVCache:
         order = list(range(self.batch))
         holes = sorted(set(range(n)) - set(rows))
         movers = [r for r in rows if r >= n]
-        for hole, r in zip(holes, movers):
-            used = self.lengths[r]
-            for t in self.store[0] + self.store[1]:
-                t[hole, :, :used] = t[r, :, :used]
-            order[hole] = r
+        with torch.inference_mode(self.store[0][0].is_inference()):  # in-place writes keep the store's mode
+            for hole, r in zip(holes, movers):
+                used = self.lengths[r]
+                for t in self.store[0] + self.store[1]:
+                    t[hole, :, :used] = t[r, :, :used]
+                order[hole] = r
         order = order[:n]
         self.lengths = [self.lengths[r] for r in order]
         self.evicted = [self.evicted[r] for r in order]

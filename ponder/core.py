@@ -150,10 +150,20 @@ class EngineCore:
                 return True
         for b, r in enumerate(self.rows):
             if r.index == request_id:
-                self._keep([i for i in range(len(self.rows)) if i != b])
+                with torch.inference_mode():  # the batch cache's tensors were made in it (``step``)
+                    self._keep([i for i in range(len(self.rows)) if i != b])
                 self._ids.discard(request_id)
                 return True
         return False
+
+    def reset(self) -> None:
+        """Drop every request, waiting, prefilling or running, and the batch cache (after a failure whose state
+        cannot be trusted; the prefix cache holds only completed prefills and stays)."""
+        self.waiting.clear()
+        self.rows = []
+        self.cache = None
+        self.partial = None
+        self._ids.clear()
 
     def has_work(self) -> bool:
         return bool(self.rows or self.waiting or self.partial)

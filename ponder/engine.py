@@ -122,7 +122,11 @@ class Engine:
     """Batched, KV-cached generation with one model."""
 
     def __init__(self, loaded: Loaded, speculator: "Speculator | None" = None, kv: "KVPolicy | None" = None,
-                 depth: "DepthPolicy | None" = None) -> None:
+                 depth: "DepthPolicy | str | None" = None) -> None:
+        if isinstance(depth, str):  # a SPEC such as "exit:threshold=0.9:adapter=default"
+            from ponder.depth import make_policy
+
+            depth = make_policy(depth, loaded)
         if depth is not None and speculator is not None:
             raise PonderError(f"the {depth.name} depth policy changes which layers each token runs, so a verify "
                               "forward could not reproduce its tokens: use --depth without --speculate")

@@ -347,3 +347,24 @@ def test_batch_cache_store_moves_one_row_per_finish_and_keeps_every_rows_content
     assert cache.nbytes() == 2 * 2 * 4 * 16 * 2 * 4  # the store's rows are memory held
     cache.keep_rows([3, 0])  # the ordered path leaves the store
     assert cache.store is None and cache.lengths == [2, 3]
+
+
+def test_abort_of_a_row_in_the_batch_store_moves_the_last_row(cyclic) -> None:
+    """Rows that joined a running batch live in the store; aborting the first row (outside inference mode, as
+    the server's engine thread does) moves the last row into its place, and the others' tokens are unchanged."""
+    eng = Engine(cyclic)
+    core = eng.core(batch_size=4, prefill_chunk=64)
+    first = core.add_request(PROMPTS[0], SamplingParams(max_new_tokens=40, ignore_eos=True))
+    out: dict = {}
+    for ev in core.step():
+        out.setdefault(ev.row, []).extend(ev.token_ids)
+    others = [core.add_request(PROMPTS[i], PARAMS[i]) for i in (1, 2, 3)]
+    while len(core.rows) < 4:
+        for ev in core.step():
+            out.setdefault(ev.row, []).extend(ev.token_ids)
+    assert core.cache.store is not None  # the joins went into the store
+    assert core.abort(first)
+    assert core.rows[0].index == others[-1]  # the last row took the aborted row's place
+    rest = run(core, out)
+    for rid, i in zip(others, (1, 2, 3)):
+        assert rest[rid] == alone(eng, PROMPTS[i], PARAMS[i])

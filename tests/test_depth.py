@@ -235,3 +235,12 @@ def test_exit_adapters_in_any_float_dtype(tmp_path: Path, dtype: str) -> None:
     assert [c.output_ids for c in noop] == [c.output_ids for c in plain]
     with pytest.raises(PonderError, match="no map for layers"):
         make_policy(f"exit:layers=3:adapter={adapter}", loaded)
+
+
+def test_engine_takes_a_depth_spec(deep) -> None:
+    engine = Engine(deep, depth="static:layers=4")
+    assert engine.depth.name == "static" and engine.depth.spec == "static:layers=4"
+    out = engine.generate(PROMPTS[:1], GREEDY)
+    assert len(out[0].output_ids) == 20 and engine.depth.stats.mean_layers() == 4
+    with pytest.raises(PonderError, match="unknown depth policy"):
+        Engine(deep, depth="deepest")

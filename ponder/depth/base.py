@@ -191,8 +191,8 @@ def decode(model: Any, ids: torch.Tensor, cache: KVCache, policy: DepthPolicy, r
             out = x + block.mlp(block.mlp_norm(x))
             ffn_run += len(active)
         else:
-            out = x.clone()
             pick = run.nonzero().flatten()
+            out = x.clone() if len(pick) else x  # no row runs it: the residual stream passes unchanged
             if len(pick):
                 xs = x[pick]
                 out[pick] = xs + block.mlp(block.mlp_norm(xs))

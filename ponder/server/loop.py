@@ -141,8 +141,11 @@ class EngineLoop:
                     future.set_exception(e)
             else:
                 _, rid = item
-                if self.core.abort(rid):
-                    self._done(rid)
+                try:
+                    if self.core.abort(rid):
+                        self._done(rid)
+                except Exception as e:  # as a failed step: the requests in flight fail, the server goes on
+                    self._fail_all(e)
 
     def _done(self, rid: Hashable) -> None:
         if self._sinks.pop(rid, None) is not None:
@@ -150,10 +153,11 @@ class EngineLoop:
                 self._pending -= 1
 
     def _fail_all(self, error: Exception) -> None:
+        """Every request in flight gets ``error``; the core starts over empty (its state may be what failed)."""
         for rid, sink in list(self._sinks.items()):
-            self.core.abort(rid)
             _deliver(sink, error)
             self._done(rid)
+        self.core.reset()
 
 
 def _deliver(sink: Sink, item: Any) -> None:
