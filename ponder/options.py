@@ -3,9 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from ponder.errors import PonderError
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A registered technique (a KV policy, a depth policy): its options dataclass, its constructor, one line."""
+
+    options: type
+    build: Callable[[Any], Any]
+    help: str
+
+
+def parse_spec(text: str, kind: str, names: Iterable[str]) -> tuple[str, dict[str, str]]:
+    """``name[:key=value...]`` -> (name, raw options); a one-line ``PonderError`` naming ``kind`` ("KV-cache
+    policy", "depth policy") for an unknown name or an option not written key=value."""
+    names = list(names)
+    name, *parts = text.strip().split(":")
+    if name not in names:
+        raise PonderError(f"unknown {kind} {name!r} in {text!r}: choose from {', '.join(names)}")
+    raw: dict[str, str] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise PonderError(f"bad option {part!r} for {kind} {name!r}: write key=value")
+        raw[key] = value
+    return name, raw
 
 _KINDS = {"int": int, "float": float, "bool": bool, "str": str}
 

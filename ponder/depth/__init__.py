@@ -8,24 +8,16 @@ full model exactly (``static`` / ``skipdecode`` with their defaults, ``exit:thre
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ponder import options as options_mod
 from ponder.depth.base import DepthPolicy, DepthRow, DepthStats, decode
-from ponder.errors import PonderError
 
 
-@dataclass(frozen=True)
-class Entry:
-    options: type
-    build: Callable[[Any], DepthPolicy]
-    help: str
-
-
-def _registry() -> dict[str, Entry]:
+def _registry() -> dict[str, options_mod.Entry]:
     from ponder.depth import exit, ffn_skip, skipdecode, static
 
+    Entry = options_mod.Entry
     return {
         "static": Entry(static.StaticOptions, static.StaticExit, "every token runs the first N layers (baseline)"),
         "skipdecode": Entry(skipdecode.SkipDecodeOptions, skipdecode.SkipDecode,
@@ -43,17 +35,8 @@ def policy_names() -> list[str]:
 
 def validate(text: str) -> DepthPolicy:
     """The (unbound) policy a SPEC names: a one-line ``PonderError`` for unknown names or options."""
-    name, *parts = text.strip().split(":")
-    reg = _registry()
-    if name not in reg:
-        raise PonderError(f"unknown depth policy {name!r} in {text!r}: choose from {', '.join(reg)}")
-    raw: dict[str, str] = {}
-    for part in parts:
-        key, eq, value = part.partition("=")
-        if not eq or not key:
-            raise PonderError(f"bad option {part!r} for depth policy {name!r}: write key=value")
-        raw[key] = value
-    entry = reg[name]
+    name, raw = options_mod.parse_spec(text, "depth policy", _registry())
+    entry = _registry()[name]
     policy = entry.build(options_mod.build(entry.options, raw, text))
     policy.spec = text.strip()
     return policy

@@ -291,7 +291,7 @@ def markdown(s: dict[str, Any]) -> str:
         for t, v in s["router"].items():
             lines.append(f"| {t} | {v['top1_agreement']:.1%} | {v['mean_layers']:.2f} |")
         best = s["router_best_at_95"]
-        lines += ["", f"Cheapest router setting at >= 95% agreement: "
+        lines += ["", "Cheapest router setting at >= 95% agreement: "
                       + (f"threshold {best}, {s['router'][best]['mean_layers']:.2f} layers" if best else "none")
                       + f"; oracle (adapters): {s['oracle_mean_layers_adapter']:.2f} layers at 100%."]
     so = s["skip_oracle"]

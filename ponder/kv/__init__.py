@@ -8,24 +8,14 @@ and takes ``bits``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 from ponder import options as options_mod
-from ponder.errors import PonderError
 from ponder.kv.base import KVHook, KVOptions, KVPolicy, KVState
 
 
-@dataclass(frozen=True)
-class Entry:
-    options: type
-    build: Callable[[object], KVPolicy]
-    help: str
-
-
-def _registry() -> dict[str, Entry]:
+def _registry() -> dict[str, options_mod.Entry]:
     from ponder.kv import h2o, quant, snapkv, streaming, tokenselect
 
+    Entry = options_mod.Entry
     return {
         "streaming": Entry(streaming.StreamingOptions, streaming.Streaming, "attention sinks + recent window (2309.17453)"),
         "h2o": Entry(h2o.H2OOptions, h2o.H2O, "heavy hitters by accumulated attention + recent window (2306.14048)"),
@@ -41,17 +31,7 @@ def policy_names() -> list[str]:
 
 
 def parse(text: str) -> tuple[str, dict[str, str]]:
-    name, *parts = text.strip().split(":")
-    reg = _registry()
-    if name not in reg:
-        raise PonderError(f"unknown KV-cache policy {name!r} in {text!r}: choose from {', '.join(reg)}")
-    raw: dict[str, str] = {}
-    for part in parts:
-        key, eq, value = part.partition("=")
-        if not eq or not key:
-            raise PonderError(f"bad option {part!r} for KV-cache policy {name!r}: write key=value")
-        raw[key] = value
-    return name, raw
+    return options_mod.parse_spec(text, "KV-cache policy", _registry())
 
 
 def make_policy(text: str, ratio: float | None = None, budget: int | None = None) -> KVPolicy:
