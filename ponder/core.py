@@ -150,8 +150,7 @@ class EngineCore:
                 return True
         for b, r in enumerate(self.rows):
             if r.index == request_id:
-                with torch.inference_mode():  # the batch cache's tensors were made in it (``step``)
-                    self._keep([i for i in range(len(self.rows)) if i != b])
+                self._keep([i for i in range(len(self.rows)) if i != b])
                 self._ids.discard(request_id)
                 return True
         return False
