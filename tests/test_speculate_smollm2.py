@@ -25,10 +25,10 @@ def reference(smollm2) -> dict[int, list[list[int]]]:
 
 
 @pytest.mark.parametrize("spec", ["pld", "lookahead", "recycling", "pld+recycling",
-                                  # early-exit keeps whichever of drafting and plain steps measured faster: retrying
-                                  # drafting every other step makes its drafts certain on a loaded machine (a CI run
-                                  # drafted 5 tokens and kept none)
-                                  "early-exit:explore=2",
+                                  # early-exit: the draft policy sizes trees from measured verify costs, and two loaded
+                                  # clean-clone runs drafted 5 tokens and kept none: a fixed tree policy (adaptive=false,
+                                  # min_prob=0) and retrying drafting every other step make its drafts certain
+                                  "early-exit:adaptive=false:min_prob=0:explore=2",
                                   # the trained drafters, with the artifacts that ship with ponder; explore=0: they
                                   # draft at every step, whatever the policy's gate measures on this machine
                                   "head:explore=0", "medusa:explore=0", "head+pld:explore=0",
