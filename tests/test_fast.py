@@ -10,7 +10,7 @@ from test_speculate_core import PROMPTS, drafted_and_accepted
 
 import ponder
 from ponder.engine import Engine
-from ponder.model.fast import FastPath
+from ponder.model.fast import FastPath, ragged_decode_attention
 from ponder.sampling import SamplingParams
 from ponder.speculate import make_speculator
 
@@ -55,6 +55,27 @@ def test_greedy_speculation_is_lossless_on_the_fast_path(tiny_dir: Path, cyclic_
                 drafted, accepted = drafted_and_accepted(out)
                 assert drafted > 0 and accepted > 0, (spec, size, drafted, accepted)
         assert target.model.fast.forwards > 0 and not target.model.fast.fallbacks
+
+
+def test_ragged_decode_reads_each_row_alone(tiny_dir: Path) -> None:
+    """A ragged decode step attends row by row over each row's own slots (the eager layer's way), inside the
+    compiled graph: the operator equals a masked attention over the longest row, and plain greedy decoding of
+    prompts of different lengths in one compiled q4 batch equals each prompt decoded alone."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 2, 3, 16, generator=g, dtype=torch.float64)
+    keys, values = (torch.randn(3, 2, 40, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    reads = torch.tensor([7, 40, 23])
+    mask = (torch.arange(40)[None] < reads[:, None])[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    got = ragged_decode_attention(q, keys, values, reads)
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-12)
+    target = ponder.load(str(tiny_dir), "q4", compile=True)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    alone = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=1)]
+    assert len({len(p) for p in PROMPTS}) > 1  # the batch is ragged
+    together = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=len(PROMPTS))]
+    assert together == alone
+    assert target.model.fast.forwards > 0 and not target.model.fast.fallbacks
 
 
 def test_kv_policies_run_eagerly_and_say_so(tiny_dir: Path) -> None:

@@ -15,8 +15,12 @@ SmolLM2's 30 layers; groups of 5 cut that to a sixth (measured on an AMD EPYC, 2
 prefix, alternating rounds: 8.3 -> 7.3 ms), while a graph of all 30 layers compiles ~5x longer for less (7.6 ms).
 
 What it covers: every forward that attends in the cache's dtype (decode steps and speculation's verify forwards,
-equal or ragged rows, tree and sliding-window masks; a ragged decode step attends under a mask where the eager layer
-calls attention once per row). Prefills run the eager layers (they are the same for plain and speculative decoding,
+equal or ragged rows, tree and sliding-window masks). A ragged decode step (rows of different lengths, one token
+each: every step of a continuously batched server) attends row by row over each row's own slots, as the eager layer
+does, through ``ragged_decode_attention``, an operator of ponder's own that the compiled graph calls like any
+kernel. Attending under a mask over the longest row instead made every row read the longest row's K/V: in a batch
+of 8-16 Spec-Bench prompts of 50-2,000 tokens that cost more than it saved (q4, AMD EPYC: 67-89 tokens/s compiled
+against 102-125 eager; measured with ``tests``' figures in docs/performance.md). Prefills run the eager layers (they are the same for plain and speculative decoding,
 and one row at a time), and so do forwards with a KV-cache policy's hook or per-head holes: ``FastPath.fallbacks``
 counts those by reason so the bench can say so. So a generation never switches between compiled and eager decode
 steps, whose last bits may differ.
@@ -37,13 +41,34 @@ from torch import nn
 from ponder.model.rope import apply_rope
 
 
+@torch.library.custom_op("ponder::ragged_decode_attention", mutates_args=())
+def ragged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
+    """One query group per row, q # [B, Hkv, G, D], over keys/values # [B, Hkv, S, D], row b reading slots
+    [0, reads[b]) only (reads # [B] int64 on the CPU) -> # [B, Hkv, G, D]: the eager layer's ragged decode
+    (``llama._attend``), one attention call per row, as an operator a compiled graph can call."""
+    out = [
+        F.scaled_dot_product_attention(q[b : b + 1], keys[b : b + 1, :, :n], values[b : b + 1, :, :n])
+        for b, n in enumerate(reads.tolist())
+    ]
+    return torch.cat(out)
+
+
+@ragged_decode_attention.register_fake
+def _ragged_decode_attention_shape(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, reads: torch.Tensor,
+) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
 def layer_step(
     blk: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     start: int | None, slots: torch.Tensor | None, read_len: int, mask: torch.Tensor | None,
+    reads: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoder layer on h # [B, T, E]: K/V go to slots [start, start + T) of every row of kc/vc
     # [B, Hkv, S, D], or to ``slots`` # [B, T] (ragged rows); attention reads slots [0, read_len) under ``mask``
-    # [B, 1, T, S] (verify forwards, ragged decode), or unmasked (one-token decode steps of equal rows)."""
+    # [B, 1, T, S] (verify forwards), row b its slots [0, reads[b]) (ragged decode: one token per row, reads # [B]),
+    # or unmasked (one-token decode steps of equal rows)."""
     attn = blk.attn
     B, T, _ = h.shape
     H, Hkv, D = attn.n_heads, attn.n_kv, attn.head_dim
@@ -59,7 +84,9 @@ def layer_step(
         vc[rows, :, slots] = v.to(vc.dtype)
     keys, values = kc[:, :, :read_len], vc[:, :, :read_len]
     q = q.to(kc.dtype)
-    if mask is None:  # one query per row: fold each KV head's query group (as llama._attend does)
+    if reads is not None:  # ragged decode: each row over its own slots (as llama._attend does)
+        out = ragged_decode_attention(q.view(B, Hkv, H // Hkv, D), keys, values, reads).view(B, 1, H, D)
+    elif mask is None:  # one query per row: fold each KV head's query group (as llama._attend does)
         out = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys, values).view(B, 1, H, D)
     else:
         out = F.scaled_dot_product_attention(
@@ -75,12 +102,13 @@ GROUP = 5  # layers per compiled call (module doc)
 def group_step(
     blocks: list[nn.Module], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ks: list[torch.Tensor],
     vs: list[torch.Tensor], start: int | None, slots: torch.Tensor | None, read_len: int, mask: torch.Tensor | None,
+    reads: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """``layer_step`` through consecutive layers ``blocks`` with their caches ``ks``/``vs``; every layer's output
     (always all of them, so a forward that captures hidden states runs the very graph one that does not runs)."""
     outs = []
     for blk, kc, vc in zip(blocks, ks, vs):
-        h = layer_step(blk, h, cos, sin, kc, vc, start, slots, read_len, mask)
+        h = layer_step(blk, h, cos, sin, kc, vc, start, slots, read_len, mask, reads)
         outs.append(h)
     return outs
 
@@ -125,17 +153,15 @@ class FastPath:
             # reading every slot makes the cache slice the whole tensor, which compiles a graph of its own (and
             # recompiles the general one after it): keep one spare slot instead (a copy, only for such a forward)
             cache.reserve(ctx.read_len + 1)
-        mask = ctx.mask
-        if ctx.row_read is not None:  # ragged decode: each row reads its own slots (eager: one SDPA call per row)
-            reads = torch.tensor(ctx.row_read, device=h.device)
-            mask = (torch.arange(ctx.read_len, device=h.device)[None] < reads[:, None])[:, None, None, :]
+        # ragged decode: each row reads its own slots (``ragged_decode_attention``, as the eager layer does)
+        reads = None if ctx.row_read is None else torch.tensor(ctx.row_read)
         if capture is not None and start in capture:
             capture[start] = h
         a = start
         while a < end:
             b = min((a // self.group + 1) * self.group, end)
             outs = self.step(list(model.layers[a:b]), h, ctx.cos, ctx.sin, list(cache.k[a:b]), list(cache.v[a:b]),
-                             ctx.write_start, ctx.slots, ctx.read_len, mask)
+                             ctx.write_start, ctx.slots, ctx.read_len, ctx.mask, reads)
             if capture is not None:
                 for i, out in enumerate(outs):
                     if a + i + 1 in capture:
