@@ -18,12 +18,14 @@ What it covers: every forward that attends in the cache's dtype (decode steps an
 equal or ragged rows, tree and sliding-window masks). A ragged decode step (rows of different lengths, one token
 each: every step of a continuously batched server) attends row by row over each row's own slots, as the eager layer
 does, through ``ragged_decode_attention``, an operator of ponder's own that the compiled graph calls like any
-kernel. Attending under a mask over the longest row instead made every row read the longest row's K/V: in a batch
-of 8-16 Spec-Bench prompts of 50-2,000 tokens that cost more than it saved (q4, AMD EPYC: 67-89 tokens/s compiled
-against 102-125 eager; measured with ``tests``' figures in docs/performance.md). Prefills run the eager layers (they are the same for plain and speculative decoding,
-and one row at a time), and so do forwards with a KV-cache policy's hook or per-head holes: ``FastPath.fallbacks``
-counts those by reason so the bench can say so. So a generation never switches between compiled and eager decode
-steps, whose last bits may differ.
+kernel. Attending under one mask over the longest row instead made every row read the longest row's K/V: continuous
+batching of 32 Spec-Bench prompts (q4, AMD EPYC, 2 threads) ran 88.5 / 67.0 tokens/s at batch 8 / 16 that way and
+116.3 / 99.6 row by row (docs/architecture.md).
+
+Prefills run the eager layers (they are the same for plain and speculative decoding, and one row at a time), and so
+do forwards with a KV-cache policy's hook or per-head holes: ``FastPath.fallbacks`` counts those by reason so the
+bench can say so. So a generation never switches between compiled and eager decode steps, whose last bits may
+differ.
 
 Numerics: the same operators in the same order; fusion keeps fp32 elementwise results (tests/test_fast.py checks
 decode and verify against eager, and the lossless matrix runs on it).
@@ -42,7 +44,9 @@ from ponder.model.rope import apply_rope
 
 
 @torch.library.custom_op("ponder::ragged_decode_attention", mutates_args=())
-def ragged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
+def ragged_decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, reads: torch.Tensor,
+) -> torch.Tensor:
     """One query group per row, q # [B, Hkv, G, D], over keys/values # [B, Hkv, S, D], row b reading slots
     [0, reads[b]) only (reads # [B] int64 on the CPU) -> # [B, Hkv, G, D]: the eager layer's ragged decode
     (``llama._attend``), one attention call per row, as an operator a compiled graph can call."""
