@@ -263,12 +263,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise PonderError(f"{name} must be >= {low}, got {value}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("PONDER_API_KEY") or None
     loaded = ponder.load(args.model, args.dtype, compile=args.compile)
-    speculator = None
-    if args.speculate:
-        from ponder.speculate import make_speculator
+    from ponder.speculate import make_speculator
 
-        speculator = make_speculator(args.speculate, loaded)
+    speculator = make_speculator(args.speculate, loaded) if args.speculate else None
     engine = Engine(loaded, speculator, _kv_policy(args))
+    if args.compile:  # compile before serving (on a throwaway engine: the speculator's statistics stay clean)
+        print("ponder serve: compiling the fast path (a minute or two in the first process on a machine, seconds "
+              "after) ...", file=sys.stderr, flush=True)
+        scratch = Engine(loaded, make_speculator(args.speculate, loaded) if args.speculate else None)
+        print(f"ponder serve: compiled in {scratch.warm_up():.0f} s", file=sys.stderr, flush=True)
     loop = EngineLoop(engine, args.batch_size, args.max_queue, args.prefill_chunk or None,
                       args.prefix_cache_mb << 20, args.max_kv_mb << 20 if args.max_kv_mb is not None else None)
     app = create_app(loop, args.served_model_name or args.model, api_key, args.max_body_kb * 1024, args.speculate,

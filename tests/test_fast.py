@@ -78,6 +78,23 @@ def test_ragged_decode_reads_each_row_alone(tiny_dir: Path) -> None:
     assert target.model.fast.forwards > 0 and not target.model.fast.fallbacks
 
 
+def test_warm_up_compiles_what_serving_meets(tiny_dir: Path, cyclic_dir: Path) -> None:
+    """``Engine.warm_up`` compiles the graphs of one row, equal rows, ragged rows and verify forwards, so that later
+    generations (plain and speculative, any batch) compile nothing; without a fast path it does nothing."""
+    from torch._dynamo.utils import counters
+
+    assert Engine(ponder.load(str(tiny_dir), "q4")).warm_up() == 0.0
+    target = ponder.load(str(cyclic_dir), "q4", compile=True)
+    assert Engine(target, make_speculator("pld:explore=0", target)).warm_up() > 0
+    graphs = counters["stats"]["unique_graphs"]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    for spec in (None, "pld:explore=0"):
+        eng = Engine(target, None if spec is None else make_speculator(spec, target))
+        for size in (1, 3, 4):
+            eng.generate(PROMPTS, params, batch_size=size)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_kv_policies_run_eagerly_and_say_so(tiny_dir: Path) -> None:
     from ponder.kv import make_policy
 
