@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ponder.model.llama import attend_rows
 from ponder.model.rope import apply_rope
 
 
@@ -47,14 +48,9 @@ from ponder.model.rope import apply_rope
 def ragged_decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, reads: torch.Tensor,
 ) -> torch.Tensor:
-    """One query group per row, q # [B, Hkv, G, D], over keys/values # [B, Hkv, S, D], row b reading slots
-    [0, reads[b]) only (reads # [B] int64 on the CPU) -> # [B, Hkv, G, D]: the eager layer's ragged decode
-    (``llama._attend``), one attention call per row, as an operator a compiled graph can call."""
-    out = [
-        F.scaled_dot_product_attention(q[b : b + 1], keys[b : b + 1, :, :n], values[b : b + 1, :, :n])
-        for b, n in enumerate(reads.tolist())
-    ]
-    return torch.cat(out)
+    """The eager layer's ragged decode (``llama.attend_rows``: one attention call per row over its own slots, reads
+    # [B] int64 on the CPU) as an operator a compiled graph can call."""
+    return attend_rows(q, keys, values, reads.tolist())
 
 
 @ragged_decode_attention.register_fake

@@ -87,16 +87,7 @@ def _attend(
             if holes is not None:
                 mask = ~holes[:, :, None, :] if mask is None else mask & ~holes[:, :, None, :]
             return F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask).view(B, 1, H, D)
-        # Ragged rows: each row reads only its own valid slots instead of the longest row's span under a mask,
-        # which for mixed prompt lengths cuts the K/V bytes read several-fold.
-        out = [
-            F.scaled_dot_product_attention(
-                qg[b : b + 1], keys[b : b + 1, :, :n], values[b : b + 1, :, :n],
-                attn_mask=None if holes is None else ~holes[b : b + 1, :, None, :n],
-            )
-            for b, n in enumerate(ctx.row_read)
-        ]
-        return torch.cat(out).view(B, 1, H, D)
+        return attend_rows(qg, keys, values, ctx.row_read, holes).view(B, 1, H, D)
     mask, causal = ctx.mask, ctx.causal
     if holes is not None:
         held = (~holes).repeat_interleave(group, dim=1)[:, :, None, :]  # [B, H, 1, S]
@@ -108,6 +99,22 @@ def _attend(
         q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, enable_gqa=group > 1
     )
     return out.transpose(1, 2)
+
+
+def attend_rows(
+    qg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, reads: list[int], holes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Ragged decode: one query group per row, qg # [B, Hkv, G, D], over keys/values # [B, Hkv, S, D], row b reading
+    only its own valid slots [0, reads[b]) -> # [B, Hkv, G, D]. Instead of the longest row's span under a mask: for
+    mixed prompt lengths that cuts the K/V bytes read several-fold. ``holes`` as in ``_attend``."""
+    out = [
+        F.scaled_dot_product_attention(
+            qg[b : b + 1], keys[b : b + 1, :, :n], values[b : b + 1, :, :n],
+            attn_mask=None if holes is None else ~holes[b : b + 1, :, None, :n],
+        )
+        for b, n in enumerate(reads)
+    ]
+    return torch.cat(out)
 
 
 class MLP(nn.Module):
