@@ -2,8 +2,9 @@
 behind ``ponder.depth.base``'s seam.
 
 A policy SPEC is ``name[:key=value...]``: ``static:layers=24``, ``skipdecode:end=22:span=128``,
-``exit:threshold=0.9:measure=softmax:adapter=default``, ``ffn-skip:skip=4``. Each has a no-op setting that runs the
-full model exactly (``static`` / ``skipdecode`` with their defaults, ``exit:threshold=2``, ``ffn-skip:skip=0``).
+``exit:threshold=0.9:measure=softmax:adapter=default``, ``ffn-skip:skip=4``, ``duo:threshold=0.1``. Each has a no-op
+setting that runs the full model exactly (``static`` / ``skipdecode`` with their defaults, ``exit:threshold=2``,
+``ffn-skip:skip=0``, ``duo:threshold=0``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ponder.depth.base import DepthPolicy, DepthRow, DepthStats, decode
 
 
 def _registry() -> dict[str, options_mod.Entry]:
-    from ponder.depth import exit, ffn_skip, skipdecode, static
+    from ponder.depth import duo, exit, ffn_skip, skipdecode, static
 
     Entry = options_mod.Entry
     return {
@@ -26,6 +27,8 @@ def _registry() -> dict[str, options_mod.Entry]:
                       "confidence exits at candidate layers with K/V fill (CALM, 2207.07061)"),
         "ffn-skip": Entry(ffn_skip.FFNSkipOptions, ffn_skip.FFNSkip,
                           "skip the most saturated FFN blocks after a warm-up (2404.03865)"),
+        "duo": Entry(duo.DuoOptions, duo.DuoRoute,
+                     "a trained router picks the big FFN, a small distilled one or none per token (2410.10846)"),
     }
 
 

@@ -2,8 +2,8 @@
 
 A ``DepthPolicy`` answers, for one decode step of a batch, three questions the runner (``decode``) asks as it goes
 up the layers: how many layers a row runs at most this step (``budgets``: static exits, SkipDecode's schedule),
-whether a row stops after a candidate layer (``should_exit``: CALM's confidence exits), and which rows run a layer's
-FFN block (``ffn_rows``: FFN skipping). Rows that stop leave the batch; the rows that go on run the remaining layers
+whether a row stops after a candidate layer (``should_exit``: CALM's confidence exits), and how a layer's FFN block
+runs for each row (``run_ffn``: the full block, skipped (FFN skipping), or a small one (Duo-LLM's routes)). Rows that stop leave the batch; the rows that go on run the remaining layers
 as a smaller batch. Prompts are always prefilled at full depth; only decode steps are adaptive.
 
 Glossary
@@ -14,7 +14,8 @@ Glossary
   the layer's cost: its norm and QKV matmul). Policies whose exits only ever get shallower along a row (SkipDecode,
   static exits) never need it: no later token of the row runs a layer this token skipped. The runner checks that
   promise (``DepthRow.floor``) and refuses a policy that breaks it without filling.
-- **compute**: attention blocks and FFN blocks run per decoded token (``DepthStats``), against the model's L each.
+- **compute**: attention blocks and FFN blocks run per decoded token (``DepthStats``), against the model's L each
+  (small FFN blocks counted apart, weighed by their share of a full block's weights).
 
 The no-op settings (budgets of L, no candidate layer, no FFN skipped) run exactly the plain decode's operations.
 """
@@ -48,7 +49,9 @@ class DepthStats:
 
     tokens: int = 0
     attention_blocks: int = 0
-    ffn_blocks: int = 0
+    ffn_blocks: int = 0  # full FFN blocks
+    small_ffn_blocks: int = 0  # small FFN blocks (Duo-LLM's small modules), each ``small_share`` of a full one
+    small_share: float = 0.0
     exits: dict[int, int] = field(default_factory=dict)  # exit layer -> tokens (L: ran every layer)
 
     def mean_layers(self) -> float:
@@ -57,17 +60,21 @@ class DepthStats:
     def mean_ffn(self) -> float:
         return self.ffn_blocks / self.tokens if self.tokens else 0.0
 
+    def mean_small(self) -> float:
+        return self.small_ffn_blocks / self.tokens if self.tokens else 0.0
+
     def weight_share(self, n_layers: int, attn_params: int, ffn_params: int) -> float:
         """The share of the layers' weights decoded tokens ran, on average (an FFN block weighs more than an
         attention block: on SmolLM2 3x)."""
         if not self.tokens or not n_layers:
             return 0.0
-        run = self.mean_layers() * attn_params + self.mean_ffn() * ffn_params
+        run = self.mean_layers() * attn_params + (self.mean_ffn() + self.mean_small() * self.small_share) * ffn_params
         return run / (n_layers * (attn_params + ffn_params))
 
     def as_dict(self, n_layers: int, attn_params: int = 1, ffn_params: int = 1) -> dict[str, Any]:
         return {"tokens": self.tokens, "mean_attention_blocks": round(self.mean_layers(), 3),
                 "mean_ffn_blocks": round(self.mean_ffn(), 3), "layers": n_layers,
+                **({"mean_small_ffn_blocks": round(self.mean_small(), 3)} if self.small_share else {}),
                 "weight_share": round(self.weight_share(n_layers, attn_params, ffn_params), 4),
                 "exits": {str(k): v for k, v in sorted(self.exits.items())}}
 
@@ -114,6 +121,21 @@ class DepthPolicy:
         """Which of ``rows`` run layer ``layer``'s FFN block # [n] bool; None: all of them."""
         return None
 
+    def run_ffn(self, layer: int, block: Any, x: torch.Tensor, rows: list[DepthRow]) -> tuple[torch.Tensor, int, int]:
+        """Layer ``layer``'s FFN block on the rows' residual states x # [n, 1, E] after attention: (the residual
+        state after the block # [n, 1, E], rows that ran the full FFN, rows that ran a small one). This one runs
+        the full block on the rows ``ffn_rows`` picks and passes the others' residual stream through unchanged."""
+        run = self.ffn_rows(layer, rows)
+        if run is None or bool(run.all()):
+            return x + block.mlp(block.mlp_norm(x)), len(rows), 0
+        pick = run.nonzero().flatten()
+        if not len(pick):  # no row runs it: the residual stream passes unchanged
+            return x, 0, 0
+        out = x.clone()
+        xs = x[pick]
+        out[pick] = xs + block.mlp(block.mlp_norm(xs))
+        return out, len(pick), 0
+
     def skips_ffn(self, rows: list[DepthRow]) -> bool:
         """Whether ``ffn_rows`` may skip anything for these rows this step (False: the step can run as plain)."""
         return False
@@ -152,7 +174,7 @@ def decode(model: Any, ids: torch.Tensor, cache: KVCache, policy: DepthPolicy, r
     exit_at = [L] * B
     logits: list[torch.Tensor | None] = [None] * B
     active = list(range(B))
-    ffn_run = 0
+    ffn_run = small_run = 0
     prev = h  # the state one layer below h (hidden-state saturation compares them)
     for layer in range(L + 1):
         stop = [i for i in active if budgets[i] <= layer or layer == L]
@@ -186,17 +208,9 @@ def decode(model: Any, ids: torch.Tensor, cache: KVCache, policy: DepthPolicy, r
         sub_h = h if full else h[active]
         sub_ctx, sub_cache = (ctx, cache) if full else (subset_context(ctx, active), RowsView(cache, active))
         x = sub_h + block.attn(block.attn_norm(sub_h), sub_ctx, sub_cache, layer)
-        run = policy.ffn_rows(layer, [rows[i] for i in active])
-        if run is None or bool(run.all()):
-            out = x + block.mlp(block.mlp_norm(x))
-            ffn_run += len(active)
-        else:
-            pick = run.nonzero().flatten()
-            out = x.clone() if len(pick) else x  # no row runs it: the residual stream passes unchanged
-            if len(pick):
-                xs = x[pick]
-                out[pick] = xs + block.mlp(block.mlp_norm(xs))
-            ffn_run += len(pick)
+        out, big, small = policy.run_ffn(layer, block, x, [rows[i] for i in active])
+        ffn_run += big
+        small_run += small
         if measure and full:  # rows whose FFN did not run get cos = 1 (nothing changed), which observe ignores
             saturation[layer] = torch.nn.functional.cosine_similarity(x[:, -1], out[:, -1], dim=-1)
         prev = h
@@ -206,17 +220,18 @@ def decode(model: Any, ids: torch.Tensor, cache: KVCache, policy: DepthPolicy, r
             h = h.clone()
             h[active] = out
     cache.advance([1] * B)
-    _account(policy, rows, exit_at, ffn_run, saturation)
+    _account(policy, rows, exit_at, ffn_run, saturation, small_run)
     return torch.stack(logits)  # type: ignore[arg-type]
 
 
 def _account(policy: DepthPolicy, rows: list[DepthRow], exit_at: list[int], ffn_run: int,
-             saturation: dict[int, torch.Tensor]) -> None:
+             saturation: dict[int, torch.Tensor], small_run: int = 0) -> None:
     """A step's compute into the policy's statistics and each row's state, then the policy's own ``observe``."""
     st = policy.stats
     st.tokens += len(rows)
     st.attention_blocks += sum(exit_at)
     st.ffn_blocks += ffn_run
+    st.small_ffn_blocks += small_run
     for e in exit_at:
         st.exits[e] = st.exits.get(e, 0) + 1
     for r, e in zip(rows, exit_at):

@@ -26,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
     data.set_defaults(distill_func=cmd_data)
 
     train = sub.add_parser("train", help="train an artifact on distill data")
-    train.add_argument("kind", choices=["head", "medusa", "exits"],
-                       help="head: an EAGLE-style draft head; medusa: Medusa-1 heads; exits: exit adapters")
+    train.add_argument("kind", choices=["head", "medusa", "exits", "duo"],
+                       help="head: an EAGLE-style draft head; medusa: Medusa-1 heads; exits: exit adapters; "
+                            "duo: small FFNs and routers for --depth duo")
     _common(train, default_model)
     train.add_argument("--data", default="", help="distill data directory (default: the model's)")
     train.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (default 8192)")
@@ -35,8 +36,11 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
     train.add_argument("--heads", type=int, default=4, help="medusa: heads, i.e. draft depth (default 4)")
     train.add_argument("--layers", default="",
                        help="exits: candidate exit layers, e.g. 8,12,16,20,24 (default: those, scaled to the depth)")
-    train.add_argument("--positions", type=int, default=64,
-                       help="exits: positions per sequence trained on, drawn at random (0: all; default 64)")
+    train.add_argument("--positions", type=int, default=None,
+                       help="exits, duo: positions per sequence trained on, drawn at random (0: all; default 64 for "
+                            "exits, 48 answer positions for duo)")
+    train.add_argument("--width", type=int, default=64, help="duo: the small FFNs' width (default 64)")
+    train.add_argument("--batch", type=int, default=256, help="duo: positions per optimizer step (default 256)")
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--accum", type=int, default=1,
@@ -86,8 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.vocab < 1 or args.steps < 1 or args.epochs < 1 or args.lr <= 0 or args.accum < 1 or args.max_len < 8:
         raise PonderError("train needs --vocab, --steps, --epochs, --accum >= 1, --lr > 0 and --max-len >= 8")
-    if args.heads < 1 or args.positions < 0:
-        raise PonderError("train needs --heads >= 1 and --positions >= 0")
+    if args.heads < 1 or (args.positions or 0) < 0 or args.width < 1 or args.batch < 1:
+        raise PonderError("train needs --heads, --width, --batch >= 1 and --positions >= 0")
     _layers(args.layers)  # a malformed list fails before the model loads
     loaded = ponder.load(args.model, args.dtype)
     data = Path(args.data).expanduser() if args.data else artifact_dir(loaded, "data")
@@ -122,7 +126,8 @@ def _train_medusa(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.N
 def _train_exits(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Namespace) -> tuple[dict, str]:
     from ponder.distill.exits import train_exits
 
-    recipe = train_exits(loaded, data, out, _layers(args.layers), args.positions, cfg, args.max_len,
+    positions = 64 if args.positions is None else args.positions
+    recipe = train_exits(loaded, data, out, _layers(args.layers), positions, cfg, args.max_len,
                          progress=not args.quiet)
     ev = recipe["heldback"]
     acc = ", ".join(f"{layer}: {b:.1%} -> {a:.1%}"
@@ -130,7 +135,21 @@ def _train_exits(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Na
     return recipe, f"held-back top-1 agreement with the full model by exit layer (identity -> adapter): {acc}"
 
 
-_TRAIN = {"head": _train_head, "medusa": _train_medusa, "exits": _train_exits}
+def _train_duo(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Namespace) -> tuple[dict, str]:
+    from ponder.distill.duo import train_duo
+
+    positions = 48 if args.positions is None else args.positions
+    recipe = train_duo(loaded, data, out, args.width, positions, cfg, min(args.max_len, 1024), args.batch,
+                       progress=not args.quiet)
+    ev = recipe["heldback"]
+    sweep = ", ".join(f"{r['threshold']}: {r['top1']:.1%} at {r['big_ffn']:.1f} big + {r['small_ffn']:.1f} small"
+                      for r in ev["sweep"])
+    return recipe, (f"held-back relative error, skip {ev['relative_error']['skip']:.3f}, small FFN "
+                    f"{ev['relative_error']['small']:.3f} (pruned start {ev['relative_error_pruned']['small']:.3f}); "
+                    f"router R^2 {ev['router_r2']}; top-1 agreement by threshold: {sweep}")
+
+
+_TRAIN = {"head": _train_head, "medusa": _train_medusa, "exits": _train_exits, "duo": _train_duo}
 
 
 def _layers(text: str) -> tuple[int, ...]:
