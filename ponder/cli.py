@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument("--max-new-tokens", type=int, default=128)
     depth.add_argument("--adapter", default="default",
                        help="exit adapters: default (the model's trained or shipped ones), none, or a directory")
+    depth.add_argument("--duo", default="auto",
+                       help="Duo-LLM modules for the route oracle: auto (the model's trained or shipped ones, if any), "
+                            "none, or a directory")
     depth.add_argument("--skip-positions", type=int, default=4, metavar="N",
                        help="sampled tokens per answer for the FFN- and layer-skip oracles (0: off)")
     depth.add_argument("--seed", type=int, default=0)
@@ -167,7 +170,8 @@ def cmd_analyze_depth(args: argparse.Namespace) -> int:
     cases = cases[: args.limit] if args.limit else cases
     loaded = ponder.load(args.model, args.dtype)
     prompts = [(c.category, c.turns[0]) for c in cases]
-    analysis = oracle.analyze(loaded, prompts, args.max_new_tokens, args.adapter, args.skip_positions, args.seed)
+    analysis = oracle.analyze(loaded, prompts, args.max_new_tokens, args.adapter, args.skip_positions, args.seed,
+                              duo=args.duo)
     out = Path(args.out)
     try:
         written = oracle.write(analysis, out)

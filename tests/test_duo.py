@@ -127,3 +127,44 @@ def test_errors(deep, trained, tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert main(["distill", "train", "duo", "--model", str(deep.path), "--data", str(tmp_path), "--width", "100000",
                  "--quiet"]) != 0
     assert "duo needs 1 <= width < the model's FFN width" in capsys.readouterr().err
+
+
+def test_routed_single_token_forward_matches_the_plain_ones(deep, trained) -> None:
+    """The oracle's routed forward: all-big is the full model, all-skip is the FFN-skip forward, and the cache's
+    entries at the routed position are restored."""
+    from ponder.depth.oracle import _single
+
+    duo, _ = load_duo(trained, deep.model)
+    model = deep.model
+    seq = torch.tensor([[4, 9, 13, 2, 8, 30, 31, 5]])
+    with torch.inference_mode():
+        cache = model.new_cache(1, 16)
+        model(seq, cache)
+        before = [k.clone() for k in cache.k]
+        for pos in (3, 6):
+            full = _single(model, cache, seq, pos, [], True)
+            assert _single(model, cache, seq, pos, [], True, lambda l, xn, a: 2, duo) == full
+            assert _single(model, cache, seq, pos, [], True, lambda l, xn, a: 0, duo) == \
+                _single(model, cache, seq, pos, list(range(6)), True)
+            _single(model, cache, seq, pos, [], True, lambda l, xn, a: 1, duo)
+        assert all(torch.equal(k, b) for k, b in zip(cache.k, before))
+
+
+def test_analyze_depth_reports_the_route_oracle_and_the_router(deep, trained, tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "out"
+    assert main(["analyze", "depth", "--model", str(deep.path), "--max-new-tokens", "8", "--limit", "3",
+                 "--adapter", "none", "--duo", str(trained), "--skip-positions", "2", "--out", str(out)]) == 0
+    s = json.loads((out / "depth.json").read_text())["summary"]
+    r = s["routes"]
+    assert r["tokens"] == 6 and r["small_share"] == 16 / deep.model.config.intermediate_size
+    assert r["oracle_big"] + r["oracle_small"] + r["oracle_skip"] == pytest.approx(6)
+    # the route oracle never needs more FFN compute than the skip oracle alone (it only turns big blocks small)
+    assert r["oracle_ffn_compute"] <= 6 - s["skip_oracle"]["mean_ffn_skippable"] + 1e-9
+    assert all(0 <= v["top1_agreement"] <= 1 and v["big"] + v["small"] <= 6 for v in r["router"].values())
+    assert "Duo-LLM routes on the same 6 tokens" in (out / "report.md").read_text()
+    # without modules for the model, the route oracle is off and the report says so
+    assert main(["analyze", "depth", "--model", str(deep.path), "--max-new-tokens", "4", "--limit", "1",
+                 "--adapter", "none", "--out", str(tmp_path / "bare")]) == 0
+    assert "the route oracle is off" in (tmp_path / "bare" / "report.md").read_text()

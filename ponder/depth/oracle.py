@@ -13,6 +13,11 @@ layer's state. Per answer token (the position whose next-token choice is an answ
   the most FFN blocks, and the most whole layers, that can be skipped for that token keeping the full model's
   top-1, skipping in order of the layer's saturation (cosine between its input and output states at that token,
   most saturated first) and searching the count by bisection: a greedy, ordered oracle, not the exhaustive one;
+- **route oracle** (Duo-LLM's big/small/skip routes, with the trained small FFNs of ``ponder distill train duo``),
+  on the same sampled positions: after the FFN-skip oracle's skips, the most remaining FFN blocks that can run
+  their small FFN instead (smallest error at that token first, bisection), and the **trained router** at a sweep of
+  thresholds on the same tokens (exact past): top-1 agreement and FFN compute (big blocks + small blocks weighed by
+  their width), next to the oracle's;
 - difficulty by Spec-Bench category and by **token class** (a heuristic stand-in for part of speech, since no
   tagger model can be downloaded here: punctuation, number, whitespace, function word, word start, word piece).
 
@@ -63,6 +68,8 @@ class TokenRecord:
     exit_adapter: int  # with adapters where they exist
     ffn_skippable: int | None = None  # skip oracles (sampled positions only)
     layers_skippable: int | None = None
+    route_small: int | None = None  # route oracle: FFN blocks that run small (after ffn_skippable skips)
+    router: dict[str, list[int]] | None = None  # duo router: threshold -> [agrees, big, small]
 
 
 @dataclass
@@ -71,10 +78,12 @@ class Analysis:
     adapter_layers: tuple[int, ...]
     tokens: list[TokenRecord] = field(default_factory=list)
     router: dict[float, list[int]] = field(default_factory=dict)  # threshold -> [agree, layers, tokens]
+    duo_share: float | None = None  # a small FFN's share of a big one's weights (None: no duo modules)
+    note: str = ""
 
 
 def analyze(loaded: Any, prompts: list[tuple[str, str]], max_new: int = 128, adapter: str = "default",
-            skip_positions: int = 4, seed: int = 0, progress: bool = True) -> Analysis:
+            skip_positions: int = 4, seed: int = 0, progress: bool = True, duo: str = "auto") -> Analysis:
     """Run the analysis over ``prompts`` ((category, text) pairs, chat-templated)."""
     from tqdm import tqdm
 
@@ -95,11 +104,13 @@ def analyze(loaded: Any, prompts: list[tuple[str, str]], max_new: int = 128, ada
     bar.close()
     answers = [done[i] for i in range(len(ids))]
     out = Analysis(L, tuple(adapters.layers) if adapters is not None else ())
+    modules = _duo(loaded, duo, out)
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(total=len(prompts), desc="analyze depth", unit="prompt", disable=not progress)
     for (category, _), prompt, answer in zip(prompts, ids, answers):
         if len(answer.output_ids) >= 2:
-            _one(model, adapters, engine.tokenizer, category, prompt, answer.output_ids, out, skip_positions, gen)
+            _one(model, adapters, engine.tokenizer, category, prompt, answer.output_ids, out, skip_positions, gen,
+                 modules)
         bar.update(1)
     bar.close()
     return out
@@ -113,8 +124,25 @@ def _adapters(loaded: Any, adapter: str) -> Any:
     return _load_adapters(adapter, loaded)
 
 
+def _duo(loaded: Any, duo: str, out: Analysis) -> Any:
+    """Duo-LLM's modules for the route oracle: ``auto`` (the model's own or shipped ones, if any), ``none``, or a
+    directory."""
+    from ponder.distill.duo import KIND, load_duo
+    from ponder.distill.train import trained_artifact
+
+    if duo == "none":
+        return None
+    path = trained_artifact(loaded, KIND) if duo in ("auto", "default") else Path(duo).expanduser()
+    if duo == "auto" and not (path / "weights.safetensors").exists():
+        out.note = "no duo modules for this model (`ponder distill train duo`): the route oracle is off"
+        return None
+    modules, recipe = load_duo(path, loaded.model)
+    out.duo_share = recipe["width"] / recipe["intermediate_size"]
+    return modules
+
+
 def _one(model: Any, adapters: Any, tokenizer: Any, category: str, prompt: list[int], answer: list[int],
-         out: Analysis, skip_positions: int, gen: torch.Generator) -> None:
+         out: Analysis, skip_positions: int, gen: torch.Generator, duo: Any = None) -> None:
     L = out.n_layers
     seq = torch.tensor([prompt + answer])
     P = len(prompt)
@@ -169,6 +197,8 @@ def _one(model: Any, adapters: Any, tokenizer: Any, category: str, prompt: list[
                                             == int(final[i]), len(order))
                 rec.layers_skippable = _bisect(lambda k: _single(model, cache, seq, pos, order[:k], ffn_only=False)
                                                == int(final[i]), len(order))
+                if duo is not None:
+                    _routes(model, duo, cache, seq, pos, order[: rec.ffn_skippable], int(final[i]), rec)
         out.tokens += records
 
 
@@ -198,9 +228,50 @@ def _bisect(keeps: Any, most: int) -> int:
     return lo
 
 
-def _single(model: Any, cache: Any, seq: torch.Tensor, pos: int, skipped: list[int], ffn_only: bool) -> int:
-    """The top-1 after token ``pos`` of ``seq`` when it skips the FFN blocks (or whole layers) ``skipped``,
-    attending to the full model's K/V of the tokens before it; the cache's own entries at ``pos`` are restored."""
+ROUTER_THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+def _routes(model: Any, duo: Any, cache: Any, seq: torch.Tensor, pos: int, skipped: list[int], want: int,
+            rec: TokenRecord) -> None:
+    """The route oracle and the duo router for token ``pos`` (see the module doc); ``skipped``: the FFN-skip
+    oracle's blocks, which stay skipped."""
+    from ponder.distill.duo import choose
+
+    errors: dict[int, float] = {}  # per layer, the small FFN's error at this token (measured on the full route)
+
+    def measure(layer: int, xn: torch.Tensor, a: torch.Tensor) -> int:
+        errors[layer] = float((model.layers[layer].mlp(xn) - duo.small(layer, xn)).norm() / a.norm())
+        return 2
+
+    _single(model, cache, seq, pos, [], True, measure, duo)
+    rest = sorted((layer for layer in range(len(model.layers)) if layer not in skipped), key=lambda l: errors[l])
+    drop = set(skipped)
+
+    def routed(k: int) -> int:
+        small = set(rest[:k])
+        return _single(model, cache, seq, pos, [], True, lambda l, xn, a: 0 if l in drop else 1 if l in small else 2,
+                       duo)
+
+    rec.route_small = _bisect(lambda k: routed(k) == want, len(rest))
+    rec.router = {}
+    for t in ROUTER_THRESHOLDS:
+        counts = [0, 0, 0]
+
+        def route(layer: int, xn: torch.Tensor, a: torch.Tensor) -> int:
+            r = int(choose(duo, layer, xn[0, -1:], a[0, -1:], t)[0])
+            counts[r] += 1
+            return r
+
+        agrees = _single(model, cache, seq, pos, [], True, route, duo) == want
+        rec.router[str(t)] = [int(agrees), counts[2], counts[1]]
+
+
+def _single(model: Any, cache: Any, seq: torch.Tensor, pos: int, skipped: list[int], ffn_only: bool,
+            route: Any = None, duo: Any = None) -> int:
+    """The top-1 after token ``pos`` of ``seq`` when it skips the FFN blocks (or whole layers) ``skipped``, or
+    routes each FFN block by ``route(layer, norm(a), a) -> 0 skip | 1 small | 2 big`` (the small FFNs of ``duo``),
+    attending to the full model's K/V of the tokens before it; the cache's own entries at ``pos``
+    are restored."""
     saved = [(k[:, :, pos].clone(), v[:, :, pos].clone()) for k, v in zip(cache.k, cache.v)]
     lengths = list(cache.lengths)
     cache.lengths = [pos]
@@ -212,7 +283,11 @@ def _single(model: Any, cache: Any, seq: torch.Tensor, pos: int, skipped: list[i
             if layer in drop and not ffn_only:
                 continue
             h = h + block.attn(block.attn_norm(h), ctx, cache, layer)
-            if layer not in drop:
+            if route is not None:
+                xn = block.mlp_norm(h)
+                r = route(layer, xn, h)
+                h = h + (block.mlp(xn) if r == 2 else duo.small(layer, xn) if r == 1 else 0)
+            elif layer not in drop:
                 h = h + block.mlp(block.mlp_norm(h))
         return int(model.logits(h)[0, -1].argmax())
     finally:
@@ -256,7 +331,8 @@ def summary(a: Analysis) -> dict[str, Any]:
         if v["top1_agreement"] >= 0.95 and (best is None or v["mean_layers"] < router[best]["mean_layers"]):
             best = t
     return {
-        "tokens": n, "layers": L, "adapter_layers": list(a.adapter_layers),
+        "tokens": n, "layers": L, "adapter_layers": list(a.adapter_layers), "note": a.note,
+        "routes": _route_summary(a, sampled),
         "share_by_layer_lens": share_by_layer("exit_lens"),
         "share_by_layer_adapter": share_by_layer("exit_adapter") if a.adapter_layers else None,
         "oracle_mean_layers_lens": mean("exit_lens", toks),
@@ -269,6 +345,25 @@ def summary(a: Analysis) -> dict[str, Any]:
                                                        if sampled else None)},
         "by": groups,
     }
+
+
+def _route_summary(a: Analysis, sampled: list[TokenRecord]) -> dict[str, Any] | None:
+    """The route oracle against the duo router (FFN compute: big blocks + small blocks x their weight share)."""
+    routed = [t for t in sampled if t.route_small is not None]
+    if a.duo_share is None or not routed:
+        return None
+    L, share, n = a.n_layers, a.duo_share, len(routed)
+    big = sum(L - t.ffn_skippable - t.route_small for t in routed) / n
+    small = sum(t.route_small for t in routed) / n
+    router = {}
+    for th in routed[0].router:
+        agree = sum(t.router[th][0] for t in routed) / n
+        rb = sum(t.router[th][1] for t in routed) / n
+        rs = sum(t.router[th][2] for t in routed) / n
+        router[th] = {"top1_agreement": agree, "big": rb, "small": rs, "ffn_compute": rb + rs * share}
+    return {"tokens": n, "small_share": share, "oracle_big": big, "oracle_small": small,
+            "oracle_skip": sum(t.ffn_skippable for t in routed) / n, "oracle_ffn_compute": big + small * share,
+            "router": router}
 
 
 def markdown(s: dict[str, Any]) -> str:
@@ -300,6 +395,18 @@ def markdown(s: dict[str, Any]) -> str:
                       f"{so['mean_ffn_skippable']:.2f} FFN blocks or {so['mean_layers_skippable']:.2f} whole layers "
                       f"of {L} can be skipped on average keeping top-1; {so['share_with_a_skippable_ffn']:.0%} of "
                       "tokens can skip at least one FFN block."]
+    r = s.get("routes")
+    if r:
+        lines += ["", f"Duo-LLM routes on the same {r['tokens']} tokens (FFN compute: big blocks + small blocks x "
+                      f"{r['small_share']:.3f}, of {L}): the oracle runs {r['oracle_big']:.2f} big, "
+                      f"{r['oracle_small']:.2f} small and skips {r['oracle_skip']:.2f} FFN blocks "
+                      f"({r['oracle_ffn_compute']:.2f}) keeping top-1; the trained router:", "",
+                  "| threshold | top-1 agreement | big | small | FFN compute |", "|---|---|---|---|---|"]
+        for t, v in r["router"].items():
+            lines.append(f"| {t} | {v['top1_agreement']:.1%} | {v['big']:.2f} | {v['small']:.2f} | "
+                         f"{v['ffn_compute']:.2f} |")
+    if s.get("note"):
+        lines += ["", f"Note: {s['note']}."]
     for name, per in s["by"].items():
         lines += ["", f"Difficulty by {name} (mean earliest exit layer):", "",
                   f"| {name} | tokens | logit lens | adapters |", "|---|---|---|---|"]
