@@ -26,13 +26,14 @@ test: install
 bench-quick: install
 	$(PYTHON) -m ponder bench --suite builtin --methods baseline,hf --max-new-tokens 64 --out bench-out
 
-# the default model's trained drafting artifacts that ship with ponder (docs/distill.md): data, then each artifact
+# the default model's trained artifacts that ship with ponder (docs/distill.md, docs/depth.md): data, then each one
 heads: install
 	$(PYTHON) -m ponder distill data --specbench $(SPECBENCH) --tokens 65000 --layers 2,8,12,15,16,20,24,27,30 \
 		--out $(HEADS_DATA)
 	$(PYTHON) -m ponder distill train head --data $(HEADS_DATA) --out $(SHIPPED)/head --epochs 4
 	$(PYTHON) -m ponder distill train medusa --data $(HEADS_DATA) --out $(SHIPPED)/medusa --epochs 4
 	$(PYTHON) -m ponder distill train exits --data $(HEADS_DATA) --out $(SHIPPED)/exits
+	$(PYTHON) -m ponder distill train duo --data $(HEADS_DATA) --out $(SHIPPED)/duo
 
 clean:
 	rm -rf bench-out build dist *.egg-info .pytest_cache

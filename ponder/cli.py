@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -269,12 +269,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loaded = ponder.load(args.model, args.dtype, compile=args.compile)
     from ponder.speculate import make_speculator
 
-    speculator = make_speculator(args.speculate, loaded) if args.speculate else None
-    engine = Engine(loaded, speculator, _kv_policy(args))
+    def speculator() -> Any:  # a fresh one per engine: drafters keep statistics
+        return make_speculator(args.speculate, loaded) if args.speculate else None
+
+    engine = Engine(loaded, speculator(), _kv_policy(args))
     if args.compile:  # compile before serving (on a throwaway engine: the speculator's statistics stay clean)
         print("ponder serve: compiling the fast path (a minute or two in the first process on a machine, seconds "
               "after) ...", file=sys.stderr, flush=True)
-        scratch = Engine(loaded, make_speculator(args.speculate, loaded) if args.speculate else None)
+        scratch = Engine(loaded, speculator())
         print(f"ponder serve: compiled in {scratch.warm_up():.0f} s", file=sys.stderr, flush=True)
     loop = EngineLoop(engine, args.batch_size, args.max_queue, args.prefill_chunk or None,
                       args.prefix_cache_mb << 20, args.max_kv_mb << 20 if args.max_kv_mb is not None else None)

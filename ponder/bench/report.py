@@ -209,7 +209,10 @@ def depth_lines(results: dict[str, Any]) -> list[str]:
         top1 = "-" if fid["top1_agreement"] is None else f"{fid['top1_agreement']:.1%}"
         kl = "-" if fid["kl"] is None else f"{fid['kl']:.3f}"
         ppl = "-" if fid.get("ppl") is None else f"{fid['ppl']:.3f} ({fid['ppl_full']:.3f})"
-        lines.append(f"| {s} | {gen.get('mean_attention_blocks', 0):.2f} | {gen.get('mean_ffn_blocks', 0):.2f} "
+        ffn = f"{gen.get('mean_ffn_blocks', 0):.2f}"
+        if gen.get("mean_small_ffn_blocks"):  # Duo-LLM's small FFNs, counted apart
+            ffn += f" (+{gen['mean_small_ffn_blocks']:.2f} small)"
+        lines.append(f"| {s} | {gen.get('mean_attention_blocks', 0):.2f} | {ffn} "
                      f"| {gen.get('layers', '-')} | {gen.get('weight_share', 0):.1%} | {top1} | {kl} | {ppl} | {f['exact_match']:.0%} | {f['tokens_per_s']:.1f} "
                      f"| {_x(f['speedup'])} |")
     return lines
