@@ -40,7 +40,15 @@ def data_dir(deep, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(deep, data_dir: Path) -> Path:
     out = data_dir.parent / "duo"
     assert main(["distill", "train", "duo", "--model", str(deep.path), "--data", str(data_dir), "--out", str(out),
-                 "--width", "16", "--epochs", "4", "--lr", "3e-3", "--quiet"]) == 0
+                 "--width", "16", "--epochs", "4", "--lr", "3e-3", "--router", "local", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_margin(deep, data_dir: Path) -> Path:
+    out = data_dir.parent / "duo-margin"
+    assert main(["distill", "train", "duo", "--model", str(deep.path), "--data", str(data_dir), "--out", str(out),
+                 "--width", "16", "--epochs", "2", "--lr", "3e-3", "--quiet"]) == 0
     return out
 
 
@@ -54,6 +62,18 @@ def test_training_improves_on_the_pruned_start_and_routers_predict_the_errors(de
     # the sweep is monotone in compute: a looser threshold never runs more big FFN blocks
     bigs = [r["big_ffn"] for r in held["sweep"]]
     assert bigs == sorted(bigs, reverse=True) and all(0 <= r["top1"] <= 1 for r in held["sweep"])
+
+
+def test_margin_router_is_the_default_and_calibrates_its_threshold(deep, trained_margin) -> None:
+    """The default router predicts first-order margin changes; the recipe's threshold is the loosest of its sweep
+    with 95% held-back agreement, and ``duo`` without a threshold uses it."""
+    _, recipe = load_duo(trained_margin, deep.model)
+    assert recipe["router_target"] == "margin" and recipe["calibrated_to"] == 0.95
+    ok = [r["threshold"] for r in recipe["heldback"]["sweep"] if r["top1"] >= 0.95]
+    assert recipe["threshold"] == (max(ok) if ok else recipe["heldback"]["sweep"][0]["threshold"])
+    policy = make_policy(f"duo:adapter={trained_margin}", deep)
+    assert policy.threshold == recipe["threshold"] and policy.report()["router_target"] == "margin"
+    assert make_policy(f"duo:threshold=0.3:adapter={trained_margin}", deep).threshold == 0.3
 
 
 def test_pruned_start_is_the_big_ffn_restricted_to_its_units(deep, data_dir) -> None:
@@ -119,8 +139,8 @@ def test_big_or_skip_only(deep, trained) -> None:
 def test_errors(deep, trained, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(PonderError, match="ponder distill train duo"):
         make_policy(f"duo:adapter={tmp_path / 'none'}", deep)
-    with pytest.raises(PonderError, match="threshold must be >= 0"):
-        make_policy("duo:threshold=-1", deep)
+    with pytest.raises(PonderError, match=r"threshold must be >= 0 \(or -1"):
+        make_policy("duo:threshold=-2", deep)
     other = ponder.load(str(make_model_dir(tmp_path / "three", num_hidden_layers=3)))
     with pytest.raises(PonderError, match="another model"):
         make_policy(f"duo:adapter={trained}", other)
@@ -168,3 +188,40 @@ def test_analyze_depth_reports_the_route_oracle_and_the_router(deep, trained, tm
     assert main(["analyze", "depth", "--model", str(deep.path), "--max-new-tokens", "4", "--limit", "1",
                  "--adapter", "none", "--out", str(tmp_path / "bare")]) == 0
     assert "the route oracle is off" in (tmp_path / "bare" / "report.md").read_text()
+
+
+def test_margin_gradients_are_the_first_order_change_of_the_margin(deep) -> None:
+    """The router's "margin" target: g from one backward pass, through the K/V cache writes, matches a finite
+    difference of the final top-1 margin when one position's FFN output at one layer moves."""
+    from ponder.distill.duo import _layer_io
+
+    model = deep.model
+    ids = [4, 9, 13, 2, 8, 30, 31, 5, 17, 3]
+    at = torch.tensor([5, 8])
+    rows = _layer_io(model, ids, at)
+
+    def margins(layer: int, pos: int, d: torch.Tensor) -> torch.Tensor:
+        cache = model.new_cache(1, len(ids))
+        ctx = model.step_context(cache, len(ids), [len(ids)])
+        with torch.no_grad():
+            h = model.embed(torch.tensor([ids]))
+            for i, block in enumerate(model.layers):
+                a = h + block.attn(block.attn_norm(h), ctx, cache, i)
+                y = block.mlp(block.mlp_norm(a))
+                if i == layer:
+                    y = y.clone()
+                    y[0, pos] += d
+                h = a + y
+            top2 = model.logits(h[0, at]).double().topk(2, dim=-1).values
+            return top2[:, 0] - top2[:, 1]
+
+    torch.manual_seed(0)
+    base = margins(0, 0, torch.zeros(model.config.hidden_size))
+    for layer, j in ((1, 0), (4, 1), (2, 1)):
+        pos = int(at[j])
+        d = torch.randn(model.config.hidden_size) * 1e-3
+        moved = margins(layer, pos, d)
+        g = rows[layer][3]  # [len(at), E]: d(sum of margins)/dy at those positions, over each one's margin
+        want = float((moved - base).sum())
+        got = float((g[j].double() * d.double()).sum() * base[j])
+        assert got == pytest.approx(want, rel=0.05, abs=1e-6), (layer, pos, got, want)

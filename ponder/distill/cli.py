@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
                             "exits, 48 answer positions for duo)")
     train.add_argument("--width", type=int, default=64, help="duo: the small FFNs' width (default 64)")
     train.add_argument("--batch", type=int, default=256, help="duo: positions per optimizer step (default 256)")
+    train.add_argument("--router", default="margin", choices=["margin", "local"],
+                       help="duo: what the routers predict: margin (each option's first-order change of the final "
+                            "top-1 margin, as a share of it; default) or local (its change of the residual stream)")
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--accum", type=int, default=1,
@@ -140,11 +143,12 @@ def _train_duo(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Name
 
     positions = 48 if args.positions is None else args.positions
     recipe = train_duo(loaded, data, out, args.width, positions, cfg, min(args.max_len, 1024), args.batch,
-                       progress=not args.quiet)
+                       progress=not args.quiet, router=args.router)
     ev = recipe["heldback"]
     sweep = ", ".join(f"{r['threshold']}: {r['top1']:.1%} at {r['big_ffn']:.1f} big + {r['small_ffn']:.1f} small"
                       for r in ev["sweep"])
-    return recipe, (f"held-back relative error, skip {ev['relative_error']['skip']:.3f}, small FFN "
+    return recipe, (f"threshold calibrated to {recipe['calibrated_to']:.0%} held-back top-1: {recipe['threshold']}; "
+                    f"held-back relative error, skip {ev['relative_error']['skip']:.3f}, small FFN "
                     f"{ev['relative_error']['small']:.3f} (pruned start {ev['relative_error_pruned']['small']:.3f}); "
                     f"router R^2 {ev['router_r2']}; top-1 agreement by threshold: {sweep}")
 

@@ -38,7 +38,10 @@ from ponder.distill.train import Sequence, TrainConfig, load_artifact, plot_curv
 from ponder.errors import PonderError
 
 KIND = "duo"
-SWEEP = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)  # thresholds evaluated on the held-back sequences
+SWEEPS = {"local": (0.02, 0.05, 0.1, 0.12, 0.15, 0.2),  # thresholds evaluated on the held-back sequences
+          "margin": (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)}
+ROUTER_TARGETS = tuple(SWEEPS)
+CALIBRATION = 0.95  # the recipe's default threshold: the loosest of the sweep with this held-back top-1 agreement
 RIDGE = 1e-2
 
 
@@ -92,48 +95,72 @@ class FFNData:
     xn: list[torch.Tensor]  # L x [N, E] bf16
     y: list[torch.Tensor]  # L x [N, E] bf16
     a_norm: list[torch.Tensor]  # L x [N] fp32: |a|, the residual state entering the FFN
+    g: list[torch.Tensor] | None = None  # L x [N, E] bf16: d margin / d y over the margin (router target "margin")
 
 
 def ffn_io(model: Any, seqs: list[Sequence], positions: int, generator: torch.Generator, progress: bool,
-           desc: str) -> FFNData:
+           desc: str, gradients: bool = False) -> FFNData:
     """Teacher-forced forward over each sequence, keeping each layer's FFN input/output at ``positions`` random
-    answer positions per sequence (0: every answer position)."""
+    answer positions per sequence (0: every answer position); with ``gradients``, also each FFN output's gradient
+    of the final top-1 margin over that margin (one backward pass per sequence)."""
     from tqdm import tqdm
 
     L = model.config.num_hidden_layers
     xs: list[list[torch.Tensor]] = [[] for _ in range(L)]
     ys: list[list[torch.Tensor]] = [[] for _ in range(L)]
     ns: list[list[torch.Tensor]] = [[] for _ in range(L)]
-    with torch.inference_mode():
-        for seq in tqdm(seqs, unit="seq", desc=desc, disable=not progress):
-            lo = max(0, seq.answer_start - 1)
-            span = len(seq.tokens) - lo
-            if span <= 0:
-                continue
-            keep = torch.arange(lo, len(seq.tokens))
-            if 0 < positions < span:
-                keep = lo + torch.randperm(span, generator=generator)[:positions].sort().values
-            for layer, (a, xn, y) in enumerate(_layer_io(model, seq.tokens.tolist())):
-                xs[layer].append(xn[keep].to(torch.bfloat16))
-                ys[layer].append(y[keep].to(torch.bfloat16))
-                ns[layer].append(a[keep].float().norm(dim=-1))
+    gs: list[list[torch.Tensor]] = [[] for _ in range(L)]
+    for seq in tqdm(seqs, unit="seq", desc=desc, disable=not progress):
+        lo = max(0, seq.answer_start - 1)
+        span = len(seq.tokens) - lo
+        if span <= 0:
+            continue
+        keep = torch.arange(lo, len(seq.tokens))
+        if 0 < positions < span:
+            keep = lo + torch.randperm(span, generator=generator)[:positions].sort().values
+        for layer, (a, xn, y, g) in enumerate(_layer_io(model, seq.tokens.tolist(), keep if gradients else None)):
+            xs[layer].append(xn[keep].to(torch.bfloat16))
+            ys[layer].append(y[keep].to(torch.bfloat16))
+            ns[layer].append(a[keep].float().norm(dim=-1))
+            if g is not None:
+                gs[layer].append(g.to(torch.bfloat16))
     if not xs[0]:
         raise PonderError("the distill data has no answer positions to train on")
-    return FFNData([torch.cat(x) for x in xs], [torch.cat(y) for y in ys], [torch.cat(n) for n in ns])
+    return FFNData([torch.cat(x) for x in xs], [torch.cat(y) for y in ys], [torch.cat(n) for n in ns],
+                   [torch.cat(g) for g in gs] if gradients else None)
 
 
-def _layer_io(model: Any, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per layer (a, norm(a), FFN(norm(a))) # [T, E] each, over a full causal forward of ``ids``."""
+def _layer_io(model: Any, ids: list[int], grad_at: torch.Tensor | None = None
+              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per layer (a, norm(a), FFN(norm(a)) # [T, E] each, g) over a full causal forward of ``ids``. With
+    ``grad_at`` # [n] positions, g # [n, E] is d m / d y at those positions over m, m = the sum of the final top-1
+    margins (logit of the top-1 minus the runner-up's) at them: to first order, a change d of a position's FFN
+    output moves its margin by g . d times the margin, so |g . d| >= 1 may flip its top-1 (the margins of later
+    positions reached through attention are in the sum too)."""
     cache = model.new_cache(1, len(ids))
     ctx = model.step_context(cache, len(ids), [len(ids)])
-    h = model.embed(torch.tensor([ids], device=model.device))
+    with torch.inference_mode(grad_at is None), torch.enable_grad() if grad_at is not None else torch.no_grad():
+        h = model.embed(torch.tensor([ids], device=model.device))
+        if grad_at is not None:  # the model's weights are frozen: the graph starts at the embeddings
+            h = h.detach().requires_grad_(True)
+        rows = []
+        for layer, block in enumerate(model.layers):
+            a = h + block.attn(block.attn_norm(h), ctx, cache, layer)
+            xn = block.mlp_norm(a)
+            y = block.mlp(xn)
+            if grad_at is not None:
+                y.retain_grad()
+            rows.append((a, xn, y))
+            h = a + y
+        margin = None
+        if grad_at is not None:
+            top2 = model.logits(h[0, grad_at]).topk(2, dim=-1).values
+            margin = (top2[:, 0] - top2[:, 1]).detach().clamp_min(1e-3)
+            (top2[:, 0] - top2[:, 1]).sum().backward()
     out = []
-    for layer, block in enumerate(model.layers):
-        a = h + block.attn(block.attn_norm(h), ctx, cache, layer)
-        xn = block.mlp_norm(a)
-        y = block.mlp(xn)
-        out.append((a[0].cpu(), xn[0].cpu(), y[0].cpu()))
-        h = a + y
+    for a, xn, y in rows:
+        g = None if margin is None else (y.grad[0, grad_at] / margin[:, None]).cpu()
+        out.append((a[0].detach().cpu(), xn[0].detach().cpu(), y[0].detach().cpu(), g))
     return out
 
 
@@ -154,15 +181,27 @@ def prune_init(duo: DuoModules, model: Any, data: FFNData) -> None:
             duo.down[layer].copy_(down[:, top])
 
 
-def relative_errors(duo: DuoModules, data: FFNData, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(|y| / |a|, |y - small(xn)| / |a|) # [N] each: what skipping, or the small FFN, changes in the residual."""
+def relative_errors(duo: DuoModules, data: FFNData, layer: int, target: str = "local"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What skipping, or the small FFN, changes # [N] each: ``local``, in the residual stream (|y| / |a|,
+    |y - small(xn)| / |a|); ``margin``, in the final top-1 margin to first order, as a share of it (|g . y|,
+    |g . (y - small(xn))|, needing ``data.g``)."""
+    if target == "margin" and data.g is None:
+        raise ValueError("margin errors need FFN data recorded with gradients")
     with torch.no_grad():
-        errs_small = []
+        skip, small = [], []
         for i in range(0, len(data.xn[layer]), 4096):
             xn, y = data.xn[layer][i : i + 4096].float(), data.y[layer][i : i + 4096].float()
-            errs_small.append((y - duo.small(layer, xn)).norm(dim=-1))
-        n = data.a_norm[layer]
-        return data.y[layer].float().norm(dim=-1) / n, torch.cat(errs_small) / n
+            d = y - duo.small(layer, xn)
+            if target == "margin":
+                g = data.g[layer][i : i + 4096].float()  # type: ignore[index]
+                skip.append((g * y).sum(-1).abs())
+                small.append((g * d).sum(-1).abs())
+            else:
+                n = data.a_norm[layer][i : i + 4096]
+                skip.append(y.norm(dim=-1) / n)
+                small.append(d.norm(dim=-1) / n)
+        return torch.cat(skip), torch.cat(small)
 
 
 def train_small(duo: DuoModules, data: FFNData, cfg: TrainConfig, batch: int, progress: bool) -> list[tuple[int, float]]:
@@ -202,25 +241,26 @@ def _features(xn: torch.Tensor, a_norm: torch.Tensor, E: int) -> torch.Tensor:
     return torch.cat([xn.float(), log_rms, torch.ones_like(log_rms)], dim=1)
 
 
-def fit_routers(duo: DuoModules, data: FFNData) -> None:
-    """Ridge regression, per layer, of the log relative errors of [skip, small] on the router features."""
+def fit_routers(duo: DuoModules, data: FFNData, target: str = "local") -> None:
+    """Ridge regression, per layer, of the log errors of [skip, small] (``relative_errors``) on the router
+    features."""
     E = data.xn[0].shape[1]
     with torch.no_grad():
         for layer in range(duo.n_layers):
             X = _features(data.xn[layer], data.a_norm[layer], E).double()
-            skip, small = relative_errors(duo, data, layer)
+            skip, small = relative_errors(duo, data, layer, target)
             Y = torch.log(torch.stack([skip, small], dim=1).double() + 1e-6)
             A = X.T @ X + RIDGE * len(X) * torch.eye(X.shape[1], dtype=X.dtype)
             A[-1, -1] -= RIDGE * len(X)  # no penalty on the bias
             duo.router[layer].copy_(torch.linalg.solve(A, X.T @ Y).T.float())
 
 
-def router_fit(duo: DuoModules, data: FFNData) -> dict[str, float]:
+def router_fit(duo: DuoModules, data: FFNData, target: str = "local") -> dict[str, float]:
     """How well the routers predict the held-back errors: R^2 of the log errors, averaged over layers."""
     r2 = {"skip": 0.0, "small": 0.0}
     with torch.no_grad():
         for layer in range(duo.n_layers):
-            skip, small = relative_errors(duo, data, layer)
+            skip, small = relative_errors(duo, data, layer, target)
             lr = torch.log(data.a_norm[layer][:, None] / math.sqrt(data.xn[layer].shape[1]) + 1e-6)
             pred = duo.predicted_error(layer, data.xn[layer].float(), lr)
             for j, (name, true) in enumerate((("skip", skip), ("small", small))):
@@ -290,9 +330,10 @@ def choose(duo: DuoModules, layer: int, xn: torch.Tensor, a: torch.Tensor, thres
 
 def train_duo(
     loaded: Any, data_dir: Any, out: Any, width: int = 64, positions: int = 48, cfg: TrainConfig | None = None,
-    max_len: int = 512, batch: int = 256, progress: bool = True,
+    max_len: int = 512, batch: int = 256, progress: bool = True, router: str = "margin",
 ) -> dict[str, Any]:
-    """Distil small FFNs and fit routers on ``data_dir``; save them to ``out``; returns the recipe."""
+    """Distil small FFNs and fit routers (predicting ``router`` errors, see ``relative_errors``) on ``data_dir``;
+    save them to ``out``; returns the recipe."""
     cfg = cfg or TrainConfig(epochs=4, lr=1e-3)
     torch.manual_seed(cfg.seed)
     target = loaded.model
@@ -301,29 +342,34 @@ def train_duo(
         raise PonderError(f"duo needs 1 <= width < the model's FFN width {c.intermediate_size}, got {width}")
     if positions < 0:
         raise PonderError(f"duo needs positions >= 0, got {positions}")
+    if router not in ROUTER_TARGETS:
+        raise PonderError(f"duo routers predict one of {', '.join(ROUTER_TARGETS)} errors, got {router!r}")
     manifest, seqs = read_data(Path(data_dir), max_len)
     train, held = split(seqs)
     g = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
-    data = ffn_io(target, train, positions, g, progress, "FFN inputs")
-    held_data = ffn_io(target, held, positions, g, progress, "held-back FFN inputs")
+    grads = router == "margin"
+    data = ffn_io(target, train, positions, g, progress, "FFN inputs", grads)
+    held_data = ffn_io(target, held, positions, g, progress, "held-back FFN inputs", grads)
     duo = DuoModules(c.hidden_size, width, c.num_hidden_layers)
     prune_init(duo, target, data)
     pruned = _mean_errors(duo, held_data)
     curve = train_small(duo, data, cfg, batch, progress)
     duo.round_to_stored()
-    fit_routers(duo, data)
+    fit_routers(duo, data, router)
     duo.round_to_stored()
     minutes = (time.perf_counter() - start) / 60
     errors = _mean_errors(duo, held_data)
-    sweep = routed_agreement(duo, target, held, SWEEP)
+    sweep = routed_agreement(duo, target, held, SWEEPS[router])
+    calibrated = max((r["threshold"] for r in sweep if r["top1"] >= CALIBRATION), default=SWEEPS[router][0])
     recipe = {"kind": KIND, "data": str(Path(data_dir).resolve()), "data_recipe": manifest["recipe"],
               "model": loaded.name, "width": width, "intermediate_size": c.intermediate_size,
+              "router_target": router, "threshold": calibrated, "calibrated_to": CALIBRATION,
               "positions": positions, "train": {**cfg.__dict__, "batch": batch}, "max_len": max_len,
               "sequences": len(train), "heldback_sequences": len(held), "train_positions": len(data.xn[0]),
               "train_minutes": round(minutes, 2),
               "heldback": {"relative_error_pruned": pruned, "relative_error": errors,
-                           "router_r2": router_fit(duo, held_data), "sweep": sweep},
+                           "router_r2": router_fit(duo, held_data, router), "sweep": sweep},
               "final_loss": curve[-1][1] if curve else math.nan}
     out = Path(out)
     recipe = save_artifact(out, duo.tensors(), recipe)
