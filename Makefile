@@ -33,7 +33,7 @@ heads: install
 	$(PYTHON) -m ponder distill train head --data $(HEADS_DATA) --out $(SHIPPED)/head --epochs 4
 	$(PYTHON) -m ponder distill train medusa --data $(HEADS_DATA) --out $(SHIPPED)/medusa --epochs 4
 	$(PYTHON) -m ponder distill train exits --data $(HEADS_DATA) --out $(SHIPPED)/exits
-	$(PYTHON) -m ponder distill train duo --data $(HEADS_DATA) --out $(SHIPPED)/duo
+	$(PYTHON) -m ponder distill train duo --data $(HEADS_DATA) --out $(SHIPPED)/duo --epochs 4 --max-len 512
 
 clean:
 	rm -rf bench-out build dist *.egg-info .pytest_cache

@@ -1,5 +1,6 @@
-"""The default model's trained drafting artifacts that ship with ponder (``make heads``): present, small, and as good
-on held-back prompts, regenerated here, as their recipes say."""
+"""The default model's trained artifacts that ship with ponder (``make heads``: draft head, Medusa heads, exit adapters,
+Duo-LLM's small FFNs and routers): present, small, and as good on held-back prompts, regenerated here, as their
+recipes say."""
 
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from ponder.distill.train import SHIPPED, held_back
 
 MODEL_DIR = SHIPPED / "smollm2-135m"
-KINDS = ("head", "medusa", "exits")
+KINDS = ("head", "medusa", "exits", "duo")
 
 
 def test_shipped_artifacts_exist_with_their_recipes_and_total_at_most_25_mb():
@@ -74,3 +75,28 @@ def test_shipped_exit_adapters_reach_their_heldback_agreement(smollm2, heldback)
     assert got[-1] == pytest.approx(want[-1], abs=0.12), (got, want)
     assert got[-1] > plain[-1]  # the adapter helps at the deepest exit layer
     assert torch.tensor(got).mean() > torch.tensor(plain).mean()
+
+
+@pytest.mark.slow
+def test_shipped_duo_modules_match_their_heldback_errors(smollm2, heldback):
+    """The small FFNs' error is the recipe's, and the routers' predictions correlate with the errors they predict
+    (first-order margin changes, from the same backward pass as in training)."""
+    import math
+
+    from ponder.distill.duo import _mean_errors, ffn_io, load_duo, relative_errors
+
+    duo, recipe = load_duo(MODEL_DIR / "duo", smollm2.model)
+    target = recipe["router_target"]
+    data = ffn_io(smollm2.model, heldback, 48, torch.Generator().manual_seed(0), False, "", target == "margin")
+    got, want = _mean_errors(duo, data), recipe["heldback"]["relative_error"]
+    assert got["small"] == pytest.approx(want["small"], abs=0.08), (got, want)
+    assert got["small"] < got["skip"]  # the small FFN does part of the big one's work
+    E = smollm2.model.config.hidden_size
+    pred, true = [], []
+    for layer in range(1, duo.n_layers):  # layer 0's FFN is an outlier (its output is many times the residual)
+        log_rms = torch.log(data.a_norm[layer][:, None] / math.sqrt(E) + 1e-6)
+        pred.append(duo.predicted_error(layer, data.xn[layer].float(), log_rms))
+        true.append(torch.log(torch.stack(relative_errors(duo, data, layer, target), dim=1) + 1e-6))
+    pred, true = torch.cat(pred), torch.cat(true)
+    corr = [float(torch.corrcoef(torch.stack([pred[:, j], true[:, j]]))[0, 1]) for j in range(2)]
+    assert min(corr) > 0.3, corr
