@@ -241,8 +241,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _print_stats(completions, time.perf_counter() - start)
     if depth is not None:
         st = depth.stats
-        print(f"[depth {depth.spec}: {st.mean_layers():.1f} attention and {st.mean_ffn():.1f} FFN blocks per decoded "
-              f"token of {depth.n_layers}]", file=sys.stderr)
+        small = f" (+{st.mean_small():.1f} small)" if st.small_share else ""
+        print(f"[depth {depth.spec}: {st.mean_layers():.1f} attention and {st.mean_ffn():.1f}{small} FFN blocks per "
+              f"decoded token of {depth.n_layers}]", file=sys.stderr)
     return 0
 
 

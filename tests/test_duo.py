@@ -225,3 +225,10 @@ def test_margin_gradients_are_the_first_order_change_of_the_margin(deep) -> None
         want = float((moved - base).sum())
         got = float((g[j].double() * d.double()).sum() * base[j])
         assert got == pytest.approx(want, rel=0.05, abs=1e-6), (layer, pos, got, want)
+
+
+def test_generate_cli_prints_small_blocks(deep, trained, capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "--model", str(deep.path), "--raw", "hello there", "--max-new-tokens", "6",
+                 "--depth", f"duo:threshold=0.6:adapter={trained}", "--no-stream"]) == 0
+    err = capsys.readouterr().err
+    assert "[depth duo:threshold=0.6:adapter=" in err and " small) FFN blocks per decoded token of 6]" in err
