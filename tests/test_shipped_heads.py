@@ -81,9 +81,7 @@ def test_shipped_exit_adapters_reach_their_heldback_agreement(smollm2, heldback)
 def test_shipped_duo_modules_match_their_heldback_errors(smollm2, heldback):
     """The small FFNs' error is the recipe's, and the routers' predictions correlate with the errors they predict
     (first-order margin changes, from the same backward pass as in training)."""
-    import math
-
-    from ponder.distill.duo import _mean_errors, ffn_io, load_duo, relative_errors
+    from ponder.distill.duo import _log_rms_of_norm, _mean_errors, ffn_io, load_duo, relative_errors
 
     duo, recipe = load_duo(MODEL_DIR / "duo", smollm2.model)
     target = recipe["router_target"]
@@ -95,7 +93,7 @@ def test_shipped_duo_modules_match_their_heldback_errors(smollm2, heldback):
     E = smollm2.model.config.hidden_size
     pred, true = [], []
     for layer in range(1, duo.n_layers):  # layer 0's FFN is an outlier (its output is many times the residual)
-        log_rms = torch.log(data.a_norm[layer][:, None] / math.sqrt(E) + 1e-6)
+        log_rms = _log_rms_of_norm(data.a_norm[layer], E)
         pred.append(duo.predicted_error(layer, data.xn[layer].float(), log_rms))
         true.append(torch.log(torch.stack(relative_errors(duo, data, layer, target), dim=1) + 1e-6))
     pred, true = torch.cat(pred), torch.cat(true)

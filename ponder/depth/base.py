@@ -3,8 +3,8 @@
 A ``DepthPolicy`` answers, for one decode step of a batch, three questions the runner (``decode``) asks as it goes
 up the layers: how many layers a row runs at most this step (``budgets``: static exits, SkipDecode's schedule),
 whether a row stops after a candidate layer (``should_exit``: CALM's confidence exits), and how a layer's FFN block
-runs for each row (``run_ffn``: the full block, skipped (FFN skipping), or a small one (Duo-LLM's routes)). Rows that stop leave the batch; the rows that go on run the remaining layers
-as a smaller batch. Prompts are always prefilled at full depth; only decode steps are adaptive.
+runs for each row (``run_ffn``: the full block, skipped (FFN skipping), or a small one (Duo-LLM's routes)). Rows
+that stop leave the batch; the rows that go on run the remaining layers as a smaller batch. Prompts are always prefilled at full depth; only decode steps are adaptive.
 
 Glossary
 - **exit after l**: the row's state after layers ``[0, l)`` goes through the exit head (the final norm and LM head,

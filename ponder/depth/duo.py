@@ -6,8 +6,8 @@ the error that skipping the block, or running the layer's small distilled FFN in
 first-order change of the final top-1 margin, as a share of the margin), and the token takes the cheapest option
 predicted to stay within ``threshold`` (default: the threshold the modules were calibrated to at training, the
 loosest with 95% held-back top-1 agreement). ``threshold=0`` always runs the big FFN: the full model (the no-op
-setting). Rows of a batch route independently: the rows that
-chose the big block run it together, those that chose the small one run that.
+setting). Rows of a batch route independently: the rows that chose the big block run it together, those that chose
+the small one run that.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class DuoRoute(DepthPolicy):
         self.options = options
         self.modules: Any = None
         self.threshold = options.threshold
+        self.router_target: str | None = None  # what the loaded routers predict (``bind``)
 
     def bind(self, loaded: Any) -> None:
         super().bind(loaded)
@@ -79,4 +80,4 @@ class DuoRoute(DepthPolicy):
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), "small_width_share": round(self.stats.small_share, 4),
-                "threshold": self.threshold, "router_target": getattr(self, "router_target", None)}
+                "threshold": self.threshold, "router_target": self.router_target}

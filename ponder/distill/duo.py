@@ -235,9 +235,14 @@ def train_small(duo: DuoModules, data: FFNData, cfg: TrainConfig, batch: int, pr
     return curve
 
 
+def _log_rms_of_norm(a_norm: torch.Tensor, E: int) -> torch.Tensor:
+    """log rms(a) # [N, 1] from the stored norms |a| # [N] (rms = |a| / sqrt(E)), as ``log_rms`` computes it."""
+    return torch.log(a_norm / math.sqrt(E) + 1e-6)[:, None]
+
+
 def _features(xn: torch.Tensor, a_norm: torch.Tensor, E: int) -> torch.Tensor:
-    """Router features [norm(a), log rms(a), 1] # [N, E + 2] (rms = |a| / sqrt(E))."""
-    log_rms = torch.log(a_norm / math.sqrt(E) + 1e-6)[:, None]
+    """Router features [norm(a), log rms(a), 1] # [N, E + 2]."""
+    log_rms = _log_rms_of_norm(a_norm, E)
     return torch.cat([xn.float(), log_rms, torch.ones_like(log_rms)], dim=1)
 
 
@@ -261,7 +266,7 @@ def router_fit(duo: DuoModules, data: FFNData, target: str = "local") -> dict[st
     with torch.no_grad():
         for layer in range(duo.n_layers):
             skip, small = relative_errors(duo, data, layer, target)
-            lr = torch.log(data.a_norm[layer][:, None] / math.sqrt(data.xn[layer].shape[1]) + 1e-6)
+            lr = _log_rms_of_norm(data.a_norm[layer], data.xn[layer].shape[1])
             pred = duo.predicted_error(layer, data.xn[layer].float(), lr)
             for j, (name, true) in enumerate((("skip", skip), ("small", small))):
                 t = torch.log(true + 1e-6)
@@ -276,14 +281,12 @@ def routed_agreement(duo: DuoModules, model: Any, seqs: list[Sequence], threshol
     computes what decoding with the same routes computes: a token's route depends only on its own states."""
     out = []
     with torch.inference_mode():
+        cases = [(s.tokens.tolist(), max(0, s.answer_start - 1)) for s in seqs]
+        cases = [(ids, lo) for ids, lo in cases if lo < len(ids)]
+        wants = [_forward(model, ids, None, 0.0)[0][lo:].argmax(-1) for ids, lo in cases]  # the full model's, once
         for t in thresholds:
             hits = total = big = small = 0
-            for seq in seqs:
-                ids = seq.tokens.tolist()
-                lo = max(0, seq.answer_start - 1)
-                if lo >= len(ids):
-                    continue
-                want = _forward(model, ids, None, 0.0)[0][lo:].argmax(-1)
+            for (ids, lo), want in zip(cases, wants):
                 logits, nb, ns = _forward(model, ids, duo, t, lo)
                 hits += int((logits[lo:].argmax(-1) == want).sum())
                 total += len(want)
