@@ -91,7 +91,8 @@ class Linear(nn.Linear):
         if rows > n:
             flat = torch.cat([flat, flat.new_zeros(rows - n, self.in_features)])
         if kernel == "packed":
-            out = _packed_linear(flat, self.packed[rows], self.weight, self.bias, rows)
+            packed = torch.compiler.disable(_packed_linear) if torch.compiler.is_compiling() else _packed_linear
+            out = packed(flat, self.packed[rows], self.weight, self.bias, rows)
         elif kernel == "nt":
             out = torch.matmul(self.weight, flat.T).T
             if self.bias is not None:
@@ -101,10 +102,10 @@ class Linear(nn.Linear):
         return out[:n]
 
 
-@torch.compiler.disable
 def _packed_linear(
     flat: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
 ) -> torch.Tensor:
     """MKL's packed GEMM, always run eagerly: inductor's lowering of it needs a static row count, and the fast
-    path (fast.py) compiles with dynamic shapes."""
+    path (fast.py) compiles with dynamic shapes. The caller wraps it in ``torch.compiler.disable`` only while
+    compiling: that import (torch._dynamo) costs ~1.3 s, which every process would otherwise pay at start."""
     return torch.ops.mkl._mkl_linear(flat, packed, weight, bias, rows)
