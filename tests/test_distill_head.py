@@ -78,3 +78,37 @@ def test_default_artifact_is_the_users_own_then_the_shipped_one(tiny, tmp_path, 
     own.mkdir(parents=True)
     (own / "weights.safetensors").write_bytes(b"x")
     assert trained_artifact(tiny, "head", shipped) == own
+
+
+def test_soft_target_is_the_full_models_distribution_renormalised_over_the_draft_vocabulary(tiny, data_dir) -> None:
+    """``--target soft``: the loss is the cross-entropy toward the target's next-token distribution restricted to the
+    draft vocabulary (computed here from the full-vocabulary logits); it trains end to end and says so in the recipe."""
+    import torch.nn.functional as F
+
+    from ponder.distill.head import ttt_loss
+    from ponder.distill.train import add_labels, read_data, vocab_map
+
+    _, seqs = read_data(data_dir, 256)
+    n_layers = tiny.model.config.num_hidden_layers
+    add_labels(tiny.model, seqs, n_layers)
+    draft_ids = torch.arange(40, 88)
+    head = DraftHead(tiny.model.config, (1,), draft_ids)
+    head.attach(tiny.model)
+    seq, vmap = seqs[0], vocab_map(draft_ids, tiny.model.config.vocab_size)
+    with torch.no_grad():
+        got = ttt_loss(head, tiny.model, seq, 1, vmap, prompts=True, soft=True, last_layer=n_layers)[0]
+        T = len(seq.tokens)
+        emb = tiny.model.embed_tokens(seq.tokens[1:]).float()
+        g = head.ttt_outputs(head.inputs(head.fused([seq.hidden[1][: T - 1].float()]), emb), emb, 1)[0]
+        p = F.softmax(tiny.model.logits(seq.hidden[n_layers][1:].float())[:, draft_ids], dim=-1)
+        want = -(p * F.log_softmax(head.scores(g), dim=-1)).sum(-1).mean()
+        hard = ttt_loss(head, tiny.model, seq, 1, vmap, prompts=True)[0]
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, hard)
+
+
+def test_train_head_with_soft_targets(tiny, data_dir: Path, tmp_path: Path) -> None:
+    recipe = train_head(tiny, data_dir, tmp_path / "soft", vocab=48, steps=2,
+                        cfg=TrainConfig(epochs=1, lr=3e-3, accum=4), max_len=256, progress=False, soft=True)
+    assert recipe["target"] == "soft" and recipe["heldback"]["positions"][0] > 0
+    head, _ = load_head(tmp_path / "soft", tiny.model)
+    assert torch.isfinite(head.fc.weight).all()

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
                        help="sequences per optimizer step (default 1: small data needs many optimizer steps)")
     train.add_argument("--answers-only", action="store_true",
                        help="head: train on answer positions only (default: prompt positions too)")
+    train.add_argument("--target", default="hard", choices=["hard", "soft"],
+                       help="head: train toward the target's top-1 (hard) or its whole distribution over the draft "
+                            "vocabulary (soft: knowledge distillation)")
     train.add_argument("--max-len", type=int, default=1024, help="tokens kept per sequence, answer first")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(distill_func=cmd_train)
@@ -111,7 +114,7 @@ def _train_head(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Nam
     from ponder.distill.head import train_head
 
     recipe = train_head(loaded, data, out, args.vocab, args.steps, cfg, args.max_len, progress=not args.quiet,
-                        prompts=not args.answers_only)
+                        prompts=not args.answers_only, soft=args.target == "soft")
     acc = ", ".join(f"{a:.1%}" for a in recipe["heldback"]["top1_by_depth"])
     return recipe, (f"held-back top-1 by depth: {acc}; draft vocabulary covers {recipe['vocab_coverage']:.1%} of "
                     "answer tokens")

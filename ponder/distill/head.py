@@ -132,16 +132,23 @@ def _ttt_mask(T: int, s: int, device: torch.device) -> torch.Tensor:
 # --- training ---------------------------------------------------------------------------------------------------------
 def ttt_loss(
     head: DraftHead, target: LlamaModel, seq: Sequence, steps: int, vmap: torch.Tensor, prompts: bool = False,
+    soft: bool = False, last_layer: int = 0,
 ) -> list[torch.Tensor]:
     """Per step, the mean cross-entropy of the head's draft-vocabulary scores against the target's labels on the
-    answer positions, and on the prompt's too when ``prompts`` (labels outside the draft vocabulary are skipped)."""
+    answer positions, and on the prompt's too when ``prompts`` (labels outside the draft vocabulary are skipped).
+    ``soft``: against the target's whole next-token distribution over the draft vocabulary instead of its top-1
+    (knowledge distillation: KL to the target up to its entropy), from the recorded ``last_layer`` states."""
     T = len(seq.tokens)
     feats = [seq.hidden[layer][: T - 1].float() for layer in head.feature_layers]
     with torch.no_grad():
         emb = target.embed_tokens(seq.tokens[1:]).float()  # [T-1, E]: token t + 1 for position t
+        if soft:  # [T-1, N]: the target's distribution after token t + 1, renormalised over the draft vocabulary
+            want = F.softmax(F.linear(target.norm(seq.hidden[last_layer][1:].to(target.dtype)).float(),
+                                      head.inner.embed_tokens.weight), dim=-1)
     z1 = head.inputs(head.fused(feats), emb)
     outs = head.ttt_outputs(z1, emb, steps)
-    want = vmap[seq.labels[1:]]  # [T-1]: y[t + 1] in draft-vocabulary indices
+    if not soft:
+        want = vmap[seq.labels[1:]]  # [T-1]: y[t + 1] in draft-vocabulary indices
     first = 0 if prompts else max(0, seq.answer_start - 2)  # positions predicting answer tokens
     losses = []
     for s, g in enumerate(outs, 1):
@@ -149,7 +156,8 @@ def ttt_loss(
         if lo >= T - 1:
             losses.append(g.sum() * 0)
             continue
-        losses.append(F.cross_entropy(head.scores(g[lo:]), want[lo:], ignore_index=-100))
+        scores = head.scores(g[lo:])
+        losses.append(F.cross_entropy(scores, want[lo:]) if soft else F.cross_entropy(scores, want[lo:], ignore_index=-100))
     return losses
 
 
@@ -176,11 +184,12 @@ def evaluate(head: DraftHead, target: LlamaModel, seqs: list[Sequence], steps: i
 
 def train_head(
     loaded: Any, data_dir: Any, out: Any, vocab: int = 8192, steps: int = 3, cfg: TrainConfig | None = None,
-    max_len: int = 1024, progress: bool = True, prompts: bool = True,
+    max_len: int = 1024, progress: bool = True, prompts: bool = True, soft: bool = False,
 ) -> dict[str, Any]:
     """Train a draft head on ``data_dir`` and save it to ``out``; returns the recipe (with the held-back eval).
     ``prompts``: also train on prompt positions (the target's labels there are as valid as on its answers; the
-    inputs are human text instead of the model's own, which is the data EAGLE itself trained on)."""
+    inputs are human text instead of the model's own, which is the data EAGLE itself trained on). ``soft``: train
+    toward the target's distribution over the draft vocabulary, not only its top-1 (``ttt_loss``)."""
     import time
     from pathlib import Path
 
@@ -202,7 +211,7 @@ def train_head(
     start = time.perf_counter()
 
     def loss_of(seq: Sequence) -> torch.Tensor:
-        losses = ttt_loss(head, target, seq, steps, vmap, prompts)
+        losses = ttt_loss(head, target, seq, steps, vmap, prompts, soft, last)
         return sum(w * l for w, l in zip(_step_weights(steps), losses))
 
     curve = train_loop(head.trainable(), loss_of, train, cfg, progress, desc="train head")
@@ -212,7 +221,7 @@ def train_head(
     coverage = vocab_coverage(train, draft_ids)
     recipe = {"kind": KIND, "data": str(Path(data_dir).resolve()), "data_recipe": manifest["recipe"],
               "model": loaded.name, "feature_layers": list(feature_layers), "vocab": len(draft_ids), "ttt_steps": steps,
-              "prompt_positions": prompts,
+              "prompt_positions": prompts, "target": "soft" if soft else "hard",
               "train": dataclasses.asdict(cfg), "max_len": max_len, "sequences": len(train),
               "heldback_sequences": len(held), "train_minutes": round(minutes, 2), "vocab_coverage": coverage,
               "heldback": evaluation, "final_loss": curve[-1][1] if curve else math.nan}
