@@ -45,6 +45,7 @@ def test_train_head_end_to_end(tiny, data_dir: Path, tmp_path: Path) -> None:
                         cfg=TrainConfig(epochs=1, lr=3e-3, accum=4), max_len=256, progress=False)
     assert (tmp_path / "head" / "loss.png").stat().st_size > 1000
     assert recipe["kind"] == "head" and recipe["vocab"] == 48 and recipe["ttt_steps"] == 2
+    assert recipe["target"] == "soft" and recipe["feature_weight"] == 0.1  # the defaults
     assert len(recipe["heldback"]["top1_by_depth"]) == 2 and recipe["heldback"]["positions"][0] > 0
     head, loaded_recipe = load_head(tmp_path / "head", tiny.model)
     assert loaded_recipe == recipe
@@ -81,8 +82,8 @@ def test_default_artifact_is_the_users_own_then_the_shipped_one(tiny, tmp_path, 
 
 
 def test_soft_target_is_the_full_models_distribution_renormalised_over_the_draft_vocabulary(tiny, data_dir) -> None:
-    """``--target soft``: the loss is the cross-entropy toward the target's next-token distribution restricted to the
-    draft vocabulary (computed here from the full-vocabulary logits); it trains end to end and says so in the recipe."""
+    """``--target soft`` (the default): the loss is the cross-entropy toward the target's next-token distribution restricted to the
+    draft vocabulary (computed here from the full-vocabulary logits); with ``--feature-weight`` it adds the feature regression."""
     import torch.nn.functional as F
 
     from ponder.distill.head import ttt_loss
@@ -103,12 +104,17 @@ def test_soft_target_is_the_full_models_distribution_renormalised_over_the_draft
         p = F.softmax(tiny.model.logits(seq.hidden[n_layers][1:].float())[:, draft_ids], dim=-1)
         want = -(p * F.log_softmax(head.scores(g), dim=-1)).sum(-1).mean()
         hard = ttt_loss(head, tiny.model, seq, 1, vmap, prompts=True)[0]
+        with_feature = ttt_loss(head, tiny.model, seq, 1, vmap, True, True, n_layers, feature=0.5)[0]
+        h = seq.hidden[n_layers][1:].float()
+        gap = (g - h) / h.pow(2).mean(-1, keepdim=True).sqrt()
+        feature = F.smooth_l1_loss(gap, torch.zeros_like(gap))
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, hard)
+    assert torch.allclose(with_feature, want + 0.5 * feature, atol=1e-5) and feature > 0
 
 
-def test_train_head_with_soft_targets(tiny, data_dir: Path, tmp_path: Path) -> None:
-    recipe = train_head(tiny, data_dir, tmp_path / "soft", vocab=48, steps=2,
-                        cfg=TrainConfig(epochs=1, lr=3e-3, accum=4), max_len=256, progress=False, soft=True)
-    assert recipe["target"] == "soft" and recipe["heldback"]["positions"][0] > 0
+def test_train_head_with_hard_targets_and_no_feature_regression(tiny, data_dir: Path, tmp_path: Path) -> None:
+    recipe = train_head(tiny, data_dir, tmp_path / "soft", vocab=48, steps=2, cfg=TrainConfig(epochs=1, lr=3e-3,
+                        accum=4), max_len=256, progress=False, soft=False, feature=0.0)
+    assert recipe["target"] == "hard" and recipe["feature_weight"] == 0 and recipe["heldback"]["positions"][0] > 0
     head, _ = load_head(tmp_path / "soft", tiny.model)
     assert torch.isfinite(head.fc.weight).all()

@@ -50,9 +50,12 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
                        help="sequences per optimizer step (default 1: small data needs many optimizer steps)")
     train.add_argument("--answers-only", action="store_true",
                        help="head: train on answer positions only (default: prompt positions too)")
-    train.add_argument("--target", default="hard", choices=["hard", "soft"],
-                       help="head: train toward the target's top-1 (hard) or its whole distribution over the draft "
-                            "vocabulary (soft: knowledge distillation)")
+    train.add_argument("--target", default="soft", choices=["hard", "soft"],
+                       help="head: train toward the target's whole distribution over the draft vocabulary (soft, "
+                            "knowledge distillation; default) or only its top-1 (hard)")
+    train.add_argument("--feature-weight", type=float, default=0.1,
+                       help="head: weight of the feature regression toward the target's last-layer state (default "
+                            "0.1; 0: none)")
     train.add_argument("--max-len", type=int, default=1024, help="tokens kept per sequence, answer first")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(distill_func=cmd_train)
@@ -96,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.vocab < 1 or args.steps < 1 or args.epochs < 1 or args.lr <= 0 or args.accum < 1 or args.max_len < 8:
         raise PonderError("train needs --vocab, --steps, --epochs, --accum >= 1, --lr > 0 and --max-len >= 8")
+    if args.feature_weight < 0 or args.feature_weight != args.feature_weight:
+        raise PonderError("train needs --feature-weight >= 0")
     if args.heads < 1 or (args.positions or 0) < 0 or args.width < 1 or args.batch < 1:
         raise PonderError("train needs --heads >= 1, --width >= 1, --batch >= 1 and --positions >= 0")
     _layers(args.layers)  # a malformed list fails before the model loads
@@ -114,7 +119,8 @@ def _train_head(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Nam
     from ponder.distill.head import train_head
 
     recipe = train_head(loaded, data, out, args.vocab, args.steps, cfg, args.max_len, progress=not args.quiet,
-                        prompts=not args.answers_only, soft=args.target == "soft")
+                        prompts=not args.answers_only, soft=args.target == "soft",
+                        feature=args.feature_weight)
     acc = ", ".join(f"{a:.1%}" for a in recipe["heldback"]["top1_by_depth"])
     return recipe, (f"held-back top-1 by depth: {acc}; draft vocabulary covers {recipe['vocab_coverage']:.1%} of "
                     "answer tokens")

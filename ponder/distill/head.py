@@ -132,19 +132,22 @@ def _ttt_mask(T: int, s: int, device: torch.device) -> torch.Tensor:
 # --- training ---------------------------------------------------------------------------------------------------------
 def ttt_loss(
     head: DraftHead, target: LlamaModel, seq: Sequence, steps: int, vmap: torch.Tensor, prompts: bool = False,
-    soft: bool = False, last_layer: int = 0,
+    soft: bool = False, last_layer: int = 0, feature: float = 0.0,
 ) -> list[torch.Tensor]:
     """Per step, the mean cross-entropy of the head's draft-vocabulary scores against the target's labels on the
     answer positions, and on the prompt's too when ``prompts`` (labels outside the draft vocabulary are skipped).
     ``soft``: against the target's whole next-token distribution over the draft vocabulary instead of its top-1
-    (knowledge distillation: KL to the target up to its entropy), from the recorded ``last_layer`` states."""
+    (knowledge distillation: KL to the target up to its entropy), from the recorded ``last_layer`` states.
+    ``feature`` > 0 adds that weight of EAGLE's feature regression: the smooth-L1 distance of the head's layer output
+    from the target's last-layer state at t + 1, each dimension in units of that state's RMS."""
     T = len(seq.tokens)
     feats = [seq.hidden[layer][: T - 1].float() for layer in head.feature_layers]
     with torch.no_grad():
         emb = target.embed_tokens(seq.tokens[1:]).float()  # [T-1, E]: token t + 1 for position t
+        h_next = seq.hidden[last_layer][1:].float() if soft or feature else None  # [T-1, E]
         if soft:  # [T-1, N]: the target's distribution after token t + 1, renormalised over the draft vocabulary
-            want = F.softmax(F.linear(target.norm(seq.hidden[last_layer][1:].to(target.dtype)).float(),
-                                      head.inner.embed_tokens.weight), dim=-1)
+            want = F.softmax(F.linear(target.norm(h_next.to(target.dtype)).float(), head.inner.embed_tokens.weight),
+                             dim=-1)
     z1 = head.inputs(head.fused(feats), emb)
     outs = head.ttt_outputs(z1, emb, steps)
     if not soft:
@@ -157,7 +160,12 @@ def ttt_loss(
             losses.append(g.sum() * 0)
             continue
         scores = head.scores(g[lo:])
-        losses.append(F.cross_entropy(scores, want[lo:]) if soft else F.cross_entropy(scores, want[lo:], ignore_index=-100))
+        loss = F.cross_entropy(scores, want[lo:]) if soft else F.cross_entropy(scores, want[lo:], ignore_index=-100)
+        if feature:
+            ref = h_next[lo:]
+            gap = (g[lo:] - ref) / ref.pow(2).mean(-1, keepdim=True).sqrt()
+            loss = loss + feature * F.smooth_l1_loss(gap, torch.zeros_like(gap))
+        losses.append(loss)
     return losses
 
 
@@ -184,12 +192,13 @@ def evaluate(head: DraftHead, target: LlamaModel, seqs: list[Sequence], steps: i
 
 def train_head(
     loaded: Any, data_dir: Any, out: Any, vocab: int = 8192, steps: int = 3, cfg: TrainConfig | None = None,
-    max_len: int = 1024, progress: bool = True, prompts: bool = True, soft: bool = False,
+    max_len: int = 1024, progress: bool = True, prompts: bool = True, soft: bool = True, feature: float = 0.1,
 ) -> dict[str, Any]:
     """Train a draft head on ``data_dir`` and save it to ``out``; returns the recipe (with the held-back eval).
     ``prompts``: also train on prompt positions (the target's labels there are as valid as on its answers; the
     inputs are human text instead of the model's own, which is the data EAGLE itself trained on). ``soft``: train
-    toward the target's distribution over the draft vocabulary, not only its top-1 (``ttt_loss``)."""
+    toward the target's distribution over the draft vocabulary, not only its top-1; ``feature``: the weight of the
+    feature regression (``ttt_loss``; on the make-heads data each raised held-back top-1, docs/distill.md)."""
     import time
     from pathlib import Path
 
@@ -211,7 +220,7 @@ def train_head(
     start = time.perf_counter()
 
     def loss_of(seq: Sequence) -> torch.Tensor:
-        losses = ttt_loss(head, target, seq, steps, vmap, prompts, soft, last)
+        losses = ttt_loss(head, target, seq, steps, vmap, prompts, soft, last, feature)
         return sum(w * l for w, l in zip(_step_weights(steps), losses))
 
     curve = train_loop(head.trainable(), loss_of, train, cfg, progress, desc="train head")
@@ -222,6 +231,7 @@ def train_head(
     recipe = {"kind": KIND, "data": str(Path(data_dir).resolve()), "data_recipe": manifest["recipe"],
               "model": loaded.name, "feature_layers": list(feature_layers), "vocab": len(draft_ids), "ttt_steps": steps,
               "prompt_positions": prompts, "target": "soft" if soft else "hard",
+              "feature_weight": feature,
               "train": dataclasses.asdict(cfg), "max_len": max_len, "sequences": len(train),
               "heldback_sequences": len(held), "train_minutes": round(minutes, 2), "vocab_coverage": coverage,
               "heldback": evaluation, "final_loss": curve[-1][1] if curve else math.nan}
