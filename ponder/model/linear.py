@@ -25,6 +25,9 @@ exact up to near ties (docs/speculation.md), as it was with one kernel, whose 1-
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,7 +94,7 @@ class Linear(nn.Linear):
         if rows > n:
             flat = torch.cat([flat, flat.new_zeros(rows - n, self.in_features)])
         if kernel == "packed":
-            packed = torch.compiler.disable(_packed_linear) if torch.compiler.is_compiling() else _packed_linear
+            packed = _packed_linear_outside_graphs() if torch.compiler.is_compiling() else _packed_linear
             out = packed(flat, self.packed[rows], self.weight, self.bias, rows)
         elif kernel == "nt":
             out = torch.matmul(self.weight, flat.T).T
@@ -106,6 +109,13 @@ def _packed_linear(
     flat: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
 ) -> torch.Tensor:
     """MKL's packed GEMM, always run eagerly: inductor's lowering of it needs a static row count, and the fast
-    path (fast.py) compiles with dynamic shapes. The caller wraps it in ``torch.compiler.disable`` only while
-    compiling: that import (torch._dynamo) costs ~1.3 s, which every process would otherwise pay at start."""
+    path (fast.py) compiles with dynamic shapes. While compiling, the caller takes it through
+    ``_packed_linear_outside_graphs``."""
     return torch.ops.mkl._mkl_linear(flat, packed, weight, bias, rows)
+
+
+@functools.cache
+def _packed_linear_outside_graphs() -> Callable[..., torch.Tensor]:
+    """``_packed_linear`` wrapped by ``torch.compiler.disable``, made once on first use: wrapping imports torch._dynamo
+    (~1.3 s, which every process would otherwise pay at start) and costs ~50 us, too much to pay per call."""
+    return torch.compiler.disable(_packed_linear)
