@@ -82,8 +82,9 @@ def test_default_artifact_is_the_users_own_then_the_shipped_one(tiny, tmp_path, 
 
 
 def test_soft_target_is_the_full_models_distribution_renormalised_over_the_draft_vocabulary(tiny, data_dir) -> None:
-    """``--target soft`` (the default): the loss is the cross-entropy toward the target's next-token distribution restricted to the
-    draft vocabulary (computed here from the full-vocabulary logits); with ``--feature-weight`` it adds the feature regression."""
+    """``--target soft`` (the default): the loss is the cross-entropy toward the target's next-token distribution
+    restricted to the draft vocabulary (computed here from the full-vocabulary logits); with ``--feature-weight`` it
+    adds the feature regression."""
     import torch.nn.functional as F
 
     from ponder.distill.head import ttt_loss
@@ -113,8 +114,8 @@ def test_soft_target_is_the_full_models_distribution_renormalised_over_the_draft
 
 
 def test_train_head_with_hard_targets_and_no_feature_regression(tiny, data_dir: Path, tmp_path: Path) -> None:
-    recipe = train_head(tiny, data_dir, tmp_path / "soft", vocab=48, steps=2, cfg=TrainConfig(epochs=1, lr=3e-3,
+    recipe = train_head(tiny, data_dir, tmp_path / "hard", vocab=48, steps=2, cfg=TrainConfig(epochs=1, lr=3e-3,
                         accum=4), max_len=256, progress=False, soft=False, feature=0.0)
     assert recipe["target"] == "hard" and recipe["feature_weight"] == 0 and recipe["heldback"]["positions"][0] > 0
-    head, _ = load_head(tmp_path / "soft", tiny.model)
+    head, _ = load_head(tmp_path / "hard", tiny.model)
     assert torch.isfinite(head.fc.weight).all()

@@ -99,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.vocab < 1 or args.steps < 1 or args.epochs < 1 or args.lr <= 0 or args.accum < 1 or args.max_len < 8:
         raise PonderError("train needs --vocab, --steps, --epochs, --accum >= 1, --lr > 0 and --max-len >= 8")
-    if args.feature_weight < 0 or args.feature_weight != args.feature_weight:
+    if not args.feature_weight >= 0:  # NaN too
         raise PonderError("train needs --feature-weight >= 0")
     if args.heads < 1 or (args.positions or 0) < 0 or args.width < 1 or args.batch < 1:
         raise PonderError("train needs --heads >= 1, --width >= 1, --batch >= 1 and --positions >= 0")
