@@ -39,7 +39,7 @@ def heldback(smollm2):
     prompts = [p for p in training_prompts(options) if held_back(p.source)][:4]
     assert len(prompts) == 4
     shard = make_shard(Engine(smollm2), prompts, options, options.layers, chunk_seed(0, 0), tqdm(disable=True))
-    seqs = shard_sequences(shard["tensors"], shard["prompts"])
+    seqs = shard_sequences(shard["tensors"], shard["sources"])
     add_labels(smollm2.model, seqs, smollm2.model.config.num_hidden_layers)
     return seqs
 

@@ -23,6 +23,13 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
                       help="a Spec-Bench .jsonl: its training split (question_id %% 4 == 1) is used")
     data.add_argument("--no-essays", action="store_true", help="do not use the Paul Graham essay passages")
     data.add_argument("--layers", default="", help="recorded layers, e.g. 2,15,27,30 (default: low, mid, high, last)")
+    data.add_argument("--answer-dtype", default="fp32", choices=["fp32", "int8", "q4"],
+                      help="weights that generate the answers; the hidden states and labels are always the fp32 "
+                           "target's (q4: about twice the answers per minute; default fp32)")
+    data.add_argument("--answer-compile", action="store_true",
+                      help="generate the answers on the compiled fast path (worth it with q4)")
+    data.add_argument("--text-tokens", type=int, default=0,
+                      help="also record this many tokens of teacher-forced essay text (default 0: none)")
     data.set_defaults(distill_func=cmd_data)
 
     train = sub.add_parser("train", help="train an artifact on distill data")
@@ -83,11 +90,16 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise PonderError(f"--specbench {args.specbench}: no such file")
     options = DataOptions(tokens=args.tokens, seed=args.seed, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, layers=layers, specbench=args.specbench,
-                          essays=not args.no_essays)
+                          essays=not args.no_essays, answer_dtype=args.answer_dtype,
+                          answer_compile=args.answer_compile, text_tokens=args.text_tokens)
     loaded = ponder.load(args.model, args.dtype)
+    answer_loaded = None
+    if args.answer_dtype != args.dtype or args.answer_compile:
+        answer_loaded = ponder.load(args.model, args.answer_dtype, compile=args.answer_compile)
     out = Path(args.out).expanduser() if args.out else artifact_dir(loaded, "data")
-    manifest = make_data(loaded, options, out, progress=not args.quiet)
-    print(f"{manifest['answer_tokens']} answer tokens in {len(manifest['shards'])} shards: {out}")
+    manifest = make_data(loaded, options, out, progress=not args.quiet, answer_loaded=answer_loaded)
+    text = f" and {manifest['text_tokens']} text tokens" if manifest.get("text_tokens") else ""
+    print(f"{manifest['answer_tokens']} answer tokens{text} in {len(manifest['shards'])} shards: {out}")
     if "note" in manifest:
         print(f"note: {manifest['note']}")
     return 0

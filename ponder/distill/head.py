@@ -152,7 +152,8 @@ def ttt_loss(
     outs = head.ttt_outputs(z1, emb, steps)
     if not soft:
         want = vmap[seq.labels[1:]]  # [T-1]: y[t + 1] in draft-vocabulary indices
-    first = 0 if prompts else max(0, seq.answer_start - 2)  # positions predicting answer tokens
+    # positions predicting answer tokens, or all new ones: a sampled answer's prompt positions repeat the greedy's
+    first = max(0, (seq.loss_start if prompts else seq.answer_start) - 2)
     losses = []
     for s, g in enumerate(outs, 1):
         lo = max(first, s - 1)

@@ -39,6 +39,7 @@ class Sequence:
     answer_start: int  # index of the first answer token
     hidden: dict[int, torch.Tensor]  # layer -> [T, E] bf16
     labels: torch.Tensor | None = None  # [T] int64: y[t], the target's greedy choice after token t
+    loss_start: int = 0  # the first token whose position is new data (a sampled answer's prompt repeats another's)
 
 
 def read_data(data_dir: Path, max_len: int = 0) -> tuple[dict[str, Any], list[Sequence]]:
@@ -51,22 +52,27 @@ def read_data(data_dir: Path, max_len: int = 0) -> tuple[dict[str, Any], list[Se
     seqs = []
     for shard in manifest["shards"]:
         if shard["file"] is not None:
-            seqs += shard_sequences(load_file(str(Path(data_dir) / shard["file"])), shard["prompts"], max_len)
+            sources = shard.get("sources") or list(shard["prompts"]) * 2  # data made before "sources": 2 answers
+            seqs += shard_sequences(load_file(str(Path(data_dir) / shard["file"])), sources, max_len)
     if not seqs:
         raise PonderError(f"{data_dir} holds no sequences yet: run `ponder distill data` to the end")
     return manifest, seqs
 
 
-def shard_sequences(t: dict[str, torch.Tensor], prompts: list[str], max_len: int = 0) -> list[Sequence]:
-    """The sequences of one shard's tensors (``data.py``'s layout) whose prompts' sources are ``prompts``."""
+def shard_sequences(t: dict[str, torch.Tensor], sources: list[str], max_len: int = 0) -> list[Sequence]:
+    """The sequences of one shard's tensors (``data.py``'s layout), whose sources are ``sources``."""
     seqs = []
     starts = t["starts"].tolist()
-    sources = list(prompts) * 2  # the greedy answers, then the sampled ones
+    if len(sources) != len(starts) - 1:
+        raise PonderError(f"a distill shard holds {len(starts) - 1} sequences but its manifest names {len(sources)}: "
+                          "make the data again")
+    loss_starts = t["loss_starts"].tolist() if "loss_starts" in t else [0] * len(sources)
     for i, (a, b) in enumerate(zip(starts, starts[1:])):
         lo = max(a, b - max_len) if max_len else a
         hidden = {int(k.split(".")[1]): v[lo:b] for k, v in t.items() if k.startswith("hidden.")}
         answer = max(0, int(t["answer_starts"][i]) - (lo - a))
-        seqs.append(Sequence(sources[i], t["tokens"][lo:b].long(), answer, hidden))
+        seqs.append(Sequence(sources[i], t["tokens"][lo:b].long(), answer, hidden,
+                             loss_start=max(0, loss_starts[i] - (lo - a))))
     return seqs
 
 
@@ -74,12 +80,18 @@ def held_back(source: str) -> bool:
     return int.from_bytes(hashlib.blake2b(source.encode(), digest_size=4).digest(), "little") % HOLD_BACK == 0
 
 
+def _evaluated(source: str) -> bool:
+    """Whether a sequence is held back: its prompt is (teacher-forced text has no answer to evaluate, and its
+    passages are those of prompts not held back, ``data.text_windows``)."""
+    return held_back(source) and not source.startswith("text:")
+
+
 def split(seqs: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
     """(training sequences, held-back sequences); both answers of a prompt fall on the same side."""
-    train = [s for s in seqs if not held_back(s.source)]
-    evals = [s for s in seqs if held_back(s.source)]
+    evals = [s for s in seqs if _evaluated(s.source)]
+    train = [s for s in seqs if not _evaluated(s.source)]
     if not evals or not train:  # tiny data sets: hold back the last prompt's sequences
-        last = seqs[-1].source
+        last = next((s.source for s in reversed(seqs) if not s.source.startswith("text:")), seqs[-1].source)
         train, evals = [s for s in seqs if s.source != last], [s for s in seqs if s.source == last]
     return train, evals
 
