@@ -119,3 +119,28 @@ def test_train_head_with_hard_targets_and_no_feature_regression(tiny, data_dir: 
     assert recipe["target"] == "hard" and recipe["feature_weight"] == 0 and recipe["heldback"]["positions"][0] > 0
     head, _ = load_head(tmp_path / "hard", tiny.model)
     assert torch.isfinite(head.fc.weight).all()
+
+
+def test_bf16_training_is_mixed_precision_and_still_learns(tiny, data_dir: Path, tmp_path: Path) -> None:
+    from ponder.distill.train import train_loop
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(4, 8))
+    x = torch.randn(64, 8)
+    y = (x @ torch.randn(8, 4)).argmax(-1)  # a linearly separable task
+    seen = []
+
+    def loss_of(_):
+        out = x @ w.t()
+        seen.append(out.dtype)
+        return torch.nn.functional.cross_entropy(out, y)
+
+    curve = train_loop([w], loss_of, list(range(8)), TrainConfig(epochs=4, lr=0.2, warmup=1, bf16=True),
+                       progress=False)
+    assert set(seen) == {torch.bfloat16} and w.dtype == torch.float32  # bf16 products, fp32 weights
+    assert curve[-1][1] < 0.5 * curve[0][1]
+    recipe = train_head(tiny, data_dir, tmp_path / "bf16", vocab=48, steps=2,
+                        cfg=TrainConfig(epochs=1, lr=3e-3, accum=4, bf16=True), max_len=256, progress=False)
+    assert recipe["train"]["bf16"] is True
+    head, _ = load_head(tmp_path / "bf16", tiny.model)
+    assert torch.isfinite(head.fc.weight).all()

@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
                        help="head: weight of the feature regression toward the target's last-layer state (default "
                             "0.1; 0: none)")
     train.add_argument("--max-len", type=int, default=1024, help="tokens kept per sequence, answer first")
+    train.add_argument("--bf16", action="store_true",
+                       help="train under bf16 autocast (faster on CPUs with native bf16; weights stay fp32)")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(distill_func=cmd_train)
 
@@ -119,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     loaded = ponder.load(args.model, args.dtype)
     data = Path(args.data).expanduser() if args.data else artifact_dir(loaded, "data")
     out = Path(args.out).expanduser() if args.out else artifact_dir(loaded, args.kind)
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, accum=args.accum, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, accum=args.accum, seed=args.seed, bf16=args.bf16)
     recipe, summary = _TRAIN[args.kind](loaded, data, out, cfg, args)
     print(f"{args.kind} trained in {recipe['train_minutes']:.1f} min on {recipe['sequences']} sequences; {summary}")
     print(f"saved to {out} (recipe.json, weights.safetensors, loss.png)")

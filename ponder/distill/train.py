@@ -133,6 +133,7 @@ class TrainConfig:
     accum: int = 1  # sequences per optimizer step (small data sets need many optimizer steps)
     warmup: int = 20  # optimizer steps of linear warm-up, then cosine decay to 10%
     seed: int = 0
+    bf16: bool = False  # forward and backward under bf16 autocast (weights and optimizer stay fp32)
 
 
 def train_loop(
@@ -140,8 +141,12 @@ def train_loop(
     cfg: TrainConfig, progress: bool = True, desc: str = "train",
 ) -> list[tuple[int, float]]:
     """AdamW over ``seqs`` for ``cfg.epochs`` epochs (shuffled by ``cfg.seed``); returns the loss curve as
-    (optimizer step, mean loss of that step's sequences)."""
+    (optimizer step, mean loss of that step's sequences). ``cfg.bf16``: mixed precision (1.3-1.6x the positions per
+    second of fp32 for the draft head on an AVX512-BF16 CPU, docs/distill.md)."""
+    import warnings
+
     from tqdm import tqdm
+
 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     total = math.ceil(len(seqs) * cfg.epochs / cfg.accum)
@@ -150,8 +155,12 @@ def train_loop(
     order = [i for _ in range(cfg.epochs) for i in torch.randperm(len(seqs), generator=g).tolist()]
     curve, pending = [], []
     bar = tqdm(total=len(order), unit="seq", desc=desc, disable=not progress)
+    device = params[0].device.type if params else "cpu"
     for n, i in enumerate(order, 1):
-        loss = loss_of(seqs[i])
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16), warnings.catch_warnings():
+            # RMSNorm over bf16 inputs with fp32 weights takes the unfused kernel: right, and not worth a warning
+            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+            loss = loss_of(seqs[i]).float()
         (loss / cfg.accum).backward()
         pending.append(float(loss.detach()))
         bar.update(1)
