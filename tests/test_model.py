@@ -145,3 +145,27 @@ def test_int8_weight_error_is_bounded(tiny_dir: Path) -> None:
     x = torch.randn(3, w.shape[1])
     exact = x @ w.T
     assert (layer(x) - exact).abs().max().item() < 0.05 * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("with_holes", [False, True])
+def test_masked_many_query_attention_folds_query_groups_exactly(with_holes: bool) -> None:
+    """A verify/tree step's attention (several queries, a mask, grouped KV heads) folds each KV head's query group
+    into the query axis; it must equal attention with every KV head repeated for its query heads."""
+    from ponder.model.llama import StepContext, _attend
+
+    torch.manual_seed(0)
+    B, T, H, Hkv, D, S = 2, 3, 6, 2, 8, 7
+    q = torch.randn(B, T, H, D, dtype=torch.float64)
+    keys, values = torch.randn(B, Hkv, S, D, dtype=torch.float64), torch.randn(B, Hkv, S, D, dtype=torch.float64)
+    mask = torch.rand(B, 1, T, S) < 0.7
+    mask[..., 0] = True  # every query sees a key
+    holes = (torch.rand(B, Hkv, S) < 0.3) if with_holes else None
+    if holes is not None:
+        holes[..., 0] = False
+    ctx = StepContext(None, None, None, None, S, mask, False)
+    got = _attend(q, keys, values, ctx, H // Hkv, holes)
+    k, v = keys.repeat_interleave(H // Hkv, 1), values.repeat_interleave(H // Hkv, 1)
+    m = mask if holes is None else mask & ~holes.repeat_interleave(H // Hkv, 1)[:, :, None, :]
+    scores = (q.transpose(1, 2) @ k.transpose(-1, -2)) / D ** 0.5
+    want = (scores.masked_fill(~m, float("-inf")).softmax(-1) @ v).transpose(1, 2)
+    assert got.shape == (B, T, H, D) and torch.allclose(got, want, atol=1e-10)

@@ -97,7 +97,10 @@ class Linear(nn.Linear):
             packed = _packed_linear_outside_graphs() if torch.compiler.is_compiling() else _packed_linear
             out = packed(flat, self.packed[rows], self.weight, self.bias, rows)
         elif kernel == "nt":
-            out = torch.matmul(self.weight, flat.T).T
+            # a row-major input (its transpose a column-major operand) is the layout the route was measured with:
+            # an input that is itself a transposed view (the output of another nt product, e.g. through SwiGLU's
+            # chunks) makes MKL take another path, ~4x slower for SmolLM2's down projection on 2 rows
+            out = torch.matmul(self.weight, flat.contiguous().T).T
             if self.bias is not None:
                 out = out + self.bias
         else:

@@ -89,6 +89,17 @@ def _attend(
             return F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask).view(B, 1, H, D)
         return attend_rows(qg, keys, values, ctx.row_read, holes).view(B, 1, H, D)
     mask, causal = ctx.mask, ctx.causal
+    if mask is not None and not causal and group > 1:
+        # A masked many-query step (verify, tree, ragged prefill): fold each KV head's query group into the query
+        # axis as for one query, so SDPA takes its fused kernel instead of repeating K/V for every query head
+        # (enable_gqa with a mask falls back to the math path on the CPU: ~1/3 of a 2-token verify forward there).
+        Hkv = keys.shape[1]
+        qf = q.transpose(1, 2).reshape(B, Hkv, group * T, D)  # query head h = kv * group + g -> row g * T + t
+        mf = mask.repeat(1, 1, group, 1) if mask.shape[2] == T else mask  # [B, 1, group * T, S]
+        if holes is not None:
+            mf = mf & ~holes[:, :, None, :]
+        out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mf)  # [B, Hkv, group * T, D]
+        return out.view(B, H, T, D).transpose(1, 2)
     if holes is not None:
         held = (~holes).repeat_interleave(group, dim=1)[:, :, None, :]  # [B, H, 1, S]
         if causal:
