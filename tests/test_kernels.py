@@ -184,3 +184,54 @@ def test_every_kernel_computes_the_projection(kernel: str) -> None:
             continue
         err = (layer.run(kernel, x, rows) - torch.nn.functional.linear(x, layer.weight)).abs()
         assert (err <= fp32_bound(x, layer)).all()
+
+
+def test_dnn_kernel_rows_are_bit_identical_to_one_row_calls() -> None:
+    """oneDNN's inner product (the ``dnn`` route) gives every row of a call of 2 or more rows the same bits at
+    every such row count (a 1-row call may sum in another order: it does for SmolLM2's down projection on an AMD
+    EPYC), and stays within fp32 summation noise of ``F.linear``; ``tune`` makes its weight copy only when a route
+    uses it."""
+    from ponder.model.linear import Linear, can_dnn
+
+    model = smollm2_like("fp32")
+    if not can_dnn(model.lm_head.weight):
+        pytest.skip("this PyTorch build has no oneDNN fp32 inner product")
+    layers = projections(model)
+    for layer in layers.values():
+        layer.route = {n: ("dnn", n) for n in ROWS}
+        layer.prepare_dnn()
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for name, layer in layers.items():
+            x = torch.randn(max(ROWS), layer.in_features, generator=g)
+            most = layer(x)
+            for n in ROWS[1:]:
+                many = layer(x[:n])
+                bad = [j for j in range(n) if not torch.equal(many[j], most[j])]
+                assert not bad, f"dnn {name}: rows {bad} of a {n}-row call differ from the {len(x)}-row call"
+            alone = torch.cat([layer(x[j : j + 1]) for j in range(len(x))])
+            for out in (most, alone):
+                err = (out - torch.nn.functional.linear(x, layer.weight)).abs()
+                assert (err <= fp32_bound(x, layer)).all(), f"dnn {name}: {err.max():.3g}"
+    # a route without the kernel frees the copy; one with it makes it
+    from ponder.model.kernels import _give_route
+
+    wo = Linear(576, 576)
+    _give_route(wo, {1: ("dnn", 1)})
+    assert wo.dnn is not None
+    _give_route(wo, {1: ("nt", 2)})
+    assert wo.dnn is None
+    wo.route = {1: ("dnn", 1)}  # a route naming the kernel without its copy falls back to F.linear, same values
+    x = torch.randn(1, 576)
+    assert torch.equal(wo(x), torch.nn.functional.linear(x, wo.weight))
+
+
+def test_route_plan_takes_the_fewest_rows_within_the_margin() -> None:
+    from ponder.model.kernels import plan
+
+    # 6 rows measured 2% cheaper than 1 row (noise): one row stays one row
+    costs = {("plain", 1): 40.0, ("dnn", 1): 28.4, ("dnn", 2): 28.3, ("dnn", 6): 27.9, ("plain", 6): 44.0}
+    route = plan(costs)
+    assert route[1] == ("dnn", 1)
+    assert route[2] == ("dnn", 2)
+    assert route[3] == ("dnn", 6)

@@ -1,10 +1,10 @@
 """Measure this machine's fp32 projection kernels once, and route every ``Linear`` to the fastest (``linear.py``).
 
-For each row count in ``ROWS`` the candidates (``plain``, ``nt``, and ``packed`` from 4 rows where MKL has it) are
-timed on the model's own shapes: the projections of its first ``SAMPLE_LAYERS`` layers (enough weights to leave the
-caches, as a decode step does), and the LM head on its own. Each row count n is then routed to the cheapest
-(kernel, padded row count m >= n); ``plain`` unpadded is kept unless another choice saves at least ``MARGIN``, so
-noise does not move a route. The result is cached on disk per CPU model, thread count, PyTorch version and shapes
+For each row count in ``ROWS`` the candidates (``plain``, ``nt``, ``dnn`` where oneDNN has it, and ``packed`` from 4
+rows where MKL has it) are timed on the model's own shapes: the projections of its first ``SAMPLE_LAYERS`` layers
+(enough weights to leave the caches, as a decode step does), and the LM head on its own. Each row count n is then
+routed to the cheapest (kernel, padded row count m >= n), taking the fewest rows within ``MARGIN`` of the cheapest;
+``plain`` unpadded is kept unless another choice saves at least ``MARGIN``, so noise does not move a route. The result is cached on disk per CPU model, thread count, PyTorch version and shapes
 (``$PONDER_CACHE/kernels``), so only the first process on a machine pays the measurement (~5 s for SmolLM2).
 """
 
@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from ponder.model.linear import MIN_PACKED_ROWS, Linear, can_pack
+from ponder.model.linear import MIN_PACKED_ROWS, Linear, can_dnn, can_pack
 
 ROWS = (*range(1, 17), 24, 32)  # row counts measured; others route to the next measured count above
 SAMPLE_LAYERS = 6
 MARGIN = 0.05
+KERNELS = ("plain", "nt", "packed", "dnn")  # part of the cache key: a new candidate measures every machine again
 Route = dict[int, tuple[str, int]]
 
 
@@ -50,7 +51,7 @@ def tune(model: Any, cache_dir: Path | None) -> dict[str, Route]:
     if not sample and head is None:
         return {}
     shapes = [sorted({tuple(m.weight.shape) for m in sample}), tuple(head.weight.shape) if head else None]
-    key = hashlib.sha1(json.dumps([cpu_name(), torch.get_num_threads(), torch.__version__, shapes]).encode())
+    key = hashlib.sha1(json.dumps([cpu_name(), torch.get_num_threads(), torch.__version__, shapes, KERNELS]).encode())
     path = None if cache_dir is None else cache_dir / f"{key.hexdigest()[:16]}.json"
     routes = _read(path)
     if routes is None:
@@ -62,10 +63,19 @@ def tune(model: Any, cache_dir: Path | None) -> dict[str, Route]:
         for layer in model.layers:
             for m in layer.modules():
                 if isinstance(m, Linear):
-                    m.route = dict(routes["layers"])
+                    _give_route(m, routes["layers"])
     if head is not None:
-        head.route = dict(routes["head"])
+        _give_route(head, routes["head"])
     return routes
+
+
+def _give_route(m: Linear, route: Route) -> None:
+    """Set the route and make (or free) the oneDNN weight copy it needs."""
+    m.route = dict(route)
+    if any(kernel == "dnn" for kernel, _ in route.values()):
+        m.prepare_dnn()
+    else:
+        m.dnn = None
 
 
 def measure(linears: list[Linear], packed: bool = True, reps: int = 3) -> dict[tuple[str, int], float]:
@@ -73,9 +83,14 @@ def measure(linears: list[Linear], packed: bool = True, reps: int = 3) -> dict[t
     costs: dict[tuple[str, int], float] = {}
     g = torch.Generator().manual_seed(0)
     inputs = {n: {m.in_features: torch.randn(n, m.in_features, generator=g) for m in linears} for n in ROWS}
+    dnn = can_dnn(linears[0].weight)
+    saved_dnn = [m.dnn for m in linears]
+    if dnn:
+        for m in linears:
+            m.prepare_dnn()
     with torch.inference_mode():
         for n in ROWS:
-            kernels = ["plain", "nt"]
+            kernels = ["plain", "nt"] + (["dnn"] if dnn else [])
             if packed and n >= MIN_PACKED_ROWS and can_pack(linears[0].weight):
                 kernels.append("packed")
                 saved = [m.packed for m in linears]
@@ -91,19 +106,24 @@ def measure(linears: list[Linear], packed: bool = True, reps: int = 3) -> dict[t
             if "packed" in kernels:
                 for m, p in zip(linears, saved):
                     m.packed = p
+    for m, d in zip(linears, saved_dnn):
+        m.dnn = d
     return costs
 
 
 def plan(costs: dict[tuple[str, int], float]) -> Route:
-    """Row count n (1..max measured) -> the cheapest (kernel, rows m >= n); unpadded ``plain`` unless another
-    choice is ``MARGIN`` cheaper."""
+    """Row count n (1..max measured) -> the cheapest (kernel, rows m >= n), the fewest rows within ``MARGIN`` of
+    the cheapest; unpadded ``plain`` unless another choice is ``MARGIN`` cheaper."""
     best = {}  # measured rows -> (seconds, kernel)
     for (kernel, rows), s in costs.items():
         if rows not in best or s < best[rows][0]:
             best[rows] = (s, kernel)
     route: Route = {}
     for n in range(1, max(best) + 1):
-        s, rows = min((best[m][0], m) for m in best if m >= n)
+        least = min(best[m][0] for m in best if m >= n)
+        # the fewest rows within the margin of the cheapest: noise does not pad a call to many more rows
+        s, rows = min(((best[m][0], m) for m in best if m >= n and best[m][0] <= least * (1 + MARGIN)),
+                      key=lambda c: c[1])
         plain = costs.get(("plain", n))
         if plain is not None and plain <= s * (1 + MARGIN):
             route[n] = ("plain", n)

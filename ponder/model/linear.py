@@ -17,7 +17,15 @@ cost curve monotone in the row count: no cliffs for the speculative policy to tr
 - ``plain``: ``F.linear``;
 - ``nt``: ``(W @ x^T)^T``; the same sums in MKL's other operand order;
 - ``packed``: MKL's packed GEMM on a weight reordered once per row count (``pack_rows``: another copy of the
-  weights each, so the engine packs only the sizes the route uses).
+  weights each, so the engine packs only the sizes the route uses);
+- ``dnn``: oneDNN's fp32 inner product (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor itself emits for
+  frozen CPU linears) on one copy of the weights in oneDNN's blocked layout (``prepare_dnn``), made once when the
+  route uses it. On the AMD EPYC above it costs 17 / 16 / 19 / 25 ms for 1 / 4 / 8 / 16 rows over the 121
+  projections, against 15 / 21 / 44 / 55 ms for the best MKL call: the cheapest kernel from 4 rows up, which takes
+  the verify forwards of speculation (and batches) off MKL's slow small-M paths. From 2 rows on, a row's bits do
+  not depend on the other rows of the call (tests/test_kernels.py; a 1-row call may sum in another order). Row counts beyond the route (prefills) stay on
+  ``F.linear``, the kernel transformers uses, so prompt logits keep matching transformers' to ~1e-5 (oneDNN would
+  be 1.3-1.4x faster there for 64-512 rows, but sums in another order).
 
 Bits: kernels may differ in the last bits of fp32 sums (see tests/test_kernels.py); fp32 speculation is therefore
 exact up to near ties (docs/speculation.md), as it was with one kernel, whose 1-row and n-row calls differ too.
@@ -52,6 +60,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, **kw)
         self.packed: dict[int, torch.Tensor] = {}  # row count -> packed weight
         self.route: dict[int, tuple[str, int]] = {}  # rows -> (kernel, rows padded to); empty: F.linear everywhere
+        self.dnn: torch.Tensor | None = None  # the weight in oneDNN's layout (an opaque tensor), when a route uses it
 
     def pack_rows(self, *sizes: int) -> None:
         """Prepare the packed kernel for forwards of up to max(sizes) rows and free other packs. Without a route,
@@ -73,12 +82,17 @@ class Linear(nn.Linear):
         """Free the packed copies."""
         self.packed = {}
 
+    def prepare_dnn(self) -> None:
+        """Make the oneDNN copy of the weight (``dnn`` kernel) if this build has the kernel; idempotent."""
+        if self.dnn is None and can_dnn(self.weight):
+            self.dnn = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x # [..., in] -> # [..., out]."""
         n = x.numel() // self.in_features
         if self.route:
             kernel, rows = self.route.get(n, ("plain", n))
-            if kernel == "packed" and rows not in self.packed:
+            if (kernel == "packed" and rows not in self.packed) or (kernel == "dnn" and self.dnn is None):
                 kernel, rows = "plain", n
         else:  # no route: F.linear, or the smallest packed size that holds the rows
             rows = next((s for s in self.packed if s >= n), 0) if n >= MIN_PACKED_ROWS else 0
@@ -96,6 +110,9 @@ class Linear(nn.Linear):
         if kernel == "packed":
             packed = _packed_linear_outside_graphs() if torch.compiler.is_compiling() else _packed_linear
             out = packed(flat, self.packed[rows], self.weight, self.bias, rows)
+        elif kernel == "dnn":
+            dnn = _dnn_linear_outside_graphs() if torch.compiler.is_compiling() else _dnn_linear
+            out = dnn(flat, self.dnn, self.bias)
         elif kernel == "nt":
             # a row-major input (its transpose a column-major operand) is the layout the route was measured with:
             # an input that is itself a transposed view (the output of another nt product, e.g. through SwiGLU's
@@ -106,6 +123,23 @@ class Linear(nn.Linear):
         else:
             out = F.linear(flat, self.weight, self.bias)
         return out[:n]
+
+
+def can_dnn(weight: torch.Tensor) -> bool:
+    """oneDNN's fp32 inner product exists on CPU in PyTorch builds with mkldnn."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def _dnn_linear(flat: torch.Tensor, dnn: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's inner product on the reordered weight, always run eagerly (an opaque tensor has no fake-tensor
+    form for the compiler to trace)."""
+    return torch.ops.mkldnn._linear_pointwise(flat, dnn, bias, "none", [], "")
 
 
 def _packed_linear(
@@ -122,3 +156,9 @@ def _packed_linear_outside_graphs() -> Callable[..., torch.Tensor]:
     """``_packed_linear`` wrapped by ``torch.compiler.disable``, made once on first use: wrapping imports torch._dynamo
     (~1.3 s, which every process would otherwise pay at start) and costs ~50 us, too much to pay per call."""
     return torch.compiler.disable(_packed_linear)
+
+
+@functools.cache
+def _dnn_linear_outside_graphs() -> Callable[..., torch.Tensor]:
+    """``_dnn_linear`` wrapped by ``torch.compiler.disable``, made once (as ``_packed_linear_outside_graphs``)."""
+    return torch.compiler.disable(_dnn_linear)
