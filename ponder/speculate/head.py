@@ -73,6 +73,13 @@ class HeadDrafter(Drafter):
         head = head.to(loaded.model.dtype if loaded.model.dtype in (torch.float32, torch.float16) else torch.float32)
         if loaded.dtype in ("int8", "q4"):
             _quantize_head(head)
+        else:
+            from ponder.model.kernels import tune
+            from ponder.model.loader import cache_root
+
+            # the head's layer and its 8k-row output go through the machine's fastest fp32 kernel per row count,
+            # as the target's do (a tree level scores up to k rows at once: MKL's slow small-M path otherwise)
+            tune(head.inner, cache_root() / "kernels")
         return cls(options, loaded.model, head, recipe)
 
     def new_state(self, prompt_ids: list[int]) -> HeadRow:
