@@ -12,7 +12,7 @@ from ponder.engine import Engine
 from ponder.errors import PonderError
 from ponder.sampling import SamplingParams
 from ponder.speculate import make_speculator
-from ponder.speculate.head import HeadDrafter, HeadOptions
+from ponder.speculate.head import HeadDrafter, HeadOptions, _Growth
 
 
 def test_drafting_computes_what_training_computed(cyclic, cyclic_head_dir: Path) -> None:
@@ -33,8 +33,34 @@ def test_drafting_computes_what_training_computed(cyclic, cyclic_head_dir: Path)
         feats = [seq.hidden[layer][: T - 1].float() for layer in head.feature_layers]
         outs = head.ttt_outputs(head.inputs(head.fused(feats), emb), emb, 2)
         assert torch.allclose(state.last, outs[0][P - 1], atol=1e-4)
-        g = drafter._expand(state, [toks[P + 1]], [-1], [0], {-1: state.last})
+        grow = _Growth(tokens=[toks[P + 1]], parents=[-1], probs=[1.0], cum=[0.0], outs={-1: state.last},
+                       frontier=[0])
+        g = drafter._expand(state.cache, [grow], [0])
         assert torch.allclose(g[0], outs[1][P], atol=1e-4)
+
+
+def test_batched_trees_equal_each_row_grown_alone(cyclic, cyclic_head_dir: Path) -> None:
+    """Growing three rows' trees level by level together (one scoring product and one layer pass per level, rows
+    of different lengths in a scratch cache) gives each row the tree it gets alone, and leaves the rows' own caches
+    as they were."""
+    drafter = HeadDrafter.build(HeadOptions(path=str(cyclic_head_dir), depth=4, k=3, stop=0.0), cyclic)
+    prompts = _chat_prompts(cyclic)
+    with torch.inference_mode():
+        states = []
+        for toks in prompts:
+            state = drafter.new_state(toks)
+            drafter.prefilled(state, record_hidden(cyclic.model, toks, drafter.head.feature_layers))
+            drafter._feed(state, toks + [toks[-1]])
+            states.append(state)
+        assert len({s.cache.lengths[0] for s in states}) == 3
+        lengths = [s.cache.lengths[0] for s in states]
+        together = drafter._trees(states)
+        alone = [drafter._trees([s])[0] for s in states]
+    assert [s.cache.lengths[0] for s in states] == lengths
+    for a, b in zip(together, alone):
+        assert len(a) == 3 + 9 + 9 + 9  # depth 4, k 3, no early stop: k children per level's k best nodes
+        assert a.tokens == b.tokens and a.parents == b.parents
+        assert max(abs(x - y) for x, y in zip(a.scores, b.scores)) < 1e-4
 
 
 def _chat_prompts(cyclic) -> list[list[int]]:

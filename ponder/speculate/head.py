@@ -100,11 +100,12 @@ class HeadDrafter(Drafter):
 
     # --- drafting ---------------------------------------------------------------------------------------------------
     def propose(self, batch: DraftBatch) -> Proposal:
-        trees = []
         with torch.inference_mode():
             for row in batch.rows:
                 self._feed(row.state, row.tokens)
-                trees.append(self._tree(row.state, row.budget) if row.budget > 0 else DraftTree([], []))
+            drafting = [row for row in batch.rows if row.budget > 0]
+            grown = iter(self._trees([row.state for row in drafting]))
+            trees = [next(grown).best(row.budget) if row.budget > 0 else DraftTree([], []) for row in batch.rows]
         return Proposal(trees, capture=self.capture)
 
     def _feed(self, state: HeadRow, tokens: list[int]) -> None:
@@ -126,63 +127,88 @@ class HeadDrafter(Drafter):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.target.embed_tokens(ids).to(self._dtype)
 
-    def _tree(self, state: HeadRow, budget: int) -> DraftTree:
-        """EAGLE-2's dynamic tree: expand the k most probable nodes per level into their k best children.
+    def _trees(self, states: list[HeadRow]) -> list[DraftTree]:
+        """EAGLE-2's dynamic tree for every row at once: per level, expand each row's k most probable nodes into
+        their k best children.
 
-        Each level scores all its expanded nodes in one matrix product over the draft vocabulary. A node's tree
-        score is the head's probability of its token given its parent (``DraftTree.path_probs`` multiplies them
-        into the cumulative probability that ranks nodes). Expansion stops early when no frontier node's
-        cumulative probability reaches ``stop``: deeper nodes would not be verified anyway."""
+        Rows grow level by level together, so each level scores every row's expanded nodes in one matrix product
+        over the draft vocabulary and runs one layer pass for all rows (the head's weights are read once per level,
+        not once per row). A node's tree score is the head's probability of its token given its parent
+        (``DraftTree.path_probs`` multiplies them into the cumulative probability that ranks nodes). A row stops
+        growing when none of its frontier nodes' cumulative probability reaches ``stop``: deeper nodes would not be
+        verified anyway."""
+        if not states:
+            return []
         k, head = self.options.k, self.head
-        tokens: list[int] = []
-        parents: list[int] = []
-        probs: list[float] = []  # the head's probability of each node's token given its parent
-        cum: list[float] = []  # cumulative log-probability of each node's path
-        expanded = {-1: state.last}  # node -> its head output # [E] (-1: the root)
-        frontier, outs = [-1], state.last[None]  # this level's expanded nodes and their outputs # [F, E]
+        grows = [_Growth(outs={-1: state.last}) for state in states]
+        cache = states[0].cache if len(states) == 1 else self._tree_cache(states)
+        active = list(range(len(states)))
+        outs = torch.stack([state.last for state in states])  # the active rows' frontier outputs, in order # [F, E]
         for level in range(self.options.depth):
             logp = torch.log_softmax(head.scores(outs).float(), -1)  # [F, N]
             top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
             values, indices = top.values.tolist(), head.draft_ids[top.indices].tolist()
-            new = []
-            for node, lps, ids in zip(frontier, values, indices):
-                base = 0.0 if node < 0 else cum[node]
-                for lp, tok in zip(lps, ids):
-                    tokens.append(tok)
-                    parents.append(node)
-                    probs.append(math.exp(lp))
-                    cum.append(base + lp)
-                    new.append(len(tokens) - 1)
-            if level + 1 == self.options.depth:
+            at, going = 0, []
+            for r in active:
+                g = grows[r]
+                new = []
+                for node in g.frontier:
+                    base = 0.0 if node < 0 else g.cum[node]
+                    for lp, tok in zip(values[at], indices[at]):
+                        g.tokens.append(tok)
+                        g.parents.append(node)
+                        g.probs.append(math.exp(lp))
+                        g.cum.append(base + lp)
+                        new.append(len(g.tokens) - 1)
+                    at += 1
+                g.frontier = sorted(new, key=lambda i, g=g: -g.cum[i])[:k]
+                if level + 1 < self.options.depth and math.exp(g.cum[g.frontier[0]]) >= self.options.stop:
+                    going.append(r)
+            if not going:
                 break
-            frontier = sorted(new, key=lambda i: -cum[i])[:k]
-            if math.exp(cum[frontier[0]]) < self.options.stop:
-                break
-            outs = self._expand(state, tokens, parents, frontier, expanded)
-            expanded.update(zip(frontier, outs))
-        return DraftTree(tokens, parents, probs).best(budget)
+            active = going
+            outs = self._expand(cache, [grows[r] for r in active], active)
+        return [DraftTree(g.tokens, g.parents, g.probs) for g in grows]
 
-    def _expand(
-        self, state: HeadRow, tokens: list[int], parents: list[int], frontier: list[int],
-        outs: dict[int, torch.Tensor],
-    ) -> torch.Tensor:
-        """Head outputs of the frontier nodes, from one forward over them and their ancestors above the fed prefix
-        (the ancestors are recomputed: one small layer over a few dozen tokens costs about what one token does).
-        A node at draft depth d sits at position fed - 1 + d, takes (its parent's output, its own token) and
-        attends to the fed prefix, its ancestors and itself."""
-        keep = _with_ancestors(frontier, parents)
-        index = {n: i for i, n in enumerate(keep)}
-        T = len(keep)
-        visible = torch.eye(T, dtype=torch.bool)
-        for i, n in enumerate(keep):  # ancestors come first in `keep`, so their rows are complete
-            if parents[n] >= 0:
-                visible[i] |= visible[index[parents[n]]]
-        depth = torch.tensor([[_depth(n, parents) - 1 for n in keep]])
-        u = torch.stack([outs[parents[n]] for n in keep])  # [T, E]
-        z = self.head.inputs(u, self._embed(torch.tensor([tokens[n] for n in keep])))[None]
-        ctx = self.head.inner.tree_context(state.cache, depth, visible[None])
-        g = self.head.inner.run_layers(z, ctx, state.cache)[0]
-        return g[[index[n] for n in frontier]]  # [len(frontier), E]
+    def _tree_cache(self, states: list[HeadRow]) -> KVCache:
+        """A scratch cache whose row b copies row b's fed prefix (tree nodes are written above it and dropped)."""
+        need = max(state.cache.lengths[0] for state in states) + self.options.depth * self.options.k + 8
+        cache = self.head.inner.new_cache(len(states), need)
+        for b, state in enumerate(states):
+            cache.copy_row(b, state.cache)
+        return cache
+
+    def _expand(self, cache: KVCache, grows: list["_Growth"], rows: list[int]) -> torch.Tensor:
+        """Head outputs of the frontier nodes of ``grows`` (in ``cache`` rows ``rows``), from one forward over every
+        row's frontier and its ancestors above the fed prefix (the ancestors are recomputed: one small layer over a
+        few dozen tokens costs about what one token does). A node at draft depth d sits at position fed - 1 + d,
+        takes (its parent's output, its own token) and attends to the fed prefix, its ancestors and itself. Rows
+        not expanding, and the padding of shorter rows, get one node seeing only itself; their outputs are unused.
+        Returns # [sum of frontier sizes, E], row by row in frontier order; each node's output is also kept."""
+        kept = [_with_ancestors(g.frontier, g.parents) for g in grows]
+        B, T = cache.batch, max(len(keep) for keep in kept)
+        depth = torch.zeros(B, T, dtype=torch.long)
+        visible = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)
+        u = torch.zeros(B, T, grows[0].outs[-1].shape[-1], dtype=self._dtype)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for g, r, keep in zip(grows, rows, kept):
+            index = {n: i for i, n in enumerate(keep)}
+            for i, n in enumerate(keep):  # ancestors come first in `keep`, so their rows are complete
+                if g.parents[n] >= 0:
+                    visible[r, i] |= visible[r, index[g.parents[n]]]
+                depth[r, i] = _depth(n, g.parents) - 1
+            u[r, : len(keep)] = torch.stack([g.outs[g.parents[n]] for n in keep])
+            ids[r, : len(keep)] = torch.tensor([g.tokens[n] for n in keep])
+        z = self.head.inputs(u, self._embed(ids))  # [B, T, E]
+        ctx = self.head.inner.tree_context(cache, depth, visible)
+        out = self.head.inner.run_layers(z, ctx, cache)  # [B, T, E]
+        picked = []
+        for g, r, keep in zip(grows, rows, kept):
+            index = {n: i for i, n in enumerate(keep)}
+            sel = out[r, [index[n] for n in g.frontier]]  # [len(frontier), E]
+            g.outs.update(zip(g.frontier, sel))
+            picked.append(sel)
+        return torch.cat(picked)
 
     def observe(self, batch: DraftBatch, results: list[RowResult]) -> None:
         """Queue the target states of the committed verify inputs (the pending token and the accepted nodes)."""
@@ -193,6 +219,19 @@ class HeadDrafter(Drafter):
 
     def report(self) -> dict[str, Any]:
         return {"heldback_top1_by_depth": self.recipe.get("heldback", {}).get("top1_by_depth")}
+
+
+@dataclass
+class _Growth:
+    """One row's tree while it grows: nodes (token, parent, the head's probability given the parent, cumulative
+    log-probability), the head output of every expanded node (-1: the root) and the nodes to expand next."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    cum: list[float] = field(default_factory=list)
+    outs: dict[int, torch.Tensor] = field(default_factory=dict)  # node -> its head output # [E]
+    frontier: list[int] = field(default_factory=lambda: [-1])
 
 
 def _quantize_head(head: Any) -> None:
