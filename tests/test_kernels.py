@@ -186,7 +186,7 @@ def test_every_kernel_computes_the_projection(kernel: str) -> None:
         assert (err <= fp32_bound(x, layer)).all()
 
 
-def test_dnn_kernel_rows_are_bit_identical_to_one_row_calls() -> None:
+def test_dnn_kernel_rows_do_not_depend_on_the_other_rows() -> None:
     """oneDNN's inner product (the ``dnn`` route) gives every row of a call of 2 or more rows the same bits at
     every such row count (a 1-row call may sum in another order: it does for SmolLM2's down projection on an AMD
     EPYC), and stays within fp32 summation noise of ``F.linear``; ``tune`` makes its weight copy only when a route

@@ -4,8 +4,9 @@ For each row count in ``ROWS`` the candidates (``plain``, ``nt``, ``dnn`` where 
 rows where MKL has it) are timed on the model's own shapes: the projections of its first ``SAMPLE_LAYERS`` layers
 (enough weights to leave the caches, as a decode step does), and the LM head on its own. Each row count n is then
 routed to the cheapest (kernel, padded row count m >= n), taking the fewest rows within ``MARGIN`` of the cheapest;
-``plain`` unpadded is kept unless another choice saves at least ``MARGIN``, so noise does not move a route. The result is cached on disk per CPU model, thread count, PyTorch version and shapes
-(``$PONDER_CACHE/kernels``), so only the first process on a machine pays the measurement (~5 s for SmolLM2).
+``plain`` unpadded is kept unless another choice saves at least ``MARGIN``, so noise does not move a route. The
+result is cached on disk per CPU model, thread count, PyTorch version, shapes and candidate kernels
+(``$PONDER_CACHE/kernels``), so only the first process on a machine pays the measurement (~5-10 s for SmolLM2).
 """
 
 from __future__ import annotations

@@ -186,13 +186,13 @@ class HeadDrafter(Drafter):
         not expanding, and the padding of shorter rows, get one node seeing only itself; their outputs are unused.
         Returns # [sum of frontier sizes, E], row by row in frontier order; each node's output is also kept."""
         kept = [_with_ancestors(g.frontier, g.parents) for g in grows]
+        where = [{n: i for i, n in enumerate(keep)} for keep in kept]  # per row: node -> its place in the forward
         B, T = cache.batch, max(len(keep) for keep in kept)
         depth = torch.zeros(B, T, dtype=torch.long)
         visible = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)
         u = torch.zeros(B, T, grows[0].outs[-1].shape[-1], dtype=self._dtype)
         ids = torch.zeros(B, T, dtype=torch.long)
-        for g, r, keep in zip(grows, rows, kept):
-            index = {n: i for i, n in enumerate(keep)}
+        for g, r, keep, index in zip(grows, rows, kept, where):
             for i, n in enumerate(keep):  # ancestors come first in `keep`, so their rows are complete
                 if g.parents[n] >= 0:
                     visible[r, i] |= visible[r, index[g.parents[n]]]
@@ -203,8 +203,7 @@ class HeadDrafter(Drafter):
         ctx = self.head.inner.tree_context(cache, depth, visible)
         out = self.head.inner.run_layers(z, ctx, cache)  # [B, T, E]
         picked = []
-        for g, r, keep in zip(grows, rows, kept):
-            index = {n: i for i, n in enumerate(keep)}
+        for g, r, index in zip(grows, rows, where):
             sel = out[r, [index[n] for n in g.frontier]]  # [len(frontier), E]
             g.outs.update(zip(g.frontier, sel))
             picked.append(sel)
