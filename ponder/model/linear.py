@@ -20,12 +20,12 @@ cost curve monotone in the row count: no cliffs for the speculative policy to tr
   weights each, so the engine packs only the sizes the route uses);
 - ``dnn``: oneDNN's fp32 inner product (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor itself emits for
   frozen CPU linears) on one copy of the weights in oneDNN's blocked layout (``prepare_dnn``), made once when the
-  route uses it. On the AMD EPYC above it costs 17 / 16 / 22 / 25 ms for 1 / 4 / 8 / 16 rows over 120 random
-  matrices of SmolLM2's projection shapes, against 15 / 21 / 44 / 55 ms for the best MKL call: the cheapest kernel
-  from 4 rows up, which takes the verify forwards of speculation (and batches) off MKL's slow small-M paths.
-  From 2 rows on, a row's bits do not depend on the other rows of the call (tests/test_kernels.py; a 1-row call may
-  sum in another order). Row counts beyond the route (prefills) stay on ``F.linear``, the kernel transformers uses, so prompt logits keep
-  matching transformers' within 1e-4 (oneDNN would be 1.3-1.4x faster there for 64-512 rows, but moved SmolLM2's
+  route uses it. On the AMD EPYC above it costs 17 / 16 / 22 / 25 ms for 1 / 4 / 8 / 16 rows over 120 random matrices
+  of SmolLM2's projection shapes, against 15 / 21 / 44 / 55 ms for the best MKL call: the cheapest kernel from 4 rows
+  up, which takes the verify forwards of speculation (and batches) off MKL's slow small-M paths. From 2 rows on, a
+  row's bits do not depend on the other rows of the call (tests/test_kernels.py; a 1-row call may sum in another
+  order). Row counts beyond the route (prefills) stay on ``F.linear``, the kernel transformers uses, so prompt logits
+  keep matching transformers' within 1e-4 (oneDNN would be 1.3-1.4x faster there for 64-512 rows, but moved SmolLM2's
   prompt logits 1.1e-4).
 
 Bits: kernels may differ in the last bits of fp32 sums (see tests/test_kernels.py); fp32 speculation is therefore
