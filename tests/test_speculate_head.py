@@ -17,7 +17,8 @@ from ponder.speculate.head import HeadDrafter, HeadOptions, _Growth
 
 def test_drafting_computes_what_training_computed(cyclic, cyclic_head_dir: Path) -> None:
     """After a prompt's prefill states, the head's prediction of the first draft equals training-time test's step 1
-    at the prompt's last position, and a depth-2 node's output equals step 2 one position later."""
+    at the prompt's last position, a depth-2 node's output equals step 2 one position later, and its child's step 3
+    (a sibling of the depth-2 node, kept in the cache, must stay out of the child's attention)."""
     _, seqs = read_data(Path(cyclic_head_dir).parent / "data")
     seq = max(seqs, key=lambda s: len(s.tokens) - s.answer_start)
     P, toks = seq.answer_start, seq.tokens.tolist()
@@ -31,12 +32,19 @@ def test_drafting_computes_what_training_computed(cyclic, cyclic_head_dir: Path)
         T = len(toks)
         emb = cyclic.model.embed_tokens(seq.tokens[1:]).float()
         feats = [seq.hidden[layer][: T - 1].float() for layer in head.feature_layers]
-        outs = head.ttt_outputs(head.inputs(head.fused(feats), emb), emb, 2)
+        outs = head.ttt_outputs(head.inputs(head.fused(feats), emb), emb, 3)
         assert torch.allclose(state.last, outs[0][P - 1], atol=1e-4)
-        grow = _Growth(tokens=[toks[P + 1]], parents=[-1], probs=[1.0], cum=[0.0], outs={-1: state.last},
-                       frontier=[0])
+        # a path of two draft nodes grown as the drafter grows trees, each level over its frontier alone: the
+        # depth-3 node attends to its parent's K/V kept from the level before, as step 3 attends to step 2's key
+        grow = _Growth(tokens=[toks[P + 1], toks[P + 3]], parents=[-1, -1], probs=[1.0, 1.0], cum=[0.0, 0.0],
+                       outs={-1: state.last}, frontier=[1, 0])  # node 1: a sibling the second level leaves out
         g = drafter._expand(state.cache, [grow], [0])
-        assert torch.allclose(g[0], outs[1][P], atol=1e-4)
+        assert torch.allclose(g[1], outs[1][P], atol=1e-4)
+        grow.tokens.append(toks[P + 2])
+        grow.parents.append(0)
+        grow.frontier = [2]
+        g = drafter._expand(state.cache, [grow], [0])
+        assert torch.allclose(g[0], outs[2][P + 1], atol=1e-4)
 
 
 def test_batched_trees_equal_each_row_grown_alone(cyclic, cyclic_head_dir: Path) -> None:

@@ -298,6 +298,16 @@ class LlamaModel(nn.Module):
         slots = None if uniform else L + torch.arange(T, device=dev)[None, :]
         return StepContext(cos, sin, lengths[0] if uniform else None, slots, read_len, mask[:, None], False)
 
+    def slot_context(self, cache: KVCache, slots: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> StepContext:
+        """StepContext for T new tokens per row written to explicit cache slots # [B, T] at positions # [B, T], each
+        attending to the slots ``mask`` # [B, T, S] marks (S: the slots read). For callers that lay out slots above
+        a row's length themselves (the head drafter keeps its tree nodes' K/V there between levels); the cache's
+        lengths are theirs to keep."""
+        if mask.shape[-1] > cache.max_len or int(slots.max()) >= mask.shape[-1]:
+            raise ValueError(f"slots up to {int(slots.max())} with {mask.shape[-1]} read, cache of {cache.max_len}")
+        cos, sin = self._rope_at(pos, int(pos.max()) + 1)
+        return StepContext(cos, sin, None, slots, mask.shape[-1], mask[:, None], False)
+
     def step_context(self, cache: KVCache, T: int, n_new: list[int]) -> StepContext:
         """Rotations, write slots and attention mask for T new tokens per row, computed once for all layers."""
         lengths = cache.lengths

@@ -179,32 +179,50 @@ class HeadDrafter(Drafter):
         return cache
 
     def _expand(self, cache: KVCache, grows: list["_Growth"], rows: list[int]) -> torch.Tensor:
-        """Head outputs of the frontier nodes of ``grows`` (in ``cache`` rows ``rows``), from one forward over every
-        row's frontier and its ancestors above the fed prefix (the ancestors are recomputed: one small layer over a
-        few dozen tokens costs about what one token does). A node at draft depth d sits at position fed - 1 + d,
-        takes (its parent's output, its own token) and attends to the fed prefix, its ancestors and itself. Rows
-        not expanding, and the padding of shorter rows, get one node seeing only itself; their outputs are unused.
+        """Head outputs of the frontier nodes of ``grows`` (in ``cache`` rows ``rows``), from one forward over the
+        frontier nodes alone (EAGLE-2's tree attention): each node's K/V is written to a slot above its row's fed
+        prefix and stays there, so a deeper node attends to the fed prefix, its ancestors' kept slots and itself,
+        and no ancestor is computed twice. A node at draft depth d sits at position fed - 1 + d and takes (its
+        parent's output, its own token). Rows not expanding, and the padding of shorter frontiers, get a token
+        seeing only itself, written past every kept slot (those rows grow no further: their slots are free).
         Returns # [sum of frontier sizes, E], row by row in frontier order; each node's output is also kept."""
-        kept = [_with_ancestors(g.frontier, g.parents) for g in grows]
-        where = [{n: i for i, n in enumerate(keep)} for keep in kept]  # per row: node -> its place in the forward
-        B, T = cache.batch, max(len(keep) for keep in kept)
-        depth = torch.zeros(B, T, dtype=torch.long)
-        visible = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)
+        B, T = cache.batch, max(len(g.frontier) for g in grows)
+        lengths, positions = cache.lengths, cache.positions
+        first = list(lengths)  # per cache row: the first slot this forward writes
+        for g, r in zip(grows, rows):
+            first[r] += g.used
+        slots = torch.tensor(first)[:, None] + torch.arange(T)[None, :]  # [B, T]
+        pos = torch.tensor(positions)[:, None].repeat(1, T)  # [B, T]
+        S = int(slots.max()) + 1
+        mask = torch.zeros(B, T, S, dtype=torch.bool)
+        mask[torch.arange(B)[:, None], torch.arange(T)[None, :], slots] = True  # every token sees itself
         u = torch.zeros(B, T, grows[0].outs[-1].shape[-1], dtype=self._dtype)
         ids = torch.zeros(B, T, dtype=torch.long)
-        for g, r, keep, index in zip(grows, rows, kept, where):
-            for i, n in enumerate(keep):  # ancestors come first in `keep`, so their rows are complete
-                if g.parents[n] >= 0:
-                    visible[r, i] |= visible[r, index[g.parents[n]]]
-                depth[r, i] = _depth(n, g.parents) - 1
-            u[r, : len(keep)] = torch.stack([g.outs[g.parents[n]] for n in keep])
-            ids[r, : len(keep)] = torch.tensor([g.tokens[n] for n in keep])
+        window = self.head.inner.config.sliding_window
+        seen_r, seen_i, seen_s = [], [], []  # the kept ancestor slots each node attends to
+        for g, r in zip(grows, rows):
+            for i, n in enumerate(g.frontier):
+                g.slot[n] = g.used + i
+                d, a = 0, g.parents[n]
+                while a >= 0:
+                    seen_r.append(r)
+                    seen_i.append(i)
+                    seen_s.append(lengths[r] + g.slot[a])
+                    a, d = g.parents[a], d + 1
+                pos[r, i] += d  # d ancestors below the root: draft depth d + 1
+                low = 0 if window is None else max(0, positions[r] + d - window + 1)
+                mask[r, i, low : lengths[r]] = True  # the fed prefix (no eviction in the head's cache: slot = position)
+            u[r, : len(g.frontier)] = torch.stack([g.outs[g.parents[n]] for n in g.frontier])
+            ids[r, : len(g.frontier)] = torch.tensor([g.tokens[n] for n in g.frontier])
+            g.used += len(g.frontier)
+        if seen_r:
+            mask[seen_r, seen_i, seen_s] = True
         z = self.head.inputs(u, self._embed(ids))  # [B, T, E]
-        ctx = self.head.inner.tree_context(cache, depth, visible)
+        ctx = self.head.inner.slot_context(cache, slots, pos, mask)
         out = self.head.inner.run_layers(z, ctx, cache)  # [B, T, E]
         picked = []
-        for g, r, index in zip(grows, rows, where):
-            sel = out[r, [index[n] for n in g.frontier]]  # [len(frontier), E]
+        for g, r in zip(grows, rows):
+            sel = out[r, : len(g.frontier)]  # [len(frontier), E]
             g.outs.update(zip(g.frontier, sel))
             picked.append(sel)
         return torch.cat(picked)
@@ -223,7 +241,8 @@ class HeadDrafter(Drafter):
 @dataclass
 class _Growth:
     """One row's tree while it grows: nodes (token, parent, the head's probability given the parent, cumulative
-    log-probability), the head output of every expanded node (-1: the root) and the nodes to expand next."""
+    log-probability), the head output and K/V slot of every expanded node (-1: the root, whose output is the fed
+    prefix's last) and the nodes to expand next."""
 
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
@@ -231,6 +250,8 @@ class _Growth:
     cum: list[float] = field(default_factory=list)
     outs: dict[int, torch.Tensor] = field(default_factory=dict)  # node -> its head output # [E]
     frontier: list[int] = field(default_factory=lambda: [-1])
+    slot: dict[int, int] = field(default_factory=dict)  # expanded node -> its K/V's slot above the fed prefix
+    used: int = 0  # slots above the fed prefix holding expanded nodes' K/V
 
 
 def _quantize_head(head: Any) -> None:
@@ -240,20 +261,3 @@ def _quantize_head(head: Any) -> None:
     from ponder.model.quant import int8_linears
 
     int8_linears(head, skip_unsupported=True)
-
-
-def _depth(node: int, parents: list[int]) -> int:
-    d = 0
-    while node >= 0:
-        node, d = parents[node], d + 1
-    return d
-
-
-def _with_ancestors(nodes: list[int], parents: list[int]) -> list[int]:
-    """The nodes and all their ancestors, each after its parent (ascending index works: parents come first)."""
-    out: set[int] = set()
-    for n in nodes:
-        while n >= 0 and n not in out:
-            out.add(n)
-            n = parents[n]
-    return sorted(out)
