@@ -30,10 +30,14 @@ bench-quick: install
 heads: install
 	$(PYTHON) -m ponder distill data --specbench $(SPECBENCH) --tokens 65000 --layers 2,8,12,15,16,20,24,27,30 \
 		--out $(HEADS_DATA)
-	$(PYTHON) -m ponder distill train head --data $(HEADS_DATA) --out $(SHIPPED)/head --epochs 4
 	$(PYTHON) -m ponder distill train medusa --data $(HEADS_DATA) --out $(SHIPPED)/medusa --epochs 4
 	$(PYTHON) -m ponder distill train exits --data $(HEADS_DATA) --out $(SHIPPED)/exits
 	$(PYTHON) -m ponder distill train duo --data $(HEADS_DATA) --out $(SHIPPED)/duo --epochs 4 --max-len 512
+	# the head learns from more of the model's answers: a copy (hard links) of that data resumed to 200k tokens
+	[ -e $(HEADS_DATA)-200k/manifest.json ] || cp -rl $(HEADS_DATA) $(HEADS_DATA)-200k
+	$(PYTHON) -m ponder distill data --specbench $(SPECBENCH) --tokens 200000 --layers 2,8,12,15,16,20,24,27,30 \
+		--out $(HEADS_DATA)-200k
+	$(PYTHON) -m ponder distill train head --data $(HEADS_DATA)-200k --out $(SHIPPED)/head --epochs 3 --bf16
 
 clean:
 	rm -rf bench-out build dist *.egg-info .pytest_cache

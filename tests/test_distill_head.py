@@ -47,6 +47,8 @@ def test_train_head_end_to_end(tiny, data_dir: Path, tmp_path: Path) -> None:
     assert recipe["kind"] == "head" and recipe["vocab"] == 48 and recipe["ttt_steps"] == 2
     assert recipe["target"] == "soft" and recipe["feature_weight"] == 0.1  # the defaults
     assert len(recipe["heldback"]["top1_by_depth"]) == 2 and recipe["heldback"]["positions"][0] > 0
+    by_kind = recipe["heldback_by_kind"]  # the same evaluation split by kind of prompt: positions add up
+    assert by_kind and sum(e["positions"][0] for e in by_kind.values()) == recipe["heldback"]["positions"][0]
     head, loaded_recipe = load_head(tmp_path / "head", tiny.model)
     assert loaded_recipe == recipe
     tensors, _ = load_artifact(tmp_path / "head", "head")

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ponder.distill.train import (
-    Sequence, TrainConfig, add_labels, draft_vocabulary, plot_curve, read_data, save_artifact, split, train_loop,
-    vocab_coverage, vocab_map,
+    Sequence, TrainConfig, add_labels, draft_vocabulary, plot_curve, read_data, save_artifact, source_kind, split,
+    train_loop, vocab_coverage, vocab_map,
 )
 from ponder.model.llama import LlamaModel
 from ponder.model.rope import apply_rope, rope_tables
@@ -228,6 +228,9 @@ def train_head(
     minutes = (time.perf_counter() - start) / 60
     out = Path(out)
     evaluation = evaluate(head, target, held, steps, vmap)
+    kinds = sorted({source_kind(s.source) for s in held})  # the held-back mix depends on --tokens: say it per kind
+    by_kind = {kind: evaluate(head, target, [s for s in held if source_kind(s.source) == kind], steps, vmap)
+               for kind in kinds}
     coverage = vocab_coverage(train, draft_ids)
     recipe = {"kind": KIND, "data": str(Path(data_dir).resolve()), "data_recipe": manifest["recipe"],
               "model": loaded.name, "feature_layers": list(feature_layers), "vocab": len(draft_ids), "ttt_steps": steps,
@@ -235,7 +238,7 @@ def train_head(
               "feature_weight": feature,
               "train": dataclasses.asdict(cfg), "max_len": max_len, "sequences": len(train),
               "heldback_sequences": len(held), "train_minutes": round(minutes, 2), "vocab_coverage": coverage,
-              "heldback": evaluation, "final_loss": curve[-1][1] if curve else math.nan}
+              "heldback": evaluation, "heldback_by_kind": by_kind, "final_loss": curve[-1][1] if curve else math.nan}
     recipe = save_artifact(out, {**head.state_dict_to_save(), "draft_ids": draft_ids}, recipe)
     plot_curve(curve, out / "loss.png", f"draft head: {len(train)} sequences, {steps} TTT steps")
     return recipe

@@ -76,6 +76,11 @@ def shard_sequences(t: dict[str, torch.Tensor], sources: list[str], max_len: int
     return seqs
 
 
+def source_kind(source: str) -> str:
+    """What a sequence's prompt is: ``specbench``, ``builtin``, ``essay`` (or ``text``: teacher-forced essay text)."""
+    return source.split(":", 1)[0]
+
+
 def held_back(source: str) -> bool:
     return int.from_bytes(hashlib.blake2b(source.encode(), digest_size=4).digest(), "little") % HOLD_BACK == 0
 
