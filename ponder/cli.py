@@ -283,7 +283,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       args.prefix_cache_mb << 20, args.max_kv_mb << 20 if args.max_kv_mb is not None else None)
     app = create_app(loop, args.served_model_name or args.model, api_key, args.max_body_kb * 1024, args.speculate,
                      args.kv)
-    loop.start()
     print(f"ponder serve: {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.batch_size}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     try:

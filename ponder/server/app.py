@@ -439,7 +439,8 @@ class _BodyTooLarge(Exception):
 
 def serve(app: Any, host: str, port: int, grace_s: float = 30.0) -> None:
     """Run ``app`` with uvicorn until SIGINT/SIGTERM; then new requests get 503 while the running ones finish (at
-    most ``grace_s``), and the process exits with code 0. A second signal stops at once."""
+    most ``grace_s``), and the process exits with code 0. A second signal stops at once. Call it on the main thread:
+    the engine loop runs there (``EngineLoop.run``), uvicorn's event loop on a thread of its own."""
     import contextlib
     import signal
     import threading
@@ -451,13 +452,9 @@ def serve(app: Any, host: str, port: int, grace_s: float = 30.0) -> None:
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            # uvicorn's own handler closes the listener at once and re-raises the signal after shutdown
-            old = {sig: signal.signal(sig, self.drain) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in old.items():
-                    signal.signal(sig, handler)
+            # the handlers are serve's, set on the main thread (uvicorn's own closes the listener at once and
+            # re-raises the signal after shutdown)
+            yield
 
         def drain(self, sig: int, frame: Any) -> None:
             if app.state.draining:
@@ -474,4 +471,14 @@ def serve(app: Any, host: str, port: int, grace_s: float = 30.0) -> None:
             threading.Thread(target=wait, name="ponder-drain", daemon=True).start()
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
-    Server(config).run()
+    server = Server(config)
+    old = {sig: signal.signal(sig, server.drain) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=server.run, name="ponder-http", daemon=True)
+    http.start()
+    try:
+        loop.run(until=lambda: not http.is_alive())
+    finally:
+        server.should_exit = True
+        http.join(grace_s + 5)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

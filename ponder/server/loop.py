@@ -56,12 +56,20 @@ class EngineLoop:
         self.steps = 0
 
     def start(self) -> None:
+        """Run the loop on a thread of its own (``run`` runs it on the caller's)."""
         self._thread.start()
+
+    def run(self, until: Callable[[], bool]) -> None:
+        """Run the loop on the calling thread until ``until()`` or ``stop``. ``ponder serve`` runs it on the
+        process's main thread: oneDNN's kernels run ~2x slower from any other thread on the CPUs measured
+        (docs/serve.md), and decoding is what the process is for."""
+        self._run(until)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     @property
     def in_flight(self) -> int:
@@ -98,8 +106,8 @@ class EngineLoop:
         return future
 
     # --- the loop thread ------------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stopping:
+    def _run(self, until: Callable[[], bool] | None = None) -> None:
+        while not self._stopping and not (until is not None and until()):
             self._drain()
             if not self.core.has_work():
                 self._wake.wait(0.5)
