@@ -191,6 +191,13 @@ def evaluate(head: DraftHead, target: LlamaModel, seqs: list[Sequence], steps: i
     return {"top1_by_depth": [h / t if t else 0.0 for h, t in zip(hits, total)], "positions": total}
 
 
+def _pooled(evaluations: list[dict]) -> dict:
+    """One ``evaluate`` result over the union of the sequences several were computed on."""
+    total = [sum(e["positions"][s] for e in evaluations) for s in range(len(evaluations[0]["positions"]))]
+    hits = [sum(e["top1_by_depth"][s] * e["positions"][s] for e in evaluations) for s in range(len(total))]
+    return {"top1_by_depth": [h / t if t else 0.0 for h, t in zip(hits, total)], "positions": total}
+
+
 def train_head(
     loaded: Any, data_dir: Any, out: Any, vocab: int = 8192, steps: int = 3, cfg: TrainConfig | None = None,
     max_len: int = 1024, progress: bool = True, prompts: bool = True, soft: bool = True, feature: float = 0.1,
@@ -227,10 +234,10 @@ def train_head(
     curve = train_loop(head.trainable(), loss_of, train, cfg, progress, desc="train head")
     minutes = (time.perf_counter() - start) / 60
     out = Path(out)
-    evaluation = evaluate(head, target, held, steps, vmap)
     kinds = sorted({source_kind(s.source) for s in held})  # the held-back mix depends on --tokens: say it per kind
     by_kind = {kind: evaluate(head, target, [s for s in held if source_kind(s.source) == kind], steps, vmap)
                for kind in kinds}
+    evaluation = _pooled(list(by_kind.values()))
     coverage = vocab_coverage(train, draft_ids)
     recipe = {"kind": KIND, "data": str(Path(data_dir).resolve()), "data_recipe": manifest["recipe"],
               "model": loaded.name, "feature_layers": list(feature_layers), "vocab": len(draft_ids), "ttt_steps": steps,

@@ -63,6 +63,8 @@ class EngineLoop:
         """Run the loop on the calling thread until ``until()`` or ``stop``. ``ponder serve`` runs it on the
         process's main thread: oneDNN's kernels run ~2x slower from any other thread on the CPUs measured
         (docs/serve.md), and decoding is what the process is for."""
+        if self._thread.is_alive():
+            raise RuntimeError("the engine loop already runs on its own thread (start): one loop at a time")
         self._run(until)
 
     def stop(self, timeout: float = 10.0) -> None:
