@@ -168,7 +168,7 @@ def cmd_analyze_depth(args: argparse.Namespace) -> int:
         cases = [c for c in cases if seen.setdefault(c.category, 0) < args.per_category
                  and not seen.__setitem__(c.category, seen[c.category] + 1)]
     cases = cases[: args.limit] if args.limit else cases
-    loaded = ponder.load(args.model, args.dtype)
+    loaded = ponder.load(args.model, args.dtype, device=args.device)
     prompts = [(c.category, c.turns[0]) for c in cases]
     analysis = oracle.analyze(loaded, prompts, args.max_new_tokens, args.adapter, args.skip_positions, args.seed,
                               duo=args.duo)
@@ -186,6 +186,7 @@ def _model_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--model", default=default, help=f"model name, HF dir, .gguf file or hub id (default {default})")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weight dtype (int8 and q4 are lossy)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
 
 
 def _kv_policy(args: argparse.Namespace) -> "KVPolicy | None":
@@ -214,7 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PonderError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.system is not None and args.raw:
         raise PonderError("--system needs chat mode, but --raw sends the prompt as is: drop one of them")
-    loaded = ponder.load(args.model, args.dtype, compile=args.compile)
+    loaded = ponder.load(args.model, args.dtype, compile=args.compile, device=args.device)
     chat = not args.raw and _has_chat_template(loaded, args)  # before the set-up below: a mistake fails fast
     speculator = None
     if args.speculate:
@@ -267,7 +268,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value < low:
             raise PonderError(f"{name} must be >= {low}, got {value}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("PONDER_API_KEY") or None
-    loaded = ponder.load(args.model, args.dtype, compile=args.compile)
+    loaded = ponder.load(args.model, args.dtype, compile=args.compile, device=args.device)
     from ponder.speculate import make_speculator
 
     def speculator() -> Any:  # a fresh one per engine: drafters keep statistics
@@ -342,7 +343,7 @@ def _print_stats(completions: list[Completion], seconds: float) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     import ponder
 
-    loaded = ponder.load(args.model, args.dtype)
+    loaded = ponder.load(args.model, args.dtype, device=args.device)
     for key, value in model_summary(loaded).items():
         print(f"{key:<22} {value}")
     return 0
@@ -369,6 +370,7 @@ def model_summary(loaded: Loaded) -> dict[str, str]:
         + (f" (sliding window {cfg.sliding_window})" if cfg.sliding_window else ""),
         "rope": f"theta {cfg.rope_theta:g}, scaling {rope}",
         "dtype": loaded.dtype,
+        "device": str(model.device),
         "weight memory": f"{_weight_bytes(model) / 2**20:.1f} MiB",
         "KV cache per token": f"{kv_per_token / 1024:.1f} KiB ({str(model.kv_dtype).removeprefix('torch.')})",
     }

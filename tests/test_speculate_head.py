@@ -30,8 +30,9 @@ def test_drafting_computes_what_training_computed(cyclic, cyclic_head_dir: Path)
         drafter.prefilled(state, {k: v.to(torch.bfloat16).float() for k, v in prompt.items()})  # as stored
         drafter._feed(state, toks[: P + 1])
         T = len(toks)
-        emb = cyclic.model.embed_tokens(seq.tokens[1:]).float()
-        feats = [seq.hidden[layer][: T - 1].float() for layer in head.feature_layers]
+        dev = cyclic.model.device
+        emb = cyclic.model.embed(seq.tokens[1:]).float()
+        feats = [seq.hidden[layer][: T - 1].float().to(dev) for layer in head.feature_layers]
         outs = head.ttt_outputs(head.inputs(head.fused(feats), emb), emb, 3)
         assert torch.allclose(state.last, outs[0][P - 1], atol=1e-4)
         # a path of two draft nodes grown as the drafter grows trees, each level over its frontier alone: the

@@ -55,7 +55,7 @@ def teacher_forced(model: torch.nn.Module, policy: DepthPolicy, prompt: list[int
     out = Fidelity()
     if len(reference) < 2:
         return out
-    ids = torch.tensor([prompt + reference])
+    ids = torch.tensor([prompt + reference], device=model.device)
     P = len(prompt)
     with torch.inference_mode():
         full = model(ids, model.new_cache(1, ids.shape[1]))[0, P:-1].float()  # [n, V]: after reference[0..n-1]
@@ -65,9 +65,9 @@ def teacher_forced(model: torch.nn.Module, policy: DepthPolicy, prompt: list[int
         before = (policy.stats.attention_blocks, policy.stats.ffn_blocks)
         logits = []
         for t in reference[:-1]:
-            logits.append(decode(model, torch.tensor([[t]]), cache, policy, [row])[0].float())
+            logits.append(decode(model, torch.tensor([[t]], device=ids.device), cache, policy, [row])[0].float())
         got = torch.stack(logits)  # [n, V]
-    want = torch.tensor(reference[1:])
+    want = torch.tensor(reference[1:], device=got.device)
     out.agree = int((got.argmax(-1) == want).sum())
     out.steps = len(want)
     logp_full, logp = torch.log_softmax(full, -1), torch.log_softmax(got, -1)

@@ -144,7 +144,7 @@ def _duo(loaded: Any, duo: str, out: Analysis) -> Any:
 def _one(model: Any, adapters: Any, tokenizer: Any, category: str, prompt: list[int], answer: list[int],
          out: Analysis, skip_positions: int, gen: torch.Generator, duo: Any = None) -> None:
     L = out.n_layers
-    seq = torch.tensor([prompt + answer])
+    seq = torch.tensor([prompt + answer], device=model.device)
     P = len(prompt)
     capture: dict[int, torch.Tensor | None] = {layer: None for layer in range(L + 1)}
     with torch.inference_mode():
@@ -154,8 +154,8 @@ def _one(model: Any, adapters: Any, tokenizer: Any, category: str, prompt: list[
         states = [capture[layer][0, sl] for layer in range(L + 1)]  # each # [n, E]
         final = model.logits(states[L]).argmax(-1)
         n = final.shape[0]
-        lens_ok = torch.zeros(L + 1, n, dtype=torch.bool)
-        adapt_ok = torch.zeros(L + 1, n, dtype=torch.bool)
+        lens_ok = torch.zeros(L + 1, n, dtype=torch.bool, device=final.device)
+        adapt_ok = torch.zeros(L + 1, n, dtype=torch.bool, device=final.device)
         lens_ok[L] = adapt_ok[L] = True
         conf: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in range(1, L):
@@ -172,9 +172,9 @@ def _one(model: Any, adapters: Any, tokenizer: Any, category: str, prompt: list[
         # the router: confidence exits at the adapter layers from the middle up
         router_layers = [layer for layer in sorted(conf) if layer >= L // 2]
         for t in THRESHOLDS if router_layers else ():
-            done = torch.zeros(n, dtype=torch.bool)
-            layers = torch.full((n,), L)
-            agree = torch.ones(n, dtype=torch.bool)
+            done = torch.zeros(n, dtype=torch.bool, device=final.device)
+            layers = torch.full((n,), L, device=final.device)
+            agree = torch.ones(n, dtype=torch.bool, device=final.device)
             for layer in router_layers:
                 top, right = conf[layer]
                 go = (top >= t) & ~done

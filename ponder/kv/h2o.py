@@ -51,10 +51,10 @@ class PromptAttention(KVHook):
 
     def observe(self, layer: int, q: torch.Tensor, keys: torch.Tensor, ctx: object) -> None:
         T, S = q.shape[1], keys.shape[2]
-        total = torch.zeros(keys.shape[1], S)
+        total = torch.zeros(keys.shape[1], S, device=keys.device)
         for s in range(0, T, self.block):  # query blocks bound the memory of the [Hkv, g, block, S] probabilities
             e = min(T, s + self.block)
-            visible = torch.arange(S)[None, :] <= torch.arange(S - T + s, S - T + e)[:, None]
+            visible = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T + s, S - T + e, device=q.device)[:, None]
             total += pool_group(_probs(q[:, s:e], keys, visible[None])[0].sum(2), self.gqa)
         self.scores[layer] = total
 
@@ -72,7 +72,8 @@ class StepAttention(KVHook):
         if getattr(ctx, "mask", None) is not None:
             visible = ctx.mask[:, 0].expand(B, T, S)
         elif getattr(ctx, "row_read", None) is not None:
-            visible = (torch.arange(S)[None, :] < torch.tensor(ctx.row_read)[:, None])[:, None].expand(B, T, S)
+            read = torch.tensor(ctx.row_read, device=q.device)
+            visible = (torch.arange(S, device=q.device)[None, :] < read[:, None])[:, None].expand(B, T, S)
         self.probs[layer] = pool_group(_probs(q, keys, visible), self.gqa)
 
 
@@ -122,7 +123,7 @@ class H2O(KVPolicy):
     def _accumulate(st: KVState, b: int, hook: StepAttention, inputs: list[int], start: int) -> None:
         """Add the committed queries' attention to the row's scores; the new entries (verify inputs ``inputs``,
         now packed at slots ``start...``) get their first scores."""
-        cols = start + torch.tensor(inputs)
+        cols = start + torch.tensor(inputs, device=st.scores[0].device)
         for layer, s in enumerate(st.scores):
             a = hook.probs[layer][b][:, inputs].sum(1)  # [Hkv, S]
             st.scores[layer] = torch.cat([s + a[:, :start], a[:, cols]], 1)  # s # [Hkv, start]: the row's entries

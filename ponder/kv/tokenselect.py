@@ -52,20 +52,20 @@ class Selector(KVHook):
         kept = [self.o.kept(n) for n in valid]
         if all(k >= n for k, n in zip(kept, valid)):
             return None
-        idx = torch.zeros(B, keys.shape[1], max(kept), dtype=torch.long)
-        mask = torch.zeros(B, 1, 1, max(kept), dtype=torch.bool)
+        idx = torch.zeros(B, keys.shape[1], max(kept), dtype=torch.long, device=keys.device)
+        mask = torch.zeros(B, 1, 1, max(kept), dtype=torch.bool, device=keys.device)
         for b in range(B):
             sel = self._row(layer, b, q[b, 0], keys[b], valid[b], kept[b])  # [Hkv, kept_b]
             idx[b, :, : sel.shape[1]] = sel
             mask[b, ..., : sel.shape[1]] = True
-        gather = idx[..., None].expand(-1, -1, -1, D).to(keys.device)
-        ctx = dataclasses.replace(ctx, mask=mask.to(keys.device), row_read=None, read_len=idx.shape[2])
+        gather = idx[..., None].expand(-1, -1, -1, D)
+        ctx = dataclasses.replace(ctx, mask=mask, row_read=None, read_len=idx.shape[2])
         return keys.gather(2, gather), values.gather(2, gather), ctx
 
     def _row(self, layer: int, b: int, q: torch.Tensor, keys: torch.Tensor, n: int, k: int) -> torch.Tensor:
         """Slots one row's KV heads attend to: q # [H, D], keys # [Hkv, S, D] (n valid) -> # [Hkv, k] ascending."""
         if k >= n:
-            return torch.arange(n)[None].expand(keys.shape[0], -1)
+            return torch.arange(n, device=keys.device)[None].expand(keys.shape[0], -1)
         st = self.states[b].extra
         local = min(n, self.o.window)
         sinks = min(self.o.sinks, n - local)
@@ -79,8 +79,8 @@ class Selector(KVHook):
         if older is None:
             older = self._vote(q, keys, n, sinks, n - local, free)
         st[("q", layer)], st[("sel", layer)] = q.float(), older
-        head = torch.arange(sinks)[None].expand(keys.shape[0], -1)
-        tail = torch.arange(n - local, n)[None].expand(keys.shape[0], -1)
+        head = torch.arange(sinks, device=keys.device)[None].expand(keys.shape[0], -1)
+        tail = torch.arange(n - local, n, device=keys.device)[None].expand(keys.shape[0], -1)
         return torch.cat([head, older, tail], 1)
 
     @staticmethod

@@ -86,8 +86,8 @@ def _attend(
             mask = ctx.mask
             if holes is not None:
                 mask = ~holes[:, :, None, :] if mask is None else mask & ~holes[:, :, None, :]
-            return F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask).view(B, 1, H, D)
-        return attend_rows(qg, keys, values, ctx.row_read, holes).view(B, 1, H, D)
+            return F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask).reshape(B, 1, H, D)  # (CUDA: strided)
+        return attend_rows(qg, keys, values, ctx.row_read, holes).reshape(B, 1, H, D)
     mask, causal = ctx.mask, ctx.causal
     if mask is not None and not causal and group > 1:
         # A masked many-query step (verify, tree, ragged prefill): fold each KV head's query group into the query
@@ -99,7 +99,7 @@ def _attend(
         if holes is not None:
             mf = mf & ~holes[:, :, None, :]
         out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mf)  # [B, Hkv, group * T, D]
-        return out.view(B, H, T, D).transpose(1, 2)
+        return out.reshape(B, H, T, D).transpose(1, 2)
     if holes is not None:
         held = (~holes).repeat_interleave(group, dim=1)[:, :, None, :]  # [B, H, 1, S]
         if causal:
@@ -202,8 +202,8 @@ class LlamaModel(nn.Module):
 
     # --- the three stages ---------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids # [B, T] -> hidden # [B, T, E]."""
-        return self.embed_tokens(ids)
+        """ids # [B, T] (on any device) -> hidden # [B, T, E] on the model's."""
+        return self.embed_tokens(ids.to(self.embed_tokens.weight.device))
 
     def run_layers(
         self, h: torch.Tensor, ctx: StepContext, cache: KVCache, start: int = 0, end: int | None = None,
@@ -262,7 +262,7 @@ class LlamaModel(nn.Module):
         ``capture``: its keys name layers l whose input hidden state (the output of layers ``[0, l)``) is stored
         into it, # [B, T, E] (self-speculation uses them to judge exit layers).
         """
-        ctx = self.tree_context(cache, depth, visible)
+        ctx = self.tree_context(cache, depth.to(self.device), visible.to(self.device))
         ctx.kv_hook = kv_hook
         if hidden is not None and self.fast is not None and self.fast.reason_not(ctx, cache) is None:
             # the fast path groups layers from layer 0 in fixed groups, so every forward of a generation runs the

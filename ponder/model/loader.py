@@ -123,11 +123,13 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf(raw)
 
 
-def load_model(path: Path, dtype: str = "fp32", compile: bool = False) -> LlamaModel:
-    """Our model with the weights in ``path``, converted to ``dtype`` (fp32, bf16, fp16, int8 or q4 weights);
-    ``compile``: decode and verify steps run the compiled layer (``fast.py``)."""
+def load_model(path: Path, dtype: str = "fp32", compile: bool = False, device: str = "cpu") -> LlamaModel:
+    """Our model with the weights in ``path``, converted to ``dtype`` (fp32, bf16, fp16, int8 or q4 weights) on
+    ``device`` ("cpu", "cuda", "cuda:1", ...); ``compile``: decode and verify steps run the compiled layer
+    (``fast.py``, CPU only)."""
     if dtype not in DTYPES:
         raise PonderError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    dev = check_device(device, dtype, compile)
     cfg = read_config(path)
     with torch.device("meta"):
         model = LlamaModel(cfg)
@@ -145,6 +147,7 @@ def load_model(path: Path, dtype: str = "fp32", compile: bool = False) -> LlamaM
         model = convert_dtype(model, dtype, gguf, path / cache_name())
     else:
         model = convert_dtype(model, dtype)
+    model = model.to(dev)
     from ponder.model.kernels import tune
 
     tune(model, cache_root() / "kernels")  # fp32: the fastest kernel per row count on this machine (linear.py)
@@ -153,6 +156,28 @@ def load_model(path: Path, dtype: str = "fp32", compile: bool = False) -> LlamaM
 
         model.fast = FastPath()
     return model
+
+
+def check_device(device: str, dtype: str = "fp32", compile: bool = False) -> torch.device:
+    """``device`` as a torch.device, or a PonderError that says why ponder cannot run there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise PonderError(f"unknown device {device!r} ({e}): use cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise PonderError(f"device {device!r} is not supported: ponder runs on cpu and cuda")
+    if not torch.cuda.is_available():
+        raise PonderError(f"--device {device}: this PyTorch ({torch.__version__}) sees no CUDA GPU")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PonderError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    if dtype == "q4":
+        raise PonderError("--dtype q4 runs on the CPU only (PyTorch's GPU int4 kernel packs weights differently); "
+                          "on cuda use fp32, bf16, fp16 or int8")
+    if compile:
+        raise PonderError("--compile (the fast path, docs/performance.md) is built for the CPU; on cuda leave it off")
+    return dev
 
 
 def _inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -231,7 +256,9 @@ class Loaded:
     dtype: str
 
 
-def load(name: str = DEFAULT_MODEL, dtype: str = "fp32", compile: bool = False) -> Loaded:
-    """Load ``name`` (see module docstring) as a ``Loaded`` bundle; ``compile``: the fast path (``fast.py``)."""
+def load(name: str = DEFAULT_MODEL, dtype: str = "fp32", compile: bool = False, device: str = "cpu") -> Loaded:
+    """Load ``name`` (see module docstring) as a ``Loaded`` bundle on ``device`` (cpu, cuda, cuda:N);
+    ``compile``: the fast path (``fast.py``)."""
+    check_device(device, dtype, compile)  # before resolving: a wrong device fails fast, not after a download
     path = resolve(name)
-    return Loaded(load_model(path, dtype, compile), load_tokenizer(path), name, path, dtype)
+    return Loaded(load_model(path, dtype, compile, device), load_tokenizer(path), name, path, dtype)

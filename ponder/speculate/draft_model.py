@@ -57,7 +57,7 @@ class DraftModel(Drafter):
     def build(cls, options: DraftModelOptions, target: Any) -> "DraftModel":
         import ponder
 
-        draft = ponder.load(options.model, options.dtype)
+        draft = ponder.load(options.model, options.dtype, device=str(target.model.device))
         if not _same_vocabulary(draft.tokenizer, target.tokenizer):
             raise PonderError(f"draft model {options.model!r} has a different tokenizer from the target; "
                               "a draft model must share the target's vocabulary")

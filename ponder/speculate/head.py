@@ -196,7 +196,8 @@ class HeadDrafter(Drafter):
         S = int(slots.max()) + 1
         mask = torch.zeros(B, T, S, dtype=torch.bool)
         mask[torch.arange(B)[:, None], torch.arange(T)[None, :], slots] = True  # every token sees itself
-        u = torch.zeros(B, T, grows[0].outs[-1].shape[-1], dtype=self._dtype)
+        dev = grows[0].outs[-1].device
+        u = torch.zeros(B, T, grows[0].outs[-1].shape[-1], dtype=self._dtype, device=dev)
         ids = torch.zeros(B, T, dtype=torch.long)
         window = self.head.inner.config.sliding_window
         seen_r, seen_i, seen_s = [], [], []  # the kept ancestor slots each node attends to
@@ -217,8 +218,8 @@ class HeadDrafter(Drafter):
             g.used += len(g.frontier)
         if seen_r:
             mask[seen_r, seen_i, seen_s] = True
-        z = self.head.inputs(u, self._embed(ids))  # [B, T, E]
-        ctx = self.head.inner.slot_context(cache, slots, pos, mask)
+        z = self.head.inputs(u, self._embed(ids.to(dev)))  # [B, T, E]
+        ctx = self.head.inner.slot_context(cache, slots.to(dev), pos.to(dev), mask.to(dev))
         out = self.head.inner.run_layers(z, ctx, cache)  # [B, T, E]
         picked = []
         for g, r in zip(grows, rows):
@@ -231,7 +232,7 @@ class HeadDrafter(Drafter):
         """Queue the target states of the committed verify inputs (the pending token and the accepted nodes)."""
         for row, res in zip(batch.rows, results):
             if res.hidden:
-                inputs = torch.tensor([0] + [i + 1 for i in res.path])
+                inputs = torch.tensor([0] + [i + 1 for i in res.path], device=res.logits.device)
                 row.state.pending.append(self._fuse(res.hidden, inputs))
 
     def report(self) -> dict[str, Any]:
