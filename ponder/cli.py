@@ -92,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-size", type=int, default=8, metavar="N", help="requests decoded together (default 8)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default 64)")
     serve.add_argument("--max-body-kb", type=int, default=1024, help="request body cap in KiB; more get 413")
-    serve.add_argument("--prefill-chunk", type=int, default=96, metavar="TOKENS",
-                       help="prompt tokens prefilled per step between decode steps (chunked prefill; default 96; "
-                            "0: whole prompts)")
+    serve.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+                       help="most prompt tokens prefilled per step (chunked prefill; default 512; 0: whole prompts)")
+    serve.add_argument("--prefill-ms", type=int, default=200, metavar="MS",
+                       help="while requests are decoding, prefill only what fits this many milliseconds per step, "
+                            "by the measured prefill rate, so their tokens keep coming (default 200; 0: off, "
+                            "--prefill-chunk tokens every step)")
     serve.add_argument("--prefix-cache-mb", type=int, default=512, metavar="MB",
                        help="memory for prompts' K/V reused by later prompts with the same prefix (default 512; "
                             "0: off)")
@@ -263,7 +266,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--max-queue", args.max_queue, 0),
                              ("--max-body-kb", args.max_body_kb, 1), ("--port", args.port, 0),
-                             ("--prefill-chunk", args.prefill_chunk, 0), ("--prefix-cache-mb", args.prefix_cache_mb, 0),
+                             ("--prefill-chunk", args.prefill_chunk, 0), ("--prefill-ms", args.prefill_ms, 0),
+                             ("--prefix-cache-mb", args.prefix_cache_mb, 0),
                              ("--max-kv-mb", args.max_kv_mb if args.max_kv_mb is not None else 1, 1)):
         if value < low:
             raise PonderError(f"{name} must be >= {low}, got {value}")
@@ -281,7 +285,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         scratch = Engine(loaded, speculator())
         print(f"ponder serve: compiled in {scratch.warm_up():.0f} s", file=sys.stderr, flush=True)
     loop = EngineLoop(engine, args.batch_size, args.max_queue, args.prefill_chunk or None,
-                      args.prefix_cache_mb << 20, args.max_kv_mb << 20 if args.max_kv_mb is not None else None)
+                      args.prefix_cache_mb << 20, args.max_kv_mb << 20 if args.max_kv_mb is not None else None,
+                      args.prefill_ms / 1000 if args.prefill_ms else None)
     app = create_app(loop, args.served_model_name or args.model, api_key, args.max_body_kb * 1024, args.speculate,
                      args.kv)
     print(f"ponder serve: {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1 "

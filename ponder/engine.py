@@ -227,14 +227,14 @@ class Engine:
 
     def core(
         self, batch_size: int, prefill_chunk: int | None = None, prefix_cache: "PrefixCache | None" = None,
-        max_kv_bytes: int | None = None,
+        max_kv_bytes: int | None = None, prefill_seconds: float | None = None,
     ) -> "EngineCore":
         """A request-level core over this engine (``ponder.core``): ``add_request``, ``step``, ``abort``; with
-        chunked prefill (``prefill_chunk`` prompt tokens per step), a prefix cache and a KV-memory budget if
-        given."""
+        chunked prefill (``prefill_chunk`` prompt tokens per step, or ``prefill_seconds`` of prefill per step while
+        rows decode), a prefix cache and a KV-memory budget if given."""
         from ponder.core import EngineCore
 
-        return EngineCore(self, batch_size, prefill_chunk, prefix_cache, max_kv_bytes)
+        return EngineCore(self, batch_size, prefill_chunk, prefix_cache, max_kv_bytes, prefill_seconds)
 
     def check_prompt(self, ids: list[int], name: str = "the prompt") -> None:
         """A one-line error for a prompt the model cannot take: empty, invalid ids, or longer than the context."""

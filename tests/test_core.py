@@ -309,12 +309,49 @@ def test_prefill_chunks_shrink_as_the_prefix_grows(cyclic) -> None:
     assert core.parity_keys == parity_keys(cyclic.model.config)
     core.parity_keys = 3891.0  # SmolLM2-135M's (ponder.core.parity_keys of its config)
     cost = lambda at, n: n + n * (at + n / 2) / core.parity_keys  # noqa: E731
-    sizes = [core._chunk(at, 128) for at in (0, 1000, 4000, 8000, 30000)]
+    sizes = [core._chunk(at, 128, True) for at in (0, 1000, 4000, 8000, 30000)]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] >= 120 and sizes[-1] == 16
     for at, n in zip((0, 1000, 4000, 8000), sizes):
         assert cost(at, n) <= 128 < cost(at, n + 1) or n == 16
-    assert core._chunk(100, 10.0) < 16  # the rest of a step's budget: no minimum
-    assert core._chunk(0, math.inf) > 10**9  # no chunking
+    assert core._chunk(100, 10.0, False) < 16  # the rest of a step's budget: no minimum
+    assert core._chunk(0, math.inf, True) > 10**9  # no chunking
+
+
+def test_prefill_by_time_sizes_steps_from_the_measured_rate_while_rows_decode(cyclic) -> None:
+    """With ``prefill_seconds``: while no row decodes, a step prefills up to ``prefill_chunk``; while rows decode,
+    what the measured seconds per unit fit in ``prefill_seconds`` (at most the chunk); outputs stay those of each
+    request alone."""
+    eng = Engine(cyclic)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    core = eng.core(batch_size=3, prefill_chunk=64, prefill_seconds=0.5)
+    assert core._budget() == 64  # nothing decoding: the whole chunk
+    core.add_request(PROMPTS[0], params, "short")
+    out: dict = {}
+    while not core.rows:
+        for ev in core.step():
+            out.setdefault(ev.row, []).extend(ev.token_ids)
+    assert core.unit_seconds is None  # a 13-token step is too small to measure
+    assert core._budget() == 32  # rows decoding, nothing measured yet
+    core.unit_seconds = 0.5 / 20
+    assert core._budget() == pytest.approx(20)
+    core.unit_seconds = 0.5 / 1000
+    assert core._budget() == 64  # never more than the chunk
+    core.unit_seconds = None
+    core.add_request(LONG, params, "long")
+    core.prefill_seconds = 1e-9  # smaller than any step: the minimum progress, 16 tokens a step
+    seen = []  # (budget, rate it came from) per step of the long prompt's prefill
+    while core.partial is not None or not any(r.index == "long" for r in core.rows):
+        seen.append((core._budget(), core.unit_seconds))
+        for ev in core.step():
+            out.setdefault(ev.row, []).extend(ev.token_ids)
+    assert seen[0] == (32, None) and all(u is not None and u > 0 and b == 1.0 for b, u in seen[1:])
+    assert len(seen) == 1 + -(-(70 - 32) // 16)  # 32 tokens, then 16 per step
+    got = run(core, out)
+    whole = Engine(cyclic)
+    assert got["short"] == alone(whole, PROMPTS[0], params)
+    assert got["long"] == alone(whole, LONG, params)
+    with pytest.raises(PonderError, match="prefill_seconds"):
+        eng.core(batch_size=1, prefill_seconds=0)
 
 
 def test_batch_cache_store_moves_one_row_per_finish_and_keeps_every_rows_contents() -> None:

@@ -19,11 +19,10 @@ pytestmark = pytest.mark.slow  # the real default model
 
 
 def test_a_7000_token_prefill_does_not_starve_running_streams() -> None:
-    """Three streams decode while a 7,000-token prompt is prefilled (~140 steps of chunked prefill, ~40 s): the gap
-    between a running stream's tokens stays <= 1 s p99 (prefilled whole, the prompt would stop them for ~25 s), and
-    ``/health`` answers in <= 50 ms p50 and <= 250 ms p99 meanwhile. Issue 14 asks for <= 500 ms p99 between tokens
-    and <= 50 ms p99 for ``/health``: measured 0.55-0.6 s and 40-85 ms here, with the test's clients sharing the 2
-    cores with the server (in one process without clients, the steps take 0.3 s; docs/serve.md)."""
+    """Three streams decode while a 7,000-token prompt is prefilled (~290 steps of ~200 ms of prefill each, the
+    default --prefill-ms, ~70 s): the gap between a running stream's tokens stays <= 500 ms p99 (prefilled whole,
+    the prompt would stop them for ~25 s), and ``/health`` answers in <= 50 ms p99 meanwhile (issue 14's targets;
+    measured 0.35 s and 9 ms on 2 EPYC cores shared with the test's clients; docs/serve.md)."""
     if not HAVE_SMOLLM2:
         pytest.skip(SMOLLM2_MISSING)
     from ponder.bench.longctx import essays_dir
@@ -79,9 +78,9 @@ def test_a_7000_token_prefill_does_not_starve_running_streams() -> None:
             t.join(60)
         assert result["r"].status_code == 200 and result["r"].json()["usage"]["prompt_tokens"] == 7000
         assert len(gaps) >= 100  # the streams kept going throughout the prefill
-        assert _pct(gaps, 99) <= 1.0, sorted(gaps)[-5:]
-        # never queued behind the engine (a prefill step takes ~0.3 s): the event loop answers between its kernels
-        assert _pct(health, 50) <= 0.05 and _pct(health, 99) <= 0.25, sorted(health)[-5:]
+        assert _pct(gaps, 99) <= 0.5, sorted(gaps)[-5:]
+        # never queued behind the engine (a step takes ~0.25 s): the HTTP thread answers while the engine computes
+        assert _pct(health, 99) <= 0.05, sorted(health)[-5:]
     finally:
         finished.set()
         assert s.stop() == 0

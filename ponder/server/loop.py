@@ -39,12 +39,13 @@ class EngineLoop:
     """The thread that steps one ``EngineCore`` (module doc)."""
 
     def __init__(self, engine: Any, batch_size: int, max_queue: int, prefill_chunk: int | None = None,
-                 prefix_cache_bytes: int = 0, max_kv_bytes: int | None = None) -> None:
+                 prefix_cache_bytes: int = 0, max_kv_bytes: int | None = None,
+                 prefill_seconds: float | None = None) -> None:
         from ponder.prefix import PrefixCache
 
         self.engine = engine
         prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self.core = engine.core(batch_size, prefill_chunk, prefix, max_kv_bytes)
+        self.core = engine.core(batch_size, prefill_chunk, prefix, max_kv_bytes, prefill_seconds)
         self.max_queue = max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
