@@ -95,6 +95,31 @@ def test_head_is_lossless_and_drafts(cyclic, cyclic_head_dir: Path, batch: int) 
         assert sum(c.spec.accepted for c in forced) > 0
 
 
+def test_a_smaller_draft_vocabulary_scores_only_its_most_frequent_tokens(cyclic, cyclic_head_dir: Path) -> None:
+    """``vocab=N`` keeps the head's N most frequent draft tokens: its scores are the first N of the whole head's,
+    every drafted token is one of them, and the output stays plain decoding's."""
+    full = HeadDrafter.build(HeadOptions(path=str(cyclic_head_dir)), cyclic)
+    small = HeadDrafter.build(HeadOptions(path=str(cyclic_head_dir), vocab=12), cyclic)
+    kept = full.head.draft_ids[:12].tolist()
+    assert small.head.draft_ids.tolist() == kept and len(full.head.draft_ids) > 12
+    prompts = _chat_prompts(cyclic)
+    with torch.inference_mode():
+        g = torch.randn(5, cyclic.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        g = g.to(cyclic.model.device)
+        torch.testing.assert_close(small.head.scores(g), full.head.scores(g)[:, :12], rtol=1e-5, atol=1e-5)
+        state = small.new_state(prompts[0])
+        small.prefilled(state, record_hidden(cyclic.model, prompts[0], small.head.feature_layers))
+        small._feed(state, prompts[0] + [kept[0]])  # the states pair with the next token
+        tree = small._trees([state])[0]
+    assert len(tree.tokens) > 0 and set(tree.tokens) <= set(kept)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    ref = [c.output_ids for c in Engine(cyclic).generate(prompts, params)]
+    spec = make_speculator(f"head:{cyclic_head_dir}:vocab=12:adaptive=false", cyclic)
+    assert [c.output_ids for c in Engine(cyclic, spec).generate(prompts, params)] == ref
+    with pytest.raises(PonderError, match="vocab"):
+        make_speculator(f"head:{cyclic_head_dir}:vocab=3", cyclic)
+
+
 def test_missing_head_names_the_command(cyclic, tmp_path: Path) -> None:
     with pytest.raises(PonderError, match="ponder distill train head"):
         make_speculator(f"head:{tmp_path / 'none'}", cyclic)

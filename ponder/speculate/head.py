@@ -33,11 +33,14 @@ class HeadOptions:
     depth: int = 5  # tree levels
     k: int = 8  # nodes expanded per level, and children per expanded node
     stop: float = 0.02  # stop expanding when no frontier path is this likely (the policy drops such nodes)
+    vocab: int = 0  # score only the head's first (most frequent) N draft tokens (0: its whole draft vocabulary)
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.k < 1 or not 0 <= self.stop < 1:
             raise ValueError(f"head needs depth >= 1, k >= 1 and stop in [0, 1), got depth={self.depth}, "
                              f"k={self.k}, stop={self.stop}")
+        if self.vocab < 0 or 0 < self.vocab < self.k:
+            raise ValueError(f"head vocab must be 0 (all) or >= k ({self.k}), got {self.vocab}")
 
 
 @dataclass
@@ -70,6 +73,8 @@ class HeadDrafter(Drafter):
 
         path = Path(options.path).expanduser() if options.path else trained_artifact(loaded, KIND)
         head, recipe = load_head(path, loaded.model)
+        if 0 < options.vocab < len(head.draft_ids):
+            _shrink_vocabulary(head, options.vocab)
         head = head.to(loaded.model.dtype if loaded.model.dtype in (torch.float32, torch.float16) else torch.float32)
         if loaded.dtype in ("int8", "q4"):
             _quantize_head(head)
@@ -253,6 +258,18 @@ class _Growth:
     frontier: list[int] = field(default_factory=lambda: [-1])
     slot: dict[int, int] = field(default_factory=dict)  # expanded node -> its K/V's slot above the fed prefix
     used: int = 0  # slots above the fed prefix holding expanded nodes' K/V
+
+
+def _shrink_vocabulary(head: Any, n: int) -> None:
+    """Keep the head's first ``n`` draft tokens (the vocabulary is ranked by how often the target chose each token in
+    the training answers, FR-Spec arXiv 2502.14856): every tree level's scoring product reads n rows instead of all.
+    The head's probabilities renormalise over the n tokens; drafts only propose, so the output is unchanged."""
+    inner = head.inner
+    rows = torch.nn.Parameter(inner.embed_tokens.weight[:n].detach().clone(), requires_grad=False)
+    inner.embed_tokens.weight = rows
+    inner.lm_head.weight = rows
+    inner.lm_head.out_features = inner.embed_tokens.num_embeddings = n
+    head.draft_ids = head.draft_ids[:n].clone()
 
 
 def _quantize_head(head: Any) -> None:
