@@ -20,6 +20,7 @@ pytest.importorskip("uvicorn")
 import ponder  # noqa: E402
 from ponder.engine import Engine  # noqa: E402
 from ponder.sampling import SamplingParams  # noqa: E402
+from conftest import DEVICE  # noqa: E402
 
 MODEL = "tiny"
 KEY = "sk-test-123"
@@ -37,7 +38,8 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ponder", "serve", "--model", str(model_dir), "--served-model-name", MODEL,
-             "--host", "127.0.0.1", "--port", str(self.port), "--batch-size", "4", *extra],
+             "--host", "127.0.0.1", "--port", str(self.port), "--batch-size", "4",
+             *(("--device", DEVICE) if DEVICE != "cpu" else ()), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.monotonic() + 90
