@@ -262,7 +262,8 @@ class EngineCore:
                     self.prefix_cache.insert(prompt, p.cache, p.row.prompt_hidden)
         spent = time.perf_counter() - start
         e.prefill_seconds += spent
-        if units >= 16:  # a step's seconds per unit, averaged (a tiny step's fixed costs would inflate it)
+        # seconds per unit, averaged; a tiny step's fixed costs would inflate it
+        if self.prefill_seconds is not None and units >= 16:
             rate = spent / units
             self.unit_seconds = rate if self.unit_seconds is None else 0.5 * self.unit_seconds + 0.5 * rate
         if not done:

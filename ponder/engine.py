@@ -521,8 +521,8 @@ class Engine:
             hidden = torch.zeros(len(rows), T, proposal.hidden[0].shape[-1], dtype=self.model.dtype, device=dev)
             for b, (h, tree) in enumerate(zip(proposal.hidden, trees)):
                 hidden[b, : len(tree) + 1] = h[: len(tree) + 1]
-        return self.model.forward_tree(
-            ids.to(dev), cache, depth.to(dev), visible.to(dev), proposal.start_layer if hidden is not None else 0, hidden,
+        return self.model.forward_tree(  # it moves ids, depth and visible to the model's device
+            ids, cache, depth, visible, proposal.start_layer if hidden is not None else 0, hidden,
             captured, hook,
         )
 

@@ -54,7 +54,8 @@ class PromptAttention(KVHook):
         total = torch.zeros(keys.shape[1], S, device=keys.device)
         for s in range(0, T, self.block):  # query blocks bound the memory of the [Hkv, g, block, S] probabilities
             e = min(T, s + self.block)
-            visible = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T + s, S - T + e, device=q.device)[:, None]
+            queries = torch.arange(S - T + s, S - T + e, device=q.device)
+            visible = torch.arange(S, device=q.device)[None, :] <= queries[:, None]
             total += pool_group(_probs(q[:, s:e], keys, visible[None])[0].sum(2), self.gqa)
         self.scores[layer] = total
 

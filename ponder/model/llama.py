@@ -86,7 +86,8 @@ def _attend(
             mask = ctx.mask
             if holes is not None:
                 mask = ~holes[:, :, None, :] if mask is None else mask & ~holes[:, :, None, :]
-            return F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask).reshape(B, 1, H, D)  # (CUDA: strided)
+            # reshape, not view: CUDA's kernels may return a strided output
+            return F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask).reshape(B, 1, H, D)
         return attend_rows(qg, keys, values, ctx.row_read, holes).reshape(B, 1, H, D)
     mask, causal = ctx.mask, ctx.causal
     if mask is not None and not causal and group > 1:
@@ -203,7 +204,7 @@ class LlamaModel(nn.Module):
     # --- the three stages ---------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids # [B, T] (on any device) -> hidden # [B, T, E] on the model's."""
-        return self.embed_tokens(ids.to(self.embed_tokens.weight.device))
+        return self.embed_tokens(ids.to(self.device))
 
     def run_layers(
         self, h: torch.Tensor, ctx: StepContext, cache: KVCache, start: int = 0, end: int | None = None,
