@@ -392,8 +392,8 @@ def _layer_params(c: ModelConfig) -> int:
 def _kv_bytes_per_token(model: nn.Module) -> int:
     """Bytes one token adds to the cache the engine allocates.
 
-    Asked of a one-slot cache rather than derived from the weights' dtype: int8 weights keep K/V in float64
-    (``LlamaModel.kv_dtype``), so the weights' element size would give half the real figure.
+    Asked of a one-slot cache rather than derived from the weights' dtype: int8 and q4 weights keep K/V in fp32
+    (``LlamaModel.kv_dtype``), so the weights' element size would give a quarter or an eighth of the real figure.
     """
     return model.new_cache(1, 1).nbytes()
 

@@ -68,7 +68,7 @@ def test_info_summarizes_the_model(capsys, tiny_dir: Path) -> None:
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_info_kv_bytes_match_the_cache_the_engine_allocates(capsys, tiny_dir: Path, dtype: str) -> None:
-    """int8 keeps K/V in float64 (``LlamaModel.kv_dtype``): the figure must come from the real cache, not the weights."""
+    """int8 keeps K/V in fp32 (``LlamaModel.kv_dtype``): the figure must come from the real cache, not the weights."""
     import ponder
 
     model = ponder.load(str(tiny_dir), dtype).model

@@ -8,8 +8,8 @@ same set-up speculation uses (``pack_for_rows`` for 4-32 rows):
 
 - int8, q4 and fp16 round every projection's input to 8 or 11 bits of mantissa, so a last-bit difference can cross a
   rounding boundary and change tokens a few steps later: their projections must be row-invariant bit for bit and
-  their attention (float64, ``LlamaModel.attention_dtype``) must round to the same value; the whole decoder's hidden
-  state must come out identical.
+  their attention (token by token, ``LlamaModel.invariant_attention``) must give the same bits; the whole decoder's
+  hidden state must come out identical, for chains, trees and rows of equal or different lengths.
 - fp32 keeps 24 bits between kernels, so kernels may differ in the last bits (they do between MKL's 1-row and
   n-row sgemm on some CPUs, and between one-query and masked many-query attention everywhere); that changes a token
   only where its top-2 logits nearly tie. The tests bound the difference, which catches a kernel that computes at
@@ -235,3 +235,40 @@ def test_route_plan_takes_the_fewest_rows_within_the_margin() -> None:
     assert route[1] == ("dnn", 1)
     assert route[2] == ("dnn", 2)
     assert route[3] == ("dnn", 6)
+
+
+def tree_hidden(model: LlamaModel, prompt: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
+    """Final hidden states # [T, E] of one verify forward over a tree after ``prompt``: ``tokens[0]`` the root,
+    ``parents[i]`` the index of token i's parent (-1: the root's; -1 after it: padding, as the engine pads rows)."""
+    cache = prefilled(model, [prompt])
+    T = len(tokens)
+    depth, visible = torch.zeros(1, T, dtype=torch.long), torch.eye(T, dtype=torch.bool)[None]
+    for i, p in enumerate(parents):
+        if p >= 0:
+            depth[0, i] = depth[0, p] + 1
+            visible[0, i] |= visible[0, p]
+    ctx = model.tree_context(cache, depth, visible)
+    return model.run_layers(model.embed(torch.tensor([tokens])), ctx, cache)[0]
+
+
+@pytest.mark.parametrize("dtype", EXACT)
+def test_tree_and_equal_row_verifies_match_decode(dtype: str) -> None:
+    """A verify forward over a tree (two branches, then padding) gives each node the hidden state decoding its path
+    token by token gives it; two rows of equal length verified together (one attention call per token position
+    for both) give each row the states that decoding it alone gives."""
+    model = smollm2_like(dtype, vocab=256)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(256, (45,), generator=g).tolist()
+    r, a1, b1, a2, b2, b3, pad = torch.randint(256, (7,), generator=g).tolist()
+    with torch.inference_mode():
+        tree = tree_hidden(model, prompt, [r, a1, b1, a2, b2, b3, pad], [-1, 0, 0, 1, 2, 4, -1])
+        path_a = decode_hidden(model, [prompt], [[r, a1, a2]])[0]
+        path_b = decode_hidden(model, [prompt], [[r, b1, b2, b3]])[0]
+        assert torch.equal(tree[[0, 1, 3]], path_a), f"{dtype}: {(tree[[0, 1, 3]] - path_a).abs().max():.3g}"
+        assert torch.equal(tree[[0, 2, 4, 5]], path_b), f"{dtype}: {(tree[[0, 2, 4, 5]] - path_b).abs().max():.3g}"
+        prompts = [prompt, torch.randint(256, (45,), generator=g).tolist()]
+        tokens = [torch.randint(256, (9,), generator=g).tolist() for _ in prompts]
+        both = verify_hidden(model, prompts, tokens)
+        for b in range(2):
+            alone = decode_hidden(model, prompts[b : b + 1], tokens[b : b + 1])[0]
+            assert torch.equal(both[b], alone), f"{dtype}, row {b}: {(both[b] - alone).abs().max():.3g}"

@@ -85,7 +85,7 @@ def test_q4_model_multiplies_by_the_gguf_weights(tmp_path: Path) -> None:
         assert err <= 2**-7 * want.abs().max().item(), (name, err)
         x = torch.randn(5, want.shape[1])
         assert torch.allclose(layer(x), x @ want.T, atol=0.02 * (x @ want.T).abs().max().item()), name
-    assert isinstance(q4.lm_head, RescoredHead) and q4.attention_dtype == torch.float64
+    assert isinstance(q4.lm_head, RescoredHead) and q4.invariant_attention
 
 
 def test_q4_refuses_other_gguf_block_types(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def test_greedy_speculation_is_lossless_in_every_dtype(
     tiny_dir: Path, cyclic_dir: Path, cyclic_head_dir: Path, dtype: str,
 ) -> None:
     """fp32 is the matrix above; fp16, int8 and q4 round activations to 11 and 8 bits of mantissa, where a last-bit
-    difference between a decode step and a verify forward would change tokens, so they attend in float64 (see
+    difference between a decode step and a verify forward would change tokens, so they attend token by token (see
     ``quant.py``; tests/test_kernels.py checks the kernels bit for bit). The random model with itself as the draft
     model gets long chains accepted; the cyclic one gets trees (recycling) and early exit's reused hidden states
     accepted, and the trained head (with int8 weights of its own under int8 and q4 targets)."""

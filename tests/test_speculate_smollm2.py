@@ -60,8 +60,8 @@ INT8_PROMPTS = PROMPTS + [
 
 def test_int8_speculation_is_lossless(smollm2_int8) -> None:
     """int8 weights run their activations in bf16, whose rounding turns the last-bit differences between a 1-token
-    decode step and a many-token verify forward into different tokens, unless attention is batch-invariant (float64,
-    ``LlamaModel.attention_dtype``). Without it, these prompts diverge within 64 tokens."""
+    decode step and a many-token verify forward into different tokens, unless attention is batch-invariant (token by
+    token, ``LlamaModel.invariant_attention``). Without it, these prompts diverge within 64 tokens."""
     params = SamplingParams(max_new_tokens=64)
     plain = Engine(smollm2_int8)
     reference = [plain.generate([p], params)[0].output_ids for p in INT8_PROMPTS]
@@ -72,7 +72,7 @@ def test_int8_speculation_is_lossless(smollm2_int8) -> None:
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_q4_speculation_is_lossless(compile: bool) -> None:
-    """q4 (the GGUF's 4-bit blocks, bf16 activations, an int8 head re-scored in fp32) attends in float64 like int8;
+    """q4 (the GGUF's 4-bit blocks, bf16 activations, a 4-bit head re-scored in fp32) attends token by token like int8;
     also on the fast path (compiled decode/verify layer), against the fast path's own plain decoding."""
     import ponder
 
@@ -85,7 +85,7 @@ def test_q4_speculation_is_lossless(compile: bool) -> None:
 
 
 def test_fp16_speculation_is_lossless() -> None:
-    """fp16 keeps 11 bits of mantissa between kernels, so like int8 it attends in float64 for decode and verify
+    """fp16 keeps 11 bits of mantissa between kernels, so like int8 it attends token by token in decode and verify
     steps (``quant.py``); its projections are row-invariant (test_kernels.py)."""
     if not HAVE_SMOLLM2:
         pytest.skip(SMOLLM2_MISSING)
@@ -100,7 +100,7 @@ def test_fp16_speculation_is_lossless() -> None:
 
 
 def test_bf16_speculation_is_refused() -> None:
-    """bf16 is refused up front: with float64 attention, bf16 ``pld+recycling`` still parted from bf16 plain decoding
+    """bf16 is refused up front: with batch-invariant attention, bf16 ``pld+recycling`` still parted from bf16 plain decoding
     after 31 and 45 tokens on 2 of 4 Spec-Bench prompts, because bf16 matmuls are not row-invariant (SmolLM2's
     1536-wide down projection: some rows of an 8-or-more-row call round differently than alone; test_kernels.py)."""
     if not HAVE_SMOLLM2:

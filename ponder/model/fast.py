@@ -20,7 +20,8 @@ each: every step of a continuously batched server) attends row by row over each 
 does, through ``ragged_decode_attention``, an operator of ponder's own that the compiled graph calls like any
 kernel. Attending under one mask over the longest row instead made every row read the longest row's K/V: continuous
 batching of 32 Spec-Bench prompts (q4, AMD EPYC, 2 threads) ran 88.5 / 67.0 tokens/s at batch 8 / 16 that way and
-116.3 / 99.6 row by row (docs/architecture.md).
+116.3 / 99.6 row by row (docs/architecture.md). Quantized models' batch-invariant attention (``llama.attend_queries``,
+one decode-shaped call per token) is an operator of the same kind, ``invariant_attention``.
 
 Prefills run the eager layers (they are the same for plain and speculative decoding, and one row at a time), and so
 do forwards with a KV-cache policy's hook or per-head holes: ``FastPath.fallbacks`` counts those by reason so the
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ponder.model.llama import attend_rows
+from ponder.model.llama import attend_queries, attend_rows
 from ponder.model.rope import apply_rope
 
 
@@ -60,15 +61,28 @@ def _ragged_decode_attention_shape(
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("ponder::invariant_attention", mutates_args=())
+def invariant_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """The eager layer's batch-invariant attention (``llama.attend_queries``: one decode-shaped call per new token,
+    queries # [B, T, 3] int64 on the CPU) as an operator a compiled graph can call."""
+    return attend_queries(q, keys, values, queries)
+
+
+@invariant_attention.register_fake
+def _invariant_attention_shape(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
 def layer_step(
     blk: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     start: int | None, slots: torch.Tensor | None, read_len: int, mask: torch.Tensor | None,
-    reads: torch.Tensor | None = None,
+    reads: torch.Tensor | None = None, queries: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoder layer on h # [B, T, E]: K/V go to slots [start, start + T) of every row of kc/vc
     # [B, Hkv, S, D], or to ``slots`` # [B, T] (ragged rows); attention reads slots [0, read_len) under ``mask``
     # [B, 1, T, S] (verify forwards), row b its slots [0, reads[b]) (ragged decode: one token per row, reads # [B]),
-    # or unmasked (one-token decode steps of equal rows)."""
+    # unmasked (one-token decode steps of equal rows), or token by token as ``queries`` # [B, T, 3] says
+    # (batch-invariant attention, ``StepContext.queries``)."""
     attn = blk.attn
     B, T, _ = h.shape
     H, Hkv, D = attn.n_heads, attn.n_kv, attn.head_dim
@@ -84,7 +98,9 @@ def layer_step(
         vc[rows, :, slots] = v.to(vc.dtype)
     keys, values = kc[:, :, :read_len], vc[:, :, :read_len]
     q = q.to(kc.dtype)
-    if reads is not None:  # ragged decode: each row over its own slots (as llama._attend does)
+    if queries is not None:  # batch-invariant attention (quantized weights): token by token, as llama.Attention does
+        out = invariant_attention(q.contiguous(), keys, values, queries)
+    elif reads is not None:  # ragged decode: each row over its own slots (as llama._attend does)
         out = ragged_decode_attention(q.view(B, Hkv, H // Hkv, D), keys, values, reads).view(B, 1, H, D)
     elif mask is None:  # one query per row: fold each KV head's query group (as llama._attend does)
         out = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys, values).view(B, 1, H, D)
@@ -102,13 +118,13 @@ GROUP = 5  # layers per compiled call (module doc)
 def group_step(
     blocks: list[nn.Module], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ks: list[torch.Tensor],
     vs: list[torch.Tensor], start: int | None, slots: torch.Tensor | None, read_len: int, mask: torch.Tensor | None,
-    reads: torch.Tensor | None = None,
+    reads: torch.Tensor | None = None, queries: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """``layer_step`` through consecutive layers ``blocks`` with their caches ``ks``/``vs``; every layer's output
     (always all of them, so a forward that captures hidden states runs the very graph one that does not runs)."""
     outs = []
     for blk, kc, vc in zip(blocks, ks, vs):
-        h = layer_step(blk, h, cos, sin, kc, vc, start, slots, read_len, mask, reads)
+        h = layer_step(blk, h, cos, sin, kc, vc, start, slots, read_len, mask, reads, queries)
         outs.append(h)
     return outs
 
@@ -161,7 +177,7 @@ class FastPath:
         while a < end:
             b = min((a // self.group + 1) * self.group, end)
             outs = self.step(list(model.layers[a:b]), h, ctx.cos, ctx.sin, list(cache.k[a:b]), list(cache.v[a:b]),
-                             ctx.write_start, ctx.slots, ctx.read_len, ctx.mask, reads)
+                             ctx.write_start, ctx.slots, ctx.read_len, ctx.mask, reads, ctx.queries)
             if capture is not None:
                 for i, out in enumerate(outs):
                     if a + i + 1 in capture:

@@ -11,7 +11,7 @@ E hidden size, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,11 @@ class StepContext:
     causal: bool  # SDPA's own causal mask applies (fresh rows, all the same length)
     row_read: list[int] | None = None  # ragged decode: row b attends slots [0, row_read[b]), one SDPA call per row
     kv_hook: "KVHook | None" = None  # a KV-cache policy's view of (or say in) each layer's attention (ponder/kv)
-    attn_dtype: torch.dtype | None = None  # attention computes in this dtype (None: the cache's, see attention_dtype)
+    attn_dtype: torch.dtype | None = None  # set for prefills: attention computes in this dtype (None: the cache's)
+    # invariant attention (``LlamaModel.invariant_attention``): per new token # [B, T, 3] int64 on the CPU, its row's
+    # prefix length (slots before this forward's new tokens), its parent among the row's new tokens (-1: the prefix
+    # itself; -1 after the first token: padding, not computed) and the first slot it may read (sliding window)
+    queries: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -62,13 +66,17 @@ class Attention(nn.Module):
         dt = ctx.attn_dtype or keys.dtype  # the cache's dtype (``LlamaModel.attention_dtype``) unless prefilling
         q, keys, values = q.to(dt), keys.to(dt), values.to(dt)
         holes = cache.hole_mask(layer, ctx.read_len)
+        picked = None
         if ctx.kv_hook is not None:
             ctx.kv_hook.observe(layer, q, keys, ctx)
             picked = ctx.kv_hook.select(layer, q, keys, values, ctx)
             if picked is not None:
                 keys, values, ctx = picked
                 holes = None  # the hook chose the entries (a policy with holes never selects)
-        out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv, holes).to(x.dtype)
+        if ctx.queries is not None and picked is None:
+            out = attend_queries(q, keys, values, ctx.queries, holes).to(x.dtype)
+        else:
+            out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv, holes).to(x.dtype)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -129,6 +137,78 @@ def attend_rows(
     return torch.cat(out)
 
 
+def attend_queries(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, holes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Batch-invariant attention: q # [B, T, H, D] over keys/values # [B, Hkv, S, D] -> # [B, T, H, D], every new
+    token computed by the very call a one-token decode step makes for it: one attention call over its KV head's
+    query group and, as contiguous slots in the order plain decoding has them, the keys it sees (its row's prefix
+    from its first readable slot, then its ancestors among the new tokens and itself). So a token's attention
+    output has the same bits in a decode step and in a verify forward of any size, batch or tree shape, which
+    quantized weights' bf16 activations need for speculation to stay lossless (``quant.py``).
+
+    ``queries`` # [B, T, 3] as ``StepContext.queries``; ``holes`` as in ``_attend``. Every row gets calls of its
+    own, also in a decode step of rows of equal lengths: the CPU flash kernel's result for a row depends on how many
+    rows share the call (2 rows vs 1, 3 of 4 key lengths differ in the last bits; tests/test_kernels.py). A row
+    whose new tokens form a chain reads its slots as they are; a tree row's tokens are visited depth first, each
+    token's K/V copied to the slot after its parent's in a scratch copy of the row, so every token reads one
+    contiguous run."""
+    B, T, H, D = q.shape
+    Hkv = keys.shape[1]
+    qv = q.contiguous().view(B, T, Hkv, H // Hkv, D)  # token t of row b: qv[b, t], one decode step's query shape
+    info = queries.tolist()
+    held = None if holes is None else ~holes[:, :, None, :]  # [B, Hkv, 1, S]
+
+    def one(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int, mask: torch.Tensor | None):
+        return F.scaled_dot_product_attention(qg, k[:, :, lo:hi], v[:, :, lo:hi],
+                                              attn_mask=None if mask is None else mask[:, :, :, lo:hi])
+
+    if B == 1 and T == 1 and held is None:  # a one-row decode step
+        n, _, lo = info[0][0]
+        return one(qv[:, 0], keys, values, lo, n + 1, None).view(B, 1, H, D)
+    chain = [all(p == t - 1 or (t > 0 and p < 0) for t, (_, p, _) in enumerate(row)) for row in info]
+    cells: list[list[torch.Tensor | None]] = [[None] * T for _ in range(B)]
+    pad = None
+    for b, row in enumerate(info):
+        mask = None if held is None else held[b : b + 1]
+        if chain[b]:
+            for t, (L, p, lo) in enumerate(row):
+                if t == 0 or p >= 0:
+                    cells[b][t] = one(qv[b, t : t + 1], keys[b : b + 1], values[b : b + 1], lo, L + t + 1, mask)
+        else:
+            _tree_row(qv[b], keys[b : b + 1], values[b : b + 1], row, mask, cells[b], one)
+        for t in range(T):
+            if cells[b][t] is None:  # padding after the row's last token: its output is never read
+                pad = torch.zeros_like(qv[0, :1]) if pad is None else pad
+                cells[b][t] = pad
+    return torch.cat([torch.cat(row, 0) for row in cells], 0).view(B, T, H, D)
+
+
+def _tree_row(
+    qv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row: list[list[int]], mask: torch.Tensor | None,
+    cells: list[torch.Tensor | None], one: "Callable[..., torch.Tensor]",
+) -> None:
+    """``attend_queries`` for one row whose new tokens form a tree (qv # [T, Hkv, G, D], keys/values # [1, Hkv, S, D]):
+    tokens visited depth first, each one's K/V copied into a scratch copy of the row at the slot after its
+    parent's, so the slots after the prefix always hold the path from the root to the token being computed."""
+    T, L = len(row), row[0][0]
+    depth, children = [0] * T, [[] for _ in range(T)]
+    for t, (_, p, _) in enumerate(row[1:], 1):
+        if p >= 0:
+            depth[t] = depth[p] + 1
+            children[p].append(t)
+    top = L + max(depth) + 1
+    k, v = keys[:, :, :top].clone(), values[:, :, :top].clone()
+    mask = None if mask is None else mask[..., :top]
+    stack = [0]
+    while stack:
+        t = stack.pop()
+        k[:, :, L + depth[t]] = keys[:, :, L + t]
+        v[:, :, L + depth[t]] = values[:, :, L + t]
+        cells[t] = one(qv[t : t + 1], k, v, row[t][2], L + depth[t] + 1, mask)
+        stack.extend(reversed(children[t]))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -168,12 +248,13 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), False)
         self._cos = self._sin = torch.empty(0)
-        # None: attention (and the KV cache) run in the model's dtype. float64 makes a token's attention output the
-        # same, after rounding to the model's dtype, whether it is computed alone (decode) or among other queries
-        # (a verify forward, whose kernels sum in another order): int8 mode needs that to stay lossless under
-        # speculation (see ``quant.py``). Prefills (several tokens per row in ``forward``) still attend in the
-        # model's dtype: plain and speculative decoding prefill alike, and float64 would double their attention time
-        self.attention_dtype: torch.dtype | None = None
+        # True: decode steps and verify forwards attend token by token (``attend_queries``), so a token's attention
+        # output has the same bits whether it is computed alone (decode) or among other queries (a verify forward):
+        # quantized modes need that to stay lossless under speculation (see ``quant.py``). False: a verify forward
+        # attends in one masked call (faster; fp32 differs from a decode step only in last bits, at exact ties).
+        # Prefills (several tokens per row in ``forward``) attend in one call either way: plain and speculative
+        # decoding prefill alike
+        self.invariant_attention = False
         self.fast: "FastPath | None" = None  # the compiled decode/verify layer (fast.py), when loaded with compile
 
     @property
@@ -183,7 +264,7 @@ class LlamaModel(nn.Module):
     @property
     def kv_dtype(self) -> torch.dtype:
         """The KV cache's and attention's dtype."""
-        return self.attention_dtype or self.dtype
+        return self.dtype
 
     @property
     def device(self) -> torch.device:
@@ -297,7 +378,22 @@ class LlamaModel(nn.Module):
         cos, sin = self._rope_at(pos, max(cache.positions) + T)
         uniform = len(set(lengths)) == 1
         slots = None if uniform else L + torch.arange(T, device=dev)[None, :]
-        return StepContext(cos, sin, lengths[0] if uniform else None, slots, read_len, mask[:, None], False)
+        queries = self._tree_queries(cache, depth, visible) if self.invariant_attention else None
+        return StepContext(cos, sin, lengths[0] if uniform else None, slots, read_len, mask[:, None], False,
+                           queries=queries)
+
+    def _tree_queries(self, cache: KVCache, depth: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """``StepContext.queries`` for draft trees: each token's parent is the token it sees one level up."""
+        window = self.config.sliding_window
+        rows = []
+        for length, first, d, vis in zip(cache.lengths, cache.positions, depth.tolist(), visible.tolist()):
+            row = []
+            for t in range(len(d)):
+                parent = next((j for j in range(t) if vis[t][j] and d[j] == d[t] - 1), -1) if d[t] else -1
+                lo = 0 if window is None else max(0, first + d[t] + 1 - window)
+                row.append((length, parent, lo))
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.long)
 
     def slot_context(self, cache: KVCache, slots: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> StepContext:
         """StepContext for T new tokens per row written to explicit cache slots # [B, T] at positions # [B, T], each
@@ -327,19 +423,24 @@ class LlamaModel(nn.Module):
         else:
             pos = torch.tensor(first, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
         cos, sin = self._rope_at(pos, max(first) + T)
-        # several tokens per row (a prefill) need not match a decode step bit for bit: model dtype, no float64
+        # several tokens per row (a prefill) need not match a decode step bit for bit: one attention call
         dt = None if T == 1 else self.dtype
+        queries = None
+        if T == 1 and self.invariant_attention:  # a decode step reads its row's slots from the window's first
+            lo = [0 if window is None else max(0, p + 1 - window) for p in first]
+            queries = torch.tensor([[(n, -1, a)] for n, a in zip(lengths, lo)], dtype=torch.long)
         if uniform and not needs_window and (T == 1 or start == 0):
-            return StepContext(cos, sin, start, None, read_len, None, causal=T > 1, attn_dtype=dt)
+            return StepContext(cos, sin, start, None, read_len, None, causal=T > 1, attn_dtype=dt, queries=queries)
         slots = torch.tensor(lengths, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
         if T == 1 and not needs_window:
-            return StepContext(cos, sin, None, slots, read_len, None, False, row_read=[n + 1 for n in lengths])
+            return StepContext(cos, sin, None, slots, read_len, None, False, row_read=[n + 1 for n in lengths],
+                               queries=queries)
         keys = torch.arange(read_len, device=dev)
         mask = keys[None, None, :] <= slots[:, :, None]  # [B, T, S]: causal over slots (positions may be offset)
         if window is not None:
             mask &= keys[None, None, :] > pos[:, :, None] - window
         return StepContext(cos, sin, start if uniform else None, None if uniform else slots, read_len, mask[:, None],
-                           False, attn_dtype=dt)
+                           False, attn_dtype=dt, queries=queries)
 
     def _rope_at(self, pos: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin # [B, T, 1, D] for positions # [B, T] (all below ``need``), in the model dtype."""

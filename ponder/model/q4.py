@@ -9,7 +9,7 @@ weights). Models that are not Q4 GGUFs (a Hugging Face directory in fp16/fp32) a
 format: per block of 32, ``m`` = the minimum, ``d`` = (maximum - minimum) / 15, ``q`` rounded to nearest.
 
 The kernel multiplies bf16 activations (fp32 activations take ~30x longer on the CPUs measured) and returns bf16;
-the residual stream, norms and attention stay fp32, and decode/verify attention runs in float64 as in int8 mode
+the residual stream, norms and attention stay fp32, and decode/verify steps attend token by token as in int8 mode
 (``quant.py``: batch-invariant attention keeps speculation lossless). The kernel gives each row the bits it gets
 alone whatever else is in the call (tests/test_kernels.py checks it on the machine that runs the tests), which is
 the other half of that guarantee.
@@ -197,7 +197,7 @@ def quantize_q4(model: nn.Module, gguf: Path | None = None, cache: Path | None =
         if model.lm_head.approx is not None:
             tensors |= {"head.packed": model.lm_head.approx.packed, "head.scale_zero": model.lm_head.approx.scale_zero}
         _write_cache(cache, tensors)
-    model.attention_dtype = torch.float64  # batch-invariant attention: speculation stays lossless (quant.py)
+    model.invariant_attention = True  # speculation stays lossless (quant.py)
     return model
 
 

@@ -1,8 +1,9 @@
 """Weight dtypes: fp32 (exact), bf16/fp16 (half-width weights and activations), int8 (lossy).
 
-fp16 attends in float64 for decode and verify steps, as int8 does (below): its activations keep 11 bits of mantissa,
-few enough for a last-bit difference between a decode step and a verify forward to change tokens. bf16 cannot be
-speculated with (``ponder.speculate.REFUSED_DTYPES``): its CPU GEMM is not row-invariant (tests/test_kernels.py).
+fp16 attends token by token for decode and verify steps, as int8 does (below): its activations keep 11 bits of
+mantissa, few enough for a last-bit difference between a decode step and a verify forward to change tokens. bf16
+cannot be speculated with (``ponder.speculate.REFUSED_DTYPES``): its CPU GEMM is not row-invariant
+(tests/test_kernels.py).
 
 ``int8`` stores every decoder-layer projection as int8 weights with one fp32 scale per output channel
 (symmetric, round to nearest) and multiplies them with bf16 activations (``torch._weight_int8pack_mm``, a fused
@@ -25,18 +26,23 @@ computes it alone, and the two sum in different orders. In fp32 that changes the
 exact ties; here every projection first rounds its input to bf16 (8 bits of mantissa), so a last-bit difference
 can move a value across a bf16 rounding boundary and change the logits by ~0.2 a few steps later (measured on a
 Spec-Bench prompt: plain and speculative int8 outputs parted after 18 tokens, 7 of 13 prompts differing within 96
-tokens). So int8 mode runs decode and verify steps' attention and its KV cache in float64
-(``LlamaModel.attention_dtype``; prefills, alike in both, keep fp32 attention): both kernels' float64 results
-round to the same fp32 value except in the rare case where they straddle a boundary, and every projection's
-input row is then identical whatever else is in the batch (``_weight_int8pack_mm`` is row-invariant; the fp32
-head is not, which only matters at exact ties, as in fp32 mode). Measured cost: ~2% decode speed at a few
-hundred tokens of context, no TTFT change, twice the KV bytes (fp16: four times).
+tokens). So int8 mode attends token by token in decode steps and verify forwards alike
+(``LlamaModel.invariant_attention``, ``llama.attend_queries``): each token's attention is the very call a one-token
+decode step makes for it, its KV head's query group over its visible keys laid out contiguously as plain decoding
+has them (a tree's tokens get their ancestors copied into a scratch row), so it has the same bits whatever else is
+in the forward; every projection's input row is then identical whatever else is in the batch
+(``_weight_int8pack_mm`` is row-invariant; the fp32 head is not, which only matters at exact ties, as in fp32 mode).
+Prefills, alike in plain and speculative decoding, attend in one call. This replaced float64 attention (and a
+float64 KV cache), which made both kernels' results round to the same fp32 value: token by token in fp32 gives
+the same guarantee exactly, halves the KV bytes, and a q4 decode step's attention costs half as much (30 calls of
+fp32 instead of float64 at a few hundred tokens of context); a verify forward makes one call per token instead of
+one masked call, which still costs less than the float64 masked call up to 16 tokens (AMD EPYC, 2 threads).
 
-What float64 does not cover: a verify forward's projections must give each row the bits it gets alone. They do for
-``_weight_int8pack_mm`` and fp16 ``F.linear`` on the CPUs measured (tests/test_kernels.py checks the machine it runs
-on); bf16 ``F.linear`` does not (SmolLM2's 1536-wide down projection on an AMD EPYC: some rows of an 8-or-more-row
-call round differently than alone), and with float64 attention bf16 speculation still parted from bf16 plain
-decoding after 31 and 45 tokens on 2 of 4 Spec-Bench prompts.
+What invariant attention does not cover: a verify forward's projections must give each row the bits it gets
+alone. They do for ``_weight_int8pack_mm`` and fp16 ``F.linear`` on the CPUs measured (tests/test_kernels.py
+checks the machine it runs on); bf16 ``F.linear`` does not (SmolLM2's 1536-wide down projection on an AMD EPYC:
+some rows of an 8-or-more-row call round differently than alone), and with batch-invariant attention bf16
+speculation still parted from bf16 plain decoding after 31 and 45 tokens on 2 of 4 Spec-Bench prompts.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ def convert_dtype(model: LlamaModel, dtype: str, gguf: Path | None = None, q4_ca
     if dtype in FLOAT_DTYPES:
         model = model.to(FLOAT_DTYPES[dtype])
         if dtype == "fp16":
-            model.attention_dtype = torch.float64  # batch-invariant attention, as for int8 (module doc)
+            model.invariant_attention = True  # as for int8 (module doc)
         return model
     if dtype == "int8":
         return quantize_int8(model)
@@ -124,7 +130,7 @@ def quantize_int8(model: LlamaModel) -> LlamaModel:
     """Swap every projection inside the decoder layers for an ``Int8Linear``, in place."""
     for layer in model.layers:
         int8_linears(layer)
-    model.attention_dtype = torch.float64  # batch-invariant attention: speculation stays lossless (module doc)
+    model.invariant_attention = True  # speculation stays lossless (module doc)
     return model
 
 
