@@ -235,11 +235,13 @@ def test_profile_splits_decode_and_verify_steps_into_categories(tiny_dir: Path, 
     from ponder.bench.profile import CATEGORIES, category
 
     assert [category(n) for n in ("aten::_weight_int4pack_mm_for_cpu", "aten::linear", "mkl::_mkl_linear",
-                                  "aten::scaled_dot_product_attention", "aten::rms_norm")] == [
-        "matmuls", "matmuls", "matmuls", "attention", "other ops"]
-    r, report = _one_prompt_run(tiny_dir, tmp_path, "the sea is", "baseline,baseline:dtype=q4,hf", 4, profile=True)
+                                  "aten::scaled_dot_product_attention", "ponder::invariant_attention",
+                                  "aten::rms_norm")] == ["matmuls", "matmuls", "matmuls", "attention", "attention",
+                                                         "other ops"]
+    methods = "baseline,baseline:dtype=q4,baseline:dtype=q4:compile=true,hf"
+    r, report = _one_prompt_run(tiny_dir, tmp_path, "the sea is", methods, 4, profile=True)
     assert "profile" not in r["methods"]["hf"]  # ponder methods only
-    for spec in ("baseline", "baseline:dtype=q4"):
+    for spec in ("baseline", "baseline:dtype=q4", "baseline:dtype=q4:compile=true"):
         p = r["methods"][spec]["profile"]
         for kind in ("decode", "verify"):
             assert set(p[kind]) == set(CATEGORIES) | {"step_ms"}

@@ -6,7 +6,7 @@ warm-up. The outermost operators (those called by the model's code, or by a comp
 put in categories by name; their inclusive times add up per category:
 
 - ``matmuls``: the projections' kernels (fp32 BLAS, int8 and int4 weight-only kernels, MKL's packed GEMM);
-- ``attention``: scaled-dot-product attention;
+- ``attention``: scaled-dot-product attention (and ponder's attention operators that call it);
 - ``head``: the final norm and LM head (timed as one block: ``LlamaModel.logits``);
 - ``other ops``: everything else the layers call (norms, rotary embedding, activations, residual adds, dtype
   casts, KV-cache writes, views); on the fast path, the compiled graphs' time outside the matmul and attention
@@ -30,7 +30,9 @@ STEPS = 8
 VERIFY_TOKENS = 4
 MATMULS = ("linear", "mm", "addmm", "matmul", "bmm", "_weight_int4pack_mm_for_cpu", "_weight_int8pack_mm",
            "_weight_int4pack_mm", "_mkl_linear", "int4mm_packed_weight_cpu")
-ATTENTION = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu")
+# SDPA and ponder's own attention operators (the fast path's ragged and batch-invariant attention, ``fast.py``)
+ATTENTION = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu", "ragged_decode_attention",
+             "invariant_attention")
 COMPILED = ("Torch-Compiled Region", "TorchDynamo Cache Lookup")  # the fast path's graphs and their guards
 CATEGORIES = ("matmuls", "attention", "head", "other ops", "python")
 
