@@ -63,7 +63,7 @@ class Attention(nn.Module):
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
         keys, values = cache.write(layer, k.to(cache.dtype), v.to(cache.dtype), ctx.write_start, ctx.slots, ctx.read_len)
-        dt = ctx.attn_dtype or keys.dtype  # the cache's dtype (``LlamaModel.attention_dtype``) unless prefilling
+        dt = ctx.attn_dtype or keys.dtype  # the cache's dtype (``LlamaModel.kv_dtype``) unless prefilling
         q, keys, values = q.to(dt), keys.to(dt), values.to(dt)
         holes = cache.hole_mask(layer, ctx.read_len)
         picked = None
