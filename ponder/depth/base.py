@@ -278,7 +278,7 @@ def subset_context(ctx: StepContext, rows: list[int]) -> StepContext:
 
     return StepContext(pick(ctx.cos), pick(ctx.sin), ctx.write_start, pick(ctx.slots), ctx.read_len, pick(ctx.mask),
                        ctx.causal, None if ctx.row_read is None else [ctx.row_read[i] for i in rows], None,
-                       ctx.attn_dtype, None if ctx.queries is None else ctx.queries[rows])
+                       ctx.prefill, None if ctx.queries is None else ctx.queries[rows])
 
 
 class RowsView:

@@ -144,7 +144,7 @@ class FastPath:
 
     def reason_not(self, ctx: Any, cache: Any) -> str | None:
         """Why this forward must run eagerly (None: it can run compiled)."""
-        if ctx.attn_dtype is not None:
+        if ctx.prefill:
             return "prefill"
         if ctx.kv_hook is not None or cache.holes is not None:
             return "KV policy"

@@ -40,7 +40,7 @@ class StepContext:
     causal: bool  # SDPA's own causal mask applies (fresh rows, all the same length)
     row_read: list[int] | None = None  # ragged decode: row b attends slots [0, row_read[b]), one SDPA call per row
     kv_hook: "KVHook | None" = None  # a KV-cache policy's view of (or say in) each layer's attention (ponder/kv)
-    attn_dtype: torch.dtype | None = None  # set for prefills: attention computes in this dtype (None: the cache's)
+    prefill: bool = False  # several prompt tokens per row: one attention call, alike in plain and speculative decoding
     # invariant attention (``LlamaModel.invariant_attention``): per new token # [B, T, 3] int64 on the CPU, its row's
     # prefix length (slots before this forward's new tokens), its parent among the row's new tokens (-1: the prefix
     # itself; -1 after the first token: padding, not computed) and the first slot it may read (sliding window)
@@ -63,8 +63,7 @@ class Attention(nn.Module):
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
         keys, values = cache.write(layer, k.to(cache.dtype), v.to(cache.dtype), ctx.write_start, ctx.slots, ctx.read_len)
-        dt = ctx.attn_dtype or keys.dtype  # the cache's dtype (``LlamaModel.kv_dtype``) unless prefilling
-        q, keys, values = q.to(dt), keys.to(dt), values.to(dt)
+        q = q.to(keys.dtype)  # the cache's dtype (``LlamaModel.kv_dtype``)
         holes = cache.hole_mask(layer, ctx.read_len)
         picked = None
         if ctx.kv_hook is not None:
@@ -424,13 +423,12 @@ class LlamaModel(nn.Module):
             pos = torch.tensor(first, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
         cos, sin = self._rope_at(pos, max(first) + T)
         # several tokens per row (a prefill) need not match a decode step bit for bit: one attention call
-        dt = None if T == 1 else self.dtype
         queries = None
         if T == 1 and self.invariant_attention:  # a decode step reads its row's slots from the window's first
             lo = [0 if window is None else max(0, p + 1 - window) for p in first]
             queries = torch.tensor([[(n, -1, a)] for n, a in zip(lengths, lo)], dtype=torch.long)
         if uniform and not needs_window and (T == 1 or start == 0):
-            return StepContext(cos, sin, start, None, read_len, None, causal=T > 1, attn_dtype=dt, queries=queries)
+            return StepContext(cos, sin, start, None, read_len, None, causal=T > 1, prefill=T > 1, queries=queries)
         slots = torch.tensor(lengths, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
         if T == 1 and not needs_window:
             return StepContext(cos, sin, None, slots, read_len, None, False, row_read=[n + 1 for n in lengths],
@@ -440,7 +438,7 @@ class LlamaModel(nn.Module):
         if window is not None:
             mask &= keys[None, None, :] > pos[:, :, None] - window
         return StepContext(cos, sin, start if uniform else None, None if uniform else slots, read_len, mask[:, None],
-                           False, attn_dtype=dt, queries=queries)
+                           False, prefill=T > 1, queries=queries)
 
     def _rope_at(self, pos: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin # [B, T, 1, D] for positions # [B, T] (all below ``need``), in the model dtype."""
