@@ -21,6 +21,7 @@ import ponder  # noqa: E402
 from ponder.engine import Engine  # noqa: E402
 from ponder.sampling import SamplingParams  # noqa: E402
 from conftest import DEVICE  # noqa: E402
+from tinymodel import make_model_dir  # noqa: E402
 
 MODEL = "tiny"
 KEY = "sk-test-123"
@@ -306,21 +307,48 @@ def test_wrong_method_oversized_body_and_unknown_path(server: Server) -> None:
     assert server.client().models.list().data[0].id == MODEL
 
 
-def test_a_client_that_goes_away_frees_its_row(server: Server) -> None:
-    gone = scrape(server)["ponder:client_disconnects_total"]
-    with httpx.stream("POST", server.base + "/v1/completions", timeout=30,
-                      json={"model": MODEL, "prompt": "x", "max_tokens": 100_000, "stream": True}) as r:
-        assert r.status_code == 200
-        first = next(r.iter_lines())
-        assert first.startswith("data: ") and "choices" in json.loads(first[6:])
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if httpx.get(server.base + "/health", timeout=5).json()["in_flight"] == 0:
-            break
-        time.sleep(0.1)
-    assert httpx.get(server.base + "/health", timeout=5).json() | {"status": "ok"} == {
-        "status": "ok", "running": 0, "in_flight": 0}
-    assert scrape(server)["ponder:client_disconnects_total"] == gone + 1
+def test_a_client_that_goes_away_frees_its_row(tmp_path: Path) -> None:
+    """The request must outlive its client: on the shared tiny model (256 positions) it could finish by length or
+    EOS before the server notices the client left, so this server's model takes 8,192 positions and the request
+    asks to run past EOS (``ignore_eos``): ~8,000 tokens, seconds of work, unless cancelled."""
+    server = Server(make_model_dir(tmp_path / "long", max_position_embeddings=8192))
+    try:
+        gone = scrape(server)["ponder:client_disconnects_total"]
+        with httpx.stream("POST", server.base + "/v1/completions", timeout=30,
+                          json={"model": MODEL, "prompt": "x", "max_tokens": 100_000, "stream": True,
+                                "ignore_eos": True}) as r:
+            assert r.status_code == 200
+            first = next(r.iter_lines())
+            assert first.startswith("data: ") and "choices" in json.loads(first[6:])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if httpx.get(server.base + "/health", timeout=5).json()["in_flight"] == 0:
+                break
+            time.sleep(0.1)
+        assert httpx.get(server.base + "/health", timeout=5).json() | {"status": "ok"} == {
+            "status": "ok", "running": 0, "in_flight": 0}
+        assert scrape(server)["ponder:client_disconnects_total"] == gone + 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_ignore_eos_runs_past_the_end_of_sequence(tmp_path: Path) -> None:
+    """A model that ends its greedy answer early (this seed: EOS after a few tokens) runs to max_tokens with
+    ``ignore_eos``."""
+    server = Server(make_model_dir(tmp_path / "short", seed=1))
+    try:
+        def ask(**extra: object) -> dict:
+            r = httpx.post(server.base + "/v1/completions", timeout=30,
+                           json={"model": MODEL, "prompt": "x", "max_tokens": 200, "temperature": 0} | extra)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        short = ask()
+        assert short["choices"][0]["finish_reason"] == "stop" and short["usage"]["completion_tokens"] < 200
+        full = ask(ignore_eos=True)
+        assert full["choices"][0]["finish_reason"] == "length" and full["usage"]["completion_tokens"] == 200
+    finally:
+        assert server.stop() == 0
 
 
 def test_api_key(tiny_dir: Path) -> None:

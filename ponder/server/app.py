@@ -221,7 +221,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         try:
             params = SamplingParams(max_new_tokens=max(1, min(max_tokens or room, room)),
                                     temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                    stop=tuple(req.stop or ()), logprobs=req.top_logprobs_asked())
+                                    stop=tuple(req.stop or ()), logprobs=req.top_logprobs_asked(),
+                                    ignore_eos=req.ignore_eos)
             loop.core.check_request(ids, params)  # arithmetic only: safe off the loop thread
         except PonderError as e:
             raise APIError(400, str(e)) from None

@@ -78,6 +78,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate past the end-of-sequence token, up to max_tokens
     ponder: PonderOptions | None = None
 
     @model_validator(mode="before")
