@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ponder.errors import PonderError
+from ponder.model import native
 from ponder.model.loader import DTYPES
 
 if TYPE_CHECKING:
@@ -378,7 +379,18 @@ def model_summary(loaded: Loaded) -> dict[str, str]:
         "device": str(model.device),
         "weight memory": f"{_weight_bytes(model) / 2**20:.1f} MiB",
         "KV cache per token": f"{kv_per_token / 1024:.1f} KiB ({str(model.kv_dtype).removeprefix('torch.')})",
+        "invariant attention": _invariant_attention(model),
     }
+
+
+def _invariant_attention(model: nn.Module) -> str:
+    """How batch-invariant attention (int8, q4, fp16) runs for this model, if it is on."""
+    if not getattr(model, "invariant_attention", False):
+        return "off (fp32/bf16: verify forwards attend in one masked call)"
+    if model.native_plan(torch.tensor([[[0, -1, 0]]])) is not None:
+        return "native kernel (one call per layer)"
+    why = native.reason() or f"{str(model.kv_dtype).removeprefix('torch.')} on {model.device.type}"
+    return f"one PyTorch call per token (native kernel not used: {why})"
 
 
 def _layer_params(c: ModelConfig) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ponder.cache import KVCache
+from ponder.model import native
 from ponder.model.llama import StepContext
 from ponder.model.rope import apply_rope
 
@@ -276,9 +277,10 @@ def subset_context(ctx: StepContext, rows: list[int]) -> StepContext:
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
         return t if t is None or t.shape[0] == 1 else t[rows]
 
+    queries = None if ctx.queries is None else ctx.queries[rows]
     return StepContext(pick(ctx.cos), pick(ctx.sin), ctx.write_start, pick(ctx.slots), ctx.read_len, pick(ctx.mask),
                        ctx.causal, None if ctx.row_read is None else [ctx.row_read[i] for i in rows], None,
-                       ctx.prefill, None if ctx.queries is None else ctx.queries[rows])
+                       ctx.prefill, queries, None if ctx.plan is None else native.plan(queries))
 
 
 class RowsView:

@@ -35,7 +35,7 @@ decode and verify against eager, and the lossless matrix runs on it).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,21 +62,25 @@ def _ragged_decode_attention_shape(
 
 
 @torch.library.custom_op("ponder::invariant_attention", mutates_args=())
-def invariant_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """The eager layer's batch-invariant attention (``llama.attend_queries``: one decode-shaped call per new token,
-    queries # [B, T, 3] int64 on the CPU) as an operator a compiled graph can call."""
-    return attend_queries(q, keys, values, queries)
+def invariant_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, plan: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The eager layer's batch-invariant attention (``llama.attend_queries``: queries # [B, T, 3] int64 on the CPU,
+    ``plan`` the native kernel's form of them or None) as an operator a compiled graph can call."""
+    return attend_queries(q, keys, values, queries, None, plan)
 
 
 @invariant_attention.register_fake
-def _invariant_attention_shape(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+def _invariant_attention_shape(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, plan: Optional[torch.Tensor],
+) -> torch.Tensor:
     return torch.empty_like(q)
 
 
 def layer_step(
     blk: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     start: int | None, slots: torch.Tensor | None, read_len: int, mask: torch.Tensor | None,
-    reads: torch.Tensor | None = None, queries: torch.Tensor | None = None,
+    reads: torch.Tensor | None = None, queries: torch.Tensor | None = None, plan: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoder layer on h # [B, T, E]: K/V go to slots [start, start + T) of every row of kc/vc
     # [B, Hkv, S, D], or to ``slots`` # [B, T] (ragged rows); attention reads slots [0, read_len) under ``mask``
@@ -99,7 +103,7 @@ def layer_step(
     keys, values = kc[:, :, :read_len], vc[:, :, :read_len]
     q = q.to(kc.dtype)
     if queries is not None:  # batch-invariant attention (quantized weights): token by token, as llama.Attention does
-        out = invariant_attention(q.contiguous(), keys, values, queries)
+        out = invariant_attention(q.contiguous(), keys, values, queries, plan)
     elif reads is not None:  # ragged decode: each row over its own slots (as llama._attend does)
         out = ragged_decode_attention(q.view(B, Hkv, H // Hkv, D), keys, values, reads).view(B, 1, H, D)
     elif mask is None:  # one query per row: fold each KV head's query group (as llama._attend does)
@@ -118,13 +122,13 @@ GROUP = 5  # layers per compiled call (module doc)
 def group_step(
     blocks: list[nn.Module], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ks: list[torch.Tensor],
     vs: list[torch.Tensor], start: int | None, slots: torch.Tensor | None, read_len: int, mask: torch.Tensor | None,
-    reads: torch.Tensor | None = None, queries: torch.Tensor | None = None,
+    reads: torch.Tensor | None = None, queries: torch.Tensor | None = None, plan: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """``layer_step`` through consecutive layers ``blocks`` with their caches ``ks``/``vs``; every layer's output
     (always all of them, so a forward that captures hidden states runs the very graph one that does not runs)."""
     outs = []
     for blk, kc, vc in zip(blocks, ks, vs):
-        h = layer_step(blk, h, cos, sin, kc, vc, start, slots, read_len, mask, reads, queries)
+        h = layer_step(blk, h, cos, sin, kc, vc, start, slots, read_len, mask, reads, queries, plan)
         outs.append(h)
     return outs
 
@@ -177,7 +181,7 @@ class FastPath:
         while a < end:
             b = min((a // self.group + 1) * self.group, end)
             outs = self.step(list(model.layers[a:b]), h, ctx.cos, ctx.sin, list(cache.k[a:b]), list(cache.v[a:b]),
-                             ctx.write_start, ctx.slots, ctx.read_len, ctx.mask, reads, ctx.queries)
+                             ctx.write_start, ctx.slots, ctx.read_len, ctx.mask, reads, ctx.queries, ctx.plan)
             if capture is not None:
                 for i, out in enumerate(outs):
                     if a + i + 1 in capture:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ponder.cache import KVCache
+from ponder.model import native
 from ponder.model.config import ModelConfig
 from ponder.model.linear import Linear
 from ponder.model.rope import apply_rope, inv_frequencies, rope_tables
@@ -45,6 +46,7 @@ class StepContext:
     # prefix length (slots before this forward's new tokens), its parent among the row's new tokens (-1: the prefix
     # itself; -1 after the first token: padding, not computed) and the first slot it may read (sliding window)
     queries: torch.Tensor | None = None
+    plan: torch.Tensor | None = None  # ``queries`` as the native kernel reads them (``native.plan``), where it runs
 
 
 class Attention(nn.Module):
@@ -73,7 +75,7 @@ class Attention(nn.Module):
                 keys, values, ctx = picked
                 holes = None  # the hook chose the entries (a policy with holes never selects)
         if ctx.queries is not None and picked is None:
-            out = attend_queries(q, keys, values, ctx.queries, holes).to(x.dtype)
+            out = attend_queries(q, keys, values, ctx.queries, holes, ctx.plan).to(x.dtype)
         else:
             out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv, holes).to(x.dtype)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
@@ -138,6 +140,7 @@ def attend_rows(
 
 def attend_queries(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, holes: torch.Tensor | None = None,
+    plan: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch-invariant attention: q # [B, T, H, D] over keys/values # [B, Hkv, S, D] -> # [B, T, H, D], every new
     token computed by the very call a one-token decode step makes for it: one attention call over its KV head's
@@ -151,7 +154,12 @@ def attend_queries(
     rows share the call (2 rows vs 1, 3 of 4 key lengths differ in the last bits; tests/test_kernels.py). A row
     whose new tokens form a chain reads its slots as they are; a tree row's tokens are visited depth first, each
     token's K/V copied to the slot after its parent's in a scratch copy of the row, so every token reads one
-    contiguous run."""
+    contiguous run.
+
+    With ``plan`` (``native.plan(queries)``, where the native kernel is built), float32 attention without holes
+    runs in one call of ``native.attend`` instead: the same guarantee, a summation order of its own."""
+    if plan is not None and holes is None and native.fits(q, keys) and keys.stride() == values.stride():
+        return native.attend(q, keys, values, plan)
     B, T, H, D = q.shape
     Hkv = keys.shape[1]
     qv = q.contiguous().view(B, T, Hkv, H // Hkv, D)  # token t of row b: qv[b, t], one decode step's query shape
@@ -379,7 +387,14 @@ class LlamaModel(nn.Module):
         slots = None if uniform else L + torch.arange(T, device=dev)[None, :]
         queries = self._tree_queries(cache, depth, visible) if self.invariant_attention else None
         return StepContext(cos, sin, lengths[0] if uniform else None, slots, read_len, mask[:, None], False,
-                           queries=queries)
+                           queries=queries, plan=self.native_plan(queries))
+
+    def native_plan(self, queries: torch.Tensor | None) -> torch.Tensor | None:
+        """``StepContext.plan`` for these queries: where the native kernel is built and attention runs in float32
+        on the CPU (``native.py``), else None."""
+        if queries is None or self.kv_dtype != torch.float32 or self.device.type != "cpu" or native.library() is None:
+            return None
+        return native.plan(queries)
 
     def _tree_queries(self, cache: KVCache, depth: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """``StepContext.queries`` for draft trees: each token's parent is the token it sees one level up."""
@@ -427,18 +442,20 @@ class LlamaModel(nn.Module):
         if T == 1 and self.invariant_attention:  # a decode step reads its row's slots from the window's first
             lo = [0 if window is None else max(0, p + 1 - window) for p in first]
             queries = torch.tensor([[(n, -1, a)] for n, a in zip(lengths, lo)], dtype=torch.long)
+        plan = self.native_plan(queries)
         if uniform and not needs_window and (T == 1 or start == 0):
-            return StepContext(cos, sin, start, None, read_len, None, causal=T > 1, prefill=T > 1, queries=queries)
+            return StepContext(cos, sin, start, None, read_len, None, causal=T > 1, prefill=T > 1, queries=queries,
+                               plan=plan)
         slots = torch.tensor(lengths, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
         if T == 1 and not needs_window:
             return StepContext(cos, sin, None, slots, read_len, None, False, row_read=[n + 1 for n in lengths],
-                               queries=queries)
+                               queries=queries, plan=plan)
         keys = torch.arange(read_len, device=dev)
         mask = keys[None, None, :] <= slots[:, :, None]  # [B, T, S]: causal over slots (positions may be offset)
         if window is not None:
             mask &= keys[None, None, :] > pos[:, :, None] - window
         return StepContext(cos, sin, start if uniform else None, None if uniform else slots, read_len, mask[:, None],
-                           False, prefill=T > 1, queries=queries)
+                           False, prefill=T > 1, queries=queries, plan=plan)
 
     def _rope_at(self, pos: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin # [B, T, 1, D] for positions # [B, T] (all below ``need``), in the model dtype."""

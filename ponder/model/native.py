@@ -1,0 +1,164 @@
+"""ponder's one native kernel: batch-invariant attention (``attention.c``), built on first use and loaded by ctypes.
+
+``llama.attend_queries`` gives every new token the attention a one-token decode step gives it, so that speculative
+decoding with quantized weights stays lossless. With PyTorch's kernels that takes one attention call per token (the
+CPU flash kernel's bits change with the rows in the call), ~30-40 us of mostly fixed cost each: a 4-token verify
+forward makes 120 of them, a decode step of 8 rows 240. ``attention.c`` computes each (token, KV head) in an order
+that depends only on its own query and keys, so one call serves every token and row of a forward with the same bits.
+
+The C file is compiled once per machine with the system's C compiler (``cc -O3 -march=native -fopenmp``) into
+``$PONDER_CACHE/native/``, keyed by the source, the compiler and the CPU; OpenMP threads come from the runtime
+PyTorch already loaded, and the call uses ``torch.get_num_threads()`` of them. Where no compiler is found, the build
+fails, or a shape is outside the kernel's range (not float32, head dim not a multiple of 16), ``attend_queries`` keeps its per-token PyTorch calls (``available()`` says which; ``ponder
+info`` prints it). ``PONDER_NATIVE=0`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("attention.c")
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"]
+
+
+class _State:
+    """The loaded library, or why there is none (built at most once per process)."""
+
+    lib: ctypes.CDLL | None = None
+    reason: str | None = None
+    tried = False
+
+
+_state = _State()
+
+
+def _cache_dir() -> Path:
+    from ponder.model.loader import cache_root
+
+    return cache_root() / "native"
+
+
+def _build() -> ctypes.CDLL:
+    from ponder.model.kernels import cpu_name
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc) found")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), version, cpu_name(), " ".join(FLAGS)]).encode()).hexdigest()
+    target = _cache_dir() / f"attention-{key[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True,
+                                 timeout=300)
+            if run.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {run.stderr.strip()[-300:]}")
+            os.replace(built, target)  # atomic: concurrent processes each build, one file wins
+    lib = ctypes.CDLL(str(target))
+    lib.ponder_attend.restype = ctypes.c_int
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.ponder_attend.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i64, ctypes.c_float, p,
+                                  i64, i64, ctypes.c_int]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernel, built and loaded on first call; None where it cannot be (``reason()`` says why)."""
+    if not _state.tried:
+        _state.tried = True
+        if os.environ.get("PONDER_NATIVE", "1") == "0":
+            _state.reason = "PONDER_NATIVE=0"
+        else:
+            try:
+                _state.lib = _build()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                _state.reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return _state.lib
+
+
+def reason() -> str | None:
+    """Why the kernel is not in use (None when it is)."""
+    library()
+    return _state.reason
+
+
+def fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether attention on these tensors can run natively: float32 on the CPU, D a multiple of 16."""
+    return (q.dtype == keys.dtype == torch.float32 and q.device.type == "cpu" and q.shape[-1] % 16 == 0
+            and keys.stride(-1) == 1 and library() is not None)
+
+
+def plan(queries: torch.Tensor) -> torch.Tensor:
+    """What ``attend`` needs, from ``StepContext.queries`` # [B, T, 3] (prefix length, parent, first readable slot per
+    new token), built once per forward: a 1-D int64 tensor of a header (tokens, groups, most tokens in a group,
+    most keys of a token, extra slots), then ``tok`` # [B * T, 5], ``groups`` # [n, 2] and ``extra`` as
+    ``attention.c`` reads them. A row whose new tokens form a chain is one group (split where the first readable
+    slot changes); a tree row's tokens read the prefix and then their ancestors' slots, one group each."""
+    info = queries.tolist()
+    B, T = len(info), len(info[0]) if info else 0
+    tok = [[0, 0, 0, 0, 0] for _ in range(B * T)]
+    groups: list[list[int]] = []
+    extra: list[int] = []
+    most = 0
+    for b, row in enumerate(info):
+        L = row[0][0]
+        if all(p == t - 1 or (t > 0 and p < 0) for t, (_, p, _) in enumerate(row)):  # a chain (then padding)
+            for t, (_, p, lo) in enumerate(row):
+                if t > 0 and p < 0:
+                    break
+                tok[b * T + t] = [b, lo, L + t + 1, 0, 0]
+                most = max(most, L + t + 1 - lo)
+                if t > 0 and groups[-1][0] + groups[-1][1] == b * T + t and tok[b * T + t - 1][1] == lo:
+                    groups[-1][1] += 1
+                else:
+                    groups.append([b * T + t, 1])
+            continue
+        chain_of: dict[int, list[int]] = {}  # token -> the slots of its ancestors and itself, root first
+        for t, (_, p, lo) in enumerate(row):
+            if t > 0 and p < 0:
+                continue  # padding
+            chain_of[t] = chain_of[p] + [L + t] if p >= 0 else [L + t]
+            cut = max(0, lo - L)  # a window starting past the prefix: plain decoding no longer sees the first ones
+            tok[b * T + t] = [b, min(lo, L), L, len(extra), len(chain_of[t]) - cut]
+            extra += chain_of[t][cut:]
+            most = max(most, L - min(lo, L) + len(chain_of[t]) - cut)
+            groups.append([b * T + t, 1])
+    most_group = max((n for _, n in groups), default=1)
+    head = [B * T, len(groups), most_group, most, max(1, len(extra))]
+    flat = head + [x for r in tok for x in r] + [x for g in groups for x in g] + (extra or [0])
+    return torch.tensor(flat, dtype=torch.long)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+    """q # [B, T, H, D] float32 over keys/values # [B, Hkv, S, D] (same strides, D contiguous) as ``plan`` (from
+    ``plan()``) says -> # [B, T, H, D]; padding tokens (not in the plan) get zeros."""
+    lib = library()
+    assert lib is not None and keys.stride() == values.stride()
+    B, T, H, D = q.shape
+    Hkv = keys.shape[1]
+    N, n_groups, most_group, most, n_extra = plan[:5].tolist()
+    q = q.contiguous()
+    out = torch.zeros_like(q)
+    threads = max(1, torch.get_num_threads())
+    work = torch.empty(threads * most_group * (most + 16 + D), dtype=torch.float32)
+    sb, sh, ss, _ = keys.stride()
+    base, size = plan.data_ptr(), plan.element_size()
+    tok, groups = base + 5 * size, base + (5 + 5 * N) * size
+    extra = groups + 2 * n_groups * size
+    rc = lib.ponder_attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), sb, sh, ss, tok, extra, groups,
+                           n_groups, out.data_ptr(), Hkv, H // Hkv, D, 1.0 / math.sqrt(D), work.data_ptr(),
+                           most_group, most, threads)
+    if rc != 0:
+        raise RuntimeError(f"native attention refused head dim {D}")
+    return out
