@@ -236,8 +236,8 @@ def test_profile_splits_decode_and_verify_steps_into_categories(tiny_dir: Path, 
 
     assert [category(n) for n in ("aten::_weight_int4pack_mm_for_cpu", "aten::linear", "mkl::_mkl_linear",
                                   "aten::scaled_dot_product_attention", "ponder::invariant_attention",
-                                  "aten::rms_norm")] == ["matmuls", "matmuls", "matmuls", "attention", "attention",
-                                                         "other ops"]
+                                  "ponder::native_attention", "aten::rms_norm")] == [
+        "matmuls", "matmuls", "matmuls", "attention", "attention", "attention", "other ops"]
     methods = "baseline,baseline:dtype=q4,baseline:dtype=q4:compile=true,hf"
     r, report = _one_prompt_run(tiny_dir, tmp_path, "the sea is", methods, 4, profile=True)
     assert "profile" not in r["methods"]["hf"]  # ponder methods only

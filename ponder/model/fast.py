@@ -20,8 +20,9 @@ each: every step of a continuously batched server) attends row by row over each 
 does, through ``ragged_decode_attention``, an operator of ponder's own that the compiled graph calls like any
 kernel. Attending under one mask over the longest row instead made every row read the longest row's K/V: continuous
 batching of 32 Spec-Bench prompts (q4, AMD EPYC, 2 threads) ran 88.5 / 67.0 tokens/s at batch 8 / 16 that way and
-116.3 / 99.6 row by row (docs/architecture.md). Quantized models' batch-invariant attention (``llama.attend_queries``,
-one decode-shaped call per token) is an operator of the same kind, ``invariant_attention``.
+116.3 / 99.6 row by row (docs/architecture.md). Quantized models' batch-invariant attention (``llama.attend_queries``:
+the native kernel of ``native.py``, or one decode-shaped PyTorch call per token) is an operator of the same kind,
+``invariant_attention``.
 
 Prefills run the eager layers (they are the same for plain and speculative decoding, and one row at a time), and so
 do forwards with a KV-cache policy's hook or per-head holes: ``FastPath.fallbacks`` counts those by reason so the

@@ -27,10 +27,11 @@ exact ties; here every projection first rounds its input to bf16 (8 bits of mant
 can move a value across a bf16 rounding boundary and change the logits by ~0.2 a few steps later (measured on a
 Spec-Bench prompt: plain and speculative int8 outputs parted after 18 tokens, 7 of 13 prompts differing within 96
 tokens). So int8 mode attends token by token in decode steps and verify forwards alike
-(``LlamaModel.invariant_attention``, ``llama.attend_queries``): each token's attention is the very call a one-token
-decode step makes for it, its KV head's query group over its visible keys laid out contiguously as plain decoding
-has them (a tree's tokens get their ancestors copied into a scratch row), so it has the same bits whatever else is
-in the forward; every projection's input row is then identical whatever else is in the batch
+(``LlamaModel.invariant_attention``, ``llama.attend_queries``): each token's attention sums in an order of its own,
+over its visible keys in the order plain decoding has them, so it has the same bits whatever else is in the forward.
+In float32 ponder's C kernel does that for every token and row of a forward in one call per layer (``native.py``);
+without it, each token gets the very PyTorch call a one-token decode step makes for it (a tree's tokens get their
+ancestors copied into a scratch row). Every projection's input row is then identical whatever else is in the batch
 (``_weight_int8pack_mm`` is row-invariant; the fp32 head is not, which only matters at exact ties, as in fp32 mode).
 Prefills, alike in plain and speculative decoding, attend in one call. This replaced float64 attention (and a
 float64 KV cache), which made both kernels' results round to the same fp32 value: token by token in fp32 gives
