@@ -2,7 +2,8 @@
 
    Each computed token's query heads attend to the token's keys in the order plain decoding holds them: its row's
    slots [lo, hi), then `extra` slots (a tree token's ancestors and itself). The arithmetic for a (token, query head)
-   depends only on its query, those keys in that order and D: scores by a fixed-lane dot product, a softmax summed
+   depends only on its query, those keys in that order and D: scores by a fixed-lane dot product (lanes summed in a
+   fixed tree, 16 keys packed together), a softmax summed
    lane-wise then across lanes in a fixed tree, values summed key after key. So a token gets the same bits whichever
    other tokens, rows or threads share the call, which speculative decoding with quantized weights needs to stay
    lossless (quant.py). Tokens of one group (a row's chain of new tokens: same row, same lo, no extra slots) share
@@ -12,13 +13,14 @@
    [B, Hkv, S, D] with strides (in floats) sb, sh, ss, D contiguous; tok [N, 5] int64: row, lo, hi, first extra,
    extra count; extra: slot numbers; groups [n_groups, 2] int64: first token, token count (a group's tokens have
    the same row and lo and, when there are several, no extra slots). work: float scratch, per thread
-   (most tokens in a group) x (most keys of a token rounded up to 16) + (most tokens in a group) x D. */
+   (most tokens in a group) x G x ((most keys of a token rounded up to 16) + D). */
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #define LANES 16
+#define VBLOCK 64 /* keys per block of the value sums (their pointers in registers/L1) */
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
 
@@ -37,6 +39,24 @@ static inline float lane_sum(vec x) {
     y = y + __builtin_shufflevector(y, y, 2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     y = y + __builtin_shufflevector(y, y, 1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     return y[0];
+}
+
+/* Sixteen vectors' lane sums at once: lane i of the result is lane_sum(x[i]) to the bit (the same pairs added at
+   every level, only packed into fewer vector operations). */
+static inline vec lane_sums16(const vec *x) {
+    vec a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                       31);
+    for (int i = 0; i < 4; i++)
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 /* exp(x) for x <= 0 lane-wise (below -87, -inf included: 0): x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its
@@ -60,61 +80,77 @@ static inline vec exp_neg(vec x) {
     return (vec)((ivec)e & ~under);
 }
 
-/* q . k over D (a multiple of LANES): lane-wise products summed over D, then across lanes. */
-static inline __attribute__((always_inline)) float dot(const float *q, const float *k, int64_t D) {
-    vec acc = load(q) * load(k);
-    for (int64_t d = LANES; d < D; d += LANES) acc += load(q + d) * load(k + d);
-    return lane_sum(acc);
-}
-
 static inline int64_t key_slot(int64_t j, int64_t lo, int64_t hi, const int64_t *ext) {
     return j < hi - lo ? lo + j : ext[j - (hi - lo)];
 }
 
-/* One query head (of KV head h's G) for every token of a group: T tokens, token t with query qs + t * qstride and
-   n[t] keys (the group's first n[t] keys; the longest reads all `most`); s: T x nn scores, acc: T x D. */
+/* Query heads g0 .. g0 + Gi - 1 (of KV head h's G) for every token of a group: U = T x Gi queries, query u = (token
+   t = u / Gi, head g0 + u % Gi) at qs + t * qstride + (u % Gi) * D with n[t] keys (the group's first n[t] keys; the
+   longest reads all `most`); s: U x nn scores, acc: U x D. Each query's arithmetic is the same whatever U is. */
 static inline __attribute__((always_inline)) void attend_group(
     const float *qs, int64_t qstride, const float *kb, const float *vb, int64_t ss, int64_t lo, int64_t hi,
-    const int64_t *ext, const int64_t *n, int64_t T, int64_t most, int64_t D, float scale, float *s, float *acc,
-    float *outs) {
+    const int64_t *ext, const int64_t *nt, int64_t T, int64_t Gi, int64_t most, int64_t D, float scale, float *s,
+    float *acc, float *outs) {
+    int64_t U = T * Gi;
+    int64_t n[U > 0 ? U : 1];
+    for (int64_t u = 0; u < U; u++) n[u] = nt[u / Gi];
     int64_t nn = (most + LANES - 1) / LANES * LANES;
-    float top[T > 0 ? T : 1];
-    for (int64_t t = 0; t < T; t++) top[t] = -INFINITY;
-    for (int64_t j = 0; j < most; j++) {
-        const float *kj = kb + key_slot(j, lo, hi, ext) * ss;
-        for (int64_t t = 0; t < T; t++) {
-            if (j >= n[t]) continue;
-            float x = dot(qs + t * qstride, kj, D) * scale;
-            s[t * nn + j] = x;
-            if (x > top[t]) top[t] = x;
+    float top[U > 0 ? U : 1];
+    for (int64_t u = 0; u < U; u++) top[u] = -INFINITY;
+    const vec zero = {0};
+    for (int64_t jb = 0; jb < most; jb += LANES) { /* scores, 16 keys at a time */
+        int64_t cnt = most - jb < LANES ? most - jb : LANES;
+        const float *kp[LANES];
+        for (int64_t i = 0; i < cnt; i++) kp[i] = kb + key_slot(jb + i, lo, hi, ext) * ss;
+        for (int64_t u = 0; u < U; u++) {
+            if (jb >= n[u]) continue;
+            const float *qu = qs + (u / Gi) * qstride + (u % Gi) * D;
+            int64_t c = n[u] - jb < cnt ? n[u] - jb : cnt;
+            vec part[LANES];
+            for (int64_t i = 0; i < c; i++) {
+                vec x = load(qu) * load(kp[i]);
+                for (int64_t d = LANES; d < D; d += LANES) x += load(qu + d) * load(kp[i] + d);
+                part[i] = x;
+            }
+            for (int64_t i = c; i < LANES; i++) part[i] = zero;
+            vec x = lane_sums16(part) * scale;
+            store(s + u * nn + jb, x);
+            for (int64_t i = 0; i < c; i++) top[u] = x[i] > top[u] ? x[i] : top[u];
         }
     }
-    float total[T > 0 ? T : 1];
-    for (int64_t t = 0; t < T; t++) { /* softmax numerators, summed lane-wise then across lanes */
-        float *st = s + t * nn;
-        for (int64_t j = n[t]; j < nn; j++) st[j] = -INFINITY;
-        const vec zero = {0};
-        vec m = zero + top[t], sum = zero;
+    float total[U > 0 ? U : 1];
+    for (int64_t u = 0; u < U; u++) { /* softmax numerators, summed lane-wise then across lanes */
+        float *st = s + u * nn;
+        for (int64_t j = n[u]; j < nn; j++) st[j] = -INFINITY;
+        vec m = zero + top[u], sum = zero;
         for (int64_t j = 0; j < nn; j += LANES) {
             vec e = exp_neg(load(st + j) - m);
             store(st + j, e);
             sum += e;
         }
-        total[t] = lane_sum(sum);
+        total[u] = lane_sum(sum);
     }
-    memset(acc, 0, (size_t)(T * D) * sizeof(float));
-    for (int64_t j = 0; j < most; j++) {
-        const float *vj = vb + key_slot(j, lo, hi, ext) * ss;
-        for (int64_t t = 0; t < T; t++) {
-            if (j >= n[t]) continue;
-            float p = s[t * nn + j];
-            float *a = acc + t * D;
-            for (int64_t d = 0; d < D; d += LANES) store(a + d, load(a + d) + p * load(vj + d));
+    for (int64_t jb = 0; jb < most; jb += VBLOCK) { /* values, key after key, VBLOCK keys at a time */
+        int64_t cnt = most - jb < VBLOCK ? most - jb : VBLOCK;
+        const float *vp[VBLOCK];
+        for (int64_t i = 0; i < cnt; i++) vp[i] = vb + key_slot(jb + i, lo, hi, ext) * ss;
+        for (int64_t u = 0; u < U; u++) {
+            if (jb >= n[u]) continue;
+            int64_t c = n[u] - jb < cnt ? n[u] - jb : cnt;
+            const float *pu = s + u * nn + jb;
+            float *au = acc + u * D;
+            vec a[D / LANES];
+            for (int64_t k = 0; k < D / LANES; k++) a[k] = jb == 0 ? zero : load(au + k * LANES);
+            for (int64_t i = 0; i < c; i++) {
+                float p = pu[i];
+                for (int64_t k = 0; k < D / LANES; k++) a[k] += p * load(vp[i] + k * LANES);
+            }
+            for (int64_t k = 0; k < D / LANES; k++) store(au + k * LANES, a[k]);
         }
     }
-    for (int64_t t = 0; t < T; t++) {
-        float *o = outs + t * qstride;
-        for (int64_t d = 0; d < D; d++) o[d] = n[t] > 0 ? acc[t * D + d] / total[t] : 0.0f;
+    for (int64_t u = 0; u < U; u++) {
+        float *o = outs + (u / Gi) * qstride + (u % Gi) * D;
+        for (int64_t d = 0; d < D; d++) o[d] = n[u] > 0 ? acc[u * D + d] / total[u] : 0.0f;
     }
 }
 
@@ -124,11 +160,14 @@ int ponder_attend(const float *q, const float *k, const float *v, int64_t sb, in
                   int64_t Hkv, int64_t G, int64_t D, float scale, float *work, int64_t max_group, int64_t max_keys,
                   int threads) {
     if (D % LANES != 0 || D <= 0) return -1;
-    int64_t nn = (max_keys + LANES - 1) / LANES * LANES, per_thread = max_group * (nn + D);
-    int64_t items = n_groups * Hkv * G;
+    int64_t nn = (max_keys + LANES - 1) / LANES * LANES, per_thread = max_group * G * (nn + D);
+    /* work items: (group, KV head) with its G query heads together (each key loaded once for all of them), or, when
+       that leaves threads idle (a one-row decode step), (group, KV head, query head) */
+    int64_t Gi = n_groups * Hkv >= 2 * threads ? G : 1, items = n_groups * Hkv * (G / Gi);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && items > 1)
     for (int64_t i = 0; i < items; i++) {
-        int64_t grp = i / (Hkv * G), h = (i / G) % Hkv, g = i % G;
+        int64_t per_group = Hkv * (G / Gi);
+        int64_t grp = i / per_group, h = (i % per_group) / (G / Gi), g0 = (i % (G / Gi)) * Gi;
         int64_t first = groups[2 * grp], T = groups[2 * grp + 1];
         const int64_t *m = tok + 5 * first;
         int64_t b = m[0], lo = m[1], n[T], most = 0;
@@ -143,16 +182,17 @@ int ponder_attend(const float *q, const float *k, const float *v, int64_t sb, in
 #else
         float *s = work;
 #endif
-        const float *qs = q + ((first * Hkv + h) * G + g) * D;
-        float *outs = out + ((first * Hkv + h) * G + g) * D;
+        const float *qs = q + ((first * Hkv + h) * G + g0) * D;
+        float *outs = out + ((first * Hkv + h) * G + g0) * D;
         const float *kb = k + b * sb + h * sh, *vb = v + b * sb + h * sh;
-        int64_t qstride = Hkv * G * D;
+        int64_t qstride = Hkv * G * D, U = T * Gi;
         if (D == 64)
-            attend_group(qs, qstride, kb, vb, ss, lo, hi, extra + m[3], n, T, most, 64, scale, s, s + T * nn, outs);
+            attend_group(qs, qstride, kb, vb, ss, lo, hi, extra + m[3], n, T, Gi, most, 64, scale, s, s + U * nn, outs);
         else if (D == 128)
-            attend_group(qs, qstride, kb, vb, ss, lo, hi, extra + m[3], n, T, most, 128, scale, s, s + T * nn, outs);
+            attend_group(qs, qstride, kb, vb, ss, lo, hi, extra + m[3], n, T, Gi, most, 128, scale, s, s + U * nn,
+                         outs);
         else
-            attend_group(qs, qstride, kb, vb, ss, lo, hi, extra + m[3], n, T, most, D, scale, s, s + T * nn, outs);
+            attend_group(qs, qstride, kb, vb, ss, lo, hi, extra + m[3], n, T, Gi, most, D, scale, s, s + U * nn, outs);
     }
     return 0;
 }

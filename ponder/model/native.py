@@ -150,7 +150,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: torc
     q = q.contiguous()
     out = torch.zeros_like(q)
     threads = max(1, torch.get_num_threads())
-    work = torch.empty(threads * most_group * (most + 16 + D), dtype=torch.float32)
+    work = torch.empty(threads * most_group * q.shape[2] // keys.shape[1] * (most + 16 + D), dtype=torch.float32)
     if torch.autograd.profiler._is_profiler_enabled:  # a ctypes call is invisible to the profiler: name it
         with torch.profiler.record_function("ponder::native_attention"):
             return _call(lib, q, keys, values, plan, out, work, N, n_groups, most_group, most, threads)
