@@ -103,3 +103,26 @@ def test_info_says_how_invariant_attention_runs(tiny_dir) -> None:
     assert _invariant_attention(ponder.load(str(tiny_dir), "int8").model) == "native kernel (one call per layer)"
     assert _invariant_attention(ponder.load(str(tiny_dir), "fp16").model).startswith("one PyTorch call per token")
     assert _invariant_attention(ponder.load(str(tiny_dir), "fp32").model).startswith("off")
+
+
+def test_built_once_into_the_cache_and_a_missing_compiler_is_a_fallback(tmp_path) -> None:
+    """The first process builds the kernel into $PONDER_CACHE/native, the next one loads that file; with no usable
+    compiler the kernel is simply not used, with the reason."""
+    import os
+
+    code = ("from ponder.model import native; lib = native.library(); "
+            "print(lib is not None, native.reason())")
+    env = {**os.environ, "PONDER_CACHE": str(tmp_path / "cache")}
+    env.pop("PONDER_NATIVE", None)
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert first.stdout.split() == ["True", "None"], first.stderr
+    built = list((tmp_path / "cache" / "native").glob("attention-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert again.stdout.split() == ["True", "None"], again.stderr
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not built again
+    none = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**env, "PONDER_CACHE": str(tmp_path / "other"), "CC": str(tmp_path / "no-such-cc")})
+    assert none.stdout.startswith("False "), none.stderr
+    assert "no-such-cc" in none.stdout

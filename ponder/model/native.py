@@ -6,11 +6,12 @@ CPU flash kernel's bits change with the rows in the call), ~30-40 us of mostly f
 forward makes 120 of them, a decode step of 8 rows 240. ``attention.c`` computes each (token, KV head) in an order
 that depends only on its own query and keys, so one call serves every token and row of a forward with the same bits.
 
-The C file is compiled once per machine with the system's C compiler (``cc -O3 -march=native -fopenmp``) into
-``$PONDER_CACHE/native/``, keyed by the source, the compiler and the CPU; OpenMP threads come from the runtime
-PyTorch already loaded, and the call uses ``torch.get_num_threads()`` of them. Where no compiler is found, the build
-fails, or a shape is outside the kernel's range (not float32, head dim not a multiple of 16), ``attend_queries`` keeps its per-token PyTorch calls (``available()`` says which; ``ponder
-info`` prints it). ``PONDER_NATIVE=0`` turns the kernel off.
+The C file is compiled once per machine with the system's C compiler (``cc -O3 -march=native -fopenmp``; ``$CC``
+if set; without ``-fopenmp`` where the compiler lacks it, then single-threaded) into ``$PONDER_CACHE/native/``, keyed
+by the source, the compiler and the CPU; OpenMP threads come from the runtime PyTorch already loaded, and the call
+uses ``torch.get_num_threads()`` of them. Where no compiler is found, the build fails, or a shape is outside the
+kernel's range (not float32, head dim not a multiple of 16), ``attend_queries`` keeps its per-token PyTorch calls
+(``reason()`` says why; ``ponder info`` prints which runs). ``PONDER_NATIVE=0`` turns the kernel off.
 """
 
 from __future__ import annotations
@@ -58,13 +59,18 @@ def _build() -> ctypes.CDLL:
     target = _cache_dir() / f"attention-{key[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True,
-                                 timeout=300)
-            if run.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {run.stderr.strip()[-300:]}")
-            os.replace(built, target)  # atomic: concurrent processes each build, one file wins
+        errors = []
+        for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):  # a compiler without OpenMP: one thread
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                run = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                                     text=True, timeout=300)
+                if run.returncode == 0:
+                    os.replace(built, target)  # atomic: concurrent processes each build, one file wins
+                    break
+                errors.append(run.stderr.strip()[-300:])
+        else:
+            raise RuntimeError(f"{cc} failed: {errors[0]}")
     lib = ctypes.CDLL(str(target))
     lib.ponder_attend.restype = ctypes.c_int
     p, i64 = ctypes.c_void_p, ctypes.c_int64
