@@ -8,7 +8,7 @@ that depends only on its own query and keys, so one call serves every token and 
 
 The C file is compiled once per machine with the system's C compiler (``cc -O3 -march=native -fopenmp``; ``$CC``
 if set; without ``-fopenmp`` where the compiler lacks it, then single-threaded) into ``$PONDER_CACHE/native/``, keyed
-by the source, the compiler and the CPU; OpenMP threads come from the runtime PyTorch already loaded, and the call
+by the source, the compiler and the CPU (its model name and instruction-set flags); OpenMP threads come from the runtime PyTorch already loaded, and the call
 uses ``torch.get_num_threads()`` of them. Where no compiler is found, the build fails, or a shape is outside the
 kernel's range (not float32, head dim not a multiple of 16), ``attend_queries`` keeps its per-token PyTorch calls
 (``reason()`` says why; ``ponder info`` prints which runs). ``PONDER_NATIVE=0`` turns the kernel off.
@@ -48,6 +48,18 @@ def _cache_dir() -> Path:
     return cache_root() / "native"
 
 
+def _cpu_flags() -> str:
+    """The CPU's instruction-set flags: ``-march=native`` builds for them, so a cache shared by machines of one model
+    name but other extensions (VMs of one "AMD EPYC" name differ) must not share a build."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _build() -> ctypes.CDLL:
     from ponder.model.kernels import cpu_name
 
@@ -55,7 +67,8 @@ def _build() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler (cc) found")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), version, cpu_name(), " ".join(FLAGS)]).encode()).hexdigest()
+    parts = [SOURCE.read_text(), version, cpu_name(), _cpu_flags(), " ".join(FLAGS)]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
     target = _cache_dir() / f"attention-{key[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
