@@ -12,11 +12,11 @@
    Layouts (float32): q, out [N, Hkv, G, D] contiguous (query head h * G + g reads KV head h); k, v: a cache of
    [B, Hkv, S, D] with strides (in floats) sb, sh, ss, D contiguous; tok [N, 5] int64: row, lo, hi, first extra,
    extra count; extra: slot numbers; groups [n_groups, 2] int64: first token, token count (a group's tokens have
-   the same row and lo and, when there are several, no extra slots). work: float scratch, per thread
-   (most tokens in a group) x G x ((most keys of a token rounded up to 16) + D). */
+   the same row and lo and, when there are several, no extra slots). */
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LANES 16
@@ -154,45 +154,53 @@ static inline __attribute__((always_inline)) void attend_group(
     }
 }
 
-/* Returns 0, or -1 when a shape is outside the kernel's range (D not a positive multiple of LANES). */
-int ponder_attend(const float *q, const float *k, const float *v, int64_t sb, int64_t sh, int64_t ss,
-                  const int64_t *tok, const int64_t *extra, const int64_t *groups, int64_t n_groups, float *out,
-                  int64_t Hkv, int64_t G, int64_t D, float scale, float *work, int64_t max_group, int64_t max_keys,
-                  int threads) {
+/* Attention for the tokens `plan` lists (native.plan: a header of tokens, groups, most tokens in a group, most keys
+   of a token, extra slots; then tok, groups and extra as above); tokens in no group (padding) get zeros. Returns 0,
+   -1 when D is not a positive multiple of LANES, -2 when scratch memory cannot be had. */
+int ponder_attend(const float *q, const float *k, const float *v, const int64_t *plan, float *out, int64_t sb,
+                  int64_t sh, int64_t ss, int64_t Hkv, int64_t G, int64_t D, int threads) {
     if (D % LANES != 0 || D <= 0) return -1;
+    int64_t N = plan[0], n_groups = plan[1], max_group = plan[2], max_keys = plan[3];
+    const int64_t *tok = plan + 5, *groups = tok + 5 * N, *extra = groups + 2 * n_groups;
+    const float scale = 1.0f / sqrtf((float)D);
+    memset(out, 0, (size_t)(N * Hkv * G * D) * sizeof(float));
     int64_t nn = (max_keys + LANES - 1) / LANES * LANES, per_thread = max_group * G * (nn + D);
     /* work items: (group, KV head) with its G query heads together (each key loaded once for all of them), or, when
        that leaves threads idle (a one-row decode step), (group, KV head, query head) */
     int64_t Gi = n_groups * Hkv >= 2 * threads ? G : 1, items = n_groups * Hkv * (G / Gi);
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && items > 1)
-    for (int64_t i = 0; i < items; i++) {
-        int64_t per_group = Hkv * (G / Gi);
-        int64_t grp = i / per_group, h = (i % per_group) / (G / Gi), g0 = (i % (G / Gi)) * Gi;
-        int64_t first = groups[2 * grp], T = groups[2 * grp + 1];
-        const int64_t *m = tok + 5 * first;
-        int64_t b = m[0], lo = m[1], n[T], most = 0;
-        for (int64_t t = 0; t < T; t++) {
-            n[t] = tok[5 * (first + t) + 2] - lo + tok[5 * (first + t) + 4];
-            if (n[t] > most) most = n[t];
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
+    {
+        float *s = malloc((size_t)per_thread * sizeof(float)); /* this thread's scores and value sums */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < items; i++) {
+            if (s == NULL) {
+                failed = 1;
+                continue;
+            }
+            int64_t per_group = Hkv * (G / Gi);
+            int64_t grp = i / per_group, h = (i % per_group) / (G / Gi), g0 = (i % (G / Gi)) * Gi;
+            int64_t first = groups[2 * grp], T = groups[2 * grp + 1];
+            const int64_t *m = tok + 5 * first;
+            int64_t b = m[0], lo = m[1], n[T], most = 0;
+            for (int64_t t = 0; t < T; t++) {
+                n[t] = tok[5 * (first + t) + 2] - lo + tok[5 * (first + t) + 4];
+                if (n[t] > most) most = n[t];
+            }
+            int64_t hi = T == 1 ? m[2] : lo + most; /* several tokens: a chain, every key a slot of [lo, lo + most) */
+            const float *qs = q + ((first * Hkv + h) * G + g0) * D;
+            float *outs = out + ((first * Hkv + h) * G + g0) * D;
+            const float *kb = k + b * sb + h * sh, *vb = v + b * sb + h * sh;
+            const int64_t *ext = extra + m[3];
+            int64_t qstride = Hkv * G * D, U = T * Gi;
+            if (D == 64)
+                attend_group(qs, qstride, kb, vb, ss, lo, hi, ext, n, T, Gi, most, 64, scale, s, s + U * nn, outs);
+            else if (D == 128)
+                attend_group(qs, qstride, kb, vb, ss, lo, hi, ext, n, T, Gi, most, 128, scale, s, s + U * nn, outs);
+            else
+                attend_group(qs, qstride, kb, vb, ss, lo, hi, ext, n, T, Gi, most, D, scale, s, s + U * nn, outs);
         }
-        int64_t hi = T == 1 ? m[2] : lo + most; /* several tokens: a chain, every key a slot of [lo, lo + most) */
-#ifdef _OPENMP
-        extern int omp_get_thread_num(void);
-        float *s = work + (int64_t)omp_get_thread_num() * per_thread;
-#else
-        float *s = work;
-#endif
-        const float *qs = q + ((first * Hkv + h) * G + g0) * D;
-        float *outs = out + ((first * Hkv + h) * G + g0) * D;
-        const float *kb = k + b * sb + h * sh, *vb = v + b * sb + h * sh;
-        int64_t qstride = Hkv * G * D, U = T * Gi;
-        if (D == 64)
-            attend_group(qs, qstride, kb, vb, ss, lo, hi, extra + m[3], n, T, Gi, most, 64, scale, s, s + U * nn, outs);
-        else if (D == 128)
-            attend_group(qs, qstride, kb, vb, ss, lo, hi, extra + m[3], n, T, Gi, most, 128, scale, s, s + U * nn,
-                         outs);
-        else
-            attend_group(qs, qstride, kb, vb, ss, lo, hi, extra + m[3], n, T, Gi, most, D, scale, s, s + U * nn, outs);
+        free(s);
     }
-    return 0;
+    return failed ? -2 : 0;
 }

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
 import shutil
 import subprocess
@@ -87,8 +86,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.ponder_attend.restype = ctypes.c_int
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.ponder_attend.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i64, ctypes.c_float, p,
-                                  i64, i64, ctypes.c_int]
+    lib.ponder_attend.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_int]
     return lib
 
 
@@ -160,33 +158,23 @@ def plan(queries: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
-    """q # [B, T, H, D] float32 over keys/values # [B, Hkv, S, D] (same strides, D contiguous) as ``plan`` (from
+    """q # [B, T, H, D] float32 over keys/values # [B, Hkv, S, D] (the same strides, D contiguous) as ``plan`` (from
     ``plan()``) says -> # [B, T, H, D]; padding tokens (not in the plan) get zeros."""
     lib = library()
-    assert lib is not None and keys.stride() == values.stride()
-    D = q.shape[-1]
-    N, n_groups, most_group, most, _ = plan[:5].tolist()
+    assert lib is not None
     q = q.contiguous()
-    out = torch.zeros_like(q)
-    threads = max(1, torch.get_num_threads())
-    work = torch.empty(threads * most_group * q.shape[2] // keys.shape[1] * (most + 16 + D), dtype=torch.float32)
+    out = torch.empty_like(q)
+    Hkv, (H, D) = keys.shape[1], q.shape[2:]
+    sb, sh, ss, _ = keys.stride()
+    args = (q.data_ptr(), keys.data_ptr(), values.data_ptr(), plan.data_ptr(), out.data_ptr(), sb, sh, ss, Hkv,
+            H // Hkv, D, torch.get_num_threads())
     if torch.autograd.profiler._is_profiler_enabled:  # a ctypes call is invisible to the profiler: name it
         with torch.profiler.record_function("ponder::native_attention"):
-            return _call(lib, q, keys, values, plan, out, work, N, n_groups, most_group, most, threads)
-    return _call(lib, q, keys, values, plan, out, work, N, n_groups, most_group, most, threads)
-
-
-def _call(lib: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: torch.Tensor,
-          out: torch.Tensor, work: torch.Tensor, N: int, n_groups: int, most_group: int, most: int,
-          threads: int) -> torch.Tensor:
-    Hkv, (_, _, H, D) = keys.shape[1], q.shape
-    sb, sh, ss, _ = keys.stride()
-    base, size = plan.data_ptr(), plan.element_size()
-    tok, groups = base + 5 * size, base + (5 + 5 * N) * size
-    extra = groups + 2 * n_groups * size
-    rc = lib.ponder_attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), sb, sh, ss, tok, extra, groups,
-                           n_groups, out.data_ptr(), Hkv, H // Hkv, D, 1.0 / math.sqrt(D), work.data_ptr(),
-                           most_group, most, threads)
+            rc = lib.ponder_attend(*args)
+    else:
+        rc = lib.ponder_attend(*args)
+    if rc == -2:
+        raise MemoryError("native attention: no memory for its scratch")
     if rc != 0:
         raise RuntimeError(f"native attention refused head dim {D}")
     return out
