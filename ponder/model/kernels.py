@@ -29,14 +29,19 @@ KERNELS = ("plain", "nt", "packed", "dnn")  # part of the cache key: a new candi
 Route = dict[int, tuple[str, int]]
 
 
-def cpu_name() -> str:
+def cpuinfo(*fields: str) -> str | None:
+    """The first of these fields in /proc/cpuinfo (None where there is none, or no /proc/cpuinfo)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(fields):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def tune(model: Any, cache_dir: Path | None) -> dict[str, Route]:

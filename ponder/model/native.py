@@ -47,26 +47,16 @@ def _cache_dir() -> Path:
     return cache_root() / "native"
 
 
-def _cpu_flags() -> str:
-    """The CPU's instruction-set flags: ``-march=native`` builds for them, so a cache shared by machines of one model
-    name but other extensions (VMs of one "AMD EPYC" name differ) must not share a build."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def _build() -> ctypes.CDLL:
-    from ponder.model.kernels import cpu_name
+    from ponder.model.kernels import cpu_name, cpuinfo
 
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc) found")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    parts = [SOURCE.read_text(), version, cpu_name(), _cpu_flags(), " ".join(FLAGS)]
+    # -march=native builds for the CPU's instruction-set flags: machines of one model name but other extensions (VMs
+    # of one "AMD EPYC" name differ) sharing a cache must not share a build
+    parts = [SOURCE.read_text(), version, cpu_name(), cpuinfo("flags", "Features") or "", " ".join(FLAGS)]
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
     target = _cache_dir() / f"attention-{key[:16]}.so"
     if not target.exists():
