@@ -3,6 +3,7 @@ to PyTorch's), gives every token the bits it gets alone whatever shares the call
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -92,7 +93,7 @@ def test_unsupported_shapes_and_dtypes_keep_the_pytorch_calls() -> None:
 def test_switched_off_by_environment() -> None:
     code = "from ponder.model import native; print(native.library() is None, native.reason())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "PONDER_NATIVE": "0"})
+                         env={**os.environ, "PONDER_NATIVE": "0"})
     assert run.stdout.split() == ["True", "PONDER_NATIVE=0"], run.stderr
 
 
@@ -108,8 +109,6 @@ def test_info_says_how_invariant_attention_runs(tiny_dir) -> None:
 def test_built_once_into_the_cache_and_a_missing_compiler_is_a_fallback(tmp_path) -> None:
     """The first process builds the kernel into $PONDER_CACHE/native, the next one loads that file; with no usable
     compiler the kernel is simply not used, with the reason."""
-    import os
-
     code = ("from ponder.model import native; lib = native.library(); "
             "print(lib is not None, native.reason())")
     env = {**os.environ, "PONDER_CACHE": str(tmp_path / "cache")}

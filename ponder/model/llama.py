@@ -173,7 +173,7 @@ def attend_queries(
     if B == 1 and T == 1 and held is None:  # a one-row decode step
         n, _, lo = info[0][0]
         return one(qv[:, 0], keys, values, lo, n + 1, None).view(B, 1, H, D)
-    chain = [all(p == t - 1 or (t > 0 and p < 0) for t, (_, p, _) in enumerate(row)) for row in info]
+    chain = [native.is_chain(row) for row in info]
     cells: list[list[torch.Tensor | None]] = [[None] * T for _ in range(B)]
     pad = None
     for b, row in enumerate(info):

@@ -106,6 +106,12 @@ def fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
             and keys.stride(-1) == 1 and library() is not None)
 
 
+def is_chain(row: list[list[int]]) -> bool:
+    """Whether a row of ``StepContext.queries`` (as lists) is a chain of new tokens, each the previous one's child,
+    then padding."""
+    return all(p == t - 1 or (t > 0 and p < 0) for t, (_, p, _) in enumerate(row))
+
+
 def plan(queries: torch.Tensor) -> torch.Tensor:
     """What ``attend`` needs, from ``StepContext.queries`` # [B, T, 3] (prefix length, parent, first readable slot per
     new token), built once per forward: a 1-D int64 tensor of a header (tokens, groups, most tokens in a group,
@@ -120,7 +126,7 @@ def plan(queries: torch.Tensor) -> torch.Tensor:
     most = 0
     for b, row in enumerate(info):
         L = row[0][0]
-        if all(p == t - 1 or (t > 0 and p < 0) for t, (_, p, _) in enumerate(row)):  # a chain (then padding)
+        if is_chain(row):
             for t, (_, p, lo) in enumerate(row):
                 if t > 0 and p < 0:
                     break
