@@ -380,7 +380,7 @@ def model_summary(loaded: Loaded) -> dict[str, str]:
         "weight memory": f"{_weight_bytes(model) / 2**20:.1f} MiB",
         "KV cache per token": f"{kv_per_token / 1024:.1f} KiB ({str(model.kv_dtype).removeprefix('torch.')})",
         "invariant attention": _invariant_attention(model),
-    }
+    } | ({"4-bit kernel": _q4_kernel(model)} if loaded.dtype == "q4" else {})
 
 
 def _invariant_attention(model: nn.Module) -> str:
@@ -391,6 +391,15 @@ def _invariant_attention(model: nn.Module) -> str:
         return "native kernel (one call per layer)"
     why = native.reason() or f"{str(model.kv_dtype).removeprefix('torch.')} on {model.device.type}"
     return f"one PyTorch call per token (native kernel not used: {why})"
+
+
+def _q4_kernel(model: nn.Module) -> str:
+    """Which kernel multiplies a q4 model's projections."""
+    from ponder.model.q4 import Q4Linear
+
+    if any(isinstance(m, Q4Linear) and m.native for m in model.modules()):
+        return "ponder's (q4mm.c, AVX512-BF16)"
+    return f"PyTorch's int4 kernel (ponder's not used: {native.q4_reason() or 'shapes outside its tiles'})"
 
 
 def _layer_params(c: ModelConfig) -> int:

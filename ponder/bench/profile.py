@@ -29,7 +29,7 @@ PROMPT = 256
 STEPS = 8
 VERIFY_TOKENS = 4
 MATMULS = ("linear", "mm", "addmm", "matmul", "bmm", "_weight_int4pack_mm_for_cpu", "_weight_int8pack_mm",
-           "_weight_int4pack_mm", "_mkl_linear", "int4mm_packed_weight_cpu")
+           "_weight_int4pack_mm", "_mkl_linear", "int4mm_packed_weight_cpu", "q4_mm")
 # SDPA and ponder's own attention operators (the fast path's ragged and batch-invariant attention, ``fast.py``; the
 # native kernel, ``native.py``)
 ATTENTION = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu", "ragged_decode_attention",

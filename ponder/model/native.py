@@ -1,4 +1,5 @@
-"""ponder's one native kernel: batch-invariant attention (``attention.c``), built on first use and loaded by ctypes.
+"""ponder's native kernels, built on first use and loaded by ctypes: batch-invariant attention (``attention.c``) and
+the 4-bit GEMM of ``--dtype q4`` (``q4mm.c``, see ``q4.py``).
 
 ``llama.attend_queries`` gives every new token the attention a one-token decode step gives it, so that speculative
 decoding with quantized weights stays lossless. With PyTorch's kernels that takes one attention call per token (the
@@ -6,12 +7,13 @@ CPU flash kernel's bits change with the rows in the call), ~30-40 us of mostly f
 forward makes 120 of them, a decode step of 8 rows 240. ``attention.c`` computes each (token, KV head) in an order
 that depends only on its own query and keys, so one call serves every token and row of a forward with the same bits.
 
-The C file is compiled once per machine with the system's C compiler (``cc -O3 -march=native -fopenmp``; ``$CC``
+Each C file is compiled once per machine with the system's C compiler (``cc -O3 -march=native -fopenmp``; ``$CC``
 if set; without ``-fopenmp`` where the compiler lacks it, then single-threaded) into ``$PONDER_CACHE/native/``, keyed
-by the source, the compiler and the CPU (its model name and instruction-set flags); OpenMP threads come from the runtime PyTorch already loaded, and the call
-uses ``torch.get_num_threads()`` of them. Where no compiler is found, the build fails, or a shape is outside the
-kernel's range (not float32, head dim not a multiple of 16), ``attend_queries`` keeps its per-token PyTorch calls
-(``reason()`` says why; ``ponder info`` prints which runs). ``PONDER_NATIVE=0`` turns the kernel off.
+by the source, the compiler and the CPU (its model name and instruction-set flags); OpenMP threads come from the
+runtime PyTorch already loaded, and a call uses ``torch.get_num_threads()`` of them. Where no compiler is found, the
+build fails, or a shape is outside the kernel's range (attention: not float32, head dim not a multiple of 16),
+ponder keeps PyTorch's kernels (``reason()`` / ``q4_reason()`` say why; ``ponder info`` prints which runs).
+``PONDER_NATIVE=0`` turns both kernels off.
 """
 
 from __future__ import annotations
@@ -26,19 +28,64 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("attention.c")
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"]
 
 
-class _State:
-    """The loaded library, or why there is none (built at most once per process)."""
+class Kernel:
+    """One C file of ``ponder/model``, built with ``flags`` at most once per process and loaded: ``library()``, or
+    why there is none (``reason``)."""
 
-    lib: ctypes.CDLL | None = None
-    reason: str | None = None
-    tried = False
+    def __init__(self, name: str, signatures: dict[str, tuple[object, list[object]]], flags: list[str] | None = None):
+        self.name, self.signatures, self.flags = name, signatures, flags or FLAGS
+        self.source = Path(__file__).with_name(f"{name}.c")
+        self.lib: ctypes.CDLL | None = None
+        self.reason: str | None = None
+        self.tried = False
 
+    def library(self) -> ctypes.CDLL | None:
+        """The kernel, built and loaded on first call; None where it cannot be (``reason`` says why)."""
+        if not self.tried:
+            self.tried = True
+            if os.environ.get("PONDER_NATIVE", "1") == "0":
+                self.reason = "PONDER_NATIVE=0"
+            else:
+                try:
+                    self.lib = self._build()
+                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                    self.reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return self.lib
 
-_state = _State()
+    def _build(self) -> ctypes.CDLL:
+        from ponder.model.kernels import cpu_name, cpuinfo
+
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise RuntimeError("no C compiler (cc) found")
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        # -march=native builds for the CPU's instruction-set flags: machines of one model name but other extensions
+        # (VMs of one "AMD EPYC" name differ) sharing a cache must not share a build
+        parts = [self.source.read_text(), version, cpu_name(), cpuinfo("flags", "Features") or "", " ".join(self.flags)]
+        key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
+        target = _cache_dir() / f"{self.name}-{key[:16]}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            errors = []
+            for flags in (self.flags, [f for f in self.flags if f != "-fopenmp"]):  # no OpenMP: one thread
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                    built = Path(tmp) / target.name
+                    run = subprocess.run([cc, *flags, str(self.source), "-o", str(built), "-lm"], capture_output=True,
+                                         text=True, timeout=300)
+                    if run.returncode == 0:
+                        os.replace(built, target)  # atomic: concurrent processes each build, one file wins
+                        break
+                    errors.append(run.stderr.strip()[-300:])
+            else:
+                raise RuntimeError(f"{cc} failed: {errors[0]}")
+        lib = ctypes.CDLL(str(target))
+        for fn, (restype, argtypes) in self.signatures.items():
+            getattr(lib, fn).restype = restype
+            getattr(lib, fn).argtypes = argtypes
+        return lib
 
 
 def _cache_dir() -> Path:
@@ -47,57 +94,49 @@ def _cache_dir() -> Path:
     return cache_root() / "native"
 
 
-def _build() -> ctypes.CDLL:
-    from ponder.model.kernels import cpu_name, cpuinfo
-
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc) found")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    # -march=native builds for the CPU's instruction-set flags: machines of one model name but other extensions (VMs
-    # of one "AMD EPYC" name differ) sharing a cache must not share a build
-    parts = [SOURCE.read_text(), version, cpu_name(), cpuinfo("flags", "Features") or "", " ".join(FLAGS)]
-    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
-    target = _cache_dir() / f"attention-{key[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        errors = []
-        for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):  # a compiler without OpenMP: one thread
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / target.name
-                run = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
-                                     text=True, timeout=300)
-                if run.returncode == 0:
-                    os.replace(built, target)  # atomic: concurrent processes each build, one file wins
-                    break
-                errors.append(run.stderr.strip()[-300:])
-        else:
-            raise RuntimeError(f"{cc} failed: {errors[0]}")
-    lib = ctypes.CDLL(str(target))
-    lib.ponder_attend.restype = ctypes.c_int
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.ponder_attend.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_int]
-    return lib
+_p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+ATTENTION = Kernel("attention", {"ponder_attend": (_int, [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _int])})
+Q4 = Kernel("q4mm", {"ponder_q4_mm": (_int, [_p, _p, _p, _i64, _i64, _i64, _int]), "ponder_q4_fast": (_int, [])})
 
 
 def library() -> ctypes.CDLL | None:
-    """The kernel, built and loaded on first call; None where it cannot be (``reason()`` says why)."""
-    if not _state.tried:
-        _state.tried = True
-        if os.environ.get("PONDER_NATIVE", "1") == "0":
-            _state.reason = "PONDER_NATIVE=0"
-        else:
-            try:
-                _state.lib = _build()
-            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                _state.reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return _state.lib
+    """The attention kernel, built and loaded on first call; None where it cannot be (``reason()`` says why)."""
+    return ATTENTION.library()
 
 
 def reason() -> str | None:
-    """Why the kernel is not in use (None when it is)."""
-    library()
-    return _state.reason
+    """Why the attention kernel is not in use (None when it is)."""
+    ATTENTION.library()
+    return ATTENTION.reason
+
+
+def q4_library() -> ctypes.CDLL | None:
+    """The 4-bit GEMM (``q4mm.c``) where this CPU runs its vector path (AVX512-BF16), else None (``q4_reason()``)."""
+    lib = Q4.library()
+    return lib if lib is not None and lib.ponder_q4_fast() else None
+
+
+def q4_reason() -> str | None:
+    """Why ``--dtype q4`` does not multiply with ponder's kernel (None when it does)."""
+    lib = Q4.library()
+    if lib is None:
+        return Q4.reason
+    return None if lib.ponder_q4_fast() else "this CPU lacks AVX512-BF16"
+
+
+def q4_mm(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x # [M, K] float32 times the weight ``packed`` holds (``q4.pack_native``; out_features x K) -> # [M, N]."""
+    lib = Q4.library()
+    assert lib is not None
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], out_features)
+    rc = lib.ponder_q4_mm(x.data_ptr(), packed.data_ptr(), out.data_ptr(), x.shape[0], out_features, x.shape[1],
+                          torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("q4 kernel: no memory for its scratch")
+    if rc != 0:
+        raise RuntimeError(f"q4 kernel refused a {out_features} x {x.shape[1]} weight")
+    return out
 
 
 def fits(q: torch.Tensor, keys: torch.Tensor) -> bool:

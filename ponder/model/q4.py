@@ -2,20 +2,33 @@
 
 **Weights.** The default model's GGUF holds each projection as Q4_1 blocks: per 32 consecutive weights of a row one
 fp16 scale ``d``, one fp16 minimum ``m`` and 32 four-bit codes ``q``, the weight being ``w = d * q + m`` (Q4_0: no
-minimum, ``w = d * (q - 8)``). PyTorch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``, group 32) computes
-``w = (q - 8) * scale + zero`` with bf16 scale and zero, so a Q4_1 block maps onto it with ``scale = d`` and
-``zero = m + 8 d``, rounded to bf16 (those two roundings are this format's only departure from the GGUF's own
-weights). Models that are not Q4 GGUFs (a Hugging Face directory in fp16/fp32) are quantized by ponder into the same
-format: per block of 32, ``m`` = the minimum, ``d`` = (maximum - minimum) / 15, ``q`` rounded to nearest.
+minimum, ``w = d * (q - 8)``). Models that are not Q4 GGUFs (a Hugging Face directory in fp16/fp32) are quantized by
+ponder into the same format: per block of 32, ``m`` = the minimum, ``d`` = (maximum - minimum) / 15, ``q`` rounded
+to nearest.
 
-The kernel multiplies bf16 activations (fp32 activations take ~30x longer on the CPUs measured) and returns bf16;
-the residual stream, norms and attention stay fp32, and decode/verify steps attend token by token as in int8 mode
-(``quant.py``: batch-invariant attention keeps speculation lossless). The kernel gives each row the bits it gets
-alone whatever else is in the call (tests/test_kernels.py checks it on the machine that runs the tests), which is
-the other half of that guarantee.
+**Kernel.** Where the CPU has AVX512-BF16, ponder multiplies with its own GEMM (``q4mm.c``, built by ``native.py``;
+``pack_native`` lays the blocks out for it): activations rounded to bf16, the blocks' d and m used exactly as the
+GGUF stores them, fp32 output. Per block it computes ``d * (sum x (128 + q) - 128 sum x) + m sum x``, so unpacking a
+code to bf16 is one OR (``0x4300 | q`` is bf16's 128 + q) and a row costs one ``vdpbf16ps`` per 32 weights; vector
+lanes are output columns, so the codes are unpacked once for up to 8 rows and nothing is summed across lanes. A
+row's bits therefore never depend on the other rows of the call or on the thread count (tests/test_q4mm.py), which
+speculation's verify forwards need to stay lossless. Against PyTorch's CPU int4 kernel, which multiplies 4 rows at
+a time, over SmolLM2's 120 projections (random weights, 2 threads, AMD EPYC with AVX512-BF16, 2026-12-05):
+
+| rows in the call | 1 | 2 | 4 | 5 | 8 | 16 | 64 |
+|---|---|---|---|---|---|---|---|
+| ponder's ``q4mm.c`` | 2.7 ms | 3.4 | 4.9 | 5.5 | 8.6 | 15.3 | 54 |
+| ``aten._weight_int4pack_mm_for_cpu`` (bf16 activations) | 4.7 ms | 5.4 | 7.3 | 12.1 | 12.4 | 22.7 | 83 |
+
+Elsewhere (no AVX512-BF16, no C compiler, ``PONDER_NATIVE=0``) the projections run on PyTorch's kernel, which
+computes ``w = (q - 8) * scale + zero`` with bf16 scale and zero: a Q4_1 block maps onto it with ``scale = d`` and
+``zero = m + 8 d``, rounded to bf16 (those two roundings depart from the GGUF's weights; that kernel returns bf16).
+Either way the residual stream, norms and attention stay fp32, and decode/verify steps attend token by token as in
+int8 mode (``quant.py``: batch-invariant attention keeps speculation lossless); tests/test_kernels.py checks on the
+machine that runs the tests that a row gets the bits it gets alone.
 
 **Head.** A 49152 x 576 fp32 head costs ~7 ms per decode step, more than all 30 layers' 4-bit projections (~2.5 ms).
-``RescoredHead`` multiplies by a 4-bit copy (the same int4 kernel and blocks as the projections, ~0.45 ms; an int8
+``RescoredHead`` multiplies by a 4-bit copy (the same kernel and blocks as the projections, ~0.45 ms; an int8
 copy with one scale per vocabulary row, ~0.7 ms, where the shape does not suit the int4 packing), whose bf16 logits
 are too coarse to pick the top token reliably (the true top token is the 4-bit copy's own top token at 83% of
 SmolLM2's positions). So the ``RESCORE`` best rows of those approximate logits are scored again in fp32 against the
@@ -49,33 +62,87 @@ def kernel_available() -> bool:
     )
 
 
-class Q4Linear(nn.Module):
-    """``y = x W^T + b`` with W # [out, in] as 4-bit codes in groups of 32 along ``in`` (module doc)."""
+def native_kernel() -> bool:
+    """Whether ponder's own 4-bit GEMM (``q4mm.c``) runs on this CPU (module doc)."""
+    from ponder.model import native
 
-    def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """codes # [out, in] integers 0..15, d and m # [out, in / 32]: weight = d * code + m, block by block."""
+    return native.q4_library() is not None
+
+
+# ponder's 4-bit GEMM as an operator a compiled graph calls like a kernel (as ``fast.py``'s attention operators)
+_ops = torch.library.Library("ponder", "FRAGMENT")
+_ops.define("q4_mm(Tensor x, Tensor packed, int out_features) -> Tensor")
+
+
+def _q4_mm(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    from ponder.model import native
+
+    return native.q4_mm(x, packed, out_features)
+
+
+_ops.impl("q4_mm", _q4_mm, "CPU")
+
+
+@torch.library.register_fake("ponder::q4_mm")
+def _q4_mm_shape(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+q4_mm = torch.ops.ponder.q4_mm.default
+
+
+def pack_native(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """codes # [out, in] (0..15), d and m # [out, in / 32] -> the layout ``q4mm.c`` reads, # [out / 16, in / 32,
+    320] uint8: per strip of 16 rows and block of 32 weights, 256 bytes of codes (byte 2c + e of chunk p: row c's
+    code 2p + e in the low nibble, 16 + 2p + e in the high one), 16 fp16 d, 16 fp16 m."""
+    out, inn = codes.shape
+    S, KB = out // 16, inn // GROUP
+    c = codes.to(torch.uint8).reshape(S, 16, KB, 2, 8, 2).permute(0, 2, 4, 1, 5, 3)  # strip, block, p, row, e, half
+    nibbles = (c[..., 0] | (c[..., 1] << 4)).reshape(S, KB, 256)
+
+    def halves(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float16).reshape(S, 16, KB).permute(0, 2, 1).contiguous().view(torch.uint8)
+
+    return torch.cat([nibbles, halves(d), halves(m)], dim=-1).contiguous()
+
+
+class Q4Linear(nn.Module):
+    """``y = x W^T + b`` with W # [out, in] as 4-bit codes in groups of 32 along ``in`` (module doc): in the layout
+    of ponder's kernel (``native``) or of PyTorch's."""
+
+    def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None,
+                 native: bool | None = None) -> None:
+        """codes # [out, in] integers 0..15, d and m # [out, in / 32]: weight = d * code + m, block by block.
+        ``native``: ponder's kernel (default: where it runs, ``native_kernel()``, and out is a multiple of 16)."""
         super().__init__()
-        if not kernel_available():
-            raise PonderError(f"--dtype q4 needs PyTorch's CPU int4 kernel, which torch {torch.__version__} lacks")
         self.out_features, self.in_features = codes.shape
         if self.in_features % GROUP or d.shape != (self.out_features, self.in_features // GROUP) or d.shape != m.shape:
             raise PonderError(f"q4 needs rows in blocks of {GROUP}: got codes {tuple(codes.shape)}, d {tuple(d.shape)}")
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), INNER_K_TILES)
-        scale = d.float()
-        zero = m.float() + 8 * scale
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale_zero", torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous())
+        self.native = (self.out_features % 16 == 0 and native_kernel()) if native is None else native
+        if self.native:
+            self.register_buffer("packed", pack_native(codes, d, m))
+            self.register_buffer("scale_zero", None)
+        else:
+            if not kernel_available():
+                raise PonderError(f"--dtype q4 needs PyTorch's CPU int4 kernel, which torch {torch.__version__} lacks")
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(),
+                                                                        INNER_K_TILES)
+            scale = d.float()
+            zero = m.float() + 8 * scale
+            self.register_buffer("packed", packed)
+            self.register_buffer("scale_zero", torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     @classmethod
     def packed_as(
-        cls, out_features: int, in_features: int, packed: torch.Tensor, scale_zero: torch.Tensor,
+        cls, out_features: int, in_features: int, packed: torch.Tensor, scale_zero: torch.Tensor | None,
         bias: torch.Tensor | None = None,
     ) -> "Q4Linear":
-        """A layer from tensors already in the kernel's layout (the kernel-ready cache)."""
+        """A layer from tensors already in a kernel's layout (the kernel-ready cache; no ``scale_zero``: ponder's)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.out_features, layer.in_features = out_features, in_features
+        layer.native = scale_zero is None
         layer.register_buffer("packed", packed)
         layer.register_buffer("scale_zero", scale_zero)
         layer.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -85,19 +152,28 @@ class Q4Linear(nn.Module):
         """x # [..., in] -> # [..., out], in x's dtype (the product itself is computed from bf16 activations)."""
         if x.device.type != "cpu":
             raise PonderError("--dtype q4 runs on the CPU only (PyTorch's GPU int4 kernel packs weights differently)")
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scale_zero).to(x.dtype)
+        flat = x.reshape(-1, self.in_features)
+        if self.native:
+            y = q4_mm(flat.float(), self.packed, self.out_features).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP,
+                                                           self.scale_zero).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         """The weight this layer multiplies by, # [out, in] fp32: the kernel applied to the identity matrix."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scale_zero).float().T
+        eye = torch.eye(self.in_features)
+        if self.native:
+            return q4_mm(eye, self.packed, self.out_features).T
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye.to(torch.bfloat16), self.packed, GROUP,
+                                                          self.scale_zero).float().T
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        kernel = "ponder" if self.native else "torch"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"kernel={kernel}"
 
 
 def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,7 +235,7 @@ class RescoredHead(nn.Module):
     def approximate(self, flat: torch.Tensor) -> torch.Tensor:
         """The approximate copy's logits # [N, V] fp32 of flat # [N, E]."""
         if self.approx is not None:
-            return self.approx(flat.to(torch.bfloat16)).float()
+            return self.approx(flat.float()).float()
         return torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.qscale).float()
 
     def extra_repr(self) -> str:
@@ -181,7 +257,7 @@ def quantize_q4(model: nn.Module, gguf: Path | None = None, cache: Path | None =
         lin = getattr(parent, name)
         if stored is not None:
             layer = Q4Linear.packed_as(lin.out_features, lin.in_features, stored[f"{i}.{name}.packed"],
-                                       stored[f"{i}.{name}.scale_zero"], lin.bias)
+                                       stored.get(f"{i}.{name}.scale_zero"), lin.bias)
         else:
             codes, d, m = blocks[(i, name)] if blocks else quantize_blocks(lin.weight)
             layer = Q4Linear(codes, d, m, lin.bias)
@@ -189,20 +265,23 @@ def quantize_q4(model: nn.Module, gguf: Path | None = None, cache: Path | None =
     weight = model.lm_head.weight.detach()
     approx = None
     if stored is not None and "head.packed" in stored:
-        approx = Q4Linear.packed_as(*weight.shape, stored["head.packed"], stored["head.scale_zero"])
+        approx = Q4Linear.packed_as(*weight.shape, stored["head.packed"], stored.get("head.scale_zero"))
     model.lm_head = RescoredHead(weight, approx)
     if cache is not None and stored is None:
-        tensors = {f"{i}.{name}.{t}": getattr(getattr(getattr(model.layers[i], owner), name), t)
-                   for i, owner, name in names for t in ("packed", "scale_zero")}
+        layers = {f"{i}.{name}": getattr(getattr(model.layers[i], owner), name) for i, owner, name in names}
         if model.lm_head.approx is not None:
-            tensors |= {"head.packed": model.lm_head.approx.packed, "head.scale_zero": model.lm_head.approx.scale_zero}
+            layers["head"] = model.lm_head.approx
+        tensors = {f"{key}.{t}": getattr(layer, t) for key, layer in layers.items() for t in ("packed", "scale_zero")
+                   if getattr(layer, t) is not None}
         _write_cache(cache, tensors)
     model.invariant_attention = True  # speculation stays lossless (quant.py)
     return model
 
 
 def cache_name() -> str:
-    """The kernel-ready cache's file name: the CPU packing's layout may change with the PyTorch version."""
+    """The kernel-ready cache's file name: which kernel's layout it holds (PyTorch's may change with its version)."""
+    if native_kernel():
+        return "q4-v3-ponder.safetensors"
     return f"q4-v2-torch{torch.__version__.split('+')[0]}.safetensors"  # v2: with the 4-bit head
 
 
