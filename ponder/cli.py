@@ -380,7 +380,7 @@ def model_summary(loaded: Loaded) -> dict[str, str]:
         "weight memory": f"{_weight_bytes(model) / 2**20:.1f} MiB",
         "KV cache per token": f"{kv_per_token / 1024:.1f} KiB ({str(model.kv_dtype).removeprefix('torch.')})",
         "invariant attention": _invariant_attention(model),
-    } | ({"4-bit kernel": _q4_kernel(model)} if loaded.dtype == "q4" else {})
+    } | ({"weight kernel": _weight_kernel(model)} if loaded.dtype in ("int8", "q4") else {})
 
 
 def _invariant_attention(model: nn.Module) -> str:
@@ -393,13 +393,19 @@ def _invariant_attention(model: nn.Module) -> str:
     return f"one PyTorch call per token (native kernel not used: {why})"
 
 
-def _q4_kernel(model: nn.Module) -> str:
-    """Which kernel multiplies a q4 model's projections."""
+def _weight_kernel(model: nn.Module) -> str:
+    """Which kernel multiplies an int8 or q4 model's projections."""
     from ponder.model.q4 import Q4Linear
+    from ponder.model.quant import Int8BlockLinear, Int8Linear
 
-    if any(isinstance(m, Q4Linear) and m.native for m in model.modules()):
-        return "ponder's (q4mm.c, AVX512-BF16)"
-    return f"PyTorch's int4 kernel (ponder's not used: {native.q4_reason() or 'shapes outside its tiles'})"
+    mods = list(model.modules())
+    if any(isinstance(m, Q4Linear) and m.native or isinstance(m, Int8BlockLinear) for m in mods):
+        blocks = "int8 blocks of 32 as two 4-bit planes, " if any(isinstance(m, Int8BlockLinear) for m in mods) else ""
+        return f"ponder's 4-bit GEMM ({blocks}q4mm.c, AVX512-BF16)"
+    why = native.q4_reason() or ("the model is not on the CPU" if model.device.type != "cpu" else "shapes outside its tiles")
+    if any(isinstance(m, Int8Linear) for m in mods):
+        return f"PyTorch's _weight_int8pack_mm, one scale per output channel (ponder's GEMM not used: {why})"
+    return f"PyTorch's int4 kernel (ponder's not used: {why})"
 
 
 def _layer_params(c: ModelConfig) -> int:

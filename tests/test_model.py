@@ -125,22 +125,31 @@ def test_dtypes_generate(tiny_dir: Path) -> None:
             got = m(ids, m.new_cache(1, 48)).argmax(-1)
             agree = (got == expected).float().mean().item()
             assert agree >= min_agree, (dtype, agree)
-    from ponder.model.quant import Int8Linear
+    from ponder.model.q4 import native_kernel
+    from ponder.model.quant import Int8BlockLinear, Int8Linear
 
-    int8_layers = [mod for mod in m.modules() if isinstance(mod, Int8Linear)]
-    assert len(int8_layers) == 4 * ref.model.config.num_hidden_layers  # every projection really is int8
-    assert all(mod.qweight.dtype == torch.int8 for mod in int8_layers)
+    # every projection really is int8: blocks of 32 on ponder's GEMM where it runs, else per-channel
+    kind = Int8BlockLinear if native_kernel() else Int8Linear
+    int8_layers = [mod for mod in m.modules() if isinstance(mod, kind)]
+    assert len(int8_layers) == 4 * ref.model.config.num_hidden_layers
+    assert all(mod.qweight.dtype == torch.int8 for mod in int8_layers) if kind is Int8Linear else \
+        all(mod.packed.dtype == torch.uint8 for mod in int8_layers)
 
 
 def test_int8_weight_error_is_bounded(tiny_dir: Path) -> None:
-    """Round to nearest with per-row scales: each weight is off by at most half a step (scale / 2)."""
+    """Round to nearest with per-row scales (or per block of 32): each weight is off by at most half a step."""
     import ponder
+    from ponder.model.quant import Int8BlockLinear, Int8Linear, int8_blocks
 
     ref = ponder.load(str(tiny_dir)).model
     q = ponder.load(str(tiny_dir), dtype="int8").model
     w = ref.layers[0].mlp.wdown.weight
     layer = q.layers[0].mlp.wdown
-    step = layer.scale.float()[:, None]
+    if isinstance(layer, Int8BlockLinear):
+        step = int8_blocks(w)[1].repeat_interleave(32, 1)
+    else:
+        assert isinstance(layer, Int8Linear)
+        step = layer.scale.float()[:, None]
     assert ((layer.dequantized() - w).abs() <= step / 2 + 1e-6).all()
     x = torch.randn(3, w.shape[1])
     exact = x @ w.T

@@ -79,7 +79,29 @@ def test_info_says_which_kernel_multiplies(tiny_dir) -> None:
     import ponder
     from ponder.cli import model_summary
 
+    fast = native.q4_library() is not None
     info = model_summary(ponder.load(str(tiny_dir), "q4"))
-    want = "ponder's" if native.q4_library() is not None else "PyTorch's int4 kernel (ponder's not used: "
-    assert info["4-bit kernel"].startswith(want)
-    assert "4-bit kernel" not in model_summary(ponder.load(str(tiny_dir), "int8"))
+    assert info["weight kernel"].startswith("ponder's 4-bit GEMM (q4mm.c" if fast else "PyTorch's int4 kernel (")
+    int8 = model_summary(ponder.load(str(tiny_dir), "int8"))["weight kernel"]
+    assert int8.startswith("ponder's 4-bit GEMM (int8 blocks" if fast else "PyTorch's _weight_int8pack_mm")
+    assert "weight kernel" not in model_summary(ponder.load(str(tiny_dir), "fp32"))
+
+
+def test_int8_blocks_are_two_4bit_planes_of_the_q8_0_codes() -> None:
+    """int8 on ponder's GEMM: the layer multiplies by d * q exactly (q within [-127, 127], each weight within half a
+    step of its original), with bf16 activations, and a row's bits do not depend on the call."""
+    from torch import nn
+
+    from ponder.model.quant import Int8BlockLinear, int8_blocks
+
+    lin = nn.Linear(96, 48, bias=True)
+    layer = Int8BlockLinear(lin)
+    codes, d = int8_blocks(lin.weight)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 127
+    want = codes.float() * d.repeat_interleave(GROUP, 1)
+    assert torch.equal(layer.dequantized(), want)
+    assert ((want - lin.weight).abs() <= d.repeat_interleave(GROUP, 1) / 2 + 1e-7).all()
+    x = torch.randn(6, 96)
+    ref = x.to(torch.bfloat16).double() @ want.double().T + lin.bias.double()
+    assert (layer(x).double() - ref).abs().max().item() < 1e-5
+    assert torch.equal(torch.cat([layer(x[i : i + 1]) for i in range(6)]), layer(x))

@@ -146,7 +146,7 @@ def load_model(path: Path, dtype: str = "fp32", compile: bool = False, device: s
 
         model = convert_dtype(model, dtype, gguf, path / cache_name())
     else:
-        model = convert_dtype(model, dtype)
+        model = convert_dtype(model, dtype, device=dev.type)
     model = model.to(dev)
     from ponder.model.kernels import tune
 

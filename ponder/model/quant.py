@@ -5,10 +5,16 @@ mantissa, few enough for a last-bit difference between a decode step and a verif
 cannot be speculated with (``ponder.speculate.REFUSED_DTYPES``): its CPU GEMM is not row-invariant
 (tests/test_kernels.py).
 
-``int8`` stores every decoder-layer projection as int8 weights with one fp32 scale per output channel
-(symmetric, round to nearest) and multiplies them with bf16 activations (``torch._weight_int8pack_mm``, a fused
-CPU/GPU kernel); the residual stream, norms, attention and the LM head stay fp32. Measured on SmolLM2-135M
-(3 chat prompts, 303 teacher-forced greedy tokens) and why it is built this way:
+``int8`` stores every decoder-layer projection as int8 weights and multiplies them with bf16 activations; the
+residual stream, norms, attention and the LM head stay fp32. Where ponder's 4-bit GEMM runs (``q4.py``: AVX512-BF16
+and a C compiler), the weights are int8 in blocks of 32 along the input, one fp16 scale each (GGUF's Q8_0 layout,
+``Int8BlockLinear``); elsewhere one scale per output channel (symmetric, round to nearest;
+``torch._weight_int8pack_mm``, a fused CPU/GPU kernel, ``Int8Linear``). Blocks follow the weights more closely:
+SmolLM2's GGUF weights are Q4_1 blocks, which per-channel int8 rounds a second time to a coarse grid (top-1 agreement
+with fp32 97.4% against 98.5% with blocks of 32, 2,433 teacher-forced positions of 26 Spec-Bench prompts, simulated
+in fp32, 2026-12-05), and the block kernel reads ~40 bytes per 32 weights against the per-channel kernel's 32 but
+runs at ponder's GEMM's speed. Measured on SmolLM2-135M (3 chat prompts, 303 teacher-forced greedy tokens,
+per-channel) and why it is built this way:
 
 | int8 variant                                              | top-1 agreement with fp32 |
 |-----------------------------------------------------------|---------------------------|
@@ -59,16 +65,18 @@ from ponder.model.llama import LlamaModel
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def convert_dtype(model: LlamaModel, dtype: str, gguf: Path | None = None, q4_cache: Path | None = None) -> LlamaModel:
+def convert_dtype(model: LlamaModel, dtype: str, gguf: Path | None = None, q4_cache: Path | None = None,
+                  device: str = "cpu") -> LlamaModel:
     """Cast (fp32, bf16, fp16) or quantize (int8, q4) the weights; q4 takes the projections' 4-bit blocks from the
-    ``gguf`` file the model came from, where there is one, kernel-ready tensors cached in ``q4_cache`` (``q4.py``)."""
+    ``gguf`` file the model came from, where there is one, kernel-ready tensors cached in ``q4_cache`` (``q4.py``).
+    ``device``: the device type the model will run on (int8 blocks need ponder's CPU kernel)."""
     if dtype in FLOAT_DTYPES:
         model = model.to(FLOAT_DTYPES[dtype])
         if dtype == "fp16":
             model.invariant_attention = True  # as for int8 (module doc)
         return model
     if dtype == "int8":
-        return quantize_int8(model)
+        return quantize_int8(model, blocks=device == "cpu")
     if dtype == "q4":
         from ponder.model.q4 import quantize_q4
 
@@ -103,6 +111,65 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int8BlockLinear(nn.Module):
+    """``y = x W^T + b`` with W as int8 codes in blocks of 32 along ``in`` (``w = d * q``, q in [-127, 127], one fp16
+    ``d`` per block, as GGUF's Q8_0), multiplied by ponder's 4-bit GEMM (``q4mm.c``, bf16 activations, fp32 sums).
+
+    The GEMM reads 4-bit codes with a scale and a minimum per block, so a block's codes are split into two 4-bit
+    planes: with ``q + 128 = 16 h + l`` (h, l in 0..15), ``d q = (16 d) h - 128 d + d l``, i.e. plane h with scale
+    16 d and minimum -128 d plus plane l with scale d and minimum 0 (16 d and 128 d are exact in fp16). Both planes
+    go through one kernel call as 2 x out output columns whose halves are added: exact products in fp32 lanes, so a
+    row's bits still never depend on the other rows of the call."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        from ponder.model.q4 import GROUP, pack_native
+
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if self.in_features % GROUP or self.out_features % 16:
+            raise PonderError(f"int8 blocks need in % {GROUP} == 0 and out % 16 == 0, got "
+                              f"{tuple(linear.weight.shape)}")
+        codes, d = int8_blocks(linear.weight)
+        u = (codes.to(torch.int16) + 128).to(torch.uint8)
+        zeros = torch.zeros_like(d)
+        self.register_buffer("packed", pack_native(torch.cat([u >> 4, u & 15]), torch.cat([16 * d, d]),
+                                                   torch.cat([-128 * d, zeros])))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x # [..., in] -> # [..., out], in x's dtype (the product itself is computed from bf16 activations)."""
+        y = self._product(x.reshape(-1, self.in_features).float()).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _product(self, flat: torch.Tensor) -> torch.Tensor:
+        from ponder.model.q4 import q4_mm
+
+        both = q4_mm(flat, self.packed, 2 * self.out_features)
+        return both[:, : self.out_features] + both[:, self.out_features :]
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, # [out, in] fp32: the kernel applied to the identity matrix."""
+        return self._product(torch.eye(self.in_features)).T
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"blocks=32"
+
+
+def int8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0-style rounding of weight # [out, in]: int8 codes # [out, in] and fp16-representable scales
+    # [out, in / 32] (the largest magnitude of a block / 127, rounded up to an fp16 value so codes stay in range)."""
+    out, inn = weight.shape
+    blocks = weight.detach().float().reshape(out, inn // 32, 32)
+    peak = blocks.abs().amax(-1)
+    d = (peak / 127).to(torch.float16)
+    d = torch.where(d.float() < peak / 127, torch.nextafter(d, torch.full_like(d, float("inf"))), d).float()
+    codes = torch.round(blocks / torch.where(d > 0, d, 1)[..., None]).clamp(-127, 127)
+    return codes.reshape(out, inn).to(torch.int8), d
+
+
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 rounding of weight # [out, in] with one bf16 scale per row: (int8 # [out, in], bf16 # [out])."""
     if weight.shape[1] % 16:  # the kernel reads rows in 16-wide tiles and crashes the process on others
@@ -127,10 +194,19 @@ def int8_linears(module: nn.Module, skip_unsupported: bool = False) -> None:
                 setattr(parent, name, Int8Linear(child))
 
 
-def quantize_int8(model: LlamaModel) -> LlamaModel:
-    """Swap every projection inside the decoder layers for an ``Int8Linear``, in place."""
+def quantize_int8(model: LlamaModel, blocks: bool = True) -> LlamaModel:
+    """Swap every projection inside the decoder layers for an ``Int8BlockLinear`` where ponder's GEMM runs (and
+    ``blocks``: the model stays on the CPU) and the shape suits it, else for an ``Int8Linear``, in place (module
+    doc)."""
+    from ponder.model.q4 import native_kernel
+
+    blocks = blocks and native_kernel()
     for layer in model.layers:
-        int8_linears(layer)
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    fits = blocks and child.in_features % 32 == 0 and child.out_features % 16 == 0
+                    setattr(parent, name, Int8BlockLinear(child) if fits else Int8Linear(child))
     model.invariant_attention = True  # speculation stays lossless (module doc)
     return model
 
