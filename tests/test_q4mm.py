@@ -63,6 +63,8 @@ def test_the_scalar_build_gives_the_vector_builds_bits() -> None:
 
 
 def test_layer_dequantizes_to_the_gguf_weights_and_refuses_bad_shapes() -> None:
+    from ponder.errors import PonderError
+
     codes, d, m = blocks(64, 96, seed=3)
     layer = Q4Linear(codes, d, m, native=True)
     assert layer.native and layer.scale_zero is None and "kernel=ponder" in repr(layer)
@@ -71,7 +73,7 @@ def test_layer_dequantizes_to_the_gguf_weights_and_refuses_bad_shapes() -> None:
     assert layer(x).shape == (2, 3, 64)
     torch_layer = Q4Linear(codes, d, m, native=False)  # PyTorch's kernel: scale and zero rounded to bf16
     assert (torch_layer.dequantized() - weight(codes, d, m)).abs().max() < 2**-7 * weight(codes, d, m).abs().max()
-    with pytest.raises(RuntimeError, match="refused a 60 x 96"):
+    with pytest.raises(PonderError, match="q4 kernel: needs float32"):
         native.q4_mm(torch.randn(1, 96), layer.packed, 60)
 
 
@@ -105,3 +107,31 @@ def test_int8_blocks_are_two_4bit_planes_of_the_q8_0_codes() -> None:
     ref = x.to(torch.bfloat16).double() @ want.double().T + lin.bias.double()
     assert (layer(x).double() - ref).abs().max().item() < 1e-5
     assert torch.equal(torch.cat([layer(x[i : i + 1]) for i in range(6)]), layer(x))
+
+
+@pytest.mark.parametrize("rows", [2, 3, 4, 10, 11, 12])
+def test_every_tile_shape_gives_the_same_products(rows: int) -> None:
+    """One thread over 16 strips: tiles of 8 and 4 strips whose sums live in the output (not registers), then the
+    remainders; each row's bits as when it is alone."""
+    lib = native.Q4.library()
+    codes, d, m = blocks(256, 128, seed=4)
+    packed = pack_native(codes, d, m)
+    x = torch.randn(rows, 128)
+    got = mm(lib, x, packed, 256, threads=1)
+    ref = x.to(torch.bfloat16).double() @ weight(codes, d, m).double().T
+    assert (got.double() - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+    assert torch.equal(torch.cat([mm(lib, x[i : i + 1], packed, 256, threads=1) for i in range(rows)]), got)
+
+
+def test_bad_inputs_are_refused_before_the_kernel_reads_them() -> None:
+    from ponder.errors import PonderError
+
+    codes, d, m = blocks(64, 96, seed=5)
+    packed = pack_native(codes, d, m)
+    for x, n in ((torch.randn(2, 96, dtype=torch.float16), 64), (torch.randn(2, 3, 96), 64),
+                 (torch.randn(2, 96), 80), (torch.randn(2, 64), 64)):
+        with pytest.raises(PonderError, match="q4 kernel: needs float32"):
+            native.q4_mm(x, packed, n)
+    assert native.q4_mm(torch.randn(0, 96), packed, 64).shape == (0, 64)
+    with pytest.raises(PonderError, match="strips of 16"):
+        pack_native(codes[:60], d[:60], m[:60])

@@ -121,21 +121,32 @@ def q4_reason() -> str | None:
     lib = Q4.library()
     if lib is None:
         return Q4.reason
-    return None if lib.ponder_q4_fast() else "this CPU lacks AVX512-BF16"
+    return None if lib.ponder_q4_fast() else "no AVX512-BF16 (this CPU or the compiler's -march=native lacks it)"
 
 
 def q4_mm(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x # [M, K] float32 times the weight ``packed`` holds (``q4.pack_native``; out_features x K) -> # [M, N]."""
+    """x # [M, K] float32 times the weight ``packed`` holds (``q4.pack_native``; out_features x K) -> # [M, N]
+    float32. The shapes and dtypes are checked here: the C kernel trusts them."""
+    from ponder.errors import PonderError
+
     lib = Q4.library()
-    assert lib is not None
+    if lib is None:
+        raise PonderError(f"ponder's 4-bit GEMM is not available: {Q4.reason}")
+    K = x.shape[-1]
+    if (x.dtype is not torch.float32 or x.dim() != 2 or not x.is_cpu or packed.dtype is not torch.uint8
+            or not packed.is_cpu or out_features % 16 or K % 32 or packed.numel() != out_features * K * 10 // 16
+            or packed.dim() != 3 or not packed.is_contiguous()):  # cheap checks: 121 calls a decode step
+        raise PonderError(f"q4 kernel: needs float32 x # [M, K] and a packed uint8 weight # [N / 16, K / 32, 320] "
+                          f"on the CPU, got x {x.dtype} {tuple(x.shape)} on {x.device}, weight {packed.dtype} "
+                          f"{tuple(packed.shape)} for N = {out_features}")
     x = x.contiguous()
-    out = torch.empty(x.shape[0], out_features)
-    rc = lib.ponder_q4_mm(x.data_ptr(), packed.data_ptr(), out.data_ptr(), x.shape[0], out_features, x.shape[1],
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    rc = lib.ponder_q4_mm(x.data_ptr(), packed.data_ptr(), out.data_ptr(), x.shape[0], out_features, K,
                           torch.get_num_threads())
     if rc == -2:
         raise MemoryError("q4 kernel: no memory for its scratch")
     if rc != 0:
-        raise RuntimeError(f"q4 kernel refused a {out_features} x {x.shape[1]} weight")
+        raise RuntimeError(f"q4 kernel refused a {out_features} x {K} weight")
     return out
 
 

@@ -8,7 +8,8 @@ to nearest.
 
 **Kernel.** Where the CPU has AVX512-BF16, ponder multiplies with its own GEMM (``q4mm.c``, built by ``native.py``;
 ``pack_native`` lays the blocks out for it): activations rounded to bf16, the blocks' d and m used exactly as the
-GGUF stores them, fp32 output. Per block it computes ``d * (sum x (128 + q) - 128 sum x) + m sum x``, so unpacking a
+GGUF stores them (fp16; ponder's own rounding of other models, and the head's copy, round d and m to fp16), fp32
+output. Per block it computes ``d * (sum x (128 + q) - 128 sum x) + m sum x``, so unpacking a
 code to bf16 is one OR (``0x4300 | q`` is bf16's 128 + q) and a row costs one ``vdpbf16ps`` per 32 weights; vector
 lanes are output columns, so the codes are unpacked once for up to 8 rows and nothing is summed across lanes. A
 row's bits therefore never depend on the other rows of the call or on the thread count (tests/test_q4mm.py), which
@@ -29,7 +30,7 @@ machine that runs the tests that a row gets the bits it gets alone.
 
 **Head.** A 49152 x 576 fp32 head costs ~7 ms per decode step, more than all 30 layers' 4-bit projections (~2.5 ms).
 ``RescoredHead`` multiplies by a 4-bit copy (the same kernel and blocks as the projections, ~0.45 ms; an int8
-copy with one scale per vocabulary row, ~0.7 ms, where the shape does not suit the int4 packing), whose bf16 logits
+copy with one scale per vocabulary row, ~0.7 ms, where the shape does not suit the int4 packing), whose logits
 are too coarse to pick the top token reliably (the true top token is the 4-bit copy's own top token at 83% of
 SmolLM2's positions). So the ``RESCORE`` best rows of those approximate logits are scored again in fp32 against the
 full-precision weight (for the default model: the GGUF's Q8_0 embedding, dequantized): the greedy token is the fp32
@@ -85,7 +86,7 @@ _ops.impl("q4_mm", _q4_mm, "CPU")
 
 @torch.library.register_fake("ponder::q4_mm")
 def _q4_mm_shape(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], out_features)
+    return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
 
 q4_mm = torch.ops.ponder.q4_mm.default
@@ -96,6 +97,9 @@ def pack_native(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.
     320] uint8: per strip of 16 rows and block of 32 weights, 256 bytes of codes (byte 2c + e of chunk p: row c's
     code 2p + e in the low nibble, 16 + 2p + e in the high one), 16 fp16 d, 16 fp16 m."""
     out, inn = codes.shape
+    if out % 16 or inn % GROUP or d.shape != (out, inn // GROUP) or m.shape != d.shape:
+        raise PonderError(f"ponder's 4-bit GEMM needs rows in strips of 16 and blocks of {GROUP}: got codes "
+                          f"{tuple(codes.shape)}, d {tuple(d.shape)}, m {tuple(m.shape)}")
     S, KB = out // 16, inn // GROUP
     c = codes.to(torch.uint8).reshape(S, 16, KB, 2, 8, 2).permute(0, 2, 4, 1, 5, 3)  # strip, block, p, row, e, half
     nibbles = (c[..., 0] | (c[..., 1] << 4)).reshape(S, KB, 256)
@@ -164,7 +168,7 @@ class Q4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight this layer multiplies by, # [out, in] fp32: the kernel applied to the identity matrix."""
-        eye = torch.eye(self.in_features)
+        eye = torch.eye(self.in_features, dtype=torch.float32)
         if self.native:
             return q4_mm(eye, self.packed, self.out_features).T
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye.to(torch.bfloat16), self.packed, GROUP,
@@ -280,9 +284,10 @@ def quantize_q4(model: nn.Module, gguf: Path | None = None, cache: Path | None =
 
 def cache_name() -> str:
     """The kernel-ready cache's file name: which kernel's layout it holds (PyTorch's may change with its version)."""
+    torch_version = torch.__version__.split("+")[0]  # a layer outside ponder's tiles keeps PyTorch's layout
     if native_kernel():
-        return "q4-v3-ponder.safetensors"
-    return f"q4-v2-torch{torch.__version__.split('+')[0]}.safetensors"  # v2: with the 4-bit head
+        return f"q4-v3-ponder-torch{torch_version}.safetensors"
+    return f"q4-v2-torch{torch_version}.safetensors"  # v2: with the 4-bit head
 
 
 def _read_cache(path: Path | None) -> dict[str, torch.Tensor] | None:

@@ -15,7 +15,9 @@
    15), and nothing adds across lanes: a row's bits depend only on its own activations and the weights, never on
    the other rows of the call or on how columns are split among threads (speculative decoding's verify forwards
    stay lossless against one-token decode steps). Without AVX512-BF16 the same sums run lane by lane in scalar
-   code (the same order; only slow), and q4.py keeps PyTorch's int4 kernel instead.
+   code (the same order, the same bits except for subnormal activations, which vdpbf16ps reads as zero; only
+   slow), and q4.py keeps PyTorch's int4 kernel instead. An infinite activation gives NaN (inf - inf in the
+   block's correction), where a plain product would give an infinity.
 
    Weight layout (q4.py, ``pack_native``): strips of 16 columns; per strip, per block: 256 code bytes (8 chunks of
    32 bytes; in chunk p, byte 2c + e holds column c's code k = 2p + e in its low nibble and k = 16 + 2p + e in its
@@ -194,8 +196,9 @@ static void tile_any(const uint8_t *w, long strip_bytes, int KB, const uint32_t 
 
 /* out [M, N] = x [M, K] (float32, rows contiguous) times the packed weight of N x K (module doc). Returns 0, -1 for
    a shape the layout cannot hold, -2 without memory. */
-int ponder_q4_mm(const float *x, const uint8_t *w, float *out, long M, long N, long K, int threads) {
-    if (K % BLOCK || N % COLS || M < 0) return -1;
+int ponder_q4_mm(const float *x, const uint8_t *w, float *out, int64_t M, int64_t N, int64_t K, int threads) {
+    if (K % BLOCK || N % COLS || M < 0 || N < 0 || K < 0) return -1;
+    if (M == 0 || N == 0) return 0;
     const int KB = (int)(K / BLOCK);
     const long strips = N / COLS, strip_bytes = (long)KB * BLOCK_BYTES;
     uint32_t *xb = malloc(sizeof(uint32_t) * (size_t)(M * K / 2 + 1));

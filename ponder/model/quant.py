@@ -138,6 +138,9 @@ class Int8BlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x # [..., in] -> # [..., out], in x's dtype (the product itself is computed from bf16 activations)."""
+        if x.device.type != "cpu":
+            raise PonderError("int8 blocks run on ponder's CPU kernel: load the model with its device (ponder.load("
+                              "..., device=...)) to get int8 per output channel there")
         y = self._product(x.reshape(-1, self.in_features).float()).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -151,7 +154,7 @@ class Int8BlockLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight this layer multiplies by, # [out, in] fp32: the kernel applied to the identity matrix."""
-        return self._product(torch.eye(self.in_features)).T
+        return self._product(torch.eye(self.in_features, dtype=torch.float32)).T
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
