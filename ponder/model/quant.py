@@ -188,13 +188,15 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
-def int8_linears(module: nn.Module, skip_unsupported: bool = False) -> None:
-    """Swap every ``nn.Linear`` inside ``module`` for an ``Int8Linear``, in place; with ``skip_unsupported``, those
-    whose input width the kernel cannot take (not a multiple of 16) stay as they are instead of being refused."""
+def int8_linears(module: nn.Module, skip_unsupported: bool = False, blocks: bool = False) -> None:
+    """Swap every ``nn.Linear`` inside ``module`` for an ``Int8Linear`` (with ``blocks``: an ``Int8BlockLinear``
+    where the shape suits ponder's GEMM), in place; with ``skip_unsupported``, those whose input width the kernel
+    cannot take (not a multiple of 16) stay as they are instead of being refused."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and not (skip_unsupported and child.in_features % 16):
-                setattr(parent, name, Int8Linear(child))
+                fits = blocks and child.in_features % 32 == 0 and child.out_features % 16 == 0
+                setattr(parent, name, Int8BlockLinear(child) if fits else Int8Linear(child))
 
 
 def quantize_int8(model: LlamaModel, blocks: bool = True) -> LlamaModel:
@@ -205,11 +207,7 @@ def quantize_int8(model: LlamaModel, blocks: bool = True) -> LlamaModel:
 
     blocks = blocks and native_kernel()
     for layer in model.layers:
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    fits = blocks and child.in_features % 32 == 0 and child.out_features % 16 == 0
-                    setattr(parent, name, Int8BlockLinear(child) if fits else Int8Linear(child))
+        int8_linears(layer, blocks=blocks)
     model.invariant_attention = True  # speculation stays lossless (module doc)
     return model
 
