@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ponder.errors import PonderError
+from ponder.model import native
 
 GROUP = 32  # weights per GGUF block and per scale of the int4 kernel
 INNER_K_TILES = 8  # the CPU packing's tile parameter (it accepts 2, 4 or 8)
@@ -65,23 +66,13 @@ def kernel_available() -> bool:
 
 def native_kernel() -> bool:
     """Whether ponder's own 4-bit GEMM (``q4mm.c``) runs on this CPU (module doc)."""
-    from ponder.model import native
-
     return native.q4_library() is not None
 
 
 # ponder's 4-bit GEMM as an operator a compiled graph calls like a kernel (as ``fast.py``'s attention operators)
 _ops = torch.library.Library("ponder", "FRAGMENT")
 _ops.define("q4_mm(Tensor x, Tensor packed, int out_features) -> Tensor")
-
-
-def _q4_mm(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    from ponder.model import native
-
-    return native.q4_mm(x, packed, out_features)
-
-
-_ops.impl("q4_mm", _q4_mm, "CPU")
+_ops.impl("q4_mm", native.q4_mm, "CPU")
 
 
 @torch.library.register_fake("ponder::q4_mm")
@@ -239,7 +230,7 @@ class RescoredHead(nn.Module):
     def approximate(self, flat: torch.Tensor) -> torch.Tensor:
         """The approximate copy's logits # [N, V] fp32 of flat # [N, E]."""
         if self.approx is not None:
-            return self.approx(flat.float()).float()
+            return self.approx(flat.float())
         return torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.qscale).float()
 
     def extra_repr(self) -> str:

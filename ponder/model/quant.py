@@ -61,6 +61,7 @@ from torch import nn
 
 from ponder.errors import PonderError
 from ponder.model.llama import LlamaModel
+from ponder.model.q4 import GROUP, native_kernel, pack_native, q4_mm, quantize_q4
 
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -78,8 +79,6 @@ def convert_dtype(model: LlamaModel, dtype: str, gguf: Path | None = None, q4_ca
     if dtype == "int8":
         return quantize_int8(model, blocks=device == "cpu")
     if dtype == "q4":
-        from ponder.model.q4 import quantize_q4
-
         return quantize_q4(model, gguf, q4_cache)
     raise ValueError(f"unknown dtype {dtype}")
 
@@ -122,8 +121,6 @@ class Int8BlockLinear(nn.Module):
     row's bits still never depend on the other rows of the call."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        from ponder.model.q4 import GROUP, pack_native
-
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if self.in_features % GROUP or self.out_features % 16:
@@ -147,8 +144,6 @@ class Int8BlockLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _product(self, flat: torch.Tensor) -> torch.Tensor:
-        from ponder.model.q4 import q4_mm
-
         both = q4_mm(flat, self.packed, 2 * self.out_features)
         return both[:, : self.out_features] + both[:, self.out_features :]
 
@@ -203,8 +198,6 @@ def quantize_int8(model: LlamaModel, blocks: bool = True) -> LlamaModel:
     """Swap every projection inside the decoder layers for an ``Int8BlockLinear`` where ponder's GEMM runs (and
     ``blocks``: the model stays on the CPU) and the shape suits it, else for an ``Int8Linear``, in place (module
     doc)."""
-    from ponder.model.q4 import native_kernel
-
     blocks = blocks and native_kernel()
     for layer in model.layers:
         int8_linears(layer, blocks=blocks)
