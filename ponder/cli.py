@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(exit:threshold=0.9:adapter=default); prints the mean layers run per token")
     gen.add_argument("--compile", action="store_true",
                      help="fast path: decode and verify steps run compiled groups of layers (~15 s to compile the "
-                          "first time on a machine, cached after)")
+                          "first time on a machine, cached after; int8/q4 run ponder's native layers without it)")
+    gen.add_argument("--no-native", action="store_true",
+                     help="int8/q4: run the layers operator by operator instead of ponder's native decoder layers")
     gen.set_defaults(func=cmd_generate)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat completions)")
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-ratio", type=float, default=None)
     serve.add_argument("--kv-budget", type=int, default=None)
     serve.add_argument("--compile", action="store_true", help="fast path, as generate")
+    serve.add_argument("--no-native", action="store_true", help="int8/q4 layers operator by operator, as generate")
     serve.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="summary of a model: architecture, layers, heads, parameters, memory")
@@ -219,7 +222,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PonderError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.system is not None and args.raw:
         raise PonderError("--system needs chat mode, but --raw sends the prompt as is: drop one of them")
-    loaded = ponder.load(args.model, args.dtype, compile=args.compile, device=args.device)
+    loaded = ponder.load(args.model, args.dtype, compile=args.compile, device=args.device,
+                         native=not args.no_native)
     chat = not args.raw and _has_chat_template(loaded, args)  # before the set-up below: a mistake fails fast
     speculator = None
     if args.speculate:
@@ -273,7 +277,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value < low:
             raise PonderError(f"{name} must be >= {low}, got {value}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("PONDER_API_KEY") or None
-    loaded = ponder.load(args.model, args.dtype, compile=args.compile, device=args.device)
+    loaded = ponder.load(args.model, args.dtype, compile=args.compile, device=args.device,
+                         native=not args.no_native)
     from ponder.speculate import make_speculator
 
     def speculator() -> Any:  # a fresh one per engine: drafters keep statistics
@@ -380,7 +385,8 @@ def model_summary(loaded: Loaded) -> dict[str, str]:
         "weight memory": f"{_weight_bytes(model) / 2**20:.1f} MiB",
         "KV cache per token": f"{kv_per_token / 1024:.1f} KiB ({str(model.kv_dtype).removeprefix('torch.')})",
         "invariant attention": _invariant_attention(model),
-    } | ({"weight kernel": _weight_kernel(model)} if loaded.dtype in ("int8", "q4") else {})
+    } | ({"weight kernel": _weight_kernel(model), "decoder layers": _decoder_layers(model)}
+         if loaded.dtype in ("int8", "q4") else {})
 
 
 def _invariant_attention(model: nn.Module) -> str:
@@ -391,6 +397,17 @@ def _invariant_attention(model: nn.Module) -> str:
         return "native kernel (one call per layer)"
     why = native.reason() or f"{str(model.kv_dtype).removeprefix('torch.')} on {model.device.type}"
     return f"one PyTorch call per token (native kernel not used: {why})"
+
+
+def _decoder_layers(model: nn.Module) -> str:
+    """How an int8 or q4 model's decode and verify steps run their layers."""
+    if getattr(model, "native_layers", None) is not None:
+        return "native (decoder.c: one call per forward; prefills per operator)"
+    from ponder.model.native_layers import unsupported
+
+    why = unsupported(model) or "turned off (--no-native)"
+    how = "compiled groups of layers" if getattr(model, "fast", None) is not None else "per operator"
+    return f"{how} (native layers not used: {why})"
 
 
 def _weight_kernel(model: nn.Module) -> str:

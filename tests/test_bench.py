@@ -236,16 +236,22 @@ def test_profile_splits_decode_and_verify_steps_into_categories(tiny_dir: Path, 
 
     assert [category(n) for n in ("aten::_weight_int4pack_mm_for_cpu", "aten::linear", "mkl::_mkl_linear",
                                   "aten::scaled_dot_product_attention", "ponder::invariant_attention",
-                                  "ponder::native_attention", "aten::rms_norm")] == [
-        "matmuls", "matmuls", "matmuls", "attention", "attention", "attention", "other ops"]
-    methods = "baseline,baseline:dtype=q4,baseline:dtype=q4:compile=true,hf"
+                                  "ponder::native_attention", "aten::rms_norm", "ponder::native_decoder")] == [
+        "matmuls", "matmuls", "matmuls", "attention", "attention", "attention", "other ops", "native layers"]
+    methods = ("baseline,baseline:dtype=q4,baseline:dtype=q4:native=false,baseline:dtype=q4:compile=true:native=false,"
+               "hf")
     r, report = _one_prompt_run(tiny_dir, tmp_path, "the sea is", methods, 4, profile=True)
     assert "profile" not in r["methods"]["hf"]  # ponder methods only
-    for spec in ("baseline", "baseline:dtype=q4", "baseline:dtype=q4:compile=true"):
+    for spec in ("baseline", "baseline:dtype=q4:native=false", "baseline:dtype=q4:compile=true:native=false",
+                 "baseline:dtype=q4"):
         p = r["methods"][spec]["profile"]
         for kind in ("decode", "verify"):
             assert set(p[kind]) == set(CATEGORIES) | {"step_ms"}
+            if spec == "baseline:dtype=q4":  # the C decoder: its layers are one call
+                assert p[kind]["native layers"] > 0 and p[kind]["head"] > 0 and p[kind]["matmuls"] == 0, p[kind]
+                continue
             assert all(p[kind][c] > 0 for c in ("matmuls", "attention", "head", "other ops")), (spec, kind, p[kind])
+            assert p[kind]["native layers"] == 0
     assert "Per-op breakdown" in report and "| baseline:dtype=q4 | verify |" in report
 
 
@@ -258,6 +264,13 @@ def test_the_report_says_what_ran_on_the_fast_path(tiny_dir: Path, tmp_path: Pat
     assert fast["compiled_forwards"] >= 7 and fast["eager_fallbacks"] == {}
     assert f"{plain}: fast path ran {fast['compiled_forwards']} decode/verify forwards compiled; eager fallbacks: none" \
         in report
+    q4 = "baseline:dtype=q4"
+    (tmp_path / "q4").mkdir()
+    r, report = _one_prompt_run(tiny_dir, tmp_path / "q4", "a b c a b c a b", q4, 8)
+    nat = r["methods"][q4]["drafter"]["native_layers"]
+    assert nat["native_forwards"] >= 7 and nat["eager_fallbacks"] == {}
+    assert f"{q4}: native decoder layers ran {nat['native_forwards']} decode/verify forwards; per-operator " \
+           "fallbacks: none" in report
 
 
 def test_serve_suite_loads_each_methods_server_and_reports(tiny_dir: Path, tmp_path: Path) -> None:

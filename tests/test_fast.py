@@ -45,7 +45,7 @@ def test_greedy_speculation_is_lossless_on_the_fast_path(tiny_dir: Path, cyclic_
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     for model_dir, specs in ((tiny_dir, [f"draft:{tiny_dir}:explore=0"]),
                              (cyclic_dir, ["pld:explore=0", "recycling:explore=0", "early-exit:layer=1:explore=0"])):
-        target = ponder.load(str(model_dir), "q4", compile=True)
+        target = ponder.load(str(model_dir), "q4", compile=True, native=False)
         want = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=1)]
         for spec in specs:
             eng = Engine(target, make_speculator(spec, target))
@@ -69,7 +69,7 @@ def test_ragged_decode_reads_each_row_alone(tiny_dir: Path) -> None:
     want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     got = ragged_decode_attention(q, keys, values, reads)
     assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-12)
-    target = ponder.load(str(tiny_dir), "q4", compile=True)
+    target = ponder.load(str(tiny_dir), "q4", compile=True, native=False)
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     alone = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=1)]
     assert len({len(p) for p in PROMPTS}) > 1  # the batch is ragged
@@ -84,7 +84,7 @@ def test_warm_up_compiles_what_serving_meets(tiny_dir: Path, cyclic_dir: Path) -
     from torch._dynamo.utils import counters
 
     assert Engine(ponder.load(str(tiny_dir), "q4")).warm_up() == 0.0
-    target = ponder.load(str(cyclic_dir), "q4", compile=True)
+    target = ponder.load(str(cyclic_dir), "q4", compile=True, native=False)
     assert Engine(target, make_speculator("pld:explore=0", target)).warm_up() > 0
     graphs = counters["stats"]["unique_graphs"]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)

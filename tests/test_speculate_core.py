@@ -90,21 +90,22 @@ def test_greedy_matrix_equals_baseline(
     assert all(c.spec.drafted > 0 for c in alone) and drafted_and_accepted(alone)[1] > 0
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "int8", "q4"])
+@pytest.mark.parametrize("dtype,native", [("fp16", True), ("int8", True), ("q4", True), ("q4", False)])
 def test_greedy_speculation_is_lossless_in_every_dtype(
-    tiny_dir: Path, cyclic_dir: Path, cyclic_head_dir: Path, dtype: str,
+    tiny_dir: Path, cyclic_dir: Path, cyclic_head_dir: Path, dtype: str, native: bool,
 ) -> None:
     """fp32 is the matrix above; fp16, int8 and q4 round activations to 11 and 8 bits of mantissa, where a last-bit
     difference between a decode step and a verify forward would change tokens, so they attend token by token (see
     ``quant.py``; tests/test_kernels.py checks the kernels bit for bit). The random model with itself as the draft
     model gets long chains accepted; the cyclic one gets trees (recycling) and early exit's reused hidden states
-    accepted, and the trained head (with int8 weights of its own under int8 and q4 targets)."""
+    accepted, and the trained head (with int8 weights of its own under int8 and q4 targets). int8 and q4 run
+    ponder's native decoder layers where the CPU has them (``native_layers.py``), q4 also per operator."""
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     # explore=0: the gate times steps, and every case here must draft (and accept) whatever the machine's load
     for model_dir, specs in ((tiny_dir, [f"draft:{tiny_dir}:explore=0"]),
                              (cyclic_dir, ["recycling:explore=0", "early-exit:layer=1:explore=0",
                                            f"head:{cyclic_head_dir}:explore=0"])):
-        target = ponder.load(str(model_dir), dtype)
+        target = ponder.load(str(model_dir), dtype, native=native)
         want = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=1)]
         for spec in specs:
             eng = Engine(target, make_speculator(spec, target))

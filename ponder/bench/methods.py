@@ -34,7 +34,7 @@ from ponder.errors import PonderError
 from ponder.model.loader import DTYPES
 
 METHOD_OPTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
-    "baseline": {"dtype": str, "batch": int, "compile": str},
+    "baseline": {"dtype": str, "batch": int, "compile": str, "native": str},
     "hf": {},
     "hf-pld": {"n": int},
     "llamacpp": {},
@@ -63,6 +63,16 @@ class MethodSpec:
     @property
     def compile(self) -> bool:
         return self.options.get("compile", "false") in ("1", "true")
+
+    @property
+    def native(self) -> bool:
+        """int8/q4 layers in ponder's C decoder where it runs (``native_layers.py``; ``native=false``: per operator)."""
+        return self.options.get("native", "true") in ("1", "true")
+
+    @property
+    def path(self) -> tuple[str, bool, bool]:
+        """What decides the bits of plain decoding: dtype, compiled layers, native layers."""
+        return self.dtype, self.compile, self.native and self.dtype in ("int8", "q4")
 
     def batch(self, default: int) -> int:
         return int(self.options.get("batch", default)) if self.is_ponder else 1
@@ -108,7 +118,7 @@ def _ponder_spec(text: str) -> MethodSpec:
         kept = []
         for i, part in enumerate(chunk.split(":")):
             key, eq, value = part.partition("=")
-            if i and eq and key in ("dtype", "batch", "compile"):
+            if i and eq and key in ("dtype", "batch", "compile", "native"):
                 options[key] = value
             else:
                 kept.append(part)
@@ -142,8 +152,9 @@ def _ponder_spec(text: str) -> MethodSpec:
 def _check_common(text: str, options: dict[str, Any]) -> None:
     if options.get("dtype", "fp32") not in DTYPES:
         raise PonderError(f"method {text!r}: dtype must be one of {', '.join(DTYPES)}")
-    if options.get("compile", "false") not in ("0", "1", "false", "true"):
-        raise PonderError(f"method {text!r}: compile must be true or false")
+    for key in ("compile", "native"):
+        if options.get(key, "false") not in ("0", "1", "false", "true"):
+            raise PonderError(f"method {text!r}: {key} must be true or false")
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
@@ -181,7 +192,7 @@ class PonderRunner:
         from ponder.kv import make_policy
         from ponder.speculate import make_speculator
 
-        loaded = ponder.load(model, spec.dtype, compile=spec.compile)
+        loaded = ponder.load(model, spec.dtype, compile=spec.compile, native=spec.native)
         self.loaded, self.spec = loaded, spec
         self.speculator = make_speculator(spec.speculator, loaded) if spec.speculator else None
         self.depth = None
@@ -205,6 +216,8 @@ class PonderRunner:
             out = out | {"depth": self.depth.report()}
         if getattr(self.model, "fast", None) is not None:
             out = out | {"fast_path": self.model.fast.report()}
+        if getattr(self.model, "native_layers", None) is not None:
+            out = out | {"native_layers": self.model.native_layers.report()}
         return out
 
     def verify_costs(self, rows: int, max_tokens: int = 32) -> dict[int, float]:

@@ -8,6 +8,8 @@ put in categories by name; their inclusive times add up per category:
 - ``matmuls``: the projections' kernels (fp32 BLAS, int8 and int4 weight-only kernels, MKL's packed GEMM);
 - ``attention``: scaled-dot-product attention (and ponder's attention operators that call it);
 - ``head``: the final norm and LM head (timed as one block: ``LlamaModel.logits``);
+- ``native layers``: int8/q4 layers run by ponder's C decoder (``native_layers.py``), one call per forward whose
+  GEMMs, attention and elementwise work the profiler cannot see apart;
 - ``other ops``: everything else the layers call (norms, rotary embedding, activations, residual adds, dtype
   casts, KV-cache writes, views); on the fast path, the compiled graphs' time outside the matmul and attention
   kernels they call (their fused kernels, which the profiler does not name, and their wrappers and guards);
@@ -35,7 +37,8 @@ MATMULS = ("linear", "mm", "addmm", "matmul", "bmm", "_weight_int4pack_mm_for_cp
 ATTENTION = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu", "ragged_decode_attention",
              "invariant_attention", "native_attention")
 COMPILED = ("Torch-Compiled Region", "TorchDynamo Cache Lookup")  # the fast path's graphs and their guards
-CATEGORIES = ("matmuls", "attention", "head", "other ops", "python")
+NATIVE = ("native_decoder",)  # ponder's C decoder layers (``native_layers.py``)
+CATEGORIES = ("matmuls", "attention", "native layers", "head", "other ops", "python")
 
 
 def category(name: str) -> str:
@@ -44,6 +47,8 @@ def category(name: str) -> str:
         return "matmuls"
     if base in ATTENTION:
         return "attention"
+    if base in NATIVE:
+        return "native layers"
     return "other ops"
 
 

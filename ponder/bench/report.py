@@ -106,12 +106,12 @@ def add_exact_match_plain(methods: dict[str, dict[str, Any]], prompts: list[dict
     from ponder.bench.methods import parse_spec
 
     specs = {text: parse_spec(text) for text in methods}
-    plain = {(s.dtype, s.batch(batch)): text for text, s in specs.items() if s.name == "baseline" and not s.kv}
+    plain = {(s.path, s.batch(batch)): text for text, s in specs.items() if s.name == "baseline" and not s.kv}
     outputs: dict[str, dict[str, list[int]]] = {}
     for p in prompts:
         outputs.setdefault(p["method"], {})[f"{p['id']}/{p['turn']}"] = p["output_ids"]
     for text, s in specs.items():
-        twin = plain.get((s.dtype, s.batch(batch)))
+        twin = plain.get((s.path, s.batch(batch)))
         if s.speculator and not s.kv and twin:
             ref = outputs[twin]
             same = sum(ids == ref.get(key) for key, ids in outputs[text].items())
@@ -142,6 +142,10 @@ def markdown(results: dict[str, Any]) -> str:
             eager = ", ".join(f"{n} {why}" for why, n in fast["eager_fallbacks"].items()) or "none"
             lines += ["", f"{s}: fast path ran {fast['compiled_forwards']} decode/verify forwards compiled; eager "
                           f"fallbacks: {eager} (prefills always run eagerly)"]
+        if (nat := f.get("drafter", {}).get("native_layers")) is not None:
+            eager = ", ".join(f"{n} {why}" for why, n in nat["eager_fallbacks"].items()) or "none"
+            lines += ["", f"{s}: native decoder layers ran {nat['native_forwards']} decode/verify forwards; "
+                          f"per-operator fallbacks: {eager} (prefills always run per operator)"]
     spec_rows = [(s, f) for s, f in results["methods"].items() if "tau" in f]
     if spec_rows:
         lines += ["", "Speculative decoding (tau: tokens per verify step; alpha: accepted / drafted):", "",
@@ -154,7 +158,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {s} | {f['tau']:.2f} | {f['alpha']:.2f} | {f['forwards_per_token']:.2f} "
                          f"| {f['draft_s']:.1f} | {f['verify_s']:.1f} | {pos} | {plain} |")
     for s, f in spec_rows:
-        if learned := {k: v for k, v in f.get("drafter", {}).items() if k != "fast_path"}:
+        if learned := {k: v for k, v in f.get("drafter", {}).items() if k not in ("fast_path", "native_layers")}:
             lines += ["", f"{s}, what the drafter learned: `{json.dumps(learned)}`"]
     curves = {s: f["verify_cost_ms"] for s, f in results["methods"].items() if f.get("verify_cost_ms")}
     if curves:

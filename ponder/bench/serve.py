@@ -76,6 +76,8 @@ def server_command(spec: Any, model: str, port: int, threads: int | None, batch:
            "--max-queue", str(max_queue)]
     if spec.compile:
         cmd.append("--compile")
+    if not spec.native:
+        cmd.append("--no-native")
     if spec.speculator:
         cmd += ["--speculate", spec.speculator]
     if spec.kv:

@@ -26,6 +26,7 @@ from ponder.model.rope import apply_rope, inv_frequencies, rope_tables
 if TYPE_CHECKING:
     from ponder.kv.base import KVHook
     from ponder.model.fast import FastPath
+    from ponder.model.native_layers import NativeLayers
 
 
 @dataclass
@@ -263,6 +264,7 @@ class LlamaModel(nn.Module):
         # decoding prefill alike
         self.invariant_attention = False
         self.fast: "FastPath | None" = None  # the compiled decode/verify layer (fast.py), when loaded with compile
+        self.native_layers: "NativeLayers | None" = None  # decode/verify layers in one C call (native_layers.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -301,6 +303,9 @@ class LlamaModel(nn.Module):
         """Run layers ``[start, end)`` on h # [B, T, E]; each writes its K/V for the new tokens. ``capture``: its
         keys name layers l in ``[start, end]`` whose input hidden state (l = ``end``: the output) is stored into it."""
         end = len(self.layers) if end is None else end
+        if self.native_layers is not None and (out := self.native_layers.run(h, ctx, cache, start, end, capture)) \
+                is not None:
+            return out
         if self.fast is not None and (out := self.fast.run(self, h, ctx, cache, start, end, capture)) is not None:
             return out
         for i in range(start, end):
@@ -353,7 +358,9 @@ class LlamaModel(nn.Module):
         """
         ctx = self.tree_context(cache, depth.to(self.device), visible.to(self.device))
         ctx.kv_hook = kv_hook
-        if hidden is not None and self.fast is not None and self.fast.reason_not(ctx, cache) is None:
+        native_runs = self.native_layers is not None and self.native_layers.reason_not(ctx, cache) is None
+        if hidden is not None and self.fast is not None and self.fast.reason_not(ctx, cache) is None \
+                and not native_runs:
             # the fast path groups layers from layer 0 in fixed groups, so every forward of a generation runs the
             # same compiled graphs (starting at start_layer would regroup the layers and change the last bits)
             hidden, start_layer = None, 0

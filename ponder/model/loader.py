@@ -123,10 +123,12 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf(raw)
 
 
-def load_model(path: Path, dtype: str = "fp32", compile: bool = False, device: str = "cpu") -> LlamaModel:
+def load_model(path: Path, dtype: str = "fp32", compile: bool = False, device: str = "cpu",
+               native: bool = True) -> LlamaModel:
     """Our model with the weights in ``path``, converted to ``dtype`` (fp32, bf16, fp16, int8 or q4 weights) on
     ``device`` ("cpu", "cuda", "cuda:1", ...); ``compile``: decode and verify steps run the compiled layer
-    (``fast.py``, CPU only)."""
+    (``fast.py``, CPU only); ``native``: int8 and q4 decode and verify steps run ponder's native decoder layers
+    where the CPU allows (``native_layers.py``; before the compiled layer)."""
     if dtype not in DTYPES:
         raise PonderError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     dev = check_device(device, dtype, compile)
@@ -151,6 +153,11 @@ def load_model(path: Path, dtype: str = "fp32", compile: bool = False, device: s
     from ponder.model.kernels import tune
 
     tune(model, cache_root() / "kernels")  # fp32: the fastest kernel per row count on this machine (linear.py)
+    if native and dtype in ("int8", "q4") and dev.type == "cpu":
+        from ponder.model.native_layers import NativeLayers, unsupported
+
+        if unsupported(model) is None:
+            model.native_layers = NativeLayers(model)
     if compile:
         from ponder.model.fast import FastPath
 
@@ -256,9 +263,11 @@ class Loaded:
     dtype: str
 
 
-def load(name: str = DEFAULT_MODEL, dtype: str = "fp32", compile: bool = False, device: str = "cpu") -> Loaded:
+def load(name: str = DEFAULT_MODEL, dtype: str = "fp32", compile: bool = False, device: str = "cpu",
+         native: bool = True) -> Loaded:
     """Load ``name`` (see module docstring) as a ``Loaded`` bundle on ``device`` (cpu, cuda, cuda:N);
-    ``compile``: the fast path (``fast.py``)."""
+    ``compile``: the fast path (``fast.py``); ``native``: int8/q4 layers in ponder's C decoder where it runs
+    (``native_layers.py``)."""
     check_device(device, dtype, compile)  # before resolving: a wrong device fails fast, not after a download
     path = resolve(name)
-    return Loaded(load_model(path, dtype, compile, device), load_tokenizer(path), name, path, dtype)
+    return Loaded(load_model(path, dtype, compile, device, native), load_tokenizer(path), name, path, dtype)

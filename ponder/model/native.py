@@ -1,5 +1,6 @@
-"""ponder's native kernels, built on first use and loaded by ctypes: batch-invariant attention (``attention.c``) and
-the 4-bit GEMM of ``--dtype q4`` (``q4mm.c``, see ``q4.py``).
+"""ponder's native kernels, built on first use and loaded by ctypes: batch-invariant attention (``attention.c``), the
+4-bit GEMM of ``--dtype q4`` (``q4mm.c``, see ``q4.py``) and the decoder layers that call both (``decoder.c``, see
+``native_layers.py``).
 
 ``llama.attend_queries`` gives every new token the attention a one-token decode step gives it, so that speculative
 decoding with quantized weights stays lossless. With PyTorch's kernels that takes one attention call per token (the
@@ -35,9 +36,12 @@ class Kernel:
     """One C file of ``ponder/model``, built with ``flags`` at most once per process and loaded: ``library()``, or
     why there is none (``reason``)."""
 
-    def __init__(self, name: str, signatures: dict[str, tuple[object, list[object]]], flags: list[str] | None = None):
+    def __init__(self, name: str, signatures: dict[str, tuple[object, list[object]]], flags: list[str] | None = None,
+                 also: tuple[str, ...] = ()):
+        """``also``: other C files of ``ponder/model`` linked into the same library (whose functions it calls)."""
         self.name, self.signatures, self.flags = name, signatures, flags or FLAGS
         self.source = Path(__file__).with_name(f"{name}.c")
+        self.sources = [self.source, *(Path(__file__).with_name(f"{other}.c") for other in also)]
         self.lib: ctypes.CDLL | None = None
         self.reason: str | None = None
         self.tried = False
@@ -64,7 +68,8 @@ class Kernel:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         # -march=native builds for the CPU's instruction-set flags: machines of one model name but other extensions
         # (VMs of one "AMD EPYC" name differ) sharing a cache must not share a build
-        parts = [self.source.read_text(), version, cpu_name(), cpuinfo("flags", "Features") or "", " ".join(self.flags)]
+        parts = [*(src.read_text() for src in self.sources), version, cpu_name(), cpuinfo("flags", "Features") or "",
+                 " ".join(self.flags)]
         key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
         target = _cache_dir() / f"{self.name}-{key[:16]}.so"
         if not target.exists():
@@ -73,8 +78,8 @@ class Kernel:
             for flags in (self.flags, [f for f in self.flags if f != "-fopenmp"]):  # no OpenMP: one thread
                 with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                     built = Path(tmp) / target.name
-                    run = subprocess.run([cc, *flags, str(self.source), "-o", str(built), "-lm"], capture_output=True,
-                                         text=True, timeout=300)
+                    run = subprocess.run([cc, *flags, *map(str, self.sources), "-o", str(built), "-lm"],
+                                         capture_output=True, text=True, timeout=300)
                     if run.returncode == 0:
                         os.replace(built, target)  # atomic: concurrent processes each build, one file wins
                         break
@@ -97,6 +102,11 @@ def _cache_dir() -> Path:
 _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 ATTENTION = Kernel("attention", {"ponder_attend": (_int, [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _int])})
 Q4 = Kernel("q4mm", {"ponder_q4_mm": (_int, [_p, _p, _p, _i64, _i64, _i64, _int]), "ponder_q4_fast": (_int, [])})
+# the decoder layers (``native_layers.py``) call the GEMM and attention of the other two files, linked in
+_DECODER_ARGS = [_p, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _i64, _p, _p, _i64, _i64, _i64, _p, _p, _p,
+                 _p, _p, _int]
+DECODER = Kernel("decoder", {"ponder_decoder": (_int, _DECODER_ARGS), "ponder_q4_fast": (_int, [])},
+                 also=("q4mm", "attention"))
 
 
 def library() -> ctypes.CDLL | None:

@@ -1,0 +1,127 @@
+"""ponder's native decoder layers (ponder/model/native_layers.py, decoder.c): one C call runs a forward's layers for
+int8 and q4 models. A token's bits must not depend on the other tokens, rows or layers of the call (speculation
+stays lossless on it), and the hidden states must stay within the per-operator layers' rounding."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_kernels import decode_hidden, prefilled, smollm2_like, verify_hidden
+from test_speculate_core import PROMPTS, drafted_and_accepted
+
+import ponder
+from ponder.engine import Engine
+from ponder.model import native
+from ponder.model.native_layers import NativeLayers, unsupported
+from ponder.sampling import SamplingParams
+from ponder.speculate import make_speculator
+
+pytestmark = pytest.mark.skipif(native.q4_library() is None, reason=f"no native 4-bit GEMM: {native.q4_reason()}")
+
+
+def native_model(dtype: str, layers: int = 2) -> torch.nn.Module:
+    model = smollm2_like(dtype, layers=layers, vocab=256)
+    model.native_layers = NativeLayers(model)
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["int8", "q4"])
+def test_decode_and_verify_agree_bit_for_bit(dtype: str) -> None:
+    """Decode steps vs one verify forward of 6 tokens (one row; two rows of different lengths): identical bits, and
+    within the per-operator layers' rounding (the norms, rotary embedding and SwiGLU sum in their own order)."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(256, (n,), generator=g).tolist() for n in (37, 61)]
+    tokens = [torch.randint(256, (6,), generator=g).tolist() for _ in prompts]
+    eager, fast = smollm2_like(dtype, vocab=256), native_model(dtype)
+    with torch.inference_mode():
+        for rows in (1, 2):
+            dec = decode_hidden(fast, prompts[:rows], tokens[:rows])
+            ver = verify_hidden(fast, prompts[:rows], tokens[:rows])
+            ref = decode_hidden(eager, prompts[:rows], tokens[:rows])
+            assert torch.equal(dec, ver), (rows, (dec - ver).abs().max())
+            scale = ref.abs().amax(-1, keepdim=True)
+            assert ((dec - ref).abs() <= 0.02 * scale).all(), ((dec - ref).abs() / scale).max()
+            assert not torch.equal(dec, ref)  # it really ran the C layers
+    assert fast.native_layers.forwards > 0 and not fast.native_layers.fallbacks
+
+
+def test_tree_nodes_get_the_bits_of_decoding_their_path() -> None:
+    """A verify forward over a tree (the pending token, two children, a grandchild under the second): each node's
+    state equals decoding the path to it one token at a time."""
+    model = native_model("q4")
+    g = torch.Generator().manual_seed(4)
+    prompt = [torch.randint(256, (29,), generator=g).tolist()]
+    a, b, c, d = torch.randint(256, (4,), generator=g).tolist()
+    ids = torch.tensor([[a, b, c, d]])
+    depth = torch.tensor([[0, 1, 1, 2]])
+    visible = torch.tensor([[[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]]], dtype=torch.bool)
+    with torch.inference_mode():
+        cache = prefilled(model, prompt)
+        tree = model.run_layers(model.embed(ids), model.tree_context(cache, depth, visible), cache)
+        for node, path in ((0, [a]), (1, [a, b]), (2, [a, c]), (3, [a, c, d])):
+            alone = decode_hidden(model, prompt, [path])[0, -1]
+            assert torch.equal(tree[0, node], alone), node
+
+
+def test_layer_ranges_and_captures_give_the_same_bits() -> None:
+    """Layers [0, 2) then [2, 5) in two calls equal [0, 5) in one; captured states are the layers' outputs."""
+    model = native_model("q4", layers=5)
+    g = torch.Generator().manual_seed(3)
+    prompt = [torch.randint(256, (40,), generator=g).tolist()]
+    ids = torch.randint(256, (1, 3), generator=g)
+    depth = torch.arange(3)[None]
+    visible = torch.ones(3, 3, dtype=torch.bool).tril()[None]
+    with torch.inference_mode():
+        cache = prefilled(model, prompt)
+        capture = dict.fromkeys((0, 2, 5))
+        whole = model.run_layers(model.embed(ids), model.tree_context(cache, depth, visible), cache, capture=capture)
+        cache = prefilled(model, prompt)
+        ctx = model.tree_context(cache, depth, visible)
+        h2 = model.run_layers(model.embed(ids), ctx, cache, 0, 2)
+        split = model.run_layers(h2, ctx, cache, 2, 5)
+    assert torch.equal(split, whole) and torch.equal(capture[2], h2) and torch.equal(capture[5], whole)
+    assert torch.equal(capture[0], model.embed(ids))
+
+
+def test_speculation_is_lossless_on_native_layers(tiny_dir: Path, cyclic_dir: Path) -> None:
+    """The lossless matrix's shape on native q4 and int8 layers: batch 1 and 3 (ragged rows), chains and trees."""
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    for dtype in ("q4", "int8"):
+        for model_dir, specs in ((tiny_dir, [f"draft:{tiny_dir}:explore=0"]),
+                                 (cyclic_dir, ["pld:explore=0", "recycling:explore=0"])):
+            target = ponder.load(str(model_dir), dtype)
+            assert target.model.native_layers is not None
+            want = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=1)]
+            for spec in specs:
+                eng = Engine(target, make_speculator(spec, target))
+                for size in (1, 3):
+                    out = eng.generate(PROMPTS, params, batch_size=size)
+                    assert [c.output_ids for c in out] == want, (dtype, spec, size)
+                    drafted, accepted = drafted_and_accepted(out)
+                    assert drafted > 0 and accepted > 0, (dtype, spec, size, drafted, accepted)
+            assert target.model.native_layers.forwards > 0 and not target.model.native_layers.fallbacks
+
+
+def test_what_runs_per_operator_and_says_so(tiny_dir: Path) -> None:
+    """fp32 models and ``native=False`` keep the per-operator layers; a KV policy's forwards fall back, counted."""
+    from ponder.kv import make_policy
+
+    assert ponder.load(str(tiny_dir)).model.native_layers is None
+    assert unsupported(ponder.load(str(tiny_dir)).model) is not None
+    assert ponder.load(str(tiny_dir), "q4", native=False).model.native_layers is None
+    target = ponder.load(str(tiny_dir), "q4")
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    Engine(target, kv=make_policy("h2o", 0.5)).generate(PROMPTS[:2], params)
+    assert target.model.native_layers.fallbacks["KV policy"] > 0
+
+
+def test_info_and_bench_name_the_path(tiny_dir: Path) -> None:
+    from ponder.bench.methods import parse_spec
+    from ponder.cli import model_summary
+
+    assert model_summary(ponder.load(str(tiny_dir), "q4"))["decoder layers"].startswith("native")
+    assert "--no-native" in model_summary(ponder.load(str(tiny_dir), "q4", native=False))["decoder layers"]
+    assert parse_spec("baseline:dtype=q4").path != parse_spec("baseline:dtype=q4:native=false").path
+    assert parse_spec("pld:dtype=q4").path == parse_spec("baseline:dtype=q4").path
+    with pytest.raises(ponder.PonderError, match="native must be true or false"):
+        parse_spec("baseline:dtype=q4:native=maybe")
