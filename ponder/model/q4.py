@@ -202,9 +202,10 @@ class RescoredHead(nn.Module):
     """LM head: approximate logits from a 4-bit (or int8) copy, the best ``RESCORE`` of each row re-scored in fp32
     (module doc)."""
 
-    def __init__(self, weight: torch.Tensor, approx: "Q4Linear | None" = None) -> None:
+    def __init__(self, weight: torch.Tensor, approx: nn.Module | None = None) -> None:
         """weight # [V, E] fp32, the full-precision head (shared with a tied embedding, not copied); ``approx``: its
-        4-bit copy when already made (the kernel-ready cache), else made here (int8 rows where E % 32 or V % 16)."""
+        copy when already made (the kernel-ready cache's 4-bit one; int8 mode's ``Int8BlockLinear``), else a 4-bit
+        copy made here (int8 rows where E % 32 or V % 16)."""
         super().__init__()
         self.weight = weight  # a plain attribute: the embedding owns it when tied
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -234,7 +235,7 @@ class RescoredHead(nn.Module):
         return torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.qscale).float()
 
     def extra_repr(self) -> str:
-        bits = "int4" if self.approx is not None else "int8"
+        bits = "int8" if self.approx is None or not isinstance(self.approx, Q4Linear) else "int4"
         return f"in_features={self.in_features}, out_features={self.out_features}, approx={bits}, " \
                f"rescore={self.rescore}"
 

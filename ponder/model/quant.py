@@ -6,8 +6,11 @@ cannot be speculated with (``ponder.speculate.REFUSED_DTYPES``): its CPU GEMM is
 (tests/test_kernels.py).
 
 ``int8`` stores every decoder-layer projection as int8 weights and multiplies them with bf16 activations; the
-residual stream, norms, attention and the LM head stay fp32. Where ponder's 4-bit GEMM runs (``q4.py``: AVX512-BF16
-and a C compiler), the weights are int8 in blocks of 32 along the input, one fp16 scale each (GGUF's Q8_0 layout,
+residual stream, norms and attention stay fp32. The LM head stays fp32 where ponder's GEMM does not run; where it
+does, the head is ``q4.RescoredHead`` over an int8-block copy: the copy's logits, with each row's 16 best re-scored
+in fp32 against the full-precision weight, so the greedy token is the fp32 head's whenever it ranks in the copy's top
+16 (as q4's 4-bit head does; a 49152 x 576 fp32 head cost 4.3 ms of a 10.4 ms int8 decode step, 2026-12-05).
+Where ponder's 4-bit GEMM runs (``q4.py``: AVX512-BF16 and a C compiler), the weights are int8 in blocks of 32 along the input, one fp16 scale each (GGUF's Q8_0 layout,
 ``Int8BlockLinear``); elsewhere one scale per output channel (symmetric, round to nearest;
 ``torch._weight_int8pack_mm``, a fused CPU/GPU kernel, ``Int8Linear``). Blocks follow the weights more closely:
 SmolLM2's GGUF weights are Q4_1 blocks, which per-channel int8 rounds a second time to a coarse grid (top-1 agreement
@@ -20,7 +23,9 @@ per-channel) and why it is built this way:
 |-----------------------------------------------------------|---------------------------|
 | PyTorch dynamic quantization (int8 activations), all      | 53-60%                    |
 | weight-only int8, bf16 activations, head int8 too         | 96.4%                     |
-| weight-only int8, bf16 activations, fp32 head (this)      | 99.3%                     |
+| weight-only int8, bf16 activations, fp32 head             | 99.3%                     |
+
+(the head ponder uses now, an int8-block copy re-scored in fp32, gives the fp32 head's greedy token; above)
 
 Dynamic quantization rounds activations to int8 with one scale per tensor, and this model's activations carry
 large outlier channels, so every projection loses most of its precision. A bf16 head rounds logits to ~0.1, coarser
@@ -38,7 +43,8 @@ over its visible keys in the order plain decoding has them, so it has the same b
 In float32 ponder's C kernel does that for every token and row of a forward in one call per layer (``native.py``);
 without it, each token gets the very PyTorch call a one-token decode step makes for it (a tree's tokens get their
 ancestors copied into a scratch row). Every projection's input row is then identical whatever else is in the batch
-(``_weight_int8pack_mm`` is row-invariant; the fp32 head is not, which only matters at exact ties, as in fp32 mode).
+(``_weight_int8pack_mm`` and ponder's GEMM are row-invariant, and so is the re-scored head; an fp32 head, where
+ponder's GEMM does not run, is not, which only matters at exact ties, as in fp32 mode).
 Prefills, alike in plain and speculative decoding, attend in one call. This replaced float64 attention (and a
 float64 KV cache), which made both kernels' results round to the same fp32 value: token by token in fp32 gives
 the same guarantee exactly, halves the KV bytes, and a q4 decode step's attention costs half as much (30 calls of
@@ -201,6 +207,11 @@ def quantize_int8(model: LlamaModel, blocks: bool = True) -> LlamaModel:
     blocks = blocks and native_kernel()
     for layer in model.layers:
         int8_linears(layer, blocks=blocks)
+    head = model.lm_head
+    if blocks and head.in_features % GROUP == 0 and head.out_features % 16 == 0 and head.bias is None:
+        from ponder.model.q4 import RescoredHead
+
+        model.lm_head = RescoredHead(head.weight, Int8BlockLinear(head))  # module doc
     model.invariant_attention = True  # speculation stays lossless (module doc)
     return model
 
