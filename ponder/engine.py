@@ -467,13 +467,16 @@ class Engine:
 
         spec = self.speculator
         drafting = spec.policy.drafting()
+        # the gate's "off" keeps a composite's cheap drafters (pld in head+pld) drafting: it weighs the costly parts
+        cheap_only = not drafting and spec.drafter.has_cheap
         budgets = [spec.policy.budget(r.params.max_new_tokens - len(r.completion.output_ids))
-                   if drafting and r.speculate else 0 for r in rows]
+                   if (drafting or cheap_only) and r.speculate else 0 for r in rows]
         kv = self._kv(rows)
         if kv:  # drafts stop at the next eviction point, so evictions happen where plain decoding has them
             rooms = [kv.room(r.kv_state, cache, b) for b, r in enumerate(rows)]
             budgets = [b if room is None else min(b, room - 1) for b, room in zip(budgets, rooms)]
-        batch = DraftBatch([DraftRow(r.tokens, r.draft_state, n) for r, n in zip(rows, budgets)], self.model, cache)
+        batch = DraftBatch([DraftRow(r.tokens, r.draft_state, n) for r, n in zip(rows, budgets)], self.model, cache,
+                           cheap_only)
         t0 = time.perf_counter()
         proposal = spec.drafter.propose(batch)
         trees = [t.best(n) for t, n in zip(spec.policy.shape(proposal.trees), budgets)]

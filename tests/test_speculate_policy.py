@@ -66,3 +66,42 @@ def test_gate_never_stops_drafting_that_costs_nothing():
         modes.append(drafting)
         costly.observe(drafting, tokens=1 if drafting else 2, seconds=1.0, draft_seconds=0.3 if drafting else 0.0)
     assert not all(modes) and sum(modes) < 10
+
+
+def test_cheap_drafters_keep_drafting_while_the_gate_turns_the_costly_ones_off(cyclic_dir) -> None:
+    """A composite's cheap parts (copying, n-gram pools) draft in the gate's "off" steps too: the gate then weighs
+    the costly parts (a head, a draft model, early exit) against the cheap ones alone, not against no drafting.
+    Lossless either way."""
+    import ponder
+    from ponder.engine import Engine
+    from ponder.sampling import SamplingParams
+    from ponder.speculate import Composite, make_speculator
+    from ponder.speculate.base import DraftBatch, DraftRow, Drafter, Proposal
+    from test_speculate_core import PROMPTS, drafted_and_accepted
+
+    class Costly(Drafter):
+        name = "costly"
+
+        def propose(self, batch: DraftBatch) -> Proposal:
+            self.budgets = [r.budget for r in batch.rows]
+            return Proposal([DraftTree([], []) for _ in batch.rows])
+
+    target = ponder.load(str(cyclic_dir))
+    pld, costly = make_speculator("pld", target).drafter, Costly()
+    both = Composite([pld, costly])
+    assert pld.cheap and not costly.cheap and both.has_cheap and not both.cheap and not costly.has_cheap
+    rows = [DraftRow([1, 2, 3], both.new_state([1, 2]), 5)]
+    for cheap_only, want in ((False, [5]), (True, [0])):
+        both.propose(DraftBatch(rows, target.model, target.model.new_cache(1, 8), cheap_only))
+        assert costly.budgets == want
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    plain = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=1)]
+    for spec, drafts in (("pld+early-exit:layer=1", True), ("early-exit:layer=1", False)):
+        eng = Engine(target, make_speculator(spec, target))
+        gate = eng.speculator.policy.gate
+        gate.explore, gate.steps = 1000, 10
+        gate.rate = {True: 0.0, False: 1e12}  # drafting measured hopeless: the gate stays off (no exploration)
+        gate.draft_share = 0.5
+        out = eng.generate(PROMPTS, params, batch_size=1)
+        assert [c.output_ids for c in out] == plain, spec
+        assert (drafted_and_accepted(out)[0] > 0) == drafts, spec

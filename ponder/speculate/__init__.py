@@ -57,6 +57,11 @@ class Composite(Drafter):
         self.parts = parts
         self.name = "+".join(p.name for p in parts)
         self.prefill_capture = tuple(sorted({layer for p in parts for layer in p.prefill_capture}))
+        self.cheap = all(p.cheap for p in parts)
+
+    @property
+    def has_cheap(self) -> bool:
+        return any(p.cheap for p in self.parts)
 
     def new_state(self, prompt_ids: list[int]) -> list[Any]:
         return [p.new_state(prompt_ids) for p in self.parts]
@@ -67,8 +72,11 @@ class Composite(Drafter):
                 p.prefilled(s, {layer: hidden[layer] for layer in p.prefill_capture})
 
     def _view(self, batch: DraftBatch, i: int) -> DraftBatch:
-        rows = [DraftRow(r.tokens, r.state[i], r.budget) for r in batch.rows]
-        return DraftBatch(rows, batch.model, batch.cache)
+        """Part i's view of the batch: its own states, and no budget when only cheap parts draft this step (a
+        costly part still sees the step, to keep its state up to date)."""
+        off = batch.cheap_only and not self.parts[i].cheap
+        rows = [DraftRow(r.tokens, r.state[i], 0 if off else r.budget) for r in batch.rows]
+        return DraftBatch(rows, batch.model, batch.cache, batch.cheap_only)
 
     def propose(self, batch: DraftBatch) -> Proposal:
         props = [p.propose(self._view(batch, i)) for i, p in enumerate(self.parts)]

@@ -34,6 +34,7 @@ class DraftBatch:
     rows: list[DraftRow]
     model: Any  # the target LlamaModel (self-speculation drafts with its first layers)
     cache: KVCache  # the target's cache: row b holds tokens[:-1]; drafters must leave lengths as they found them
+    cheap_only: bool = False  # this step only ``Drafter.cheap`` drafters draft (the policy gate turned the rest off)
 
 
 @dataclass
@@ -63,6 +64,14 @@ class Drafter(ABC):
 
     name: str = "drafter"
     prefill_capture: tuple[int, ...] = ()  # layers whose prompt hidden states the drafter wants (``prefilled``)
+    # drafting costs next to nothing (copying from the text, n-gram pools): it keeps drafting in a composite whose
+    # costly parts the policy's gate has turned off (``DraftBatch.cheap_only``)
+    cheap: bool = False
+
+    @property
+    def has_cheap(self) -> bool:
+        """Whether some part of this drafter still drafts when only cheap drafters may."""
+        return self.cheap
 
     def new_state(self, prompt_ids: list[int]) -> Any:
         """Per-row state for a new sequence (default: none)."""

@@ -45,6 +45,7 @@ class Pool:
 
 class Lookahead(Drafter):
     name = "lookahead"
+    cheap = True
 
     def __init__(self, options: LookaheadOptions | None = None) -> None:
         self.options = options or LookaheadOptions()

@@ -64,6 +64,7 @@ class NgramIndex:
 
 class PLD(Drafter):
     name = "pld"
+    cheap = True
 
     def __init__(self, options: PLDOptions | None = None) -> None:
         self.options = options or PLDOptions()

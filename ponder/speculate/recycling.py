@@ -41,6 +41,7 @@ class RecyclingOptions:
 
 class Recycling(Drafter):
     name = "recycling"
+    cheap = True
 
     def __init__(self, options: RecyclingOptions | None = None, vocab_size: int = 0) -> None:
         self.options = options or RecyclingOptions()
