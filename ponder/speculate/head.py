@@ -106,9 +106,9 @@ class HeadDrafter(Drafter):
     # --- drafting ---------------------------------------------------------------------------------------------------
     def propose(self, batch: DraftBatch) -> Proposal:
         with torch.inference_mode():
-            for row in batch.rows:
-                self._feed(row.state, row.tokens)
             drafting = [row for row in batch.rows if row.budget > 0]
+            for row in drafting:  # a row that does not draft this step keeps its states pending: fed in one pass
+                self._feed(row.state, row.tokens)  # when it drafts next (the gate's off steps cost no head layer)
             grown = iter(self._trees([row.state for row in drafting]))
             trees = [next(grown).best(row.budget) if row.budget > 0 else DraftTree([], []) for row in batch.rows]
         return Proposal(trees, capture=self.capture)
