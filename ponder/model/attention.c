@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vexp.h"
+
 #define LANES 16
 #define VBLOCK 64 /* keys per block of the value sums (their pointers in registers/L1) */
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
@@ -67,24 +69,14 @@ static inline vec lane_sums16(const vec *x) {
            PICK(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-/* exp(x) for x <= 0 lane-wise (below -87, -inf included: 0): x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its
-   degree-6 Taylor polynomial (relative error < 2e-7), times 2^k set in the exponent bits. */
+/* exp(x) for x <= 0 lane-wise (below -87, -inf included: 0), by vexp.h's exp_scaled. */
 static inline vec exp_neg(vec x) {
     const vec zero = {0};
     const vec low = zero - 87.0f;
     ivec under = x < low;
     x = (vec)(((ivec)x & ~under) | ((ivec)low & under));
     ivec k = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, ivec); /* x <= 0: rounds to nearest */
-    vec kf = __builtin_convertvector(k, vec);
-    vec r = x - kf * 0.693145751953125f - kf * 1.428606765330187e-06f;
-    vec p = zero + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    vec e = p * (vec)((k + 127) << 23);
+    vec e = exp_scaled(x, k);
     return (vec)((ivec)e & ~under);
 }
 

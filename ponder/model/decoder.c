@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vexp.h"
+
 int ponder_q4_mm(const float *x, const uint8_t *w, float *out, int64_t M, int64_t N, int64_t K, int threads);
 int ponder_attend(const float *q, const float *k, const float *v, const int64_t *plan, float *out, int64_t sb,
                   int64_t sh, int64_t ss, int64_t Hkv, int64_t G, int64_t D, int threads);
@@ -45,8 +47,8 @@ static inline fvec vload(const float *p) {
 
 static inline void vstore(float *p, fvec x) { memcpy(p, &x, sizeof x); }
 
-/* exp(x) lane-wise, x clamped to [-87, 88] (exp(-87) is above the smallest normal float): x = k ln2 + r with
-   |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7), times 2^k in the exponent. */
+/* exp(x) lane-wise, x clamped to [-87, 88] (exp(-87) is above the smallest normal float), by vexp.h's
+   exp_scaled with k = x / ln2 rounded half away from zero. */
 static inline fvec vexp(fvec x) {
     const fvec zero = {0};
     const fvec low = zero - 87.0f, high = zero + 88.0f;
@@ -55,16 +57,7 @@ static inline fvec vexp(fvec x) {
     fvec t = x * 1.44269504088896341f;
     ivec16 k = __builtin_convertvector(t + (fvec)((ivec16)(zero + 0.5f) | ((ivec16)t & (ivec16)(zero - 0.0f))),
                                        ivec16); /* round half away from zero */
-    fvec kf = __builtin_convertvector(k, fvec);
-    fvec r = x - kf * 0.693145751953125f - kf * 1.428606765330187e-06f;
-    fvec p = zero + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    return p * (fvec)((k + 127) << 23);
+    return exp_scaled(x, k);
 }
 
 /* out[m] = x[m] / rms(x[m]) * w, each row's squares summed in VL lanes over E, then the lanes in a fixed tree. */

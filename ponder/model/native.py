@@ -68,7 +68,8 @@ class Kernel:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         # -march=native builds for the CPU's instruction-set flags: machines of one model name but other extensions
         # (VMs of one "AMD EPYC" name differ) sharing a cache must not share a build
-        parts = [*(src.read_text() for src in self.sources), version, cpu_name(), cpuinfo("flags", "Features") or "",
+        headers = sorted(Path(__file__).parent.glob("*.h"))  # what the C files include
+        parts = [*(src.read_text() for src in [*self.sources, *headers]), version, cpu_name(), cpuinfo("flags", "Features") or "",
                  " ".join(self.flags)]
         key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
         target = _cache_dir() / f"{self.name}-{key[:16]}.so"
