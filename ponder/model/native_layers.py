@@ -61,7 +61,7 @@ def unsupported(model: "LlamaModel") -> str | None:
         for lin in (blk.attn.wqkv, blk.attn.wo, blk.mlp.wgate_up, blk.mlp.wdown):
             if _linear_fields(lin) is None:
                 return f"projection {type(lin).__name__} is not on ponder's 4-bit GEMM"
-        if not isinstance(blk.attn_norm, nn.RMSNorm) or blk.attn_norm.weight is None:
+        if any(not isinstance(n, nn.RMSNorm) or n.weight is None for n in (blk.attn_norm, blk.mlp_norm)):
             return "a norm other than RMSNorm with a weight"
     if native.DECODER.library() is None:
         return native.DECODER.reason
@@ -72,8 +72,6 @@ def unsupported(model: "LlamaModel") -> str | None:
 
 class NativeLayers:
     """Runs layer ranges of one model through ``decoder.c`` (module doc); ``run`` returns None where it cannot."""
-
-    fixed_groups = False  # a token's bits do not depend on which layers share a call (module doc)
 
     def __init__(self, model: "LlamaModel") -> None:
         why = unsupported(model)
