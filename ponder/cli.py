@@ -417,9 +417,11 @@ def _weight_kernel(model: nn.Module) -> str:
 
     mods = list(model.modules())
     if any(isinstance(m, Q4Linear) and m.native or isinstance(m, Int8BlockLinear) for m in mods):
-        blocks = "int8 blocks of 32 as two 4-bit planes, " if any(isinstance(m, Int8BlockLinear) for m in mods) else ""
+        two_planes = any(isinstance(m, Int8BlockLinear) for m in mods)
+        blocks = "int8 blocks of 32 as two 4-bit planes, " if two_planes else ""
         return f"ponder's 4-bit GEMM ({blocks}q4mm.c, AVX512-BF16)"
-    why = native.q4_reason() or ("the model is not on the CPU" if model.device.type != "cpu" else "shapes outside its tiles")
+    why = native.q4_reason() or ("the model is not on the CPU" if model.device.type != "cpu"
+                                 else "shapes outside its tiles")
     if any(isinstance(m, Int8Linear) for m in mods):
         return f"PyTorch's _weight_int8pack_mm, one scale per output channel (ponder's GEMM not used: {why})"
     return f"PyTorch's int4 kernel (ponder's not used: {why})"

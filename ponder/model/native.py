@@ -69,8 +69,8 @@ class Kernel:
         # -march=native builds for the CPU's instruction-set flags: machines of one model name but other extensions
         # (VMs of one "AMD EPYC" name differ) sharing a cache must not share a build
         headers = sorted(Path(__file__).parent.glob("*.h"))  # what the C files include
-        parts = [*(src.read_text() for src in [*self.sources, *headers]), version, cpu_name(), cpuinfo("flags", "Features") or "",
-                 " ".join(self.flags)]
+        parts = [*(src.read_text() for src in [*self.sources, *headers]), version, cpu_name(),
+                 cpuinfo("flags", "Features") or "", " ".join(self.flags)]
         key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
         target = _cache_dir() / f"{self.name}-{key[:16]}.so"
         if not target.exists():

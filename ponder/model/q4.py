@@ -235,7 +235,7 @@ class RescoredHead(nn.Module):
         return torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.qscale).float()
 
     def extra_repr(self) -> str:
-        bits = "int8" if self.approx is None or not isinstance(self.approx, Q4Linear) else "int4"
+        bits = "int4" if isinstance(self.approx, Q4Linear) else "int8"
         return f"in_features={self.in_features}, out_features={self.out_features}, approx={bits}, " \
                f"rescore={self.rescore}"
 
