@@ -8,16 +8,16 @@ cannot be speculated with (``ponder.speculate.REFUSED_DTYPES``): its CPU GEMM is
 ``int8`` stores every decoder-layer projection as int8 weights and multiplies them with bf16 activations; the
 residual stream, norms and attention stay fp32. The LM head stays fp32 where ponder's GEMM does not run; where it
 does, the head is ``q4.RescoredHead`` over an int8-block copy: the copy's logits, with each row's 16 best re-scored
-in fp32 against the full-precision weight, so the greedy token is the fp32 head's whenever it ranks in the copy's top
-16 (as q4's 4-bit head does; a 49152 x 576 fp32 head cost 4.3 ms of a 10.4 ms int8 decode step, 2026-12-05).
+in fp32 against the full-precision weight, so the greedy token is the fp32 head's whenever it ranks in the copy's
+top 16 (as q4's 4-bit head does; a 49152 x 576 fp32 head cost 4.3 ms of a 10.4 ms int8 decode step, 2026-12-05).
 Where ponder's 4-bit GEMM runs (``q4.py``: AVX512-BF16 and a C compiler), the weights are int8 in blocks of 32 along
 the input, one fp16 scale each (GGUF's Q8_0 layout, ``Int8BlockLinear``); elsewhere one scale per output channel
-(symmetric, round to nearest; ``torch._weight_int8pack_mm``, a fused CPU/GPU kernel, ``Int8Linear``). Blocks
-follow the weights more closely: SmolLM2's GGUF weights are Q4_1 blocks, which per-channel int8 rounds a second time to a coarse grid (top-1 agreement
-with fp32 97.4% against 98.5% with blocks of 32, 2,433 teacher-forced positions of 26 Spec-Bench prompts, simulated
-in fp32, 2026-12-05), and the block kernel reads ~40 bytes per 32 weights against the per-channel kernel's 32 but
-runs at ponder's GEMM's speed. Measured on SmolLM2-135M (3 chat prompts, 303 teacher-forced greedy tokens,
-per-channel) and why it is built this way:
+(symmetric, round to nearest; ``torch._weight_int8pack_mm``, a fused CPU/GPU kernel, ``Int8Linear``). Blocks follow
+the weights more closely: SmolLM2's GGUF weights are Q4_1 blocks, which per-channel int8 rounds a second time to a
+coarse grid (top-1 agreement with fp32 97.4% against 98.5% with blocks of 32, 2,433 teacher-forced positions of 26
+Spec-Bench prompts, simulated in fp32, 2026-12-05), and the block kernel reads ~40 bytes per 32 weights against the
+per-channel kernel's 32 but runs at ponder's GEMM's speed. Measured on SmolLM2-135M (3 chat prompts, 303
+teacher-forced greedy tokens, per-channel) and why it is built this way:
 
 | int8 variant                                              | top-1 agreement with fp32 |
 |-----------------------------------------------------------|---------------------------|
