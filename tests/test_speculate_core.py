@@ -39,6 +39,7 @@ def spec_table(
         "lookahead": ["lookahead"],
         "recycling": ["recycling", "recycling:k=8:widths=8-2-1"],
         "draft": [f"draft:{model_dir}"],
+        "lowbit": ["lowbit", "lowbit:weights=int8:k=4"],
         "early-exit": ["early-exit:layer=1", "early-exit", f"early-exit:layer=1:adapter={exits_dir}"],
         "head": [f"head:{head_dir}", f"head:{head_dir}:depth=3:k=2"],
         "medusa": [f"medusa:{medusa_dir}", f"medusa:{medusa_dir}:heads=2:k=3"],
@@ -98,13 +99,15 @@ def test_greedy_speculation_is_lossless_in_every_dtype(
     difference between a decode step and a verify forward would change tokens, so they attend token by token (see
     ``quant.py``; tests/test_kernels.py checks the kernels bit for bit). The random model with itself as the draft
     model gets long chains accepted; the cyclic one gets trees (recycling) and early exit's reused hidden states
-    accepted, and the trained head (with int8 weights of its own under int8 and q4 targets). int8 and q4 run
+    accepted, and the trained head (with int8 weights of its own under int8 and q4 targets); an int8 target also
+    with its q4 copy drafting (``lowbit``). int8 and q4 run
     ponder's native decoder layers where the CPU has them (``native_layers.py``), q4 also per operator."""
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     # explore=0: the gate times steps, and every case here must draft (and accept) whatever the machine's load
     for model_dir, specs in ((tiny_dir, [f"draft:{tiny_dir}:explore=0"]),
                              (cyclic_dir, ["recycling:explore=0", "early-exit:layer=1:explore=0",
-                                           f"head:{cyclic_head_dir}:explore=0"])):
+                                           f"head:{cyclic_head_dir}:explore=0"]
+                              + (["lowbit:explore=0"] if dtype == "int8" else []))):
         target = ponder.load(str(model_dir), dtype, native=native)
         want = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=1)]
         for spec in specs:

@@ -32,7 +32,9 @@ def reference(smollm2) -> dict[int, list[list[int]]]:
                                   # the trained drafters, with the artifacts that ship with ponder; explore=0: they
                                   # draft at every step, whatever the policy's gate measures on this machine
                                   "head:explore=0", "medusa:explore=0", "head+pld:explore=0",
-                                  "early-exit:adapter=default:explore=0"])
+                                  "early-exit:adapter=default:explore=0",
+                                  # the target's q4 copy drafting over its cache
+                                  "lowbit:explore=0", "lowbit:k=12:max_nodes=16+pld:explore=0"])
 def test_smollm2_speculation_is_lossless(smollm2, reference, spec: str) -> None:
     eng, params = Engine(smollm2, make_speculator(spec, smollm2)), SamplingParams(max_new_tokens=40)
     alone = [eng.generate([p], params)[0] for p in PROMPTS]

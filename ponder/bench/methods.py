@@ -116,9 +116,11 @@ def _ponder_spec(text: str) -> MethodSpec:
     chunks, kv_chunks, depth_chunks, options = [], [], [], {}
     for chunk in text.split("+"):
         kept = []
+        # a draft model's own dtype (``draft:MODEL:dtype=q4``) is the drafter's option, not the target's
+        own = ("dtype",) if chunk.split(":")[0].strip() == "draft" else ()
         for i, part in enumerate(chunk.split(":")):
             key, eq, value = part.partition("=")
-            if i and eq and key in ("dtype", "batch", "compile", "native"):
+            if i and eq and key in ("dtype", "batch", "compile", "native") and key not in own:
                 options[key] = value
             else:
                 kept.append(part)

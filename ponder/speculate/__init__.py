@@ -1,7 +1,7 @@
 """Lossless speculative decoding: drafters (one per file), the verify core's acceptance rules, the adaptive policy.
 
 A speculator SPEC names one drafter or a ``+``-joined combination, each with ``:key=value`` options, e.g.
-``pld``, ``recycling:k=8``, ``pld:max_ngram=4+recycling``, ``draft:MODEL:dtype=int8``, ``early-exit:layer=auto``.
+``pld``, ``recycling:k=8``, ``pld:max_ngram=4+recycling``, ``draft:MODEL:dtype=int8``, ``lowbit:k=12``, ``early-exit:layer=auto``.
 Policy options (``max_nodes``, ``min_prob``, ``adaptive``) may be given on any part and apply to the whole.
 """
 
@@ -27,7 +27,7 @@ class Entry:
 
 
 def _registry() -> dict[str, Entry]:
-    from ponder.speculate import draft_model, early_exit, head, lookahead, medusa, pld, recycling
+    from ponder.speculate import draft_model, early_exit, head, lookahead, lowbit, medusa, pld, recycling
 
     return {
         "pld": Entry(pld.PLDOptions, lambda o, t: pld.PLD(o), help="prompt lookup / copy (2502.08923)"),
@@ -37,6 +37,8 @@ def _registry() -> dict[str, Entry]:
                            help="Token Recycling: adjacency of top-k successors (2408.08696)"),
         "draft": Entry(draft_model.DraftModelOptions, draft_model.DraftModel.build, positional="model",
                        help="a separate draft model with the same tokenizer"),
+        "lowbit": Entry(lowbit.LowBitOptions, lowbit.LowBit.build,
+                        help="the target's own q4/int8 copy drafting over its KV cache (2410.11305, 2503.13565)"),
         "early-exit": Entry(early_exit.EarlyExitOptions, early_exit.EarlyExit.build,
                             help="self-speculation with the first layers (2404.16710, 2404.18911; auto: 2504.05598)"),
         "head": Entry(head.HeadOptions, head.HeadDrafter.build, positional="path",

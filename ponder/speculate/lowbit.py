@@ -1,0 +1,100 @@
+"""Self-speculation with a low-bit copy of the target that drafts over the target's own KV cache.
+
+The target's 4-bit (or int8) copy agrees with it on ~99% of greedy tokens (the bench's top-1 agreement of
+``--dtype q4``) and runs a decode step several times faster on this CPU (ponder's native decoder layers), so it
+drafts long chains that are nearly always accepted; the full-precision target verifies them in one forward, which
+keeps the output exactly its own. Quantized drafts of the target itself are QSpec's (arXiv 2410.11305) and
+ML-SpecQD's (arXiv 2503.13565, on CPUs); like QSpec, the copy shares the target's KV cache: it writes its drafts'
+K/V after the committed tokens' (computed by the target), reads the committed ones as they are, and the cache is cut
+back to its lengths before the verify forward overwrites those slots. So the copy keeps no cache of its own, never
+prefills the prompt and never catches up on accepted tokens: each step runs ``k`` one-token forwards of the copy
+for all rows of the batch at once.
+
+Drafting is greedy (a point mass at the copy's argmax, which the sampling acceptance rule handles exactly); a node's
+score is the copy's top-1 probability, which the policy calibrates against what the target accepted. ``threshold``
+stops a row's chain when that probability falls below it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ponder.errors import PonderError
+from ponder.speculate.base import DraftBatch, Drafter, Proposal
+from ponder.speculate.tree import DraftTree
+
+WEIGHTS = ("q4", "int8")
+
+
+@dataclass(frozen=True)
+class LowBitOptions:
+    weights: str = "q4"  # the copy's weights: q4 (CPU) or int8
+    k: int = 8  # most draft tokens per row per step
+    threshold: float = 0.0  # stop a row's chain when the copy's top-1 probability falls below this
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"lowbit weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if self.k < 1 or not 0 <= self.threshold < 1:
+            raise ValueError(f"lowbit needs k >= 1 and threshold in [0, 1), got k={self.k}, threshold={self.threshold}")
+
+
+class LowBit(Drafter):
+    name = "lowbit"
+
+    def __init__(self, options: LowBitOptions, copy: Any, target_vocab: int) -> None:
+        self.options = options
+        self.copy = copy  # the low-bit LlamaModel
+        self.vocab = min(copy.config.vocab_size, target_vocab)
+
+    @classmethod
+    def build(cls, options: LowBitOptions, target: Any) -> "LowBit":
+        import ponder
+
+        if target.dtype == options.weights:
+            raise PonderError(f"lowbit drafts with a {options.weights} copy of the target, and the target already runs "
+                              f"with {options.weights} weights: speculate with another drafter, or load the target in "
+                              "a wider dtype (fp32)")
+        copy = ponder.load(str(target.path), options.weights, device=str(target.model.device)).model
+        if copy.kv_dtype != target.model.kv_dtype:
+            raise PonderError(f"lowbit's {options.weights} copy keeps its K/V in {copy.kv_dtype} and the "
+                              f"{target.dtype} target in {target.model.kv_dtype}; they must share the cache: use an "
+                              "fp32 or int8 target")
+        return cls(options, copy, target.model.config.vocab_size)
+
+    def propose(self, batch: DraftBatch) -> Proposal:
+        rows, cache = batch.rows, batch.cache
+        want = [min(self.options.k, r.budget) for r in rows]
+        trees = [DraftTree() for _ in rows]
+        if max(want, default=0) == 0:
+            return Proposal(trees)
+        start = list(cache.lengths)
+        feed = torch.tensor([[r.tokens[-1]] for r in rows], device=self.copy.device)
+        drafts: list[list[int]] = [[] for _ in rows]
+        scores: list[list[float]] = [[] for _ in rows]
+        active = [n > 0 for n in want]
+        try:
+            for _ in range(max(want)):
+                # every row runs (a batch forward cannot skip rows); a finished row's extra K/V is cut below
+                logits = self.copy(feed, cache, last_only=True)[:, 0, : self.vocab].float()
+                conf, tok = torch.softmax(logits, -1).max(-1)
+                conf_l, tok_l = conf.tolist(), tok.tolist()
+                for b in range(len(rows)):
+                    if not active[b]:
+                        continue
+                    if conf_l[b] < self.options.threshold:
+                        active[b] = False
+                        continue
+                    drafts[b].append(tok_l[b])
+                    scores[b].append(conf_l[b])
+                    active[b] = len(drafts[b]) < want[b]
+                if not any(active):
+                    break  # the last drafts are never fed: the verify forward tells what follows them
+                feed = tok.view(-1, 1)
+        finally:
+            for b, n in enumerate(start):
+                cache.truncate(b, n)
+        return Proposal([DraftTree.chain(d, s, self.name) for d, s in zip(drafts, scores)])

@@ -1,0 +1,83 @@
+"""lowbit: the target's own q4/int8 copy drafts over the target's KV cache (``ponder/speculate/lowbit.py``).
+
+The lossless matrices (test_speculate_core.py, test_seeded_sampling.py, test_speculate_smollm2.py) cover its output;
+here: it leaves the cache as it found it, drafts what the copy decodes alone, and refuses what it cannot do."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import ponder
+from ponder.errors import PonderError
+from ponder.speculate import make_speculator
+from ponder.speculate.base import DraftBatch, DraftRow
+
+
+def _prefilled(target, prompts: list[list[int]]):
+    cache = target.model.new_cache(len(prompts), 64)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    with torch.inference_mode():
+        target.model(ids, cache, n_new=[len(p) for p in prompts])
+    return cache
+
+
+def test_drafts_leave_the_cache_as_they_found_it_and_follow_the_copy(cyclic) -> None:
+    spec = make_speculator("lowbit:k=5", cyclic)
+    drafter = spec.drafter
+    prompts = [[5, 6, 7, 8, 9, 5, 6], [3, 1, 4, 1, 5, 9, 2, 6, 11, 12]]
+    # the cache holds tokens[:-1]; tokens[-1] is the pending token
+    cache = _prefilled(cyclic, [p[:-1] for p in prompts])
+    lengths = list(cache.lengths)
+    before = [(k.clone(), v.clone()) for k, v in zip(cache.k, cache.v)]
+    rows = [DraftRow(p, None, budget) for p, budget in zip(prompts, (5, 2))]
+    with torch.inference_mode():
+        trees = drafter.propose(DraftBatch(rows, cyclic.model, cache)).trees
+    assert cache.lengths == lengths
+    for (k0, v0), k1, v1 in zip(before, cache.k, cache.v):
+        for b, n in enumerate(lengths):  # the committed slots are untouched (drafts wrote only above them)
+            assert torch.equal(k0[b, :, :n], k1[b, :, :n]) and torch.equal(v0[b, :, :n], v1[b, :, :n])
+    assert [len(t) for t in trees] == [5, 2]  # budgets respected (threshold 0: full chains)
+    assert all(t.parents == list(range(-1, len(t) - 1)) for t in trees)  # chains
+    # each row's chain is the copy's own greedy continuation over the target's K/V of the prompt
+    for b, (p, tree) in enumerate(zip(prompts, trees)):
+        own = _prefilled(cyclic, [p[:-1]])
+        feed, want = [p[-1]], []
+        with torch.inference_mode():
+            for _ in range(len(tree)):
+                logits = drafter.copy(torch.tensor([feed]), own, last_only=True)[0, -1]
+                want.append(int(logits[: drafter.vocab].argmax()))
+                feed = [want[-1]]
+        assert tree.tokens == want, b
+
+
+def test_threshold_cuts_chains(cyclic) -> None:
+    drafter = make_speculator("lowbit:k=6:threshold=0.999999", cyclic).drafter
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    cache = _prefilled(cyclic, [p[:-1] for p in prompts])
+    with torch.inference_mode():
+        tree = drafter.propose(DraftBatch([DraftRow(prompts[0], None, 6)], cyclic.model, cache)).trees[0]
+    assert len(tree) < 6 and all(s >= 0.999999 for s in tree.scores)
+
+
+def test_refusals_are_one_line(cyclic_dir: Path) -> None:
+    q4 = ponder.load(str(cyclic_dir), "q4")
+    with pytest.raises(PonderError, match="already runs with q4 weights"):
+        make_speculator("lowbit", q4)
+    fp16 = ponder.load(str(cyclic_dir), "fp16")
+    with pytest.raises(PonderError, match="must share the cache"):
+        make_speculator("lowbit", fp16)
+    with pytest.raises(PonderError, match="weights must be one of q4, int8"):
+        make_speculator("lowbit:weights=fp16", fp16)
+
+
+def test_bench_keeps_a_draft_models_dtype_with_the_drafter() -> None:
+    """``draft:MODEL:dtype=q4`` is the draft model's dtype; ``pld:dtype=q4`` the target's."""
+    from ponder.bench.methods import parse_spec
+
+    spec = parse_spec("draft:some-model:dtype=q4")
+    assert spec.dtype == "fp32" and spec.speculator == "draft:some-model:dtype=q4"
+    spec = parse_spec("draft:some-model:dtype=q4+pld:dtype=int8")
+    assert spec.dtype == "int8" and spec.speculator == "draft:some-model:dtype=q4+pld"
+    assert parse_spec("lowbit:dtype=int8").dtype == "int8"
