@@ -471,6 +471,9 @@ class Engine:
         cheap_only = not drafting and spec.drafter.has_cheap
         budgets = [spec.policy.budget(r.params.max_new_tokens - len(r.completion.output_ids))
                    if (drafting or cheap_only) and r.speculate else 0 for r in rows]
+        seq = spec.drafter.sequential_names
+        if seq and drafting:  # a chain drafter: its length priced with its forwards, before it drafts
+            budgets = spec.policy.plan(budgets, seq)
         kv = self._kv(rows)
         if kv:  # drafts stop at the next eviction point, so evictions happen where plain decoding has them
             rooms = [kv.room(r.kv_state, cache, b) for b, r in enumerate(rows)]
@@ -493,7 +496,8 @@ class Engine:
             res.hidden = {layer: h[b, : len(trees[b]) + 1] for layer, h in captured.items() if h is not None}
         t2 = time.perf_counter()
         spec.drafter.observe(batch, results)
-        spec.policy.observe(trees, [r.path for r in results], drafting, time.perf_counter() - t0, t1 - t0)
+        forwards = max((d for t in proposal.trees for d, src in zip(t.depths(), t.sources) if src in seq), default=0)
+        spec.policy.observe(trees, [r.path for r in results], drafting, time.perf_counter() - t0, t1 - t0, forwards)
         events = []
         for row, tree, res in zip(rows, trees, results):
             event = self._commit_many(row, res.committed, res.gaps, res.logprobs)

@@ -105,3 +105,34 @@ def test_cheap_drafters_keep_drafting_while_the_gate_turns_the_costly_ones_off(c
         out = eng.generate(PROMPTS, params, batch_size=1)
         assert [c.output_ids for c in out] == plain, spec
         assert (drafted_and_accepted(out)[0] > 0) == drafts, spec
+
+
+def test_plan_prices_a_sequential_drafters_forwards():
+    """A chain drafter's length is chosen before it drafts: expected tokens per second of n draft forwards plus
+    the verify forward, from the observed acceptance per depth."""
+    from ponder.speculate.policy import CostCurve
+
+    curve = CostCurve({1: 0.025, 2: 0.026, 4: 0.03, 8: 0.035, 16: 0.045})
+    policy = DraftPolicy(PolicyOptions(max_nodes=15), curve)
+    assert policy.plan([8, 3], ("lowbit",)) == [8, 3]  # no draft forward timed for 2 rows yet: the budgets
+    chain = DraftTree.chain([1] * 4, [1.0] * 4, "lowbit")
+    for _ in range(50):  # every node accepted at depths 1-4
+        policy.observe([chain], [[0, 1, 2, 3]], forwards=4, draft_seconds=0.004 * 4)
+    assert policy.forward_s[1] == pytest.approx(0.004)
+    # depths 5+ were never tested: they get the pooled rate, so chains grow; n=15 beats any shorter one here
+    assert policy.plan([15], ("lowbit",)) == [15]
+    assert policy.plan([6], ("lowbit",)) == [6]
+    assert policy.plan([15], ("other",)) == [1]  # nothing known about another source's nodes: 1/2 each
+    # dear forwards: 15 forwards of 50 ms never pay against a 25 ms verify; still one draft (the gate decides on/off)
+    policy.forward_s[1] = 0.05
+    assert policy.plan([15], ("lowbit",)) == [1]
+    # half of the depth-2 nodes rejected: chains stop after depth 1 when forwards cost 10 ms
+    policy = DraftPolicy(PolicyOptions(max_nodes=15), curve)
+    pair = DraftTree.chain([1, 2], [1.0, 1.0], "lowbit")
+    for i in range(200):
+        policy.observe([pair], [[0, 1] if i % 2 else [0]], forwards=2, draft_seconds=0.02)
+    assert policy.plan([15], ("lowbit",))[0] <= 2
+    # adaptive=false: always the budgets
+    fixed = DraftPolicy(PolicyOptions(adaptive=False), curve)
+    fixed.forward_s[1] = 1.0
+    assert fixed.plan([9], ("lowbit",)) == [9]

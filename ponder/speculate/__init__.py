@@ -60,10 +60,15 @@ class Composite(Drafter):
         self.name = "+".join(p.name for p in parts)
         self.prefill_capture = tuple(sorted({layer for p in parts for layer in p.prefill_capture}))
         self.cheap = all(p.cheap for p in parts)
+        self.sequential = any(p.sequential for p in parts)  # the planned length caps every part's budget
 
     @property
     def has_cheap(self) -> bool:
         return any(p.cheap for p in self.parts)
+
+    @property
+    def sequential_names(self) -> tuple[str, ...]:
+        return tuple(n for p in self.parts for n in p.sequential_names)
 
     def new_state(self, prompt_ids: list[int]) -> list[Any]:
         return [p.new_state(prompt_ids) for p in self.parts]

@@ -67,11 +67,19 @@ class Drafter(ABC):
     # drafting costs next to nothing (copying from the text, n-gram pools): it keeps drafting in a composite whose
     # costly parts the policy's gate has turned off (``DraftBatch.cheap_only``)
     cheap: bool = False
+    # drafts chains one forward of its own network per token (a draft model, the target's low-bit copy): the policy
+    # sizes its chains before it drafts, pricing each forward (``DraftPolicy.plan``), and its budget is that length
+    sequential: bool = False
 
     @property
     def has_cheap(self) -> bool:
         """Whether some part of this drafter still drafts when only cheap drafters may."""
         return self.cheap
+
+    @property
+    def sequential_names(self) -> tuple[str, ...]:
+        """The ``source`` names of this drafter's sequential parts (their chains are planned)."""
+        return (self.name,) if self.sequential else ()
 
     def new_state(self, prompt_ids: list[int]) -> Any:
         """Per-row state for a new sequence (default: none)."""

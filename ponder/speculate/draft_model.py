@@ -45,6 +45,7 @@ class DraftState:
 
 class DraftModel(Drafter):
     name = "draft"
+    sequential = True  # one forward of the draft model per draft token: the policy plans the chains' length
 
     def __init__(self, options: DraftModelOptions, loaded: Any, target_vocab: int | None = None) -> None:
         self.options = options

@@ -11,7 +11,12 @@ rows), so the policy measures that cost curve once per engine (``CostCurve.measu
 nodes per row that maximises expected tokens per second: ``sum_rows(1 + sum of kept path probs) / cost(B * T)``.
 Nodes whose path probability falls below ``min_prob`` are dropped as well (the SpecDec++ stopping rule).
 
-That curve prices verification only. Drafting has its own cost, large for drafters that run a network (a draft
+A sequential drafter (one forward of its own network per draft token: a draft model, the target's low-bit copy)
+is sized before it drafts instead, so that its forwards are priced too (``plan``): the chain length n with the most
+expected tokens per second of ``n`` timed draft forwards plus the verify forward, from each depth's observed
+acceptance.
+
+Beyond that, drafting has its own cost, large for drafters that run a network (a draft
 model, a trained head): whether it pays is measured, not modelled. ``DraftGate`` times whole steps (committed tokens
 per wall second, drafting included) with and without drafting, keeps whichever is faster, and retries the other
 every ``explore`` steps; a step without drafting gives every row a budget of 0 (drafters still see it, so those
@@ -106,6 +111,18 @@ class Calibration:
         acc, tested = self.counts.get(self.key(source, depth, score), (0.0, 0.0))
         return (acc + self.prior * score) / (tested + self.prior)
 
+    def depth_acceptance(self, sources: tuple[str, ...], depths: int) -> list[float]:
+        """Per depth 1..``depths``: accepted / tested nodes of ``sources`` there (depths past 8 share 8's counts),
+        shrunk toward their rate over all depths by ``prior`` observations (a depth not tested yet gets that rate,
+        so longer chains get tried), which is add-one smoothed."""
+        acc, tested = [0.0] * 9, [0.0] * 9
+        for (src, d, _), (a, t) in self.counts.items():
+            if src in sources:
+                acc[d] += a
+                tested[d] += t
+        pooled = (sum(acc) + 1) / (sum(tested) + 2)
+        return [(acc[min(d, 8)] + self.prior * pooled) / (tested[min(d, 8)] + self.prior) for d in range(1, depths + 1)]
+
     def update(self, tree: DraftTree, path: list[int]) -> None:
         accepted = set(path)
         reached = accepted | {-1}
@@ -157,6 +174,29 @@ class DraftPolicy:
         self.cost = cost or CostCurve()
         self.calibration = Calibration()
         self.gate = DraftGate(max(self.options.explore, 2))
+        self.forward_s: dict[int, float] = {}  # rows -> seconds per forward of a sequential drafter (moving average)
+
+    def plan(self, budgets: list[int], sources: tuple[str, ...]) -> list[int]:
+        """Chain lengths for a sequential drafter whose nodes carry ``sources``, before it drafts: the n (at least 1,
+        at most each row's budget) that maximises ``sum_rows(1 + sum_{d <= n} P_d) / (cost(B * (n + 1)) + n * f)``,
+        with P_d the product of the observed acceptance of depths 1..d (tested nodes of those sources whose parent was
+        accepted, add-one smoothed) and f the measured seconds of one draft forward for B rows. Until a drafting
+        step of B rows has been timed (or without ``adaptive``): the budgets."""
+        rows = len(budgets)
+        per = self.forward_s.get(rows)
+        top = max(budgets, default=0)
+        if per is None or not self.options.adaptive or top <= 1:
+            return budgets
+        acc = self.calibration.depth_acceptance(sources, top)
+        best_n, best_rate, path, cum = 1, -1.0, 1.0, [0.0]
+        for n in range(1, top + 1):
+            path *= acc[n - 1]
+            cum.append(cum[-1] + path)
+            tokens = sum(1 + cum[min(n, b)] for b in budgets)
+            rate = tokens / (self.cost(rows * (n + 1)) + n * per)
+            if rate > best_rate + 1e-12:
+                best_n, best_rate = n, rate
+        return [min(b, best_n) for b in budgets]
 
     def budget(self, remaining: int) -> int:
         """Most nodes for a row that may still commit ``remaining`` tokens (a verify step commits up to depth + 1)."""
@@ -199,11 +239,16 @@ class DraftPolicy:
 
     def observe(
         self, trees: list[DraftTree], paths: list[list[int]], drafted: bool = True, seconds: float = 0.0,
-        draft_seconds: float = 0.0,
+        draft_seconds: float = 0.0, forwards: int = 0,
     ) -> None:
         """Calibrate on what was accepted; ``seconds``: the whole step's wall time (draft, verify, accept), of which
-        ``draft_seconds`` drafting."""
+        ``draft_seconds`` drafting; ``forwards``: the sequential drafter's forwards in that drafting (its longest
+        chain), which times one of them for this many rows."""
         for tree, path in zip(trees, paths):
             self.calibration.update(tree, path)
+        if forwards > 0:
+            old = self.forward_s.get(len(trees))
+            new = draft_seconds / forwards
+            self.forward_s[len(trees)] = new if old is None else 0.7 * old + 0.3 * new
         if seconds > 0:
             self.gate.observe(drafted, sum(len(p) + 1 for p in paths), seconds, draft_seconds)
