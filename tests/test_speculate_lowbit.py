@@ -81,3 +81,10 @@ def test_bench_keeps_a_draft_models_dtype_with_the_drafter() -> None:
     spec = parse_spec("draft:some-model:dtype=q4+pld:dtype=int8")
     assert spec.dtype == "int8" and spec.speculator == "draft:some-model:dtype=q4+pld"
     assert parse_spec("lowbit:dtype=int8").dtype == "int8"
+
+
+def test_policy_defaults_follow_the_drafter_unless_the_spec_sets_them(cyclic) -> None:
+    assert make_speculator("lowbit", cyclic).max_nodes == 24
+    assert make_speculator("pld+lowbit", cyclic).max_nodes == 24
+    assert make_speculator("lowbit:max_nodes=8", cyclic).max_nodes == 8
+    assert make_speculator("pld", cyclic).max_nodes == 15

@@ -24,6 +24,7 @@ class Entry:
     build: Callable[[Any, Any], Drafter]  # (options, target Loaded) -> drafter
     positional: str | None = None  # option filled by a bare ``:value`` (``draft:MODEL``)
     help: str = ""
+    policy: tuple[tuple[str, str], ...] = ()  # policy defaults this drafter wants unless the SPEC sets them
 
 
 def _registry() -> dict[str, Entry]:
@@ -38,7 +39,10 @@ def _registry() -> dict[str, Entry]:
         "draft": Entry(draft_model.DraftModelOptions, draft_model.DraftModel.build, positional="model",
                        help="a separate draft model with the same tokenizer"),
         "lowbit": Entry(lowbit.LowBitOptions, lowbit.LowBit.build,
-                        help="the target's own q4/int8 copy drafting over its KV cache (2410.11305, 2503.13565)"),
+                        help="the target's own q4/int8 copy drafting over its KV cache (2410.11305, 2503.13565)",
+                        # its chains are ~99% accepted: up to 24 nodes (the policy plans the length; a verify
+                        # forward of more than 32 tokens leaves the packed kernels, linear.py)
+                        policy=(("max_nodes", "24"),)),
         "early-exit": Entry(early_exit.EarlyExitOptions, early_exit.EarlyExit.build,
                             help="self-speculation with the first layers (2404.16710, 2404.18911; auto: 2504.05598)"),
         "head": Entry(head.HeadOptions, head.HeadDrafter.build, positional="path",
@@ -170,9 +174,14 @@ def make_speculator(text: str, target: Any) -> Speculator:
     if (reason := REFUSED_DTYPES.get(getattr(target, "dtype", "fp32"))) is not None:
         raise PonderError(reason)
     reg = _registry()
+    parsed = parse(text)
+    # drafters' policy defaults (the largest where parts differ), then what the SPEC says
     policy_kw: dict[str, str] = {}
+    for name, _ in parsed:
+        for key, value in reg[name].policy:
+            policy_kw[key] = max(policy_kw.get(key, value), value, key=float)
     drafters = []
-    for name, options in parse(text):
+    for name, options in parsed:
         entry = reg[name]
         own = {k: v for k, v in options.items() if k not in _fields(PolicyOptions)}
         policy_kw.update({k: v for k, v in options.items() if k in _fields(PolicyOptions)})

@@ -35,7 +35,7 @@ WEIGHTS = ("q4", "int8")
 @dataclass(frozen=True)
 class LowBitOptions:
     weights: str = "q4"  # the copy's weights: q4 (CPU) or int8
-    k: int = 8  # most draft tokens per row per step
+    k: int = 24  # most draft tokens per row per step (and the policy's max_nodes: 24 unless the SPEC sets it)
     threshold: float = 0.0  # stop a row's chain when the copy's top-1 probability falls below this
 
     def __post_init__(self) -> None:
