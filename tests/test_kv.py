@@ -264,6 +264,8 @@ def speculators(tiny, tiny_dir, cyclic, cyclic_head_dir, cyclic_medusa_dir) -> d
     may stop drafting on a busy machine."""
     specs = {"pld+recycling:adaptive=false:min_prob=0": tiny, f"draft:{tiny_dir}:adaptive=false": tiny,
              "early-exit:layer=1:adaptive=false": cyclic,
+             # the target's q4 copy drafts over the policy's cache (writes above each row's length, then cut back)
+             "lowbit:adaptive=false": cyclic,
              # the trained drafters read the hidden states of the verify forward through the policy's hooks
              f"head:{cyclic_head_dir}:adaptive=false": cyclic, f"medusa:{cyclic_medusa_dir}:adaptive=false": cyclic}
     return {s: (target, make_speculator(s, target)) for s, target in specs.items()}
@@ -279,7 +281,7 @@ def test_speculation_is_lossless_relative_to_the_policy(speculators, kv: str) ->
                 want[id(target)] = [c.output_ids for c in Engine(target, kv=make_policy(kv)).generate(prompts, params)]
             out = Engine(target, speculator, make_policy(kv)).generate(prompts, params)
             assert [c.output_ids for c in out] == want[id(target)], (kv, spec, len(prompts))
-            if spec.startswith(("draft", "early-exit", "head", "medusa")):
+            if spec.startswith(("draft", "early-exit", "head", "medusa", "lowbit")):
                 assert sum(c.spec.accepted for c in out) > 0  # drafts really were accepted through the policy
 
 

@@ -113,6 +113,17 @@ def test_what_runs_per_operator_and_says_so(tiny_dir: Path) -> None:
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     Engine(target, kv=make_policy("h2o", 0.5)).generate(PROMPTS[:2], params)
     assert target.model.native_layers.fallbacks["KV policy"] > 0
+    # a policy's own cache layout (int8 KV keeps a residual window) falls back even in a forward without the
+    # policy's hook (lowbit's copy drafts over the target's cache so): the C code would write outside it
+    from ponder.kv.quant import QuantKVCache, QuantOptions
+
+    cfg = target.model.config
+    cache = QuantKVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 32, cfg.head_dim, torch.float32, "cpu",
+                         QuantOptions(group=4, residual=4), 2)
+    before = target.model.native_layers.fallbacks["KV policy"]
+    target.model(torch.tensor([[3, 4, 5]]), cache)
+    target.model(torch.tensor([[6]]), cache)
+    assert target.model.native_layers.fallbacks["KV policy"] == before + 1
 
 
 def test_info_and_bench_name_the_path(tiny_dir: Path) -> None:

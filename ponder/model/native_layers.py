@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ponder.cache import KVCache
 from ponder.model import native
 
 if TYPE_CHECKING:
@@ -106,7 +107,9 @@ class NativeLayers:
         """Why this forward runs the per-operator layers (None: it runs natively)."""
         if ctx.prefill:
             return "prefill"
-        if ctx.kv_hook is not None or cache.holes is not None:
+        # the C code reads and writes the plain cache's layout: a policy's cache class (int8/int4 KV keeps a
+        # residual window) or evicted slots need the per-operator layers
+        if ctx.kv_hook is not None or cache.holes is not None or type(cache) is not KVCache:
             return "KV policy"
         if ctx.plan is None:
             return "attention not planned"

@@ -62,6 +62,8 @@ class LowBit(Drafter):
             raise PonderError(f"lowbit drafts with a {options.weights} copy of the target, and the target already runs "
                               f"with {options.weights} weights: speculate with another drafter, or load the target in "
                               "a wider dtype (fp32)")
+        if options.weights == "q4" and target.model.device.type != "cpu":
+            raise PonderError("lowbit's q4 copy runs on the CPU only; on a GPU use lowbit:weights=int8")
         copy = ponder.load(str(target.path), options.weights, device=str(target.model.device)).model
         if copy.kv_dtype != target.model.kv_dtype:
             raise PonderError(f"lowbit's {options.weights} copy keeps its K/V in {copy.kv_dtype} and the "
