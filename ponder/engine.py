@@ -478,8 +478,8 @@ class Engine:
         if kv:  # drafts stop at the next eviction point, so evictions happen where plain decoding has them
             rooms = [kv.room(r.kv_state, cache, b) for b, r in enumerate(rows)]
             budgets = [b if room is None else min(b, room - 1) for b, room in zip(budgets, rooms)]
-        batch = DraftBatch([DraftRow(r.tokens, r.draft_state, n) for r, n in zip(rows, budgets)], self.model, cache,
-                           cheap_only)
+        batch = DraftBatch([DraftRow(r.tokens, r.draft_state, n, r.params, r.noise, len(r.completion.output_ids))
+                            for r, n in zip(rows, budgets)], self.model, cache, cheap_only)
         t0 = time.perf_counter()
         proposal = spec.drafter.propose(batch)
         trees = [t.best(n) for t, n in zip(spec.policy.shape(proposal.trees), budgets)]

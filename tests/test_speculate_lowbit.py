@@ -88,3 +88,46 @@ def test_policy_defaults_follow_the_drafter_unless_the_spec_sets_them(cyclic) ->
     assert make_speculator("pld+lowbit", cyclic).max_nodes == 24
     assert make_speculator("lowbit:max_nodes=8", cyclic).max_nodes == 8
     assert make_speculator("pld", cyclic).max_nodes == 15
+
+
+def test_sampling_rows_draft_the_copys_draws_with_the_targets_noise(cyclic) -> None:
+    """Coupled drafting: a sampling row's chain is the copy's own Gumbel-max draws with the noise the target uses at
+    those positions, not its argmax."""
+    from ponder.sampling import RowNoise, SamplingParams, sample
+
+    drafter = make_speculator("lowbit:k=6", cyclic).drafter
+    params = SamplingParams(temperature=1.5, seed=3, max_new_tokens=32)
+    prompt, position = [3, 1, 4, 1, 5, 9, 2, 6], 4  # as if 4 tokens had been generated (the pending one is the 4th)
+    cache = _prefilled(cyclic, [prompt[:-1]])
+    noise = RowNoise(3, 0)
+    with torch.inference_mode():
+        tree = drafter.propose(DraftBatch([DraftRow(prompt, None, 6, params, noise, position)], cyclic.model,
+                                          cache)).trees[0]
+        own = _prefilled(cyclic, [prompt[:-1]])
+        feed, want, greedy = [prompt[-1]], [], []
+        for j in range(6):
+            logits = drafter.copy(torch.tensor([feed]), own, last_only=True)[0, -1, : drafter.vocab].float()[None]
+            want.append(int(sample(logits, params, [RowNoise(3, 0).at(position + j, drafter.vocab)])[0]))
+            greedy.append(int(logits.argmax()))
+            feed = [want[-1]]
+    assert tree.tokens == want
+    assert want != greedy  # not vacuous: at this temperature the draws part from the argmax
+
+
+def test_coupled_drafts_are_accepted_more_often_when_sampling(cyclic) -> None:
+    """Sampling at temperature 1 on the cyclic model: the copy's coupled draws are accepted more often than its
+    argmax drafts (``couple=false``); the output is plain seeded sampling's either way (test_seeded_sampling.py
+    runs the coupled drafter; here both are compared with plain sampling too)."""
+    from ponder.engine import Engine
+    from ponder.sampling import SamplingParams
+
+    prompts = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [3, 1, 4, 1, 5, 9, 2, 6], [40, 41, 42]]
+    params = SamplingParams(max_new_tokens=48, temperature=1.0, seed=5, ignore_eos=True)
+    want = [c.output_ids for c in Engine(cyclic).generate(prompts, params)]
+    rates = {}
+    for couple in ("true", "false"):
+        eng = Engine(cyclic, make_speculator(f"lowbit:couple={couple}:explore=0:adaptive=false", cyclic))
+        out = eng.generate(prompts, params)
+        assert [c.output_ids for c in out] == want, couple
+        rates[couple] = sum(c.spec.accepted for c in out) / max(1, sum(c.spec.drafted for c in out))
+    assert rates["true"] > rates["false"], rates

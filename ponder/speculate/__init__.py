@@ -86,7 +86,7 @@ class Composite(Drafter):
         """Part i's view of the batch: its own states, and no budget when only cheap parts draft this step (a
         costly part still sees the step, to keep its state up to date)."""
         off = batch.cheap_only and not self.parts[i].cheap
-        rows = [DraftRow(r.tokens, r.state[i], 0 if off else r.budget) for r in batch.rows]
+        rows = [dataclasses.replace(r, state=r.state[i], budget=0 if off else r.budget) for r in batch.rows]
         return DraftBatch(rows, batch.model, batch.cache, batch.cheap_only)
 
     def propose(self, batch: DraftBatch) -> Proposal:

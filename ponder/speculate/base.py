@@ -27,6 +27,10 @@ class DraftRow:
     tokens: list[int]  # prompt + committed output; tokens[-1] is the pending token
     state: Any  # what the drafter's new_state returned for this row
     budget: int  # most nodes this row's tree may have
+    params: Any = None  # the row's SamplingParams (None: greedy)
+    noise: Any = None  # the row's RowNoise when it samples: the target samples a depth-d node's successor with
+    # ``noise.at(position + d, V)``, so a drafter that samples with the same noise proposes what the target would draw
+    position: int = 0  # output position of the pending token's successor (the row's output length)
 
 
 @dataclass

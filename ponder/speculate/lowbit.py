@@ -10,8 +10,14 @@ back to its lengths before the verify forward overwrites those slots. So the cop
 prefills the prompt and never catches up on accepted tokens: each step runs ``k`` one-token forwards of the copy
 for all rows of the batch at once.
 
-Drafting is greedy (a point mass at the copy's argmax, which the sampling acceptance rule handles exactly).
-``threshold`` stops a row's chain when the copy's top-1 probability falls below it (default 0: never). A node's
+A greedy row's drafts are the copy's argmax. A sampling row's are the copy's own Gumbel-max draws with the very
+noise the target will use at each position (``DraftRow.noise``; ponder samples ``argmax(log w + g)`` with noise
+``g`` fixed per seed, row and position, ``ponder/sampling.py``): where the copy's distribution is close to the
+target's, it draws the token the target will draw, so sampled chains are accepted nearly as often as greedy ones
+(coupled drafting; ``couple=false`` drafts the argmax instead). Drafts are point masses and the acceptance rule checks each against the target's own draw, so
+the output is plain seeded sampling's, token for token, whatever the drafts. ``threshold`` stops a row's chain when
+the copy's probability of its draft (top-1 when greedy, of the draw after temperature, top-k and top-p when
+sampling) falls below it (default 0: never). A node's
 score is 1, not that probability: the copy's confidence hardly tells which of its tokens the target rejects (SmolLM2's
 q4 copy on Spec-Bench: 96-100% of drafts accepted in every confidence bucket), and as the calibration's prior a low
 confidence made the policy cut chains the target would have accepted; the policy calibrates the nodes by depth. The chains' length is the policy's plan (``k`` at most):
@@ -26,6 +32,7 @@ from typing import Any
 import torch
 
 from ponder.errors import PonderError
+from ponder.sampling import sample, warp
 from ponder.speculate.base import DraftBatch, Drafter, Proposal
 from ponder.speculate.tree import DraftTree
 
@@ -36,7 +43,8 @@ WEIGHTS = ("q4", "int8")
 class LowBitOptions:
     weights: str = "q4"  # the copy's weights: q4 (CPU) or int8
     k: int = 24  # most draft tokens per row per step (and the policy's max_nodes: 24 unless the SPEC sets it)
-    threshold: float = 0.0  # stop a row's chain when the copy's top-1 probability falls below this
+    threshold: float = 0.0  # stop a row's chain when the copy's probability of its draft falls below this
+    couple: bool = True  # sampling rows draft the copy's draws with the target's noise (False: its argmax)
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHTS:
@@ -69,6 +77,9 @@ class LowBit(Drafter):
             raise PonderError(f"lowbit's {options.weights} copy keeps its K/V in {copy.kv_dtype} and the "
                               f"{target.dtype} target in {target.model.kv_dtype}; they must share the cache: use an "
                               "fp32 or int8 target")
+        if copy.config.vocab_size != target.model.config.vocab_size:  # a sampling row's noise spans the vocabulary
+            raise PonderError(f"lowbit's copy of {target.name} has {copy.config.vocab_size} tokens, the target "
+                              f"{target.model.config.vocab_size}")
         return cls(options, copy, target.model.config.vocab_size)
 
     def propose(self, batch: DraftBatch) -> Proposal:
@@ -82,11 +93,17 @@ class LowBit(Drafter):
         drafts: list[list[int]] = [[] for _ in rows]
         active = [n > 0 for n in want]
         try:
-            for _ in range(max(want)):
+            for step in range(max(want)):
                 # every row runs (a batch forward cannot skip rows); a finished row's extra K/V is cut below
                 logits = self.copy(feed, cache, last_only=True)[:, 0, : self.vocab].float()
                 conf, tok = torch.softmax(logits, -1).max(-1)
                 conf_l, tok_l = conf.tolist(), tok.tolist()
+                for b, r in enumerate(rows):
+                    if active[b] and self.options.couple and r.noise is not None and not r.params.greedy:
+                        # the draw the target will make at this position, with the copy's logits
+                        row = logits[b : b + 1]
+                        tok_l[b] = int(sample(row, r.params, [r.noise.at(r.position + step, self.vocab)])[0])
+                        conf_l[b] = float(warp(row, r.params)[0, tok_l[b]]) if self.options.threshold else 1.0
                 for b in range(len(rows)):
                     if not active[b]:
                         continue
@@ -97,7 +114,7 @@ class LowBit(Drafter):
                     active[b] = len(drafts[b]) < want[b]
                 if not any(active):
                     break  # the last drafts are never fed: the verify forward tells what follows them
-                feed = tok.view(-1, 1)
+                feed = torch.tensor(tok_l, device=self.copy.device).view(-1, 1)
         finally:
             for b, n in enumerate(start):
                 cache.truncate(b, n)
