@@ -19,6 +19,8 @@ install:
 demo: install
 	$(PYTHON) -m ponder info
 	$(PYTHON) -m ponder generate "$(PROMPT)" --max-new-tokens 96
+	@echo "--- the same, drafted by the model's own 4-bit copy (lossless: the same text, faster; docs/speculation.md)"
+	$(PYTHON) -m ponder generate "$(PROMPT)" --max-new-tokens 96 --speculate lowbit
 
 test: install
 	$(PYTHON) -m pytest -q
