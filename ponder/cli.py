@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=None, metavar="N",
                      help="decode at most N prompts together; a finished one's place goes to the next (default: all)")
     gen.add_argument("--speculate", metavar="SPEC", default=None,
-                     help="lossless speculative decoding: pld, lookahead, recycling, early-exit, draft:MODEL, or a "
-                          "combination such as pld+recycling, with options (recycling:k=8)")
+                     help="lossless speculative decoding: lowbit (the model's own 4-bit copy drafts; the fastest), "
+                          "pld, lookahead, recycling, early-exit, draft:MODEL, head, medusa, or a combination such as "
+                          "lowbit+pld, with options (recycling:k=8)")
     gen.add_argument("--kv", metavar="POLICY", default=None,
                      help="KV-cache compression (lossy): streaming, h2o or snapkv, with options (snapkv:window=64)")
     gen.add_argument("--kv-ratio", type=float, default=None, help="fraction of prompt KV entries the policy removes")
