@@ -1,7 +1,8 @@
 """Lossless speculative decoding: drafters (one per file), the verify core's acceptance rules, the adaptive policy.
 
 A speculator SPEC names one drafter or a ``+``-joined combination, each with ``:key=value`` options, e.g.
-``pld``, ``recycling:k=8``, ``pld:max_ngram=4+recycling``, ``draft:MODEL:dtype=int8``, ``lowbit:k=12``, ``early-exit:layer=auto``.
+``pld``, ``recycling:k=8``, ``pld:max_ngram=4+recycling``, ``draft:MODEL:dtype=int8``, ``lowbit:k=12``,
+``early-exit:layer=auto``.
 Policy options (``max_nodes``, ``min_prob``, ``adaptive``) may be given on any part and apply to the whole.
 """
 
@@ -64,7 +65,6 @@ class Composite(Drafter):
         self.name = "+".join(p.name for p in parts)
         self.prefill_capture = tuple(sorted({layer for p in parts for layer in p.prefill_capture}))
         self.cheap = all(p.cheap for p in parts)
-        self.sequential = any(p.sequential for p in parts)  # the planned length caps every part's budget
 
     @property
     def has_cheap(self) -> bool:
@@ -72,6 +72,7 @@ class Composite(Drafter):
 
     @property
     def sequential_names(self) -> tuple[str, ...]:
+        """Its sequential parts' names: their planned length caps every part's budget."""
         return tuple(n for p in self.parts for n in p.sequential_names)
 
     def new_state(self, prompt_ids: list[int]) -> list[Any]:

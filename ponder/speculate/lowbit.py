@@ -13,15 +13,17 @@ for all rows of the batch at once.
 A greedy row's drafts are the copy's argmax. A sampling row's are the copy's own Gumbel-max draws with the very
 noise the target will use at each position (``DraftRow.noise``; ponder samples ``argmax(log w + g)`` with noise
 ``g`` fixed per seed, row and position, ``ponder/sampling.py``): where the copy's distribution is close to the
-target's, it draws the token the target will draw, so sampled chains are accepted nearly as often as greedy ones
-(coupled drafting; ``couple=false`` drafts the argmax instead). Drafts are point masses and the acceptance rule checks each against the target's own draw, so
-the output is plain seeded sampling's, token for token, whatever the drafts. ``threshold`` stops a row's chain when
-the copy's probability of its draft (top-1 when greedy, of the draw after temperature, top-k and top-p when
-sampling) falls below it (default 0: never). A node's
-score is 1, not that probability: the copy's confidence hardly tells which of its tokens the target rejects (SmolLM2's
-q4 copy on Spec-Bench: 96-100% of drafts accepted in every confidence bucket), and as the calibration's prior a low
-confidence made the policy cut chains the target would have accepted; the policy calibrates the nodes by depth. The chains' length is the policy's plan (``k`` at most):
-the one with the most expected tokens per second of drafting plus verifying (``DraftPolicy.plan``).
+target's, it draws the token the target will draw, so sampled chains are accepted far more often than argmax drafts
+would be (coupled drafting; ``couple=false`` drafts the argmax instead). Drafts are point masses and the acceptance
+rule checks each against the target's own draw, so the output is plain seeded sampling's, token for token, whatever
+the drafts. ``threshold`` stops a row's chain when the copy's probability of its draft (top-1 when greedy, of the
+draw after temperature, top-k and top-p when sampling) falls below it (default 0: never).
+
+A node's score is 1, not that probability: the copy's confidence hardly tells which of its tokens the target
+rejects (SmolLM2's q4 copy on Spec-Bench: 96-100% of drafts accepted in every confidence bucket), and as the
+calibration's prior a low confidence made the policy cut chains the target would have accepted; the policy
+calibrates the nodes by depth. The chains' length is the policy's plan (``k`` at most): the one with the most
+expected tokens per second of drafting plus verifying (``DraftPolicy.plan``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class LowBit(Drafter):
     def __init__(self, options: LowBitOptions, copy: Any, target_vocab: int) -> None:
         self.options = options
         self.copy = copy  # the low-bit LlamaModel
-        self.vocab = min(copy.config.vocab_size, target_vocab)
+        self.vocab = target_vocab  # the copy's too (``build`` checks): a sampling row's noise spans it
 
     @classmethod
     def build(cls, options: LowBitOptions, target: Any) -> "LowBit":
