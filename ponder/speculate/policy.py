@@ -165,7 +165,12 @@ class DraftGate:
         self.rate[drafted] = self._average(self.rate.get(drafted), tokens / seconds)
 
     def _average(self, old: float | None, new: float) -> float:
-        return new if old is None else self.decay * old + (1 - self.decay) * new
+        return moving_average(old, new, self.decay)
+
+
+def moving_average(old: float | None, new: float, decay: float = 0.7) -> float:
+    """``new`` weighted ``1 - decay`` against ``old`` (``new`` alone when there is no ``old``)."""
+    return new if old is None else decay * old + (1 - decay) * new
 
 
 class DraftPolicy:
@@ -247,8 +252,6 @@ class DraftPolicy:
         for tree, path in zip(trees, paths):
             self.calibration.update(tree, path)
         if forwards > 0:
-            old = self.forward_s.get(len(trees))
-            new = draft_seconds / forwards
-            self.forward_s[len(trees)] = new if old is None else 0.7 * old + 0.3 * new
+            self.forward_s[len(trees)] = moving_average(self.forward_s.get(len(trees)), draft_seconds / forwards)
         if seconds > 0:
             self.gate.observe(drafted, sum(len(p) + 1 for p in paths), seconds, draft_seconds)
