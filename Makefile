@@ -26,7 +26,7 @@ test: install
 	$(PYTHON) -m pytest -q
 
 bench-quick: install
-	$(PYTHON) -m ponder bench --suite builtin --methods baseline,hf --max-new-tokens 64 --out bench-out
+	$(PYTHON) -m ponder bench --suite builtin --methods baseline,hf,lowbit --max-new-tokens 64 --out bench-out
 
 # the default model's trained artifacts that ship with ponder (docs/distill.md, docs/depth.md): data, then each one
 heads: install

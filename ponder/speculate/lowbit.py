@@ -77,8 +77,8 @@ class LowBit(Drafter):
         copy = ponder.load(str(target.path), options.weights, device=str(target.model.device)).model
         if copy.kv_dtype != target.model.kv_dtype:
             raise PonderError(f"lowbit's {options.weights} copy keeps its K/V in {copy.kv_dtype} and the "
-                              f"{target.dtype} target in {target.model.kv_dtype}; they must share the cache: use an "
-                              "fp32 or int8 target")
+                              f"{target.dtype} target in {target.model.kv_dtype}; they must share the cache: load the "
+                              f"target with K/V in {copy.kv_dtype} (on the CPU: fp32 or int8)")
         if copy.config.vocab_size != target.model.config.vocab_size:  # a sampling row's noise spans the vocabulary
             raise PonderError(f"lowbit's copy of {target.name} has {copy.config.vocab_size} tokens, the target "
                               f"{target.model.config.vocab_size}")
