@@ -355,3 +355,34 @@ def test_task_scores() -> None:
     assert score("summarization", ["the cat sat"], "dogs run")["rougeL"] == 0.0
     assert score("qa", ["x"], "x") == {}
     assert aggregate([{"task": {"gsm8k": 1.0}}, {"task": {"gsm8k": 0.0}}, {}]) == {"gsm8k": {"mean": 0.5, "n": 2}}
+
+
+def test_sampling_runs_compare_seeded_samples(cyclic_dir: Path, tmp_path: Path) -> None:
+    """``--temperature``: every ponder method samples with the same seed, so a lossless method still matches the
+    baseline token for token (on the cyclic model, where lowbit's coupled draws get accepted)."""
+    out = tmp_path / "out"
+    args = _args(model=cyclic_dir, methods="baseline,pld,lowbit:explore=0", max_new_tokens=16, limit=3, out=out,
+                 temperature=1.0, seed=7)
+    assert bench.run(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["settings"]["greedy"] is False and r["settings"]["temperature"] == 1.0 and r["settings"]["seed"] == 7
+    for spec in ("pld", "lowbit:explore=0"):
+        assert r["methods"][spec]["exact_match"] == 1.0, spec
+    assert sum(p["accepted"] for p in r["prompts"] if p["method"] == "lowbit:explore=0") > 0
+    assert "sampling at temperature 1 with seed 7" in (out / "report.md").read_text()
+    # sampled, not greedy: the same run at temperature 0 gives other baseline tokens
+    greedy = tmp_path / "greedy"
+    assert bench.run(_args(model=cyclic_dir, methods="baseline", max_new_tokens=16, limit=3, out=greedy)) == 0
+    ids = lambda res: [p["output_ids"] for p in res["prompts"] if p["method"] == "baseline"]  # noqa: E731
+    assert ids(json.loads((greedy / "results.json").read_text())) != ids(r)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"temperature": -1.0}, "--temperature must be"), ({"temperature": float("nan")}, "--temperature must be"),
+    ({"temperature": 0.5, "seed": -2}, "--seed must be"),
+    ({"temperature": 0.5, "methods": "baseline,hf"}, "ponder methods only"),
+    ({"temperature": 0.5, "suite": "niah"}, "builtin and specbench"),
+])
+def test_bad_sampling_options(tiny_dir: Path, tmp_path: Path, extra: dict, needle: str) -> None:
+    with pytest.raises(PonderError, match=needle):
+        bench.run(_args(**{"model": tiny_dir, "out": tmp_path, **extra}))

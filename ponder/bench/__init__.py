@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--second-turns", action="store_true", help="also run second turns (Spec-Bench MT-Bench rows)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="ponder methods generate exactly --max-new-tokens tokens (for throughput; peers cannot)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="ponder methods only: sample at this temperature (default 0: greedy); seeded, so every "
+                        "method draws the same noise and a lossless one must still match plain sampling exactly")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed with --temperature (default 0)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (default 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per method (default: torch's choice)")
     p.add_argument("--profile", action="store_true",
@@ -107,6 +111,17 @@ def _check(args: argparse.Namespace) -> list[MethodSpec]:
     specs = parse_methods(args.methods)
     if getattr(args, "ignore_eos", False) and (peers := [s.text for s in specs if not s.is_ponder]):
         raise PonderError(f"--ignore-eos applies to ponder methods only; drop {', '.join(peers)}")
+    temperature = getattr(args, "temperature", 0.0)
+    if not temperature >= 0 or temperature == float("inf"):
+        raise PonderError(f"--temperature must be a finite number >= 0, got {temperature}")
+    if getattr(args, "seed", 0) < 0:
+        raise PonderError(f"--seed must be >= 0, got {args.seed}")
+    if temperature and args.suite.split(":")[0] not in ("builtin", "specbench"):
+        raise PonderError("--temperature applies to the builtin and specbench suites (the others score greedy "
+                          "answers or serve their own requests)")
+    if temperature and (peers := [s.text for s in specs if not s.is_ponder]):
+        raise PonderError(f"--temperature applies to ponder methods only (peers sample with their own random "
+                          f"streams); drop {', '.join(peers)}")
     return specs
 
 
@@ -229,7 +244,8 @@ def _in_child(
     from ponder.bench.worker import run_method
 
     job = (spec, args.model, cases, eos, n_ctx, ref, args.max_new_tokens, args.batch_size, args.warmup, args.threads,
-           getattr(args, "ignore_eos", False), getattr(args, "profile", False))
+           getattr(args, "ignore_eos", False), getattr(args, "profile", False),
+           (getattr(args, "temperature", 0.0), getattr(args, "seed", 0)))
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         try:
             return pool.submit(run_method, *job).result()

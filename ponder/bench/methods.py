@@ -244,7 +244,9 @@ class PonderRunner:
         ``progress(1)`` as each row finishes."""
         from ponder.sampling import SamplingParams
 
-        params = SamplingParams(max_new_tokens=max_new, ignore_eos=getattr(self, "ignore_eos", False))
+        temperature, seed = getattr(self, "sampling", (0.0, 0))
+        params = SamplingParams(max_new_tokens=max_new, ignore_eos=getattr(self, "ignore_eos", False),
+                                temperature=temperature, seed=seed if temperature else None)
         done: dict[int, Any] = {}
         for event in self.engine.stream(batch, params, batch_size=batch_size):
             if event.finished:

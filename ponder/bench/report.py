@@ -79,7 +79,9 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
                                 else {}),
         "settings": {"max_new_tokens": args.max_new_tokens, "limit": args.limit,
                      "per_category": getattr(args, "per_category", None), "batch_size": args.batch_size,
-                     "second_turns": args.second_turns, "warmup": args.warmup, "greedy": True,
+                     "second_turns": args.second_turns, "warmup": args.warmup,
+                     "greedy": not getattr(args, "temperature", 0.0), "temperature": getattr(args, "temperature", 0.0),
+                     "seed": getattr(args, "seed", 0),
                      "prompts": len(cases)},
         "methods": methods,
         "categories": categories,
@@ -118,13 +120,21 @@ def add_exact_match_plain(methods: dict[str, dict[str, Any]], prompts: list[dict
             methods[text] |= {"exact_match_plain": same / max(len(ref), 1), "plain_method": twin}
 
 
+def _decoding(settings: dict[str, Any]) -> str:
+    """``greedy``, or the sampling settings every ponder method ran with."""
+    if settings.get("greedy", True):
+        return "greedy"
+    return f"sampling at temperature {settings['temperature']:g} with seed {settings['seed']}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
         f"# ponder bench: {results['model']} on {results['suite']}",
         "",
         f"{results['date']}, {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
-        f"{results['settings']['prompts']} prompts, greedy, max {results['settings']['max_new_tokens']} new tokens.",
+        f"{results['settings']['prompts']} prompts, {_decoding(results['settings'])}, "
+        f"max {results['settings']['max_new_tokens']} new tokens.",
         "",
         "| method | batch | tokens/s | speedup | exact match | near ties | TTFT (s) | peak RSS (MB) | top-1 agreement |",
         "|---|---|---|---|---|---|---|---|---|",

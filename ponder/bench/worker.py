@@ -17,7 +17,7 @@ from ponder.bench.suites import Case
 def run_method(
     spec: MethodSpec, model: str, cases: list[Case], eos: set[int], n_ctx: int, ref: dict[str, Output] | None,
     max_new: int, batch_size: int, warmup: int, threads: int | None, ignore_eos: bool = False,
-    profile: bool = False,
+    profile: bool = False, sampling: tuple[float, int] = (0.0, 0),
 ) -> dict[str, Any]:
     """Per-prompt records, total wall seconds (each batch once), per-prompt time shares, peak RSS, top-1 counts."""
     from tqdm import tqdm
@@ -26,6 +26,7 @@ def run_method(
         torch.set_num_threads(threads)
     runner = make_runner(spec, model, eos, n_ctx)
     runner.ignore_eos = ignore_eos
+    runner.sampling = sampling  # (temperature, seed); temperature 0: greedy
     size = spec.batch(batch_size)
     costs = runner.verify_costs(size) if spec.is_ponder and spec.kv is None and spec.depth is None else {}
     for _ in range(warmup):
