@@ -14,8 +14,8 @@ from ponder.speculate import make_speculator
 from ponder.speculate.base import DraftBatch, DraftRow
 
 
-def _prefilled(target, prompts: list[list[int]]):
-    cache = target.model.new_cache(len(prompts), 64)
+def _prefilled(target, prompts: list[list[int]], slots: int = 64):
+    cache = target.model.new_cache(len(prompts), slots)
     width = max(len(p) for p in prompts)
     ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
     with torch.inference_mode():
@@ -131,3 +131,14 @@ def test_coupled_drafts_are_accepted_more_often_when_sampling(cyclic) -> None:
         assert [c.output_ids for c in out] == want, couple
         rates[couple] = sum(c.spec.accepted for c in out) / max(1, sum(c.spec.drafted for c in out))
     assert rates["true"] > rates["false"], rates
+
+
+def test_chains_stop_where_the_fullest_row_runs_out_of_cache(cyclic) -> None:
+    """Every row runs each of the copy's forwards: a row with little room left caps the others' chains."""
+    drafter = make_speculator("lowbit:k=8", cyclic).drafter
+    prompts = [[5, 6, 7, 8, 9, 5, 6], [3, 1, 4, 1, 5, 9, 2, 6, 11, 12]]
+    cache = _prefilled(cyclic, [p[:-1] for p in prompts], slots=12)  # row 1 holds 9 of 12 slots: room for 3
+    rows = [DraftRow(p, None, 8) for p in prompts]
+    with torch.inference_mode():
+        trees = drafter.propose(DraftBatch(rows, cyclic.model, cache)).trees
+    assert [len(t) for t in trees] == [3, 3] and cache.lengths == [6, 9]

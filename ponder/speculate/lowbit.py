@@ -86,7 +86,10 @@ class LowBit(Drafter):
 
     def propose(self, batch: DraftBatch) -> Proposal:
         rows, cache = batch.rows, batch.cache
-        want = [min(self.options.k, r.budget) for r in rows]
+        # every row runs each forward, so the chains stop where the fullest row's cache would (a KV policy's
+        # compressed cache may have less room above a row than its budget asks of the others)
+        room = min(cache.max_len - n for n in cache.lengths)
+        want = [min(self.options.k, r.budget, room) for r in rows]
         trees = [DraftTree() for _ in rows]
         if max(want, default=0) == 0:
             return Proposal(trees)
