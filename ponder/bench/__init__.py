@@ -8,6 +8,7 @@ Writes ``results.json`` (schema in docs/bench.md), ``report.md`` and ``speed.png
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -109,17 +110,18 @@ def _check(args: argparse.Namespace) -> list[MethodSpec]:
     if args.threads is not None and args.threads < 1:
         raise PonderError(f"--threads must be >= 1, got {args.threads}")
     specs = parse_methods(args.methods)
-    if getattr(args, "ignore_eos", False) and (peers := [s.text for s in specs if not s.is_ponder]):
+    peers = [s.text for s in specs if not s.is_ponder]
+    if getattr(args, "ignore_eos", False) and peers:
         raise PonderError(f"--ignore-eos applies to ponder methods only; drop {', '.join(peers)}")
     temperature = getattr(args, "temperature", 0.0)
-    if not temperature >= 0 or temperature == float("inf"):
+    if not (temperature >= 0 and math.isfinite(temperature)):
         raise PonderError(f"--temperature must be a finite number >= 0, got {temperature}")
     if getattr(args, "seed", 0) < 0:
         raise PonderError(f"--seed must be >= 0, got {args.seed}")
     if temperature and args.suite.split(":")[0] not in ("builtin", "specbench"):
         raise PonderError("--temperature applies to the builtin and specbench suites (the others score greedy "
                           "answers or serve their own requests)")
-    if temperature and (peers := [s.text for s in specs if not s.is_ponder]):
+    if temperature and peers:
         raise PonderError(f"--temperature applies to ponder methods only (peers sample with their own random "
                           f"streams); drop {', '.join(peers)}")
     return specs

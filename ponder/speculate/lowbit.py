@@ -90,9 +90,8 @@ class LowBit(Drafter):
         # compressed cache may have less room above a row than its budget asks of the others)
         room = min(cache.max_len - n for n in cache.lengths)
         want = [min(self.options.k, r.budget, room) for r in rows]
-        trees = [DraftTree() for _ in rows]
         if max(want, default=0) == 0:
-            return Proposal(trees)
+            return Proposal([DraftTree() for _ in rows])
         start = list(cache.lengths)
         feed = torch.tensor([[r.tokens[-1]] for r in rows], device=self.copy.device)
         drafts: list[list[int]] = [[] for _ in rows]
@@ -108,14 +107,13 @@ class LowBit(Drafter):
                     tok_l = logits.argmax(-1).tolist()
                     conf_l = [1.0] * len(tok_l)
                 for b, r in enumerate(rows):
-                    if active[b] and self.options.couple and r.noise is not None and not r.params.greedy:
+                    if not active[b]:
+                        continue
+                    if self.options.couple and r.noise is not None and not r.params.greedy:
                         # the draw the target will make at this position, with the copy's logits
                         row = logits[b : b + 1]
                         tok_l[b] = int(sample(row, r.params, [r.noise.at(r.position + step, self.vocab)])[0])
                         conf_l[b] = float(warp(row, r.params)[0, tok_l[b]]) if self.options.threshold else 1.0
-                for b in range(len(rows)):
-                    if not active[b]:
-                        continue
                     if conf_l[b] < self.options.threshold:
                         active[b] = False
                         continue
