@@ -528,3 +528,42 @@ def test_a_client_that_gives_up_on_a_non_streamed_answer_frees_its_row(tiny_dir:
         assert scrape(s)["ponder:client_disconnects_total"] == 4  # its four choices
     finally:
         assert s.stop() == 0
+
+
+def test_engine_loop_counts_places_from_arrival(tiny) -> None:
+    """The loop's admission count: places reserved on arrival count as in flight, a reservation beyond the places
+    is refused, a submission takes a reserved place without being refused again, and ``release`` gives back only
+    what was not submitted; finished requests free theirs."""
+    from ponder.server.loop import EngineLoop, QueueFull
+
+    loop = EngineLoop(Engine(tiny), batch_size=2, max_queue=1)
+    first = loop.reserve(2)
+    assert loop.in_flight == 2
+    with pytest.raises(QueueFull):
+        loop.reserve(2)
+    second = loop.reserve(1)
+    with pytest.raises(QueueFull):
+        loop.grow(second, 1)
+    assert loop.in_flight == 3 and second.left == 1
+    done: list = []
+    params = SamplingParams(max_new_tokens=3)
+    loop.submit("a", [1, 2, 3], params, None, done.append, ticket=first)  # full, but the place is its own
+    assert first.left == 1 and loop.in_flight == 3
+    loop.release(first)
+    loop.release(first)  # idempotent
+    assert first.left == 0 and loop.in_flight == 2
+    loop.submit("c", [1], params, None, done.append)  # no ticket: takes the free place
+    with pytest.raises(QueueFull):
+        loop.submit("d", [1], params, None, done.append)  # none left
+    loop.submit("b", [4, 5], params, None, done.append, ticket=second)
+    loop.release(second)
+    assert loop.in_flight == 3
+    loop.start()
+    try:
+        deadline = time.monotonic() + 30
+        while loop.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loop.in_flight == 0
+        assert sum(1 for ev in done if getattr(ev, "finished", False)) == 3
+    finally:
+        loop.stop()

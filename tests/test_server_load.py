@@ -160,35 +160,60 @@ def test_disconnects_free_rows_quickly(tiny_dir: Path) -> None:
         assert s.stop() == 0
 
 
+async def _raw_post(port: int, path: str, body: dict) -> tuple[int, float, dict[str, str], bytes]:
+    """One POST on a fresh connection written by hand (status, seconds from connecting to the status line, headers,
+    body): a load generator's client, whose own cost is a few system calls, where an HTTP library's client would
+    take ~1-2 ms of Python per request from the 2 cores the server shares with it."""
+    data = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+    t = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + data)
+        await writer.drain()
+        status = await reader.readline()
+        seconds = time.perf_counter() - t
+        rest = await asyncio.wait_for(reader.read(), 120)
+    finally:
+        writer.close()
+    lines, _, payload = rest.partition(b"\r\n\r\n")
+    headers = dict(line.decode("latin-1").lower().split(": ", 1) for line in lines.split(b"\r\n") if b": " in line)
+    return int(status.split()[1]), seconds, headers, payload
+
+
 def test_overload_is_refused_fast_and_admitted_requests_succeed(tiny_dir: Path) -> None:
     """64 clients at once against 4 running places and --max-queue 16: the excess gets 429 with Retry-After at
-    once (p99 within 1 s and half the time the admitted requests take to run), and every admitted request
-    completes. Issue 14 asks for 50 ms p99: on this 2-core VM, with the clients, the event loop and the engine
-    sharing the cores, a burst of 64 is answered 1-3 ms per request (p99 ~100-150 ms; docs/serve.md)."""
-    s = Server(tiny_dir, "--batch-size", "4", "--max-queue", "16")
+    once, and every admitted request completes. A request holds its place from its arrival (before its body is read
+    and its prompt encoded), so the 429s never wait for the engine. Issue 14 asks for 50 ms p99; asserted here:
+    100 ms, for a CI VM's noise (measured: docs/serve.md). ``PONDER_OVERLOAD_BURSTS`` bursts (2 in CI) against
+    ``PONDER_OVERLOAD_MODEL`` (the tiny model; a bench run: ``smollm2-135m``, with ``PONDER_OVERLOAD_ARGS``)."""
+    model = os.environ.get("PONDER_OVERLOAD_MODEL") or str(tiny_dir)
+    s = Server(model, "--batch-size", "4", "--max-queue", "16", *os.environ.get("PONDER_OVERLOAD_ARGS", "").split())
+    refused: list[float] = []
     try:
-        async def main() -> list[tuple[int, float, dict]]:
-            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=80)) as client:
-                await client.get(s.base + "/health")
+        for _ in range(int(os.environ.get("PONDER_OVERLOAD_BURSTS", "2"))):
+            async def burst() -> list[tuple[int, float, dict[str, str], bytes]]:
+                return await asyncio.gather(*[
+                    _raw_post(s.port, "/v1/completions", {"model": MODEL, "prompt": f"word {i % 7}", "max_tokens": 250,
+                                                          "temperature": 0.8, "seed": i}) for i in range(64)])
 
-                async def one(i: int) -> tuple[int, float, dict]:
-                    t = time.perf_counter()
-                    r = await client.post(s.base + "/v1/completions",
-                                          json={"model": MODEL, "prompt": f"word {i % 7}", "max_tokens": 250,
-                                                "temperature": 0.8, "seed": i})
-                    return r.status_code, time.perf_counter() - t, dict(r.headers)
-
-                return await asyncio.gather(*[one(i) for i in range(64)])
-
-        results = asyncio.run(main())
-        refused = [dt for code, dt, _ in results if code == 429]
-        codes = [code for code, _, _ in results]
-        # 20 places at once (4 running, 16 waiting); a request that finished during the burst frees one more
-        assert set(codes) == {200, 429} and codes.count(200) >= 20 and len(refused) >= 32, codes
-        assert all(h.get("retry-after") == "1" for code, _, h in results if code == 429)
-        admitted = [dt for code, dt, _ in results if code == 200]
-        # refused at once: not after the admitted requests ran (five waves of four)
-        assert _pct(refused, 99) <= min(1.0, max(admitted) / 2), (sorted(refused)[-5:], max(admitted))
+            results = asyncio.run(burst())
+            codes = [code for code, *_ in results]
+            # 20 places at once (4 running, 16 waiting); a request that finished during the burst frees one more
+            assert set(codes) == {200, 429} and codes.count(200) >= 20 and codes.count(429) >= 32, codes
+            for code, seconds, headers, payload in results:
+                if code == 429:
+                    refused.append(seconds)
+                    assert headers.get("retry-after") == "1", headers
+                    assert json.loads(payload)["error"]["code"] == "queue_full"
+                else:
+                    choice = json.loads(payload)["choices"][0]
+                    assert choice["finish_reason"] in ("stop", "length") and choice["text"]
+            _wait_idle(s.base, timeout=120)
+        print(f"overload: {len(refused)} 429s, p50 {_pct(refused, 50) * 1000:.1f} ms, "
+              f"p99 {_pct(refused, 99) * 1000:.1f} ms, max {max(refused) * 1000:.1f} ms")
+        assert _pct(refused, 99) <= 0.1, sorted(refused)[-5:]
     finally:
         assert s.stop() == 0
 

@@ -15,7 +15,7 @@ from starlette.requests import Request  # FastAPI injects it by this annotation 
 from ponder.errors import PonderError
 from ponder.sampling import RowNoise, SamplingParams, resolve_seed
 from ponder.server.logprobs import TokenPieces, chat_logprobs, completion_logprobs, pieces_of
-from ponder.server.loop import EngineLoop, QueueFull
+from ponder.server.loop import EngineLoop, QueueFull, Ticket
 from ponder.server.metrics import Metrics
 from ponder.server.openapi import describe
 from ponder.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -96,13 +96,20 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                 if not hmac.compare_digest(token.encode(), api_key.encode()):
                     refusal = APIError(401, "a valid API key is needed (Authorization: Bearer ...)",
                                        "authentication_error", code="invalid_api_key")
-            if refusal is None and path in GENERATION_PATHS and loop.full(1):
-                # no room: refused before the body is even read (the cheapest answer to a burst)
-                refusal = busy(f"{loop.max_queue} requests are already waiting")
+            ticket = None
+            if refusal is None and path in GENERATION_PATHS:
+                # the request holds its place from now on (its prompt is encoded on the engine thread, after the
+                # step in progress): a burst beyond the places is refused at once, before any body is read
+                try:
+                    ticket = scope["ponder.ticket"] = loop.reserve(1)
+                except QueueFull as e:
+                    refusal = busy(str(e))
             length = headers.get("content-length")
             if refusal is None and length is not None and length.isdigit() and int(length) > max_body:
                 refusal = too_large()
             if refusal is not None:
+                if ticket is not None:
+                    loop.release(ticket)
                 return await error(refusal)(scope, receive, send)
             received = 0
 
@@ -128,6 +135,9 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
             except _BodyTooLarge:
                 if not started:
                     await error(too_large())(scope, receive, send)
+            finally:
+                if ticket is not None:  # the places it did not submit (a refused or failed request, fewer choices)
+                    loop.release(ticket)
 
     def too_large() -> APIError:
         return APIError(413, f"the request body is over {max_body} bytes", code="request_too_large")
@@ -199,11 +209,16 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         return APIError(429, f"the server is busy: {why}; retry later", "rate_limit_error", code="queue_full",
                         headers={"Retry-After": "1"})
 
-    def admit_or_refuse(n: int) -> None:
-        """Refuse at once when there is no room for ``n`` more requests: before the prompt is encoded, which
-        waits for the engine thread's current step (``submit`` checks again, exactly, when it queues them)."""
-        if loop.full(n):
-            raise busy(f"{loop.max_queue} requests are already waiting")
+    def admit_or_refuse(http: Request, n: int) -> Ticket:
+        """The places of a request's ``n`` choices: the one its arrival reserved (``Guard``) and ``n - 1`` more, or
+        a 429 now, before the prompt is encoded (which waits for the engine thread's current step)."""
+        ticket = http.scope["ponder.ticket"]
+        if n > 1:
+            try:
+                loop.grow(ticket, n - 1)
+            except QueueFull as e:
+                raise busy(str(e)) from None
+        return ticket
 
     async def prompt_ids(prompt: Any, chat: bool) -> list[int]:
         def encode() -> list[int]:
@@ -248,8 +263,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         raise APIError(400, f"this server speculates with {speculate or 'nothing'} (--speculate) for every request; "
                             "a request may only turn it off (\"speculate\": \"off\")", param="ponder.speculate")
 
-    async def run(ids: list[int], params: SamplingParams, n: int, prefix: str,
-                  arrival: float, speculate: bool = True) -> AsyncIterator[tuple[int, Any, Any]]:
+    async def run(ids: list[int], params: SamplingParams, n: int, prefix: str, arrival: float, ticket: Ticket,
+                  speculate: bool = True) -> AsyncIterator[tuple[int, Any, Any]]:
         """Submit n choices and yield (choice index, event, logprobs) as they come; abort what is left if the
         consumer stops (a client that went away). Latencies count from ``arrival`` (perf_counter). logprobs: None,
         or (the event's ``TokenLogprob`` entries, their tokens' text and bytes), made on the loop thread."""
@@ -269,7 +284,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         try:
             for i, rid in enumerate(rids):
                 noise = None if seed is None else RowNoise(seed, i)
-                loop.submit(rid, ids, params, noise, lambda ev, i=i: sink(i, ev), speculate)
+                loop.submit(rid, ids, params, noise, lambda ev, i=i: sink(i, ev), speculate, ticket)
         except QueueFull as e:
             for rid in rids:
                 loop.abort(rid)
@@ -314,7 +329,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         return {"prompt_tokens": len(ids), "completion_tokens": out, "total_tokens": len(ids) + out}
 
     async def respond(req: Any, ids: list[int], params: SamplingParams, chat: bool, arrival: float,
-                      http: Request) -> Any:
+                      http: Request, ticket: Ticket) -> Any:
         kind = "chatcmpl" if chat else "cmpl"
         rid = f"{kind}-{uuid.uuid4().hex}"
         obj = "chat.completion" if chat else "text_completion"
@@ -326,7 +341,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
             known: dict[int, Any] = {}
 
             async def collect() -> None:
-                async for i, ev, lp in run(ids, params, req.n, rid, arrival, spec_on):
+                async for i, ev, lp in run(ids, params, req.n, rid, arrival, ticket, spec_on):
                     if lp is not None:
                         entries[i] += lp[0]
                         known.update(lp[1])
@@ -374,7 +389,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(req.n)])
             try:
-                async for i, ev, lp in run(ids, params, req.n, rid, arrival, spec_on):
+                async for i, ev, lp in run(ids, params, req.n, rid, arrival, ticket, spec_on):
                     reason = finish(ev.completion) if ev.finished else None
                     if ev.finished:
                         finals[i] = ev.completion
@@ -405,21 +420,21 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         arrival = time.perf_counter()
         check_supported(req)
         check_model(req.model)
-        admit_or_refuse(req.n)
+        ticket = admit_or_refuse(http, req.n)
         ids = await prompt_ids(req.prompt, chat=False)
-        return await respond(req, ids, sampling(req, ids, req.max_tokens), False, arrival, http)
+        return await respond(req, ids, sampling(req, ids, req.max_tokens), False, arrival, http, ticket)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, http: Request) -> Any:
         arrival = time.perf_counter()
         check_supported(req)
         check_model(req.model)
-        admit_or_refuse(req.n)
+        ticket = admit_or_refuse(http, req.n)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                     for m in req.messages]
         ids = await prompt_ids(messages, chat=True)
         return await respond(req, ids, sampling(req, ids, req.max_completion_tokens or req.max_tokens), True,
-                             arrival, http)
+                             arrival, http, ticket)
 
     def openapi() -> dict[str, Any]:  # FastAPI's documented way to extend its generated document
         if app.openapi_schema is None:

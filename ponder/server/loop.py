@@ -5,7 +5,9 @@ decodes. A handler ``submit``s a request with a callback (``sink``) that the loo
 request's ``StreamEvent``s (the app forwards them to the handler's asyncio queue with ``call_soon_threadsafe``), and
 ``abort``s it when the client goes away: the loop removes the row from the running batch before its next step, so
 its KV row is freed. Admission is bounded: at most ``batch_size`` requests run and ``max_queue`` more wait (``submit``
-raises ``QueueFull``).
+raises ``QueueFull``). A server counts a request from its arrival: ``reserve`` takes its places before its body is
+read or its prompt encoded (encoding waits for the loop thread's current step), so a burst is refused at once, and
+the places a request did not submit are given back by ``release`` when its HTTP exchange ends.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ Sink = Callable[[Any], None]  # called on the loop thread with a StreamEvent, or
 
 class QueueFull(Exception):
     """More requests are waiting than the server admits (``--max-queue``)."""
+
+
+@dataclass
+class Ticket:
+    """Places a request holds in the admission count before it submits (``EngineLoop.reserve``): ``left`` places
+    are counted as in flight until ``submit`` takes them one by one or ``release`` gives the rest back."""
+
+    left: int
 
 
 @dataclass
@@ -84,15 +94,41 @@ class EngineLoop:
         with self._lock:
             return self._pending + n > self.core.batch_size + self.max_queue
 
-    def submit(self, request_id: Hashable, prompt_ids: list[int], params: SamplingParams, noise: RowNoise | None,
-               sink: Sink, speculate: bool = True) -> None:
-        """Queue a request; its events go to ``sink`` on the loop thread. Raises ``QueueFull``."""
+    def reserve(self, n: int = 1) -> Ticket:
+        """Count ``n`` requests as in flight now, before they are ready to submit; raises ``QueueFull`` when they
+        do not fit. The caller must ``release`` the ticket when it is done with it (what was submitted stays)."""
         with self._lock:
-            # in flight: the batch's places (running or about to) plus the queue's; counted on submission, so a
-            # burst is admitted the same way whatever the engine thread has got to
-            if self._pending >= self.core.batch_size + self.max_queue:
-                raise QueueFull(f"{self.max_queue} requests are already waiting")
-            self._pending += 1
+            self._take(n)
+        return Ticket(n)
+
+    def grow(self, ticket: Ticket, n: int) -> None:
+        """``n`` more places on ``ticket`` (a request with several choices); raises ``QueueFull``."""
+        with self._lock:
+            self._take(n)
+            ticket.left += n
+
+    def release(self, ticket: Ticket) -> None:
+        """Give back the places ``ticket`` holds and did not submit (idempotent)."""
+        with self._lock:
+            self._pending -= ticket.left
+            ticket.left = 0
+
+    def _take(self, n: int) -> None:  # under _lock
+        # in flight: the batch's places (running or about to) plus the queue's, counted from the request's arrival,
+        # so a burst is admitted the same way whatever the engine thread has got to
+        if self._pending + n > self.core.batch_size + self.max_queue:
+            raise QueueFull(f"{self.max_queue} requests are already waiting")
+        self._pending += n
+
+    def submit(self, request_id: Hashable, prompt_ids: list[int], params: SamplingParams, noise: RowNoise | None,
+               sink: Sink, speculate: bool = True, ticket: Ticket | None = None) -> None:
+        """Queue a request; its events go to ``sink`` on the loop thread. It takes one of ``ticket``'s places when
+        it has any; else it needs a free one, or raises ``QueueFull``."""
+        with self._lock:
+            if ticket is not None and ticket.left > 0:
+                ticket.left -= 1
+            else:
+                self._take(1)
         self._inbox.put(_Submit(request_id, prompt_ids, params, noise, sink, speculate))
         self._wake.set()
 
