@@ -52,6 +52,54 @@ def test_drafts_leave_the_cache_as_they_found_it_and_follow_the_copy(cyclic) -> 
         assert tree.tokens == want, b
 
 
+class _Counting:
+    """The copy, counting its forwards (a plain wrapper the drafter calls as it calls the copy)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.forwards, self.tokens = model, 0, 0
+
+    def __call__(self, ids, cache, **kw):
+        self.forwards, self.tokens = self.forwards + 1, self.tokens + ids.shape[1]
+        return self.model(ids, cache, **kw)
+
+    def forward_tree(self, ids, cache, depth, visible):
+        self.forwards, self.tokens = self.forwards + 1, self.tokens + ids.shape[1]
+        return self.model.forward_tree(ids, cache, depth, visible)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@pytest.mark.parametrize("budgets", [(9,), (9, 4, 7)])
+def test_guesses_draft_the_copys_own_chains_in_fewer_forwards(cyclic, budgets) -> None:
+    """With guesses from the row's history, the chains are the ones the copy drafts token by token (``guess=0``),
+    the cache is left as found, and on text that repeats itself the copy runs fewer forwards than it drafts
+    tokens. Batch 3 mixes a repeating row, one whose history has nothing to copy, and a short budget."""
+    prompts = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [3, 1, 4, 1, 5, 9, 2, 6, 11, 12], [40, 41, 42, 40, 41]]
+    prompts = prompts[: len(budgets)]
+    chains = {}
+    for guess in (0, 3):
+        drafter = make_speculator(f"lowbit:k=9:guess={guess}", cyclic).drafter
+        drafter.copy = counting = _Counting(drafter.copy)
+        cache = _prefilled(cyclic, [p[:-1] for p in prompts])
+        lengths = list(cache.lengths)
+        before = [(k.clone(), v.clone()) for k, v in zip(cache.k, cache.v)]
+        rows = [DraftRow(p, drafter.new_state(p), budget) for p, budget in zip(prompts, budgets)]
+        with torch.inference_mode():
+            trees = drafter.propose(DraftBatch(rows, cyclic.model, cache)).trees
+        assert cache.lengths == lengths
+        for (k0, v0), k1, v1 in zip(before, cache.k, cache.v):
+            for b, n in enumerate(lengths):
+                assert torch.equal(k0[b, :, :n], k1[b, :, :n]) and torch.equal(v0[b, :, :n], v1[b, :, :n])
+        chains[guess] = [t.tokens for t in trees]
+        assert [len(t) for t in trees] == list(budgets)
+        if guess:
+            assert counting.forwards < max(budgets) - 1, counting.forwards  # guesses took several tokens at once
+        else:
+            assert counting.forwards == max(budgets) and counting.tokens == max(budgets)
+    assert chains[3] == chains[0]
+
+
 def test_threshold_cuts_chains(cyclic) -> None:
     drafter = make_speculator("lowbit:k=6:threshold=0.999999", cyclic).drafter
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6]]

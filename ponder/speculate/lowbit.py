@@ -24,6 +24,14 @@ rejects (SmolLM2's q4 copy on Spec-Bench: 96-100% of drafts accepted in every co
 calibration's prior a low confidence made the policy cut chains the target would have accepted; the policy
 calibrates the nodes by depth. The chains' length is the policy's plan (``k`` at most): the one with the most
 expected tokens per second of drafting plus verifying (``DraftPolicy.plan``).
+
+Guesses (ML-SpecQD's levels: a cheaper drafter drafts for the copy). Where the row's last tokens (at least
+``match`` of them) occurred earlier in its prompt or output, the tokens that followed are a guess of what the copy
+will draft next: one copy forward over the chain's next token plus up to ``guess`` guessed tokens (a verify-shaped
+forward, ~1.2-1.5x the cost of one token for 2-4 tokens on this CPU) drafts as many tokens as the copy agrees with
+in a row, plus the copy's own token after them. The chain is the one the copy would have drafted token by token (up
+to the last bits of a forward of several tokens), so acceptance does not change; only the copy's forwards per
+draft token fall, on text that repeats its prompt (summaries, extraction, code, RAG). ``guess=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -35,10 +43,12 @@ import torch
 
 from ponder.errors import PonderError
 from ponder.sampling import sample, warp
-from ponder.speculate.base import DraftBatch, Drafter, Proposal
+from ponder.speculate.base import DraftBatch, Drafter, DraftRow, Proposal
+from ponder.speculate.pld import NgramIndex
 from ponder.speculate.tree import DraftTree
 
 WEIGHTS = ("q4", "int8")
+MAX_MATCH = 3  # the longest recurring tail looked up for a guess
 
 
 @dataclass(frozen=True)
@@ -47,12 +57,17 @@ class LowBitOptions:
     k: int = 24  # most draft tokens per row per step (and the policy's max_nodes: 24 unless the SPEC sets it)
     threshold: float = 0.0  # stop a row's chain when the copy's probability of its draft falls below this
     couple: bool = True  # sampling rows draft the copy's draws with the target's noise (False: its argmax)
+    guess: int = 2  # most tokens guessed from the row's history per copy forward (0: one token per forward)
+    match: int = 2  # fewest last tokens that must recur in the history for a guess
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHTS:
             raise ValueError(f"lowbit weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         if self.k < 1 or not 0 <= self.threshold < 1:
             raise ValueError(f"lowbit needs k >= 1 and threshold in [0, 1), got k={self.k}, threshold={self.threshold}")
+        if self.guess < 0 or not 1 <= self.match <= MAX_MATCH:
+            raise ValueError(f"lowbit needs guess >= 0 and match in [1, {MAX_MATCH}], got guess={self.guess}, "
+                             f"match={self.match}")
 
 
 class LowBit(Drafter):
@@ -84,45 +99,96 @@ class LowBit(Drafter):
                               f"{target.model.config.vocab_size}")
         return cls(options, copy, target.model.config.vocab_size)
 
+    def new_state(self, prompt_ids: list[int]) -> NgramIndex | None:
+        return NgramIndex(self.options.match, MAX_MATCH) if self.options.guess else None
+
     def propose(self, batch: DraftBatch) -> Proposal:
-        rows, cache = batch.rows, batch.cache
+        rows, cache, o = batch.rows, batch.cache, self.options
         # every row runs each forward, so the chains stop where the fullest row's cache would (a KV policy's
         # compressed cache may have less room above a row than its budget asks of the others)
         room = min(cache.max_len - n for n in cache.lengths)
-        want = [min(self.options.k, r.budget, room) for r in rows]
+        want = [min(o.k, r.budget, room) for r in rows]
         if max(want, default=0) == 0:
             return Proposal([DraftTree() for _ in rows])
+        for r in rows:
+            if r.state is not None:
+                r.state.extend(r.tokens)
         start = list(cache.lengths)
-        feed = torch.tensor([[r.tokens[-1]] for r in rows], device=self.copy.device)
+        feed = [r.tokens[-1] for r in rows]  # each row's next token into the copy (its K/V not yet in the cache)
         drafts: list[list[int]] = [[] for _ in rows]
         active = [n > 0 for n in want]
         try:
-            for step in range(max(want)):
-                # every row runs (a batch forward cannot skip rows); a finished row's extra K/V is cut below
-                logits = self.copy(feed, cache, last_only=True)[:, 0, : self.vocab].float()
-                if self.options.threshold:
-                    conf, tok = torch.softmax(logits, -1).max(-1)
-                    conf_l, tok_l = conf.tolist(), tok.tolist()
-                else:  # no confidence needed: the argmax alone (a 49k softmax is ~5% of a draft step)
-                    tok_l = logits.argmax(-1).tolist()
-                    conf_l = [1.0] * len(tok_l)
+            while any(active):
+                # a row holds its committed K/V plus its drafts' but the last (``cache.lengths[b] - start[b] ==
+                # len(drafts[b])``); a finished row is back at its start: rows that run only to fill the batch
+                # write above their lengths, where nothing reads
+                guesses = [self._guess(r, drafts[b], want[b] - len(drafts[b]) - 1) if active[b] else []
+                           for b, r in enumerate(rows)]
+                T = min(1 + max(map(len, guesses)), min(cache.max_len - n for n in cache.lengths))
+                if T == 1:  # a decode step of the copy; it advances every row by one
+                    logits = self.copy(torch.tensor([[t] for t in feed], device=self.copy.device), cache,
+                                       last_only=True)
+                else:  # the next token and the guesses as a chain: a verify forward of the copy, which advances none
+                    ids = [[feed[b]] + (g[: T - 1] + [feed[b]] * T)[: T - 1] for b, g in enumerate(guesses)]
+                    depth = torch.arange(T).expand(len(rows), T)
+                    visible = torch.ones(T, T, dtype=torch.bool).tril().expand(len(rows), T, T)
+                    logits = self.copy.forward_tree(torch.tensor(ids, device=self.copy.device), cache, depth, visible)
+                logits = logits[:, :, : self.vocab].float()
+                tok_all = logits.argmax(-1).tolist()  # [B][T]
+                conf_all = torch.softmax(logits, -1).amax(-1).tolist() if o.threshold else None
                 for b, r in enumerate(rows):
                     if not active[b]:
+                        if T == 1:
+                            cache.truncate(b, start[b])
                         continue
-                    if self.options.couple and r.noise is not None and not r.params.greedy:
-                        # the draw the target will make at this position, with the copy's logits
-                        row = logits[b : b + 1]
-                        tok_l[b] = int(sample(row, r.params, [r.noise.at(r.position + step, self.vocab)])[0])
-                        conf_l[b] = float(warp(row, r.params)[0, tok_l[b]]) if self.options.threshold else 1.0
-                    if conf_l[b] < self.options.threshold:
-                        active[b] = False
-                        continue
-                    drafts[b].append(tok_l[b])
-                    active[b] = len(drafts[b]) < want[b]
-                if not any(active):
-                    break  # the last drafts are never fed: the verify forward tells what follows them
-                feed = torch.tensor(tok_l, device=self.copy.device).view(-1, 1)
+                    out = self._accept(logits[b], r, len(drafts[b]), guesses[b][: T - 1], want[b] - len(drafts[b]),
+                                       tok_all[b], conf_all[b] if conf_all else None)
+                    drafts[b] += out[0]
+                    active[b] = out[1] and len(drafts[b]) < want[b]
+                    if not active[b]:
+                        cache.truncate(b, start[b])  # the last drafts are never fed: the verify tells what follows
+                    elif T == 1:
+                        feed[b] = drafts[b][-1]
+                    else:
+                        cache.advance([len(out[0]) if i == b else 0 for i in range(len(rows))])
+                        feed[b] = drafts[b][-1]
         finally:
             for b, n in enumerate(start):
                 cache.truncate(b, n)
         return Proposal([DraftTree.chain(d, [1.0] * len(d), self.name) for d in drafts])
+
+    def _guess(self, r: DraftRow, drafts: list[int], most: int) -> list[int]:
+        """What followed the most recent earlier occurrence of the chain's last tokens (the longest recurring tail,
+        ``match`` tokens at least) in the row's prompt and output, at most ``most`` (and ``guess``) tokens."""
+        index: NgramIndex | None = r.state
+        most = min(most, self.options.guess)
+        if index is None or most <= 0:
+            return []
+        tail = (r.tokens[-MAX_MATCH:] + drafts)[-MAX_MATCH:]
+        history = index.tokens
+        for n in range(len(tail), self.options.match - 1, -1):
+            for end in reversed(index.ends.get(tuple(tail[-n:]), ())):
+                if end + 1 < len(history):  # the last committed token itself has no continuation yet
+                    return history[end + 1 : end + 1 + most]
+        return []
+
+    def _accept(self, logits: torch.Tensor, r: DraftRow, done: int, guess: list[int], most: int, argmax: list[int],
+                conf: list[float] | None) -> tuple[list[int], bool]:
+        """The copy's drafts from one forward of a row's chain (``logits`` # [T, V]: after its next token, then
+        after each guessed token): its token at each position while the guesses match it (at most ``most``), and
+        whether the chain goes on (False: a draft's probability fell below ``threshold``)."""
+        o = self.options
+        out: list[int] = []
+        for j in range(len(guess) + 1):
+            tok, p = argmax[j], conf[j] if conf is not None else 1.0
+            if o.couple and r.noise is not None and not r.params.greedy:
+                # the draw the target will make at this position, with the copy's logits
+                row = logits[j : j + 1]
+                tok = int(sample(row, r.params, [r.noise.at(r.position + done + j, self.vocab)])[0])
+                p = float(warp(row, r.params)[0, tok]) if o.threshold else 1.0
+            if p < o.threshold:
+                return out, False
+            out.append(tok)
+            if len(out) == most or j == len(guess) or guess[j] != tok:
+                break
+        return out, True
