@@ -74,7 +74,7 @@ class _Counting:
 def test_guesses_draft_the_copys_own_chains_in_fewer_forwards(cyclic, budgets) -> None:
     """With guesses from the row's history, the chains are the ones the copy drafts token by token (``guess=0``),
     the cache is left as found, and on text that repeats itself the copy runs fewer forwards than it drafts
-    tokens. Batch 3 mixes a repeating row, one whose history has nothing to copy, and a short budget."""
+    tokens; a batch of 3 (a repeating row, one whose history has nothing to copy, a short budget) does not guess."""
     prompts = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [3, 1, 4, 1, 5, 9, 2, 6, 11, 12], [40, 41, 42, 40, 41]]
     prompts = prompts[: len(budgets)]
     chains = {}
@@ -93,7 +93,7 @@ def test_guesses_draft_the_copys_own_chains_in_fewer_forwards(cyclic, budgets) -
                 assert torch.equal(k0[b, :, :n], k1[b, :, :n]) and torch.equal(v0[b, :, :n], v1[b, :, :n])
         chains[guess] = [t.tokens for t in trees]
         assert [len(t) for t in trees] == list(budgets)
-        if guess:
+        if guess and len(budgets) == 1:
             assert counting.forwards < max(budgets) - 1, counting.forwards  # guesses took several tokens at once
         else:
             assert counting.forwards == max(budgets) and counting.tokens == max(budgets)
