@@ -567,3 +567,37 @@ def test_engine_loop_counts_places_from_arrival(tiny) -> None:
         assert sum(1 for ev in done if getattr(ev, "finished", False)) == 3
     finally:
         loop.stop()
+
+
+def test_a_burst_is_refused_without_waiting_for_the_engine(tiny) -> None:
+    """A request holds its place from its arrival: with the engine thread busy (here: not running at all, so no
+    prompt is ever encoded), the requests past ``--batch-size`` + ``--max-queue`` get their 429 at once instead of
+    waiting for the engine's step to end, and the places of requests that end before submitting come back."""
+    import asyncio
+
+    from ponder.server.app import create_app
+    from ponder.server.loop import EngineLoop
+
+    loop = EngineLoop(Engine(tiny), batch_size=2, max_queue=1)  # never started: encoding waits forever
+    app = create_app(loop, MODEL)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ponder") as client:
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
+            stuck = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(3)]
+            deadline = time.monotonic() + 10
+            while loop.in_flight < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert loop.in_flight == 3  # counted on arrival, before any prompt was encoded
+            r = await asyncio.wait_for(client.post("/v1/completions", json=body), 5)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
+            r = await asyncio.wait_for(client.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "hi"}]}), 5)
+            assert r.status_code == 429
+            assert (await client.get("/health")).status_code == 200
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
+        assert loop.in_flight == 0  # the places of requests that never submitted were given back
+
+    asyncio.run(main())
