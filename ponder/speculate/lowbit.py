@@ -121,21 +121,20 @@ class LowBit(Drafter):
         try:
             while any(active):
                 # a row holds its committed K/V plus its drafts' but the last (``cache.lengths[b] - start[b] ==
-                # len(drafts[b])``); a finished row is back at its start: rows that run only to fill the batch
-                # write above their lengths, where nothing reads
-                # guesses at batch 1 only: every row runs a forward's T tokens, and at batch 4 the longer forwards
-                # cost more than the guesses saved (held-out Spec-Bench: 1.54x with them, 1.77x without)
-                guesses = [self._guess(r, drafts[b], want[b] - len(drafts[b]) - 1) if active[b] and len(rows) == 1
-                           else [] for b, r in enumerate(rows)]
-                T = min(1 + max(map(len, guesses)), min(cache.max_len - n for n in cache.lengths))
+                # len(drafts[b])``); a finished row is back at its start (a batch forward runs it anyway, writing
+                # above its length, where nothing reads). Guesses at batch 1 only: every row runs a forward's
+                # tokens, and at batch 4 the longer forwards cost more than the guesses saved (held-out Spec-Bench:
+                # 1.54x with them, 1.77x without)
+                guess = self._guess(rows[0], drafts[0], want[0] - len(drafts[0]) - 1) if len(rows) == 1 else []
+                T = min(1 + len(guess), cache.max_len - cache.lengths[0])
+                guess = guess[: T - 1]
                 if T == 1:  # a decode step of the copy; it advances every row by one
                     logits = self.copy(torch.tensor([[t] for t in feed], device=self.copy.device), cache,
                                        last_only=True)
                 else:  # the next token and the guesses as a chain: a verify forward of the copy, which advances none
-                    ids = [[feed[b]] + (g[: T - 1] + [feed[b]] * T)[: T - 1] for b, g in enumerate(guesses)]
-                    depth = torch.arange(T).expand(len(rows), T)
-                    visible = torch.ones(T, T, dtype=torch.bool).tril().expand(len(rows), T, T)
-                    logits = self.copy.forward_tree(torch.tensor(ids, device=self.copy.device), cache, depth, visible)
+                    ids = torch.tensor([[feed[0]] + guess], device=self.copy.device)
+                    visible = torch.ones(T, T, dtype=torch.bool).tril()[None]
+                    logits = self.copy.forward_tree(ids, cache, torch.arange(T)[None], visible)
                 logits = logits[:, :, : self.vocab].float()
                 tok_all = logits.argmax(-1).tolist()  # [B][T]
                 conf_all = torch.softmax(logits, -1).amax(-1).tolist() if o.threshold else None
@@ -144,17 +143,16 @@ class LowBit(Drafter):
                         if T == 1:
                             cache.truncate(b, start[b])
                         continue
-                    out = self._accept(logits[b], r, len(drafts[b]), guesses[b][: T - 1], want[b] - len(drafts[b]),
-                                       tok_all[b], conf_all[b] if conf_all else None)
-                    drafts[b] += out[0]
-                    active[b] = out[1] and len(drafts[b]) < want[b]
+                    new, goes_on = self._accept(logits[b], r, len(drafts[b]), guess, want[b] - len(drafts[b]),
+                                                tok_all[b], conf_all[b] if conf_all else None)
+                    drafts[b] += new
+                    active[b] = goes_on and len(drafts[b]) < want[b]
                     if not active[b]:
                         cache.truncate(b, start[b])  # the last drafts are never fed: the verify tells what follows
-                    elif T == 1:
-                        feed[b] = drafts[b][-1]
-                    else:
-                        cache.advance([len(out[0]) if i == b else 0 for i in range(len(rows))])
-                        feed[b] = drafts[b][-1]
+                        continue
+                    if T > 1:  # batch 1: the next token's and the agreed guesses' K/V are the chain's
+                        cache.advance([len(new)])
+                    feed[b] = drafts[b][-1]
         finally:
             for b, n in enumerate(start):
                 cache.truncate(b, n)
