@@ -89,11 +89,6 @@ class EngineLoop:
         with self._lock:
             return self._pending
 
-    def full(self, n: int = 1) -> bool:
-        """Whether ``n`` more requests would be refused now (``submit`` decides, under its lock)."""
-        with self._lock:
-            return self._pending + n > self.core.batch_size + self.max_queue
-
     def reserve(self, n: int = 1) -> Ticket:
         """Count ``n`` requests as in flight now, before they are ready to submit; raises ``QueueFull`` when they
         do not fit. The caller must ``release`` the ticket when it is done with it (what was submitted stays)."""
