@@ -7,8 +7,8 @@ keeps the output exactly its own. Quantized drafts of the target itself are QSpe
 ML-SpecQD's (arXiv 2503.13565, on CPUs); like QSpec, the copy shares the target's KV cache: it writes its drafts'
 K/V after the committed tokens' (computed by the target), reads the committed ones as they are, and the cache is cut
 back to its lengths before the verify forward overwrites those slots. So the copy keeps no cache of its own, never
-prefills the prompt and never catches up on accepted tokens: each step runs ``k`` one-token forwards of the copy
-for all rows of the batch at once.
+prefills the prompt and never catches up on accepted tokens: each step runs up to ``k`` forwards of the copy for
+all rows of the batch at once (fewer where guesses, below, draft several tokens per forward).
 
 A greedy row's drafts are the copy's argmax. A sampling row's are the copy's own Gumbel-max draws with the very
 noise the target will use at each position (``DraftRow.noise``; ponder samples ``argmax(log w + g)`` with noise
@@ -166,11 +166,9 @@ class LowBit(Drafter):
         if index is None or most <= 0:
             return []
         tail = (r.tokens[-MAX_MATCH:] + drafts)[-MAX_MATCH:]
-        history = index.tokens
         for n in range(len(tail), self.options.match - 1, -1):
-            for end in reversed(index.ends.get(tuple(tail[-n:]), ())):
-                if end + 1 < len(history):  # the last committed token itself has no continuation yet
-                    return history[end + 1 : end + 1 + most]
+            if found := index.continuations(n, 1, most, tail):
+                return found[0]
         return []
 
     def _accept(self, logits: torch.Tensor, r: DraftRow, done: int, guess: list[int], most: int, argmax: list[int],

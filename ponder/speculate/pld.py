@@ -47,11 +47,12 @@ class NgramIndex:
             for n in range(self.min_n, min(self.max_n, i + 1) + 1):
                 self.ends.setdefault(tuple(self.tokens[i - n + 1 : i + 1]), []).append(i)
 
-    def continuations(self, n: int, branches: int, length: int) -> list[list[int]]:
-        """Up to ``branches`` distinct continuations of the history's last n tokens, most recent match first."""
+    def continuations(self, n: int, branches: int, length: int, tail: list[int] | None = None) -> list[list[int]]:
+        """Up to ``branches`` distinct continuations of the history's last n tokens (or of ``tail``'s, tokens that
+        would follow the history, such as drafts), most recent match first."""
         last = len(self.tokens) - 1
         found: list[list[int]] = []
-        for end in reversed(self.ends.get(tuple(self.tokens[-n:]), [])):
+        for end in reversed(self.ends.get(tuple((self.tokens if tail is None else tail)[-n:]), [])):
             if end == last:
                 continue
             cont = self.tokens[end + 1 : end + 1 + length]
