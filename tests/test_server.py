@@ -601,3 +601,61 @@ def test_a_burst_is_refused_without_waiting_for_the_engine(tiny) -> None:
         assert loop.in_flight == 0  # the places of requests that never submitted were given back
 
     asyncio.run(main())
+
+
+def test_a_stalled_upload_holds_no_place(tiny) -> None:
+    """A place is taken once the request's body has arrived: clients that send headers and then stall their upload
+    hold none (they would otherwise lock everyone out with 429s); a request that could never fit (n beyond the
+    batch plus the queue) is the client's 400, and a wrong method on a full server is still its 405."""
+    import asyncio
+
+    from ponder.server.app import create_app
+    from ponder.server.loop import EngineLoop
+
+    loop = EngineLoop(Engine(tiny), batch_size=2, max_queue=1)  # never started
+    app = create_app(loop, MODEL)
+
+    async def stalled(sent: list) -> None:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "headers": [(b"host", b"ponder"), (b"content-type", b"application/json"),
+                                              (b"content-length", b"1000")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+        chunks = [{"type": "http.request", "body": b'{"model": ', "more_body": True}]
+
+        async def receive() -> dict:
+            if chunks:
+                return chunks.pop()
+            await asyncio.sleep(3600)  # the rest of the body never comes
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+
+    async def main() -> None:
+        sent: list = []
+        uploads = [asyncio.ensure_future(stalled(sent)) for _ in range(5)]
+        await asyncio.sleep(0.2)
+        assert loop.in_flight == 0 and sent == []  # five half-sent requests, no place taken, nothing answered yet
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ponder") as client:
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
+            r = await asyncio.wait_for(client.post("/v1/completions", json={**body, "n": 4}), 5)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+            assert loop.in_flight == 0
+            admitted = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(3)]
+            deadline = time.monotonic() + 10
+            while loop.in_flight < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert loop.in_flight == 3  # the complete requests got the places the stalled ones did not take
+            r = await asyncio.wait_for(client.post("/v1/completions", json=body), 5)
+            assert r.status_code == 429
+            r = await asyncio.wait_for(client.get("/v1/completions"), 5)
+            assert r.status_code == 405
+            for task in admitted + uploads:
+                task.cancel()
+            await asyncio.gather(*admitted, *uploads, return_exceptions=True)
+        assert loop.in_flight == 0
+
+    asyncio.run(main())

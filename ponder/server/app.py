@@ -96,20 +96,10 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                 if not hmac.compare_digest(token.encode(), api_key.encode()):
                     refusal = APIError(401, "a valid API key is needed (Authorization: Bearer ...)",
                                        "authentication_error", code="invalid_api_key")
-            ticket = None
-            if refusal is None and path in GENERATION_PATHS:
-                # the request holds its place from now on (its prompt is encoded on the engine thread, after the
-                # step in progress): a burst beyond the places is refused at once, before any body is read
-                try:
-                    ticket = scope["ponder.ticket"] = loop.reserve(1)
-                except QueueFull as e:
-                    refusal = busy(str(e))
             length = headers.get("content-length")
             if refusal is None and length is not None and length.isdigit() and int(length) > max_body:
                 refusal = too_large()
             if refusal is not None:
-                if ticket is not None:
-                    loop.release(ticket)
                 return await error(refusal)(scope, receive, send)
             received = 0
 
@@ -123,6 +113,36 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                         raise _BodyTooLarge()
                 return message
 
+            ticket = None
+            inner_receive = counted
+            if path in GENERATION_PATHS and scope.get("method") == "POST":
+                # the request holds its place from the moment its body has arrived (not before: a client that
+                # stalls its upload must not hold a place), before it is parsed or its prompt encoded (which waits
+                # for the engine thread's step in progress): a burst beyond the places is refused at once
+                chunks: list[bytes] = []
+                try:
+                    while True:
+                        message = await counted()
+                        if message["type"] != "http.request":
+                            return  # the client went away while sending: nobody to answer
+                        chunks.append(message.get("body", b""))
+                        if not message.get("more_body", False):
+                            break
+                except _BodyTooLarge:
+                    return await error(too_large())(scope, receive, send)
+                try:
+                    ticket = scope["ponder.ticket"] = loop.reserve(1)
+                except QueueFull as e:
+                    return await error(busy(str(e)))(scope, receive, send)
+                replayed = False
+
+                async def inner_receive() -> dict:  # the body once, as read; then the connection's own events
+                    nonlocal replayed
+                    if not replayed:
+                        replayed = True
+                        return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                    return await receive()
+
             started = False
 
             async def tracked(message: dict) -> None:
@@ -131,7 +151,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                 await send(message)
 
             try:
-                await self.inner(scope, counted, tracked)
+                await self.inner(scope, inner_receive, tracked)
             except _BodyTooLarge:
                 if not started:
                     await error(too_large())(scope, receive, send)
@@ -213,6 +233,10 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         """The places of a request's ``n`` choices: the one its arrival reserved (``Guard``) and ``n - 1`` more, or
         a 429 now, before the prompt is encoded (which waits for the engine thread's current step)."""
         ticket = http.scope["ponder.ticket"]
+        places = loop.core.batch_size + loop.max_queue
+        if n > places:  # would never fit, however idle the server: the client's mistake, not a busy server
+            raise APIError(400, f"n={n} choices need {n} places and this server holds {places} requests at most "
+                                f"(--batch-size plus --max-queue)", param="n")
         if n > 1:
             try:
                 loop.grow(ticket, n - 1)
@@ -351,12 +375,16 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
             # a client that goes away before a non-streamed answer is ready: nothing else would notice until the
             # answer is complete, so watch for it and cancel (run() then aborts the requests and frees their rows)
             task = asyncio.ensure_future(collect())
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if not task.done() and await http.is_disconnected():
+            try:
+                while not task.done():
+                    await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                    if not task.done() and await http.is_disconnected():
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
+                        return Response(status_code=499)  # nobody reads it
+            finally:  # the handler itself cancelled (shutdown): its rows must not go on generating for nobody
+                if not task.done():
                     task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
-                    return Response(status_code=499)  # nobody reads it
             task.result()  # an APIError raised while generating reaches its handler
             comps = [done[i] for i in range(req.n)]
 

@@ -60,7 +60,7 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[Hashable, Sink] = {}
-        self._pending = 0  # submitted, not yet finished or aborted (guarded by _lock)
+        self._pending = 0  # reserved (arrived) or submitted, not yet finished or aborted (guarded by _lock)
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ponder-engine", daemon=True)
