@@ -190,3 +190,25 @@ def test_chains_stop_where_the_fullest_row_runs_out_of_cache(cyclic) -> None:
     with torch.inference_mode():
         trees = drafter.propose(DraftBatch(rows, cyclic.model, cache)).trees
     assert [len(t) for t in trees] == [3, 3] and cache.lengths == [6, 9]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.1])
+def test_guesses_keep_a_sampling_rows_chain(cyclic, threshold) -> None:
+    """A sampling row's chain (the copy's draws with the target's noise; 0.1 cuts it to 5 of 9 tokens here) is the
+    same with guesses as token by token, and the guesses save forwards there too."""
+    from ponder.sampling import RowNoise, SamplingParams
+
+    params = SamplingParams(temperature=0.7, seed=3, max_new_tokens=32)
+    prompt, position = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], 4
+    chains, forwards = {}, {}
+    for guess in (0, 3):
+        drafter = make_speculator(f"lowbit:k=9:guess={guess}:threshold={threshold}", cyclic).drafter
+        drafter.copy = counting = _Counting(drafter.copy)
+        cache = _prefilled(cyclic, [prompt[:-1]])
+        row = DraftRow(prompt, drafter.new_state(prompt), 9, params, RowNoise(3, 0), position)
+        with torch.inference_mode():
+            chains[guess] = drafter.propose(DraftBatch([row], cyclic.model, cache)).trees[0].tokens
+        assert cache.lengths == [len(prompt) - 1]
+        forwards[guess] = counting.forwards
+    assert chains[3] == chains[0] and len(chains[0]) >= 3
+    assert forwards[3] < forwards[0]

@@ -25,14 +25,15 @@ calibration's prior a low confidence made the policy cut chains the target would
 calibrates the nodes by depth. The chains' length is the policy's plan (``k`` at most): the one with the most
 expected tokens per second of drafting plus verifying (``DraftPolicy.plan``).
 
-Guesses (ML-SpecQD's levels: a cheaper drafter drafts for the copy). Where the row's last tokens (at least
-``match`` of them) occurred earlier in its prompt or output, the tokens that followed are a guess of what the copy
-will draft next: one copy forward over the chain's next token plus up to ``guess`` guessed tokens (a verify-shaped
-forward, ~1.2-1.5x the cost of one token for 2-4 tokens on this CPU) drafts as many tokens as the copy agrees with
-in a row, plus the copy's own token after them. The chain is the one the copy would have drafted token by token (up
-to the last bits of a forward of several tokens), so acceptance does not change; only the copy's forwards per
-draft token fall, on text that repeats its prompt or itself (summaries, extraction, code, RAG). Batch 1 only (every
-row of a batch runs each forward's tokens, and at batch 4 that cost more than it saved). ``guess=0`` turns it off.
+Guesses (ML-SpecQD's levels: a cheaper drafter drafts for the copy). Where the row's last tokens (at least ``match``
+of them) occurred earlier in its prompt or output, the tokens that followed are a guess of what the copy will draft
+next: one copy forward over the chain's next token plus up to ``guess`` guessed tokens (a verify-shaped forward,
+~1.15x the time of one token for 2 tokens and ~1.5x for 3 on the CPUs measured) drafts as many tokens as the copy
+agrees with in a row, plus the copy's own token after them. The chain is the one the copy would have drafted token
+by token (up to the last bits of a forward of several tokens), so acceptance does not change; only the copy's
+forwards per draft token fall, on text that repeats its prompt or itself (summaries, extraction, code, RAG). Batch 1
+only (every row of a batch runs each forward's tokens, and at batch 4 that cost more than it saved). ``guess=0``
+turns it off.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class LowBitOptions:
 
 class LowBit(Drafter):
     name = "lowbit"
-    sequential = True  # one forward of the copy per draft token: the policy plans the chains' length
+    sequential = True  # a forward of the copy per draft token (fewer with guesses): the policy plans the chains' length
 
     def __init__(self, options: LowBitOptions, copy: Any, target_vocab: int) -> None:
         self.options = options
