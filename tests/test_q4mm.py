@@ -135,3 +135,31 @@ def test_bad_inputs_are_refused_before_the_kernel_reads_them() -> None:
     assert native.q4_mm(torch.randn(0, 96), packed, 64).shape == (0, 64)
     with pytest.raises(PonderError, match="strips of 16"):
         pack_native(codes[:60], d[:60], m[:60])
+
+
+def bulk(lib, x: torch.Tensor, packed: torch.Tensor, out: int, threads: int = 2) -> torch.Tensor:
+    y = torch.empty(x.shape[0], out)
+    assert lib.ponder_q4_mm_bulk(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], out, x.shape[1],
+                                 threads) == 0
+    return y
+
+
+def test_bulk_products_are_the_same_products_and_a_rows_own() -> None:
+    """The prefill kernel (AMX where the CPU has it): the block weights times bf16 activations as the decode
+    kernel computes them (to the last bits where there is no AMX), a row's bits independent of the call's other
+    rows (tiles of 16: 37 rows = 16 + 16 + 5), its strips (3 per tile: 10 strips) and threads."""
+    lib = native.Q4.library()
+    codes, d, m = blocks(160, 576, seed=4)
+    packed = pack_native(codes, d, m)
+    x = torch.randn(37, 576) * 3
+    got = bulk(lib, x, packed, 160)
+    ref = x.to(torch.bfloat16).double() @ weight(codes, d, m).double().T
+    assert (got.double() - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+    alone = torch.cat([bulk(lib, x[i : i + 1], packed, 160) for i in range(37)])
+    assert torch.equal(got, alone)
+    assert torch.equal(bulk(lib, x, packed, 160, threads=1), got)
+    assert torch.equal(bulk(lib, x[3:20], packed, 160, threads=3), got[3:20])
+    if not native.q4_amx():
+        assert torch.equal(got, mm(lib, x, packed, 160))
+    layer = Q4Linear(codes, d, m)
+    assert torch.equal(layer(x, bulk=True), got) and torch.equal(layer(x), mm(lib, x, packed, 160))

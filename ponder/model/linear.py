@@ -88,8 +88,9 @@ class Linear(nn.Linear):
         if self.dnn is None and can_dnn(self.weight):
             self.dnn = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x # [..., in] -> # [..., out]."""
+    def forward(self, x: torch.Tensor, bulk: bool = False) -> torch.Tensor:
+        """x # [..., in] -> # [..., out]. ``bulk``: the rows are a prefill's, whose bits need not match a decode
+        step's (the quantized layers multiply them on a kernel of their own where one is faster: ``q4.py``)."""
         n = x.numel() // self.in_features
         if self.route:
             kernel, rows = self.route.get(n, ("plain", n))

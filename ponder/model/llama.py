@@ -61,7 +61,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
         """x # [B, T, E] -> attention output # [B, T, E]; writes this layer's K/V for the new tokens."""
         B, T, _ = x.shape
-        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        qkv = self.wqkv(x, bulk=ctx.prefill).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], ctx.cos, ctx.sin)
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)
         v = qkv[:, :, self.n_heads + self.n_kv :]
@@ -79,7 +79,7 @@ class Attention(nn.Module):
             out = attend_queries(q, keys, values, ctx.queries, holes, ctx.plan).to(x.dtype)
         else:
             out = _attend(q, keys, values, ctx, self.n_heads // self.n_kv, holes).to(x.dtype)
-        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim), bulk=ctx.prefill)
 
 
 def _attend(
@@ -223,10 +223,10 @@ class MLP(nn.Module):
         self.wgate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.wdown = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x # [B, T, E] -> # [B, T, E] (SwiGLU)."""
-        gate, up = self.wgate_up(x).chunk(2, dim=-1)
-        return self.wdown(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, bulk: bool = False) -> torch.Tensor:
+        """x # [B, T, E] -> # [B, T, E] (SwiGLU); ``bulk``: a prefill's rows (``Linear.forward``)."""
+        gate, up = self.wgate_up(x, bulk=bulk).chunk(2, dim=-1)
+        return self.wdown(F.silu(gate) * up, bulk=bulk)
 
 
 class Block(nn.Module):
@@ -239,7 +239,7 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
         h = h + self.attn(self.attn_norm(h), ctx, cache, layer)
-        return h + self.mlp(self.mlp_norm(h))
+        return h + self.mlp(self.mlp_norm(h), ctx.prefill)
 
 
 class LlamaModel(nn.Module):

@@ -102,7 +102,9 @@ def _cache_dir() -> Path:
 
 _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 ATTENTION = Kernel("attention", {"ponder_attend": (_int, [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _int])})
-Q4 = Kernel("q4mm", {"ponder_q4_mm": (_int, [_p, _p, _p, _i64, _i64, _i64, _int]), "ponder_q4_fast": (_int, [])})
+Q4 = Kernel("q4mm", {"ponder_q4_mm": (_int, [_p, _p, _p, _i64, _i64, _i64, _int]),
+                     "ponder_q4_mm_bulk": (_int, [_p, _p, _p, _i64, _i64, _i64, _int]), "ponder_q4_fast": (_int, []),
+                     "ponder_q4_amx": (_int, [])})
 # the decoder layers (``native_layers.py``) call the GEMM and attention of the other two files, linked in
 _DECODER_ARGS = [_p, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _i64, _p, _p, _i64, _i64, _i64, _p, _p, _p,
                  _p, _p, _int]
@@ -135,9 +137,10 @@ def q4_reason() -> str | None:
     return None if lib.ponder_q4_fast() else "no AVX512-BF16 (this CPU or the compiler's -march=native lacks it)"
 
 
-def q4_mm(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+def q4_mm(x: torch.Tensor, packed: torch.Tensor, out_features: int, bulk: bool = False) -> torch.Tensor:
     """x # [M, K] float32 times the weight ``packed`` holds (``q4.pack_native``; out_features x K) -> # [M, N]
-    float32. The shapes and dtypes are checked here: the C kernel trusts them."""
+    float32. The shapes and dtypes are checked here: the C kernel trusts them. ``bulk``: on the kernel for a
+    prefill's rows (AMX where the CPU has it: other last bits than the decode kernel's; ``q4mm.c``)."""
     from ponder.errors import PonderError
 
     lib = Q4.library()
@@ -152,13 +155,24 @@ def q4_mm(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Ten
                           f"{tuple(packed.shape)} for N = {out_features}")
     x = x.contiguous()
     out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    rc = lib.ponder_q4_mm(x.data_ptr(), packed.data_ptr(), out.data_ptr(), x.shape[0], out_features, K,
-                          torch.get_num_threads())
+    rc = (lib.ponder_q4_mm_bulk if bulk else lib.ponder_q4_mm)(x.data_ptr(), packed.data_ptr(), out.data_ptr(),
+                                                               x.shape[0], out_features, K, torch.get_num_threads())
     if rc == -2:
         raise MemoryError("q4 kernel: no memory for its scratch")
     if rc != 0:
         raise RuntimeError(f"q4 kernel refused a {out_features} x {K} weight")
     return out
+
+
+def q4_mm_bulk(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``q4_mm`` on the bulk kernel (a prefill's rows)."""
+    return q4_mm(x, packed, out_features, bulk=True)
+
+
+def q4_amx() -> bool:
+    """Whether the 4-bit GEMM's bulk products (prefills) run on AMX here (``q4mm.c``)."""
+    lib = Q4.library()
+    return lib is not None and bool(lib.ponder_q4_amx())
 
 
 def fits(q: torch.Tensor, keys: torch.Tensor) -> bool:

@@ -81,6 +81,10 @@ def _q4_mm_shape(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> to
 
 
 q4_mm = torch.ops.ponder.q4_mm.default
+_ops.define("q4_mm_bulk(Tensor x, Tensor packed, int out_features) -> Tensor")
+_ops.impl("q4_mm_bulk", native.q4_mm_bulk, "CPU")
+torch.library.register_fake("ponder::q4_mm_bulk")(_q4_mm_shape)
+q4_mm_bulk = torch.ops.ponder.q4_mm_bulk.default
 
 
 def pack_native(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -143,13 +147,14 @@ class Q4Linear(nn.Module):
         layer.register_buffer("bias", None if bias is None else bias.detach().float())
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x # [..., in] -> # [..., out], in x's dtype (the product itself is computed from bf16 activations)."""
+    def forward(self, x: torch.Tensor, bulk: bool = False) -> torch.Tensor:
+        """x # [..., in] -> # [..., out], in x's dtype (the product itself is computed from bf16 activations).
+        ``bulk``: a prefill's rows, multiplied by the GEMM's bulk kernel (AMX where the CPU has it; module doc)."""
         if x.device.type != "cpu":
             raise PonderError("--dtype q4 runs on the CPU only (PyTorch's GPU int4 kernel packs weights differently)")
         flat = x.reshape(-1, self.in_features)
         if self.native:
-            y = q4_mm(flat.float(), self.packed, self.out_features).to(x.dtype)
+            y = (q4_mm_bulk if bulk else q4_mm)(flat.float(), self.packed, self.out_features).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP,
                                                            self.scale_zero).to(x.dtype)

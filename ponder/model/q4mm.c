@@ -19,6 +19,12 @@
    slow), and q4.py keeps PyTorch's int4 kernel instead. An infinite activation gives NaN (inf - inf in the
    block's correction), where a plain product would give an infinity.
 
+   Bulk products (``ponder_q4_mm_bulk``: a prefill's many rows, where a row need not match a decode step's bits)
+   run on AMX where the CPU has it (Intel since Sapphire Rapids; Linux asks the kernel for the tile state once):
+   per block, one TDPBF16PS multiplies up to 16 rows by the 16 x 32 unpacked codes of a strip, then the same d/m
+   correction as above. The products are the same; the sums' rounding is AMX's own (it differs from vdpbf16ps's in
+   last bits), still per row: a row's bits depend on nothing else in the call. Elsewhere bulk is ponder_q4_mm.
+
    Weight layout (q4.py, ``pack_native``): strips of 16 columns; per strip, per block: 256 code bytes (8 chunks of
    32 bytes; in chunk p, byte 2c + e holds column c's code k = 2p + e in its low nibble and k = 16 + 2p + e in its
    high nibble), then 16 fp16 d, then 16 fp16 m (320 bytes, the GGUF's 20 bytes per block of 32). */
@@ -31,6 +37,13 @@
 #define FAST 1
 #else
 #define FAST 0
+#endif
+#if FAST && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX 1
+#else
+#define AMX 0
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -194,6 +207,97 @@ static void tile_any(const uint8_t *w, long strip_bytes, int KB, const uint32_t 
 }
 #endif
 
+/* x's rows as bf16 pairs (xb [M, K / 2]) and per block their sum and 128 times it (xs, xs128 [M, K / 32]). */
+static void split_rows(const float *x, int64_t M, int64_t K, uint32_t *xb, float *xs, float *xs128) {
+    const int KB = (int)(K / BLOCK);
+    for (long r = 0; r < M; r++)
+        for (int b = 0; b < KB; b++) {
+            float sum = 0.0f;
+            for (int j = 0; j < BLOCK; j += 2) {
+                uint16_t a = to_bf16(x[r * K + b * BLOCK + j]), c = to_bf16(x[r * K + b * BLOCK + j + 1]);
+                xb[r * (K / 2) + b * 16 + j / 2] = (uint32_t)a | ((uint32_t)c << 16);
+                sum += from_bf16(a);
+                sum += from_bf16(c);
+            }
+            xs[r * KB + b] = sum;
+            xs128[r * KB + b] = 128.0f * sum;
+        }
+}
+
+#if AMX
+#define AMX_ROWS 16
+#define AMX_STRIPS 3 /* tiles: 0 the rows' activations, 1-3 a strip's codes each, 4-6 a strip's block sums each */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Rows [0, R) (R <= 16) x strips [0, S) (S <= 3): per block, the codes of each strip unpacked to bf16 (128 + q, as
+   tile() does) in the layout TDPBF16PS reads (row j: the 16 columns' pairs (2j, 2j + 1)), one product per strip,
+   then the block's correction in fp32 lanes. */
+static void amx_tile(const uint8_t *w, long strip_bytes, int KB, const uint32_t *xb, long xb_stride,
+                     const float *xs, const float *xs128, float *out, long N, int R, int S) {
+    __attribute__((aligned(64))) uint16_t codes[AMX_STRIPS][16 * 32];
+    __attribute__((aligned(64))) float sums[AMX_STRIPS][AMX_ROWS * COLS];
+    __m512 acc[AMX_ROWS][AMX_STRIPS];
+    const __m512i low = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++) acc[r][s] = _mm512_setzero_ps();
+    for (int b = 0; b < KB; b++) {
+        for (int s = 0; s < S; s++) {
+            const uint8_t *blk = w + s * strip_bytes + (long)b * BLOCK_BYTES;
+            for (int p = 0; p < 8; p++) { /* chunk p: pairs p (low nibbles) and 8 + p (high nibbles) */
+                __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(blk + p * 32)));
+                _mm512_store_si512((__m512i *)(codes[s] + p * 32), _mm512_ternarylogic_epi32(v, low, bias, 0xEA));
+                _mm512_store_si512((__m512i *)(codes[s] + (8 + p) * 32), _mm512_or_si512(_mm512_srli_epi16(v, 4), bias));
+            }
+        }
+        _tile_loadd(0, xb + b * 16, xb_stride);
+        _tile_zero(4);
+        _tile_loadd(1, codes[0], 64);
+        _tile_dpbf16ps(4, 0, 1);
+        _tile_stored(4, sums[0], 64);
+        if (S > 1) {
+            _tile_zero(5);
+            _tile_loadd(2, codes[1], 64);
+            _tile_dpbf16ps(5, 0, 2);
+            _tile_stored(5, sums[1], 64);
+        }
+        if (S > 2) {
+            _tile_zero(6);
+            _tile_loadd(3, codes[2], 64);
+            _tile_dpbf16ps(6, 0, 3);
+            _tile_stored(6, sums[2], 64);
+        }
+        for (int s = 0; s < S; s++) {
+            const uint8_t *blk = w + s * strip_bytes + (long)b * BLOCK_BYTES;
+            __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + CODE_BYTES)));
+            __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + CODE_BYTES + 2 * COLS)));
+            for (int r = 0; r < R; r++) {
+                __m512 c = _mm512_set1_ps(xs128[r * KB + b]), x = _mm512_set1_ps(xs[r * KB + b]);
+                __m512 t = _mm512_load_ps(sums[s] + r * COLS);
+                acc[r][s] = _mm512_fmadd_ps(mv, x, _mm512_fmadd_ps(dv, _mm512_sub_ps(t, c), acc[r][s]));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++) _mm512_storeu_ps(out + r * N + s * COLS, acc[r][s]);
+}
+#endif
+
+/* 1 where bulk products run on AMX (asks Linux for the tile state on the first call), else 0. */
+int ponder_q4_amx(void) {
+#if AMX
+    static int ready = -1; /* set once; a race only repeats the same request */
+    if (ready < 0) ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return ready;
+#else
+    return 0;
+#endif
+}
+
 /* out [M, N] = x [M, K] (float32, rows contiguous) times the packed weight of N x K (module doc). Returns 0, -1 for
    a shape the layout cannot hold, -2 without memory. */
 int ponder_q4_mm(const float *x, const uint8_t *w, float *out, int64_t M, int64_t N, int64_t K, int threads) {
@@ -209,18 +313,7 @@ int ponder_q4_mm(const float *x, const uint8_t *w, float *out, int64_t M, int64_
         return -2;
     }
     float *xs128 = xs + M * KB;
-    for (long r = 0; r < M; r++)
-        for (int b = 0; b < KB; b++) {
-            float sum = 0.0f;
-            for (int j = 0; j < BLOCK; j += 2) {
-                uint16_t a = to_bf16(x[r * K + b * BLOCK + j]), c = to_bf16(x[r * K + b * BLOCK + j + 1]);
-                xb[r * (K / 2) + b * 16 + j / 2] = (uint32_t)a | ((uint32_t)c << 16);
-                sum += from_bf16(a);
-                sum += from_bf16(c);
-            }
-            xs[r * KB + b] = sum;
-            xs128[r * KB + b] = 128.0f * sum;
-        }
+    split_rows(x, M, K, xb, xs, xs128);
     if (threads < 1) threads = 1;
     if (threads > strips) threads = (int)strips;
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
@@ -241,4 +334,59 @@ int ponder_q4_mm(const float *x, const uint8_t *w, float *out, int64_t M, int64_
     free(xb);
     free(xs);
     return 0;
+}
+
+/* ponder_q4_mm for bulk products (module doc): on AMX where the CPU has it, else ponder_q4_mm itself. */
+int ponder_q4_mm_bulk(const float *x, const uint8_t *w, float *out, int64_t M, int64_t N, int64_t K, int threads) {
+#if AMX
+    if (K % BLOCK || N % COLS || M < 0 || N < 0 || K < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    if (!ponder_q4_amx()) return ponder_q4_mm(x, w, out, M, N, K, threads);
+    const int KB = (int)(K / BLOCK);
+    const long strips = N / COLS, strip_bytes = (long)KB * BLOCK_BYTES;
+    uint32_t *xb = malloc(sizeof(uint32_t) * (size_t)(M * K / 2 + 1));
+    float *xs = malloc(sizeof(float) * (size_t)(2 * M * KB + 1));
+    if (!xb || !xs) {
+        free(xb);
+        free(xs);
+        return -2;
+    }
+    float *xs128 = xs + M * KB;
+    split_rows(x, M, K, xb, xs, xs128);
+    if (threads < 1) threads = 1;
+    if (threads > strips) threads = (int)strips;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) {
+        long first = strips * t / threads, last = strips * (t + 1) / threads;
+        for (long r0 = 0; r0 < M; r0 += AMX_ROWS) {
+            int R = (int)(M - r0 < AMX_ROWS ? M - r0 : AMX_ROWS);
+            tile_config cfg;
+            memset(&cfg, 0, sizeof cfg);
+            cfg.palette = 1;
+            cfg.rows[0] = (uint8_t)R; /* R rows of 32 bf16 activations */
+            cfg.colsb[0] = 64;
+            for (int i = 1; i <= AMX_STRIPS; i++) { /* 16 pairs of rows of codes, 16 columns each */
+                cfg.rows[i] = 16;
+                cfg.colsb[i] = 64;
+            }
+            for (int i = 1 + AMX_STRIPS; i <= 2 * AMX_STRIPS; i++) { /* R rows of 16 fp32 sums */
+                cfg.rows[i] = (uint8_t)R;
+                cfg.colsb[i] = 64;
+            }
+            _tile_loadconfig(&cfg);
+            for (long s0 = first; s0 < last;) {
+                int n = (int)(last - s0 < AMX_STRIPS ? last - s0 : AMX_STRIPS);
+                amx_tile(w + s0 * strip_bytes, strip_bytes, KB, xb + r0 * (K / 2), K * 2, xs + r0 * KB,
+                         xs128 + r0 * KB, out + r0 * N + s0 * COLS, N, R, n);
+                s0 += n;
+            }
+            _tile_release();
+        }
+    }
+    free(xb);
+    free(xs);
+    return 0;
+#else
+    return ponder_q4_mm(x, w, out, M, N, K, threads);
+#endif
 }

@@ -67,7 +67,7 @@ from torch import nn
 
 from ponder.errors import PonderError
 from ponder.model.llama import LlamaModel
-from ponder.model.q4 import GROUP, native_kernel, pack_native, q4_mm, quantize_q4
+from ponder.model.q4 import GROUP, native_kernel, pack_native, q4_mm, q4_mm_bulk, quantize_q4
 
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,8 +100,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x # [..., in] -> # [..., out], in x's dtype."""
+    def forward(self, x: torch.Tensor, bulk: bool = False) -> torch.Tensor:
+        """x # [..., in] -> # [..., out], in x's dtype (``bulk``: as ``Linear.forward``; one kernel here)."""
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         y = torch._weight_int8pack_mm(flat, self.qweight, self.scale).to(x.dtype)
         if self.bias is not None:
@@ -139,18 +139,19 @@ class Int8BlockLinear(nn.Module):
                                                    torch.cat([-128 * d, zeros])))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x # [..., in] -> # [..., out], in x's dtype (the product itself is computed from bf16 activations)."""
+    def forward(self, x: torch.Tensor, bulk: bool = False) -> torch.Tensor:
+        """x # [..., in] -> # [..., out], in x's dtype (the product itself is computed from bf16 activations;
+        ``bulk``: a prefill's rows, on the GEMM's bulk kernel, ``q4mm.c``)."""
         if x.device.type != "cpu":
             raise PonderError("int8 blocks run on ponder's CPU kernel: load the model with its device (ponder.load("
                               "..., device=...)) to get int8 per output channel there")
-        y = self._product(x.reshape(-1, self.in_features).float()).to(x.dtype)
+        y = self._product(x.reshape(-1, self.in_features).float(), bulk).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _product(self, flat: torch.Tensor) -> torch.Tensor:
-        both = q4_mm(flat, self.packed, 2 * self.out_features)
+    def _product(self, flat: torch.Tensor, bulk: bool = False) -> torch.Tensor:
+        both = (q4_mm_bulk if bulk else q4_mm)(flat, self.packed, 2 * self.out_features)
         return both[:, : self.out_features] + both[:, self.out_features :]
 
     def dequantized(self) -> torch.Tensor:
