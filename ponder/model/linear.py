@@ -42,6 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_PACKED_ROWS = 4  # below this the packed kernel is never chosen
+# fp16 on the CPU: a one-row product runs padded with a zero row to two. On a Xeon with AVX512-FP16 (2026-12-05) a
+# row's fp16 product alone had other bits than among 2-33 rows (which all agreed), so decode steps and speculation's
+# verify forwards disagreed in last bits, which fp16's rounding turns into other tokens; padded, they agree
+# (tests/test_kernels.py checks the machine the tests run on). Elsewhere it costs one zero row.
+FP16_PAD = 2
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -99,7 +104,9 @@ class Linear(nn.Linear):
         else:  # no route: F.linear, or the smallest packed size that holds the rows
             rows = next((s for s in self.packed if s >= n), 0) if n >= MIN_PACKED_ROWS else 0
             kernel, rows = ("packed", rows) if rows else ("plain", n)
-        if kernel == "plain":
+        if kernel == "plain" and n == 1 and self.weight.dtype == torch.float16 and self.weight.device.type == "cpu":
+            kernel, rows = "plain", FP16_PAD  # one fp16 row: padded (``FP16_PAD``)
+        elif kernel == "plain":
             return F.linear(x, self.weight, self.bias)
         out = self.run(kernel, x.reshape(n, self.in_features), rows)
         return out.view(*x.shape[:-1], self.out_features)
