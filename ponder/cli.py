@@ -426,7 +426,8 @@ def _weight_kernel(model: nn.Module) -> str:
     if any(isinstance(m, Q4Linear) and m.native or isinstance(m, Int8BlockLinear) for m in mods):
         two_planes = any(isinstance(m, Int8BlockLinear) for m in mods)
         blocks = "int8 blocks of 32 as two 4-bit planes, " if two_planes else ""
-        return f"ponder's 4-bit GEMM ({blocks}q4mm.c, AVX512-BF16)"
+        prefill = "; prefills on AMX" if native.q4_amx() else ""
+        return f"ponder's 4-bit GEMM ({blocks}q4mm.c, AVX512-BF16{prefill})"
     why = native.q4_reason() or ("the model is not on the CPU" if model.device.type != "cpu"
                                  else "shapes outside its tiles")
     if any(isinstance(m, Int8Linear) for m in mods):

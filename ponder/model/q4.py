@@ -21,6 +21,10 @@ a time, over SmolLM2's 120 projections (random weights, 2 threads, AMD EPYC with
 | ponder's ``q4mm.c`` | 2.7 ms | 3.4 | 4.9 | 5.5 | 8.6 | 15.3 | 54 |
 | ``aten._weight_int4pack_mm_for_cpu`` (bf16 activations) | 4.7 ms | 5.4 | 7.3 | 12.1 | 12.4 | 22.7 | 83 |
 
+A prefill's projections (``Q4Linear.forward(x, bulk=True)``) run on the GEMM's bulk kernel instead, which uses AMX
+where the CPU has it: the same products, rows still independent, sums rounded in AMX's order; ~2.5x faster prefills
+on a Xeon with AMX (docs/performance.md). Decode steps and verify forwards never use it (their bits must agree).
+
 Elsewhere (no AVX512-BF16, no C compiler, ``PONDER_NATIVE=0``) the projections run on PyTorch's kernel, which
 computes ``w = (q - 8) * scale + zero`` with bf16 scale and zero: a Q4_1 block maps onto it with ``scale = d`` and
 ``zero = m + 8 d``, rounded to bf16 (those two roundings depart from the GGUF's weights; that kernel returns bf16).
