@@ -104,6 +104,17 @@ static inline int code_at(const uint8_t *blk, int c, int k) {
 }
 
 #if FAST
+/* A block's 16 d and 16 m (fp16) as fp32 lanes. */
+static inline void scales(const uint8_t *blk, __m512 *dv, __m512 *mv) {
+    *dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + CODE_BYTES)));
+    *mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + CODE_BYTES + 2 * COLS)));
+}
+
+/* The running sums plus one block's: acc + d (sum - 128 s) + m s, sum = the block's sum of x (128 + q). */
+static inline __m512 add_block(__m512 acc, __m512 dv, __m512 mv, __m512 sum, float s128, float s) {
+    return _mm512_fmadd_ps(mv, _mm512_set1_ps(s), _mm512_fmadd_ps(dv, _mm512_sub_ps(sum, _mm512_set1_ps(s128)), acc));
+}
+
 /* Rows [0, R) x strips [0, S) of 16 columns: R and S are constants at every call, so acc and tmp live in
    registers. */
 static inline __attribute__((always_inline)) void tile(const uint8_t *w, long strip_bytes, int KB,
@@ -139,13 +150,11 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, long st
             }
         }
         for (int s = 0; s < S; s++) {
-            const uint8_t *blk = w + s * strip_bytes + (long)b * BLOCK_BYTES;
-            __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + CODE_BYTES)));
-            __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + CODE_BYTES + 2 * COLS)));
+            __m512 dv, mv;
+            scales(w + s * strip_bytes + (long)b * BLOCK_BYTES, &dv, &mv);
             for (int r = 0; r < R; r++) {
-                __m512 c = _mm512_set1_ps(xs128[r * KB + b]), x = _mm512_set1_ps(xs[r * KB + b]);
                 __m512 a = inreg ? acc[r][s] : _mm512_loadu_ps(out + r * N + s * COLS);
-                a = _mm512_fmadd_ps(mv, x, _mm512_fmadd_ps(dv, _mm512_sub_ps(tmp[r][s], c), a));
+                a = add_block(a, dv, mv, tmp[r][s], xs128[r * KB + b], xs[r * KB + b]);
                 if (inreg)
                     acc[r][s] = a;
                 else
@@ -272,14 +281,11 @@ static void amx_tile(const uint8_t *w, long strip_bytes, int KB, const uint32_t 
             _tile_stored(6, sums[2], 64);
         }
         for (int s = 0; s < S; s++) {
-            const uint8_t *blk = w + s * strip_bytes + (long)b * BLOCK_BYTES;
-            __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + CODE_BYTES)));
-            __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + CODE_BYTES + 2 * COLS)));
-            for (int r = 0; r < R; r++) {
-                __m512 c = _mm512_set1_ps(xs128[r * KB + b]), x = _mm512_set1_ps(xs[r * KB + b]);
-                __m512 t = _mm512_load_ps(sums[s] + r * COLS);
-                acc[r][s] = _mm512_fmadd_ps(mv, x, _mm512_fmadd_ps(dv, _mm512_sub_ps(t, c), acc[r][s]));
-            }
+            __m512 dv, mv;
+            scales(w + s * strip_bytes + (long)b * BLOCK_BYTES, &dv, &mv);
+            for (int r = 0; r < R; r++)
+                acc[r][s] = add_block(acc[r][s], dv, mv, _mm512_load_ps(sums[s] + r * COLS), xs128[r * KB + b],
+                                      xs[r * KB + b]);
         }
     }
     for (int r = 0; r < R; r++)
@@ -298,9 +304,36 @@ int ponder_q4_amx(void) {
 #endif
 }
 
-/* out [M, N] = x [M, K] (float32, rows contiguous) times the packed weight of N x K (module doc). Returns 0, -1 for
-   a shape the layout cannot hold, -2 without memory. */
-int ponder_q4_mm(const float *x, const uint8_t *w, float *out, int64_t M, int64_t N, int64_t K, int threads) {
+#if AMX
+/* One thread's share of a bulk product on AMX: strips [first, last), every row, in tiles of 16 rows x 3 strips. */
+static void amx_rows(const uint8_t *w, long strip_bytes, int KB, const uint32_t *xb, const float *xs,
+                     const float *xs128, float *out, int64_t M, int64_t N, int64_t K, long first, long last) {
+    for (long r0 = 0; r0 < M; r0 += AMX_ROWS) {
+        int R = (int)(M - r0 < AMX_ROWS ? M - r0 : AMX_ROWS);
+        tile_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        cfg.rows[0] = (uint8_t)R; /* R rows of 32 bf16 activations */
+        cfg.colsb[0] = 64;
+        for (int i = 1; i <= 2 * AMX_STRIPS; i++) { /* 16 pairs of rows of codes; then R rows of 16 fp32 sums */
+            cfg.rows[i] = (uint8_t)(i <= AMX_STRIPS ? 16 : R);
+            cfg.colsb[i] = 64;
+        }
+        _tile_loadconfig(&cfg);
+        for (long s0 = first; s0 < last;) {
+            int n = (int)(last - s0 < AMX_STRIPS ? last - s0 : AMX_STRIPS);
+            amx_tile(w + s0 * strip_bytes, strip_bytes, KB, xb + r0 * (K / 2), K * 2, xs + r0 * KB, xs128 + r0 * KB,
+                     out + r0 * N + s0 * COLS, N, R, n);
+            s0 += n;
+        }
+        _tile_release();
+    }
+}
+#endif
+
+/* out [M, N] = x [M, K] times the packed weight, on AMX (``amx``, where it runs) or the row-invariant tiles. */
+static int multiply(const float *x, const uint8_t *w, float *out, int64_t M, int64_t N, int64_t K, int threads,
+                    int amx) {
     if (K % BLOCK || N % COLS || M < 0 || N < 0 || K < 0) return -1;
     if (M == 0 || N == 0) return 0;
     const int KB = (int)(K / BLOCK);
@@ -319,6 +352,12 @@ int ponder_q4_mm(const float *x, const uint8_t *w, float *out, int64_t M, int64_
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int t = 0; t < threads; t++) {
         long first = strips * t / threads, last = strips * (t + 1) / threads;
+#if AMX
+        if (amx) {
+            amx_rows(w, strip_bytes, KB, xb, xs, xs128, out, M, N, K, first, last);
+            continue;
+        }
+#endif
         for (long r0 = 0; r0 < M; r0 += MAX_ROWS) {
             int R = (int)(M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS);
             int S = R <= 2 ? 8 : R <= 4 ? 4 : 1; /* tiles of 8-16 vectors of sums (measured on AVX512-BF16) */
@@ -333,60 +372,17 @@ int ponder_q4_mm(const float *x, const uint8_t *w, float *out, int64_t M, int64_
     }
     free(xb);
     free(xs);
+    (void)amx;
     return 0;
+}
+
+/* out [M, N] = x [M, K] (float32, rows contiguous) times the packed weight of N x K (module doc). Returns 0, -1 for
+   a shape the layout cannot hold, -2 without memory. */
+int ponder_q4_mm(const float *x, const uint8_t *w, float *out, int64_t M, int64_t N, int64_t K, int threads) {
+    return multiply(x, w, out, M, N, K, threads, 0);
 }
 
 /* ponder_q4_mm for bulk products (module doc): on AMX where the CPU has it, else ponder_q4_mm itself. */
 int ponder_q4_mm_bulk(const float *x, const uint8_t *w, float *out, int64_t M, int64_t N, int64_t K, int threads) {
-#if AMX
-    if (K % BLOCK || N % COLS || M < 0 || N < 0 || K < 0) return -1;
-    if (M == 0 || N == 0) return 0;
-    if (!ponder_q4_amx()) return ponder_q4_mm(x, w, out, M, N, K, threads);
-    const int KB = (int)(K / BLOCK);
-    const long strips = N / COLS, strip_bytes = (long)KB * BLOCK_BYTES;
-    uint32_t *xb = malloc(sizeof(uint32_t) * (size_t)(M * K / 2 + 1));
-    float *xs = malloc(sizeof(float) * (size_t)(2 * M * KB + 1));
-    if (!xb || !xs) {
-        free(xb);
-        free(xs);
-        return -2;
-    }
-    float *xs128 = xs + M * KB;
-    split_rows(x, M, K, xb, xs, xs128);
-    if (threads < 1) threads = 1;
-    if (threads > strips) threads = (int)strips;
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; t++) {
-        long first = strips * t / threads, last = strips * (t + 1) / threads;
-        for (long r0 = 0; r0 < M; r0 += AMX_ROWS) {
-            int R = (int)(M - r0 < AMX_ROWS ? M - r0 : AMX_ROWS);
-            tile_config cfg;
-            memset(&cfg, 0, sizeof cfg);
-            cfg.palette = 1;
-            cfg.rows[0] = (uint8_t)R; /* R rows of 32 bf16 activations */
-            cfg.colsb[0] = 64;
-            for (int i = 1; i <= AMX_STRIPS; i++) { /* 16 pairs of rows of codes, 16 columns each */
-                cfg.rows[i] = 16;
-                cfg.colsb[i] = 64;
-            }
-            for (int i = 1 + AMX_STRIPS; i <= 2 * AMX_STRIPS; i++) { /* R rows of 16 fp32 sums */
-                cfg.rows[i] = (uint8_t)R;
-                cfg.colsb[i] = 64;
-            }
-            _tile_loadconfig(&cfg);
-            for (long s0 = first; s0 < last;) {
-                int n = (int)(last - s0 < AMX_STRIPS ? last - s0 : AMX_STRIPS);
-                amx_tile(w + s0 * strip_bytes, strip_bytes, KB, xb + r0 * (K / 2), K * 2, xs + r0 * KB,
-                         xs128 + r0 * KB, out + r0 * N + s0 * COLS, N, R, n);
-                s0 += n;
-            }
-            _tile_release();
-        }
-    }
-    free(xb);
-    free(xs);
-    return 0;
-#else
-    return ponder_q4_mm(x, w, out, M, N, K, threads);
-#endif
+    return multiply(x, w, out, M, N, K, threads, ponder_q4_amx());
 }
