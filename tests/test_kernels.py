@@ -272,3 +272,21 @@ def test_tree_and_equal_row_verifies_match_decode(dtype: str) -> None:
         for b in range(2):
             alone = decode_hidden(model, prompts[b : b + 1], tokens[b : b + 1])[0]
             assert torch.equal(both[b], alone), f"{dtype}, row {b}: {(both[b] - alone).abs().max():.3g}"
+
+
+def test_route_plan_packs_for_few_row_counts() -> None:
+    """Each packed row count is another copy of the weights: a plan packs for ``MAX_PACKED`` counts at most, those
+    that serve the most row counts, and routes the others to the best of what is left."""
+    from ponder.model.kernels import MAX_PACKED, plan
+
+    costs = {}
+    for n in range(1, 17):
+        costs[("plain", n)] = 10.0 * n
+        costs[("dnn", n)] = 8.0 * n
+        if n >= 4:
+            costs[("packed", n)] = 7.0 * n  # cheapest at every count: unbounded, it would pack for all 13
+    route = plan(costs)
+    packed = {rows for kernel, rows in route.values() if kernel == "packed"}
+    assert 1 <= len(packed) <= MAX_PACKED
+    assert all(kernel == "dnn" for n, (kernel, rows) in route.items() if rows not in packed and n >= 4)
+    assert route[1] == ("dnn", 1)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ ROWS = (*range(1, 17), 24, 32)  # row counts measured; others route to the next 
 SAMPLE_LAYERS = 6
 MARGIN = 0.05
 KERNELS = ("plain", "nt", "packed", "dnn")  # part of the cache key: a new candidate measures every machine again
+# the most row counts a route may pack for: each is a copy of the weights (538 MB for SmolLM2's fp32 layers). On a
+# Xeon (2026-12-05) the unbounded plan packed for 8 row counts and speculation's peak RSS reached 5-8 GB; the sizes
+# kept are those that serve the most row counts, the others re-planned without them (part of the cache key)
+MAX_PACKED = 2
 Route = dict[int, tuple[str, int]]
 
 
@@ -57,7 +62,8 @@ def tune(model: Any, cache_dir: Path | None) -> dict[str, Route]:
     if not sample and head is None:
         return {}
     shapes = [sorted({tuple(m.weight.shape) for m in sample}), tuple(head.weight.shape) if head else None]
-    key = hashlib.sha1(json.dumps([cpu_name(), torch.get_num_threads(), torch.__version__, shapes, KERNELS]).encode())
+    key = hashlib.sha1(json.dumps([cpu_name(), torch.get_num_threads(), torch.__version__, shapes, KERNELS,
+                                   MAX_PACKED]).encode())
     path = None if cache_dir is None else cache_dir / f"{key.hexdigest()[:16]}.json"
     routes = _read(path)
     if routes is None:
@@ -119,7 +125,17 @@ def measure(linears: list[Linear], packed: bool = True, reps: int = 3) -> dict[t
 
 def plan(costs: dict[tuple[str, int], float]) -> Route:
     """Row count n (1..max measured) -> the cheapest (kernel, rows m >= n), the fewest rows within ``MARGIN`` of
-    the cheapest; unpadded ``plain`` unless another choice is ``MARGIN`` cheaper."""
+    the cheapest; unpadded ``plain`` unless another choice is ``MARGIN`` cheaper; ``packed`` for ``MAX_PACKED`` row
+    counts at most (those that serve the most row counts; the rest planned again without the others)."""
+    route = _plan(costs)
+    served = Counter(rows for kernel, rows in route.values() if kernel == "packed")
+    if len(served) <= MAX_PACKED:
+        return route
+    keep = {rows for rows, _ in sorted(served.items(), key=lambda c: (-c[1], c[0]))[:MAX_PACKED]}
+    return _plan({(k, rows): s for (k, rows), s in costs.items() if k != "packed" or rows in keep})
+
+
+def _plan(costs: dict[tuple[str, int], float]) -> Route:
     best = {}  # measured rows -> (seconds, kernel)
     for (kernel, rows), s in costs.items():
         if rows not in best or s < best[rows][0]:
