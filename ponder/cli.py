@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "first time on a machine, cached after; int8/q4 run ponder's native layers without it)")
     gen.add_argument("--no-native", action="store_true",
                      help="int8/q4: run the layers operator by operator instead of ponder's native decoder layers")
+    gen.add_argument("--amx", action="store_true",
+                     help="int8/q4: every product on AMX (CPUs with AMX-BF16): batches of 4+ rows faster, one row "
+                          "~15%% slower, other last bits than without (docs/performance.md)")
     gen.set_defaults(func=cmd_generate)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat completions)")
@@ -117,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-budget", type=int, default=None)
     serve.add_argument("--compile", action="store_true", help="fast path, as generate")
     serve.add_argument("--no-native", action="store_true", help="int8/q4 layers operator by operator, as generate")
+    serve.add_argument("--amx", action="store_true",
+                       help="int8/q4: every product on AMX, as generate (more throughput from concurrent requests, "
+                            "a little more latency for a lone one)")
     serve.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="summary of a model: architecture, layers, heads, parameters, memory")
@@ -225,7 +231,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.system is not None and args.raw:
         raise PonderError("--system needs chat mode, but --raw sends the prompt as is: drop one of them")
     loaded = ponder.load(args.model, args.dtype, compile=args.compile, device=args.device,
-                         native=not args.no_native)
+                         native=not args.no_native, amx=args.amx)
     chat = not args.raw and _has_chat_template(loaded, args)  # before the set-up below: a mistake fails fast
     speculator = None
     if args.speculate:
@@ -280,7 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise PonderError(f"{name} must be >= {low}, got {value}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("PONDER_API_KEY") or None
     loaded = ponder.load(args.model, args.dtype, compile=args.compile, device=args.device,
-                         native=not args.no_native)
+                         native=not args.no_native, amx=args.amx)
     from ponder.speculate import make_speculator
 
     def speculator() -> Any:  # a fresh one per engine: drafters keep statistics
@@ -426,7 +432,8 @@ def _weight_kernel(model: nn.Module) -> str:
     if any(isinstance(m, Q4Linear) and m.native or isinstance(m, Int8BlockLinear) for m in mods):
         two_planes = any(isinstance(m, Int8BlockLinear) for m in mods)
         blocks = "int8 blocks of 32 as two 4-bit planes, " if two_planes else ""
-        prefill = "; prefills on AMX" if native.q4_amx() else ""
+        every = any(getattr(m, "bulk_always", False) for m in mods)
+        prefill = "; every product on AMX (--amx)" if every else "; prefills on AMX" if native.q4_amx() else ""
         return f"ponder's 4-bit GEMM ({blocks}q4mm.c, AVX512-BF16{prefill})"
     why = native.q4_reason() or ("the model is not on the CPU" if model.device.type != "cpu"
                                  else "shapes outside its tiles")

@@ -136,3 +136,46 @@ def test_info_and_bench_name_the_path(tiny_dir: Path) -> None:
     assert parse_spec("pld:dtype=q4").path == parse_spec("baseline:dtype=q4").path
     with pytest.raises(ponder.PonderError, match="native must be true or false"):
         parse_spec("baseline:dtype=q4:native=maybe")
+
+
+@pytest.mark.skipif(not native.q4_amx(), reason="this CPU's GEMM has no AMX")
+def test_amx_everywhere_keeps_rows_and_speculation_exact(tiny_dir: Path, cyclic_dir: Path) -> None:
+    """``amx=True``: decode steps and verify forwards both on the bulk kernel, so a token's bits still do not
+    depend on its batch or on drafting (greedy batch 1 == batch 3 == pld), while they are other bits than the
+    default kernel's (it really runs)."""
+    model = smollm2_like("q4", vocab=256)
+    model.native_layers = NativeLayers(model, bulk=True)
+    for m in model.modules():
+        if hasattr(m, "bulk_always"):
+            m.bulk_always = True
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(256, (n,), generator=g).tolist() for n in (37, 61)]
+    tokens = [torch.randint(256, (6,), generator=g).tolist() for _ in prompts]
+    with torch.inference_mode():
+        dec = decode_hidden(model, prompts, tokens)
+        assert torch.equal(dec, verify_hidden(model, prompts, tokens))
+        assert torch.equal(dec[:1], decode_hidden(model, prompts[:1], tokens[:1]))  # alone == in a batch of two
+        assert not torch.equal(dec, decode_hidden(native_model("q4"), prompts, tokens))
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    for dtype in ("q4", "int8"):
+        target = ponder.load(str(cyclic_dir), dtype, amx=True)
+        bulk = [m.bulk_always for m in target.model.modules() if hasattr(m, "bulk_always")]
+        assert target.model.native_layers.bulk and len(bulk) >= 4 and all(bulk)
+        want = [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=1)]
+        assert [c.output_ids for c in Engine(target).generate(PROMPTS, params, batch_size=3)] == want, dtype
+        out = Engine(target, make_speculator("pld:explore=0", target)).generate(PROMPTS, params, batch_size=3)
+        assert [c.output_ids for c in out] == want, dtype
+        assert drafted_and_accepted(out)[1] > 0
+
+
+def test_amx_is_refused_where_it_cannot_apply(tiny_dir: Path) -> None:
+    from ponder.bench.methods import parse_spec
+
+    with pytest.raises(ponder.PonderError, match="applies to int8 and q4"):
+        ponder.load(str(tiny_dir), "fp32", amx=True)
+    with pytest.raises(ponder.PonderError, match="amx=true applies to dtype=int8 or dtype=q4"):
+        parse_spec("baseline:amx=true")
+    assert parse_spec("baseline:dtype=q4:amx=true").path != parse_spec("baseline:dtype=q4").path
+    if not native.q4_amx():
+        with pytest.raises(ponder.PonderError, match="cannot use AMX here"):
+            ponder.load(str(tiny_dir), "q4", amx=True)

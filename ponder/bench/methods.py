@@ -34,7 +34,7 @@ from ponder.errors import PonderError
 from ponder.model.loader import DTYPES
 
 METHOD_OPTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
-    "baseline": {"dtype": str, "batch": int, "compile": str, "native": str},
+    "baseline": {"dtype": str, "batch": int, "compile": str, "native": str, "amx": str},
     "hf": {},
     "hf-pld": {"n": int},
     "llamacpp": {},
@@ -70,9 +70,14 @@ class MethodSpec:
         return self.options.get("native", "true") in ("1", "true")
 
     @property
-    def path(self) -> tuple[str, bool, bool]:
-        """What decides the bits of plain decoding: dtype, compiled layers, native layers."""
-        return self.dtype, self.compile, self.native and self.dtype in ("int8", "q4")
+    def amx(self) -> bool:
+        """Every int8/q4 product on AMX (``ponder.load(..., amx=True)``; ``amx=true``)."""
+        return self.options.get("amx", "false") in ("1", "true")
+
+    @property
+    def path(self) -> tuple[str, bool, bool, bool]:
+        """What decides the bits of plain decoding: dtype, compiled layers, native layers, AMX products."""
+        return self.dtype, self.compile, self.native and self.dtype in ("int8", "q4"), self.amx
 
     def batch(self, default: int) -> int:
         return int(self.options.get("batch", default)) if self.is_ponder else 1
@@ -120,7 +125,7 @@ def _ponder_spec(text: str) -> MethodSpec:
         own = ("dtype",) if chunk.split(":")[0].strip() == "draft" else ()
         for i, part in enumerate(chunk.split(":")):
             key, eq, value = part.partition("=")
-            if i and eq and key in ("dtype", "batch", "compile", "native") and key not in own:
+            if i and eq and key in ("dtype", "batch", "compile", "native", "amx") and key not in own:
                 options[key] = value
             else:
                 kept.append(part)
@@ -154,9 +159,11 @@ def _ponder_spec(text: str) -> MethodSpec:
 def _check_common(text: str, options: dict[str, Any]) -> None:
     if options.get("dtype", "fp32") not in DTYPES:
         raise PonderError(f"method {text!r}: dtype must be one of {', '.join(DTYPES)}")
-    for key in ("compile", "native"):
+    for key in ("compile", "native", "amx"):
         if options.get(key, "false") not in ("0", "1", "false", "true"):
             raise PonderError(f"method {text!r}: {key} must be true or false")
+    if options.get("amx", "false") in ("1", "true") and options.get("dtype", "fp32") not in ("int8", "q4"):
+        raise PonderError(f"method {text!r}: amx=true applies to dtype=int8 or dtype=q4")
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
@@ -194,7 +201,7 @@ class PonderRunner:
         from ponder.kv import make_policy
         from ponder.speculate import make_speculator
 
-        loaded = ponder.load(model, spec.dtype, compile=spec.compile, native=spec.native)
+        loaded = ponder.load(model, spec.dtype, compile=spec.compile, native=spec.native, amx=spec.amx)
         self.loaded, self.spec = loaded, spec
         self.speculator = make_speculator(spec.speculator, loaded) if spec.speculator else None
         self.depth = None

@@ -78,6 +78,8 @@ def server_command(spec: Any, model: str, port: int, threads: int | None, batch:
         cmd.append("--compile")
     if not spec.native:
         cmd.append("--no-native")
+    if spec.amx:
+        cmd.append("--amx")
     if spec.speculator:
         cmd += ["--speculate", spec.speculator]
     if spec.kv:

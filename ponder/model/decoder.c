@@ -20,7 +20,9 @@
    planes: 1 for a 4-bit weight, 2 for int8 blocks as two 4-bit planes whose column halves are added, quant.py) and
    of `caches` (its K and V cache, [B, Hkv, S, D] with strides sb, sh, ss in floats, D contiguous); `slots` [M, 2]:
    each token's row and cache slot; cos, sin [M, D] (sin with its first half negated, rope.py); `plan` for
-   ponder_attend; `capture` [n_layers]: where to copy each layer's output (0: nowhere). */
+   ponder_attend; `capture` [n_layers]: where to copy each layer's output (0: nowhere); `bulk`: every product on the
+   GEMM's bulk kernel (ponder_q4_mm_bulk: AMX where the CPU has it, row-invariant too, other bits than
+   ponder_q4_mm's), the choice of a model loaded with amx=True for all its forwards. */
 
 #include <math.h>
 #include <stdint.h>
@@ -30,6 +32,7 @@
 #include "vexp.h"
 
 int ponder_q4_mm(const float *x, const uint8_t *w, float *out, int64_t M, int64_t N, int64_t K, int threads);
+int ponder_q4_mm_bulk(const float *x, const uint8_t *w, float *out, int64_t M, int64_t N, int64_t K, int threads);
 int ponder_attend(const float *q, const float *k, const float *v, const int64_t *plan, float *out, int64_t sb,
                   int64_t sh, int64_t ss, int64_t Hkv, int64_t G, int64_t D, int threads);
 
@@ -86,15 +89,17 @@ static void rmsnorm(const float *x, const float *w, float *out, int64_t M, int64
 
 /* y [M, N] = x [M, K] times a packed weight of `planes` x N columns (the planes' column blocks added), plus bias. */
 static int linear(const float *x, const int64_t *lw, float *y, float *scratch, int64_t M, int64_t N, int64_t K,
-                  int threads) {
+                  int threads, int bulk) {
+    int (*mm)(const float *, const uint8_t *, float *, int64_t, int64_t, int64_t, int) =
+        bulk ? ponder_q4_mm_bulk : ponder_q4_mm;
     const uint8_t *w = (const uint8_t *)(intptr_t)lw[0];
     const float *bias = (const float *)(intptr_t)lw[1];
     int64_t planes = lw[2];
     int rc;
     if (planes == 1) {
-        rc = ponder_q4_mm(x, w, y, M, N, K, threads);
+        rc = mm(x, w, y, M, N, K, threads);
     } else {
-        rc = ponder_q4_mm(x, w, scratch, M, 2 * N, K, threads);
+        rc = mm(x, w, scratch, M, 2 * N, K, threads);
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n++) y[m * N + n] = scratch[m * 2 * N + n] + scratch[m * 2 * N + N + n];
     }
@@ -109,7 +114,7 @@ static int linear(const float *x, const int64_t *lw, float *y, float *scratch, i
 int ponder_decoder(float *h, int64_t M, int64_t E, int64_t H, int64_t Hkv, int64_t D, int64_t F, float eps,
                    int64_t n_layers, const int64_t *weights, const int64_t *caches, int64_t sb, int64_t sh, int64_t ss,
                    const int64_t *slots, const float *cos, const float *sin, const int64_t *plan,
-                   const int64_t *capture, int threads) {
+                   const int64_t *capture, int bulk, int threads) {
     if (M <= 0 || n_layers <= 0) return 0;
     if (D % 16 || E % 32 || F % 32 || (H * D) % 32 || H % Hkv) return -1;
     const int64_t NQKV = (H + 2 * Hkv) * D;
@@ -129,7 +134,7 @@ int ponder_decoder(float *h, int64_t M, int64_t E, int64_t H, int64_t Hkv, int64
         float *kc = (float *)(intptr_t)caches[2 * l], *vc = (float *)(intptr_t)caches[2 * l + 1];
         /* attention */
         rmsnorm(h, (const float *)(intptr_t)lw[0], x, M, E, eps);
-        if ((rc = linear(x, lw + 2, qkv, scratch, M, NQKV, E, threads))) break;
+        if ((rc = linear(x, lw + 2, qkv, scratch, M, NQKV, E, threads, bulk))) break;
         for (int64_t m = 0; m < M; m++) {
             const float *c = cos + m * D, *s = sin + m * D, *src = qkv + m * NQKV;
             float *kdst = kc + slots[2 * m] * sb + slots[2 * m + 1] * ss;
@@ -145,11 +150,11 @@ int ponder_decoder(float *h, int64_t M, int64_t E, int64_t H, int64_t Hkv, int64
             for (int64_t j = 0; j < Hkv; j++) memcpy(vdst + j * sh, src + (H + Hkv + j) * D, sizeof(float) * D);
         }
         if ((rc = ponder_attend(q, kc, vc, plan, att, sb, sh, ss, Hkv, H / Hkv, D, threads))) break;
-        if ((rc = linear(att, lw + 5, y, scratch, M, E, H * D, threads))) break;
+        if ((rc = linear(att, lw + 5, y, scratch, M, E, H * D, threads, bulk))) break;
         for (int64_t i = 0; i < M * E; i++) h[i] += y[i];
         /* MLP */
         rmsnorm(h, (const float *)(intptr_t)lw[1], x, M, E, eps);
-        if ((rc = linear(x, lw + 8, qkv, scratch, M, 2 * F, E, threads))) break;
+        if ((rc = linear(x, lw + 8, qkv, scratch, M, 2 * F, E, threads, bulk))) break;
         for (int64_t m = 0; m < M; m++) {
             const float *g = qkv + m * 2 * F, *u = g + F;
             float *a = act + m * F;
@@ -160,7 +165,7 @@ int ponder_decoder(float *h, int64_t M, int64_t E, int64_t H, int64_t Hkv, int64
             }
             for (; i < F; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
         }
-        if ((rc = linear(act, lw + 11, y, scratch, M, E, F, threads))) break;
+        if ((rc = linear(act, lw + 11, y, scratch, M, E, F, threads, bulk))) break;
         for (int64_t i = 0; i < M * E; i++) h[i] += y[i];
         if (capture[l]) memcpy((float *)(intptr_t)capture[l], h, sizeof(float) * (size_t)(M * E));
     }

@@ -124,14 +124,18 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: Path, dtype: str = "fp32", compile: bool = False, device: str = "cpu",
-               native: bool = True) -> LlamaModel:
+               native: bool = True, amx: bool = False) -> LlamaModel:
     """Our model with the weights in ``path``, converted to ``dtype`` (fp32, bf16, fp16, int8 or q4 weights) on
     ``device`` ("cpu", "cuda", "cuda:1", ...); ``compile``: decode and verify steps run the compiled layer
     (``fast.py``, CPU only); ``native``: int8 and q4 decode and verify steps run ponder's native decoder layers
-    where the CPU allows (``native_layers.py``; before the compiled layer)."""
+    where the CPU allows (``native_layers.py``; before the compiled layer); ``amx``: every int8/q4 product, decode
+    steps too, on the GEMM's bulk kernel (AMX), which multiplies a batch's rows faster and one row slower
+    (``check_amx``; docs/performance.md)."""
     if dtype not in DTYPES:
         raise PonderError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     dev = check_device(device, dtype, compile)
+    if amx:
+        check_amx(dtype, dev)
     cfg = read_config(path)
     with torch.device("meta"):
         model = LlamaModel(cfg)
@@ -153,16 +157,36 @@ def load_model(path: Path, dtype: str = "fp32", compile: bool = False, device: s
     from ponder.model.kernels import tune
 
     tune(model, cache_root() / "kernels")  # fp32: the fastest kernel per row count on this machine (linear.py)
+    if amx:
+        bulk = [m for m in model.modules() if hasattr(m, "bulk_always") and getattr(m, "native", True)]
+        if not bulk:
+            raise PonderError("--amx: none of this model's layers is on ponder's int8/q4 GEMM (a build without "
+                              "AVX512-BF16?): `ponder info` says which kernel runs")
+        for m in bulk:
+            m.bulk_always = True
     if native and dtype in ("int8", "q4") and dev.type == "cpu":
         from ponder.model.native_layers import NativeLayers, unsupported
 
         if unsupported(model) is None:
-            model.native_layers = NativeLayers(model)
+            model.native_layers = NativeLayers(model, bulk=amx)
     if compile:
         from ponder.model.fast import FastPath
 
         model.fast = FastPath()
     return model
+
+
+def check_amx(dtype: str, device: torch.device) -> None:
+    """A PonderError where ``amx=True`` cannot apply: only int8/q4 weights on a CPU whose kernel runs AMX."""
+    if dtype not in ("int8", "q4"):
+        raise PonderError(f"--amx applies to int8 and q4 weights (ponder's 4-bit GEMM), not {dtype}")
+    if device.type != "cpu":
+        raise PonderError("--amx runs on the CPU only")
+    from ponder.model import native
+
+    if not native.q4_amx():
+        why = native.q4_reason() or "this CPU has no AMX-BF16 tiles (or its kernel does not grant them)"
+        raise PonderError(f"--amx: ponder's GEMM cannot use AMX here: {why}")
 
 
 def check_device(device: str, dtype: str = "fp32", compile: bool = False) -> torch.device:
@@ -264,10 +288,12 @@ class Loaded:
 
 
 def load(name: str = DEFAULT_MODEL, dtype: str = "fp32", compile: bool = False, device: str = "cpu",
-         native: bool = True) -> Loaded:
+         native: bool = True, amx: bool = False) -> Loaded:
     """Load ``name`` (see module docstring) as a ``Loaded`` bundle on ``device`` (cpu, cuda, cuda:N);
     ``compile``: the fast path (``fast.py``); ``native``: int8/q4 layers in ponder's C decoder where it runs
-    (``native_layers.py``)."""
-    check_device(device, dtype, compile)  # before resolving: a wrong device fails fast, not after a download
+    (``native_layers.py``); ``amx``: every int8/q4 product on AMX (``load_model``)."""
+    dev = check_device(device, dtype, compile)  # before resolving: a wrong device fails fast, not after a download
+    if amx:
+        check_amx(dtype, dev)
     path = resolve(name)
-    return Loaded(load_model(path, dtype, compile, device, native), load_tokenizer(path), name, path, dtype)
+    return Loaded(load_model(path, dtype, compile, device, native, amx), load_tokenizer(path), name, path, dtype)

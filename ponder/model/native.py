@@ -107,7 +107,7 @@ Q4 = Kernel("q4mm", {"ponder_q4_mm": (_int, [_p, _p, _p, _i64, _i64, _i64, _int]
                      "ponder_q4_amx": (_int, [])})
 # the decoder layers (``native_layers.py``) call the GEMM and attention of the other two files, linked in
 _DECODER_ARGS = [_p, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _i64, _p, _p, _i64, _i64, _i64, _p, _p, _p,
-                 _p, _p, _int]
+                 _p, _p, _int, _int]
 DECODER = Kernel("decoder", {"ponder_decoder": (_int, _DECODER_ARGS), "ponder_q4_fast": (_int, [])},
                  also=("q4mm", "attention"))
 

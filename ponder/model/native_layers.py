@@ -74,7 +74,8 @@ def unsupported(model: "LlamaModel") -> str | None:
 class NativeLayers:
     """Runs layer ranges of one model through ``decoder.c`` (module doc); ``run`` returns None where it cannot."""
 
-    def __init__(self, model: "LlamaModel") -> None:
+    def __init__(self, model: "LlamaModel", bulk: bool = False) -> None:
+        """``bulk``: every product on the GEMM's bulk kernel (``decoder.c``; a model loaded with amx=True)."""
         why = unsupported(model)
         if why is not None:
             raise ValueError(f"native layers: {why}")
@@ -99,6 +100,7 @@ class NativeLayers:
                 row += fields[1]
             rows.append(row)
         self.weights = torch.tensor(rows, dtype=torch.int64)  # [L, 14] as decoder.c reads them
+        self.bulk = bulk
         self.forwards = 0
         self.fallbacks: Counter[str] = Counter()
 
@@ -155,7 +157,7 @@ class NativeLayers:
         capture_ptrs = torch.tensor(targets, dtype=torch.int64)
         args = (out.data_ptr(), M, *self.dims[:4], self.dims[4], self.eps, n,
                 self.weights[start:end].data_ptr(), caches.data_ptr(), *stride[:3], slots.data_ptr(), cos.data_ptr(),
-                sin.data_ptr(), ctx.plan.data_ptr(), capture_ptrs.data_ptr(), torch.get_num_threads())
+                sin.data_ptr(), ctx.plan.data_ptr(), capture_ptrs.data_ptr(), int(self.bulk), torch.get_num_threads())
         if torch.autograd.profiler._is_profiler_enabled:  # a ctypes call is invisible to the profiler: name it
             with torch.profiler.record_function("ponder::native_decoder"):
                 rc = self.lib.ponder_decoder(*args)

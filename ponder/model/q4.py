@@ -122,6 +122,7 @@ class Q4Linear(nn.Module):
         if self.in_features % GROUP or d.shape != (self.out_features, self.in_features // GROUP) or d.shape != m.shape:
             raise PonderError(f"q4 needs rows in blocks of {GROUP}: got codes {tuple(codes.shape)}, d {tuple(d.shape)}")
         self.native = (self.out_features % 16 == 0 and native_kernel()) if native is None else native
+        self.bulk_always = False  # every product on the bulk kernel (a model loaded with amx=True; loader.py)
         if self.native:
             self.register_buffer("packed", pack_native(codes, d, m))
             self.register_buffer("scale_zero", None)
@@ -146,6 +147,7 @@ class Q4Linear(nn.Module):
         nn.Module.__init__(layer)
         layer.out_features, layer.in_features = out_features, in_features
         layer.native = scale_zero is None
+        layer.bulk_always = False
         layer.register_buffer("packed", packed)
         layer.register_buffer("scale_zero", scale_zero)
         layer.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -158,7 +160,8 @@ class Q4Linear(nn.Module):
             raise PonderError("--dtype q4 runs on the CPU only (PyTorch's GPU int4 kernel packs weights differently)")
         flat = x.reshape(-1, self.in_features)
         if self.native:
-            y = (q4_mm_bulk if bulk else q4_mm)(flat.float(), self.packed, self.out_features).to(x.dtype)
+            mm = q4_mm_bulk if bulk or self.bulk_always else q4_mm
+            y = mm(flat.float(), self.packed, self.out_features).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP,
                                                            self.scale_zero).to(x.dtype)

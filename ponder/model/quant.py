@@ -138,6 +138,7 @@ class Int8BlockLinear(nn.Module):
         self.register_buffer("packed", pack_native(torch.cat([u >> 4, u & 15]), torch.cat([16 * d, d]),
                                                    torch.cat([-128 * d, zeros])))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.bulk_always = False  # every product on the bulk kernel (a model loaded with amx=True; loader.py)
 
     def forward(self, x: torch.Tensor, bulk: bool = False) -> torch.Tensor:
         """x # [..., in] -> # [..., out], in x's dtype (the product itself is computed from bf16 activations;
@@ -151,7 +152,7 @@ class Int8BlockLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _product(self, flat: torch.Tensor, bulk: bool = False) -> torch.Tensor:
-        both = (q4_mm_bulk if bulk else q4_mm)(flat, self.packed, 2 * self.out_features)
+        both = (q4_mm_bulk if bulk or self.bulk_always else q4_mm)(flat, self.packed, 2 * self.out_features)
         return both[:, : self.out_features] + both[:, self.out_features :]
 
     def dequantized(self) -> torch.Tensor:
