@@ -167,6 +167,25 @@ def test_routes_are_measured_once_and_cached(tmp_path, monkeypatch) -> None:
     assert kernels.tune(smollm2_like("fp16", layers=1, vocab=256), tmp_path) == {}  # fp32 only
 
 
+def test_processes_measuring_at_once_all_take_the_first_stored_routes(tmp_path, monkeypatch) -> None:
+    """A route decides a product's last bits: a process that measured while another stored its routes first uses
+    the stored ones (a server and its client engine must compute the same tokens)."""
+    from ponder.model import kernels
+
+    path = tmp_path / "routes.json"
+    first = {"layers": {n: ("plain", n) for n in kernels.ROWS}}
+    mine = {"layers": {n: ("nt", n) for n in kernels.ROWS}}
+    assert kernels._write(path, first) == first
+    assert kernels._write(path, mine) == first and kernels._read(path) == first
+    assert not list(tmp_path.glob("*.tmp"))
+    model = smollm2_like("fp32", layers=1, vocab=256)
+    monkeypatch.setattr(kernels, "measure", lambda *a, **k: {})
+    monkeypatch.setattr(kernels, "plan", lambda costs: mine["layers"])
+    monkeypatch.setattr(kernels, "_write", lambda p, routes: {"layers": first["layers"], "head": first["layers"]})
+    kernels.tune(model, tmp_path / "fresh")
+    assert model.layers[0].mlp.wdown.route == first["layers"] and model.lm_head.route == first["layers"]
+
+
 @pytest.mark.parametrize("kernel", ["plain", "nt", "packed"])
 def test_every_kernel_computes_the_projection(kernel: str) -> None:
     """Each route target, padded or not, within the fp32 bound of F.linear."""

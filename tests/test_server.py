@@ -460,6 +460,7 @@ def test_seeded_completions_are_reproducible_and_stream_the_same_text(server: Se
     assert other.usage.completion_tokens >= 1
 
 
+@pytest.mark.serial
 def test_overload_gets_429_with_retry_after_and_admitted_requests_succeed(tiny_dir: Path) -> None:
     """12 clients at once, one running place and 2 waiting places: the excess gets 429 (OpenAI's shape, Retry-After)
     at once, and every admitted request completes."""
@@ -509,6 +510,7 @@ def test_shared_prefixes_are_reused_and_change_no_output(server: Server, engine:
     assert after["ponder:prefix_cache_bytes"] > 0 and "ponder:kv_cache_bytes" in after
 
 
+@pytest.mark.serial
 def test_a_client_that_gives_up_on_a_non_streamed_answer_frees_its_row(tiny_dir: Path) -> None:
     """No stream: the server notices the closed connection while generating (it polls), aborts the request and
     frees its rows, instead of generating the whole answer for nobody."""

@@ -116,6 +116,7 @@ def test_isolation_1000_requests_shared_prefixes_20_percent_aborted(tiny_dir: Pa
         assert s.stop() == 0
 
 
+@pytest.mark.serial
 def test_disconnects_free_rows_quickly(tiny_dir: Path) -> None:
     """50 trials each: a client that closes mid-stream, one that gives up on a non-streamed answer, and one whose
     request is still queued: the in-flight count is back to idle within 250 ms p99 of the client leaving (measured
@@ -182,6 +183,7 @@ async def _raw_post(port: int, path: str, body: dict) -> tuple[int, float, dict[
     return int(status.split()[1]), seconds, headers, payload
 
 
+@pytest.mark.serial
 def test_overload_is_refused_fast_and_admitted_requests_succeed(tiny_dir: Path) -> None:
     """64 clients at once against 4 running places and --max-queue 16: the excess gets 429 with Retry-After at
     once, and every admitted request completes. A request holds its place from its arrival (before its body is read
@@ -218,6 +220,7 @@ def test_overload_is_refused_fast_and_admitted_requests_succeed(tiny_dir: Path) 
         assert s.stop() == 0
 
 
+@pytest.mark.serial
 def test_soak_16_streaming_clients(tiny_dir: Path) -> None:
     """16 streaming clients for ``PONDER_SOAK_S`` seconds (45 in CI, which must stay under 20 minutes; 600 in a
     bench run): no error, every stream ends with [DONE], and the server's resident memory grows by at most 3% after

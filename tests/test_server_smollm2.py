@@ -18,6 +18,7 @@ from test_server_load import _pct  # noqa: E402
 pytestmark = pytest.mark.slow  # the real default model
 
 
+@pytest.mark.serial
 def test_a_7000_token_prefill_does_not_starve_running_streams() -> None:
     """Three streams decode while a 7,000-token prompt is prefilled (~290 steps of ~200 ms of prefill each, the
     default --prefill-ms, ~70 s): the gap between a running stream's tokens stays <= 500 ms p99 (prefilled whole,

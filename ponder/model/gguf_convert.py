@@ -52,9 +52,15 @@ def convert_gguf(path: Path, out_dir: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": path.name})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _save_tokenizer(path, tmp)
+        if (out_dir / "config.json").is_file():
+            return  # another process converted the same file meanwhile: keep its directory (it may be reading it)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)  # atomic: a half-written conversion is never picked up as a cache hit
+            shutil.rmtree(out_dir)  # an incomplete leftover
+        try:
+            os.replace(tmp, out_dir)  # atomic: a half-written conversion is never picked up as a cache hit
+        except OSError:
+            if not (out_dir / "config.json").is_file():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -7,12 +7,15 @@ routed to the cheapest (kernel, padded row count m >= n), taking the fewest rows
 ``plain`` unpadded is kept unless another choice saves at least ``MARGIN``, so noise does not move a route. The
 result is cached on disk per CPU model, thread count, PyTorch version, shapes and candidate kernels
 (``$PONDER_CACHE/kernels``), so only the first process on a machine pays the measurement (~5-10 s for SmolLM2).
+Processes that measure at the same time all take the first one's file: a route decides a product's last bits, and
+two processes on one machine (a server and a client engine, parallel tests) must compute the same tokens.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from collections import Counter
@@ -70,7 +73,7 @@ def tune(model: Any, cache_dir: Path | None) -> dict[str, Route]:
         routes = {"layers": plan(measure(sample))} if sample else {}
         if head is not None:
             routes["head"] = plan(measure([head], packed=False))
-        _write(path, routes)
+        routes = _write(path, routes)
     if sample:
         for layer in model.layers:
             for m in layer.modules():
@@ -164,13 +167,19 @@ def _read(path: Path | None) -> dict[str, Route] | None:
         return None  # a damaged cache file is measured again
 
 
-def _write(path: Path | None, routes: dict[str, Route]) -> None:
+def _write(path: Path | None, routes: dict[str, Route]) -> dict[str, Route]:
+    """Store ``routes`` unless another process stored its own first; returns the routes to use (the stored ones)."""
     if path is None:
-        return
+        return routes
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({part: {str(n): list(v) for n, v in r.items()} for part, r in routes.items()}))
-        tmp.replace(path)
+        os.link(tmp, path)  # fails where the file exists: the first process's routes stay
+    except FileExistsError:
+        return _read(path) or routes
     except OSError:
         pass  # a read-only cache only costs the next process the measurement
+    finally:
+        tmp.unlink(missing_ok=True)
+    return routes

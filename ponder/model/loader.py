@@ -77,7 +77,9 @@ def _gguf_dir(path: Path) -> Path:
         convert_gguf(path, out)
     source = out / SOURCE_FILE
     if not source.is_file():  # written apart from the conversion, so caches made before it existed get one too
-        source.write_text(json.dumps({"gguf": str(path.resolve())}))
+        tmp = source.with_name(f"{source.name}.{os.getpid()}.tmp")  # whole or absent for a concurrent reader
+        tmp.write_text(json.dumps({"gguf": str(path.resolve())}))
+        tmp.replace(source)
     return out
 
 

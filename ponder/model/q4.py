@@ -46,6 +46,7 @@ which only sampling far into the tail can notice.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -309,7 +310,7 @@ def _write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     try:
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent loads each write their own, one wins
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         tmp.replace(path)
     except OSError:
