@@ -231,6 +231,7 @@ def test_exact_match_against_plain_decoding_of_the_same_dtype() -> None:
     assert methods["pld:dtype=bf16"] == {}  # no plain bf16 method in the run
 
 
+@pytest.mark.serial  # compiles
 def test_profile_splits_decode_and_verify_steps_into_categories(tiny_dir: Path, tmp_path: Path) -> None:
     from ponder.bench.profile import CATEGORIES, category
 
@@ -255,6 +256,7 @@ def test_profile_splits_decode_and_verify_steps_into_categories(tiny_dir: Path, 
     assert "Per-op breakdown" in report and "| baseline:dtype=q4 | verify |" in report
 
 
+@pytest.mark.serial  # compiles
 def test_the_report_says_what_ran_on_the_fast_path(tiny_dir: Path, tmp_path: Path) -> None:
     """compile=true: the drafter report carries the fast path's counts, and the report says them in one line (the
     eager fallbacks of a KV policy's forwards: tests/test_fast.py)."""

@@ -33,6 +33,7 @@ def test_generate_streams_text_and_reports_speed(capsys, tiny_dir: Path) -> None
     assert "6 tokens" in err and "tokens/s" in err
 
 
+@pytest.mark.serial  # compiles
 def test_generate_on_the_fast_path(capsys, tiny_dir: Path) -> None:
     """--compile with q4 and speculation: the compiled layer's plain and speculative outputs are the same text."""
     args = ("generate", "a b c a b c a", "--model", str(tiny_dir), "--raw", "--max-new-tokens", "8", "--ignore-eos",

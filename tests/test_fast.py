@@ -14,6 +14,8 @@ from ponder.model.fast import FastPath, ragged_decode_attention
 from ponder.sampling import SamplingParams
 from ponder.speculate import make_speculator
 
+pytestmark = pytest.mark.serial  # compiles: with both cores (Makefile)
+
 
 @pytest.mark.parametrize("dtype", ["fp32", "q4"])
 def test_compiled_decode_and_verify_agree(dtype: str) -> None:
