@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-native", action="store_true",
                      help="int8/q4: run the layers operator by operator instead of ponder's native decoder layers")
     gen.add_argument("--amx", action="store_true",
-                     help="int8/q4: every product on AMX (CPUs with AMX-BF16): batches of 4+ rows faster, one row "
-                          "~15%% slower, other last bits than without (docs/performance.md)")
+                     help="int8/q4: every product on AMX (CPUs with AMX-BF16): batches of 8 rows ~25%% faster, one "
+                          "row ~27%% slower, other last bits than without (docs/performance.md)")
     gen.set_defaults(func=cmd_generate)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat completions)")
