@@ -175,9 +175,12 @@ def _write(path: Path | None, routes: dict[str, Route]) -> dict[str, Route]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps({part: {str(n): list(v) for n, v in r.items()} for part, r in routes.items()}))
-        os.link(tmp, path)  # fails where the file exists: the first process's routes stay
-    except FileExistsError:
-        return _read(path) or routes
+        try:
+            os.link(tmp, path)  # fails where the file exists: the first process's routes stay
+        except FileExistsError:
+            return _read(path) or routes
+        except OSError:  # a file system without hard links: the last process's file stays, as before
+            tmp.replace(path)
     except OSError:
         pass  # a read-only cache only costs the next process the measurement
     finally:
