@@ -220,11 +220,12 @@ def test_overload_is_refused_fast_and_admitted_requests_succeed(tiny_dir: Path) 
         assert s.stop() == 0
 
 
+@pytest.mark.long
 def test_soak_16_streaming_clients(tiny_dir: Path) -> None:
-    """16 streaming clients for ``PONDER_SOAK_S`` seconds (45 in CI, which must stay under 20 minutes; 600 in a
-    bench run; it asserts on no elapsed time, so ``make test`` runs it beside other tests): no error, every stream ends with [DONE], and the server's resident memory grows by at most 3% after
-    a warm-up."""
-    seconds = float(os.environ.get("PONDER_SOAK_S", "45"))
+    """16 streaming clients for ``PONDER_SOAK_S`` seconds (120 in CI, as issue 14 asks; 600 in a bench run): no
+    error, every stream ends with [DONE], and the server's resident memory grows by at most 3% after a warm-up. It
+    asserts on no elapsed time, so ``make test`` runs it first, beside the other tests (marker ``long``)."""
+    seconds = float(os.environ.get("PONDER_SOAK_S", "120"))
     # a small prefix cache, full after the warm-up: it holds up to its budget by design
     s = Server(tiny_dir, "--batch-size", "8", "--max-queue", "32", "--prefix-cache-mb", "4")
 
