@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat completions)")
     _model_args(serve, DEFAULT_MODEL)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: a free one, "
+                       "which the start-up line names)")
     serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     serve.add_argument("--batch-size", type=int, default=8, metavar="N", help="requests decoded together (default 8)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default 64)")
@@ -284,7 +285,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              ("--max-kv-mb", args.max_kv_mb if args.max_kv_mb is not None else 1, 1)):
         if value < low:
             raise PonderError(f"{name} must be >= {low}, got {value}")
+    if args.port > 65535:
+        raise PonderError(f"--port must be <= 65535, got {args.port}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("PONDER_API_KEY") or None
+    from ponder.server.app import bind
+
+    sock = bind(args.host, args.port)  # before the model loads: a port in use is said at once
+    port = sock.getsockname()[1]
     loaded = ponder.load(args.model, args.dtype, compile=args.compile, device=args.device,
                          native=not args.no_native, amx=args.amx)
     from ponder.speculate import make_speculator
@@ -308,10 +315,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # every thread (HTTP answers included) whenever it ran
     gc.collect()
     gc.freeze()
-    print(f"ponder serve: {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1 "
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"ponder serve: {args.served_model_name or args.model} on http://{host}:{port}/v1 "
           f"(batch {args.batch_size}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     try:
-        serve(app, args.host, args.port)
+        serve(app, sock)
     finally:
         loop.stop()
     return 0

@@ -178,3 +178,25 @@ def test_unknown_bench_method(capsys, tiny_dir: Path, tmp_path: Path) -> None:
     code, _, err = run_cli(capsys, "bench", "--model", str(tiny_dir), "--methods", "baseline,warp-drive",
                            "--out", str(tmp_path / "out"))
     assert_one_line_error(code, err, "warp-drive")
+
+
+def test_serve_on_a_port_in_use_or_out_of_range_is_one_line_before_the_model_loads(capsys, tiny_dir: Path,
+                                                                                   monkeypatch) -> None:
+    """``ponder serve`` binds its port before loading the model: a port another program holds and a port over
+    65535 are each one line, and the model is never loaded for nothing."""
+    pytest.importorskip("uvicorn")
+    import socket
+
+    import ponder
+
+    loads = []
+    monkeypatch.setattr(ponder, "load", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(AssertionError))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code, _, err = run_cli(capsys, "serve", "--model", str(tiny_dir), "--port", str(port))
+        assert_one_line_error(code, err, f"cannot listen on 127.0.0.1:{port}", "in use")
+    code, _, err = run_cli(capsys, "serve", "--model", str(tiny_dir), "--port", "70000")
+    assert_one_line_error(code, err, "--port must be <= 65535")
+    assert not loads

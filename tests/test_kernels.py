@@ -19,6 +19,8 @@ same set-up speculation uses (``pack_for_rows`` for 4-32 rows):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -177,10 +179,24 @@ def test_processes_measuring_at_once_all_take_the_first_stored_routes(tmp_path, 
     mine = {"layers": {n: ("nt", n) for n in kernels.ROWS}}
     assert kernels._write(path, first) == first
     assert kernels._write(path, mine) == first and kernels._read(path) == first
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["routes.json"]  # no temporary file left
     with monkeypatch.context() as m:  # no hard links on this file system: still stored
         m.setattr(kernels.os, "link", lambda a, b: (_ for _ in ()).throw(PermissionError("no links")))
         assert kernels._write(tmp_path / "nolink.json", mine) == mine and kernels._read(tmp_path / "nolink.json") == mine
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text('{"layers": {"1": ["pl')  # a writer cut short: replaced, not kept forever
+    assert kernels._write(damaged, mine) == mine and kernels._read(damaged) == mine
+    with monkeypatch.context() as m:  # a read-only cache: every write and even unlinking fail (EROFS)
+        def refuse(*a, **k):
+            raise OSError(30, "Read-only file system")
+
+        m.setattr(kernels, "temp_beside", refuse)
+        assert kernels._write(tmp_path / "ro" / "routes.json", mine) == mine
+        m.undo()
+        for name in ("link", "replace"):
+            m.setattr(kernels.os, name, refuse)
+        m.setattr(Path, "unlink", refuse)
+        assert kernels._write(tmp_path / "ro.json", mine) == mine  # no traceback out of the cleanup
     model = smollm2_like("fp32", layers=1, vocab=256)
     monkeypatch.setattr(kernels, "measure", lambda *a, **k: {})
     monkeypatch.setattr(kernels, "plan", lambda costs: mine["layers"])

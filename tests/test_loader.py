@@ -146,3 +146,48 @@ def test_cli_refuses_an_unknown_device_in_one_line(capsys: pytest.CaptureFixture
     assert main(["generate", "hi", "--model", str(tiny_dir), "--device", "gpu0", "--max-new-tokens", "2"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown device 'gpu0'" in err
+
+
+def test_a_conversion_is_published_whole_and_never_deletes_another_process_finished_one(tmp_path: Path) -> None:
+    """``_publish``: the first finished conversion stays (another process may be reading it), a leftover without
+    config.json (an older ponder's, half-written) is replaced, and no temporary directory is left behind."""
+    def finished(name: str, marker: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(marker)
+        return d
+
+    out = tmp_path / "model"
+    gguf_convert._publish(finished(".a", "first"), out)
+    gguf_convert._publish(finished(".b", "second"), out)  # finished second: the first one's directory stays
+    assert (out / "config.json").read_text() == "first" and (tmp_path / ".b").exists()
+    leftover = tmp_path / "other"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_text("half")
+    gguf_convert._publish(finished(".c", "whole"), leftover)
+    assert sorted(p.name for p in leftover.iterdir()) == ["config.json"]
+    assert (leftover / "config.json").read_text() == "whole"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ponder-leftover")]
+
+
+def test_the_q4_cache_write_never_fails_a_load_nor_leaves_a_temporary_file(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full or read-only cache raises safetensors' own error (not an OSError): the load goes on without the
+    cache, and the temporary file is gone; a missing directory is an OSError, handled the same way."""
+    import safetensors.torch
+
+    from ponder.model import q4
+
+    path = tmp_path / "q4.safetensors"
+    q4._write_cache(path, {"a": torch.arange(4.0)})
+    assert torch.equal(q4._read_cache(path)["a"], torch.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["q4.safetensors"]
+
+    def full(tensors: dict, filename: str) -> None:
+        Path(filename).write_bytes(b"partial")
+        raise RuntimeError("No space left on device")  # what safetensors raises is no OSError either
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    q4._write_cache(tmp_path / "again.safetensors", {"a": torch.arange(4.0)})
+    assert [p.name for p in tmp_path.iterdir()] == ["q4.safetensors"]
+    q4._write_cache(tmp_path / "missing" / "q4.safetensors", {"a": torch.arange(4.0)})

@@ -168,14 +168,39 @@ def test_amx_everywhere_keeps_rows_and_speculation_exact(tiny_dir: Path, cyclic_
         assert drafted_and_accepted(out)[1] > 0
 
 
-def test_amx_is_refused_where_it_cannot_apply(tiny_dir: Path) -> None:
+def test_amx_is_refused_where_it_cannot_apply(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One line, before anything runs, wherever ``amx`` cannot do what it says: fp32, a CPU whose GEMM has no AMX
+    (faked here on every CPU), a model some of whose products the GEMM does not tile; and where it can, it reaches
+    every product (faked AMX: the bulk kernel is then the plain one, so only the switches are checked)."""
     from ponder.bench.methods import parse_spec
+    from ponder.model import kernels
 
     with pytest.raises(ponder.PonderError, match="applies to int8 and q4"):
         ponder.load(str(tiny_dir), "fp32", amx=True)
     with pytest.raises(ponder.PonderError, match="amx=true applies to dtype=int8 or dtype=q4"):
         parse_spec("baseline:amx=true")
+    with monkeypatch.context() as m:
+        m.setattr(native, "q4_amx", lambda: False)
+        for dtype in ("q4", "int8"):
+            with pytest.raises(ponder.PonderError, match="cannot use AMX here"):
+                ponder.load(str(tiny_dir), dtype, amx=True)
+            with pytest.raises(ponder.PonderError, match=f"method 'baseline:dtype={dtype}:amx=true': --amx: .*cannot "
+                                                          "use AMX here"):
+                parse_spec(f"baseline:dtype={dtype}:amx=true")  # when the run is parsed, not when its turn comes
+    monkeypatch.setattr(native, "q4_amx", lambda: True)
     assert parse_spec("baseline:dtype=q4:amx=true").path != parse_spec("baseline:dtype=q4").path
-    if not native.q4_amx():
-        with pytest.raises(ponder.PonderError, match="cannot use AMX here"):
-            ponder.load(str(tiny_dir), "q4", amx=True)
+    for dtype in ("q4", "int8"):
+        loaded = ponder.load(str(tiny_dir), dtype, amx=True)
+        switches = [m.bulk_always for m in loaded.model.modules() if hasattr(m, "bulk_always")]
+        assert len(switches) >= 4 and all(switches) and loaded.model.native_layers.bulk
+        assert not any(m.bulk_always for m in ponder.load(str(tiny_dir), dtype).model.modules()
+                       if hasattr(m, "bulk_always"))
+    tune = kernels.tune
+
+    def one_layer_off_the_gemm(model: torch.nn.Module, path: Path) -> object:
+        model.layers[0].mlp.wdown.native = False  # as a shape the GEMM does not tile would leave it
+        return tune(model, path)
+
+    monkeypatch.setattr(kernels, "tune", one_layer_off_the_gemm)
+    with pytest.raises(ponder.PonderError, match=r"--amx: 1 of this model's \d+ int8/q4 products have shapes"):
+        ponder.load(str(tiny_dir), "q4", amx=True)

@@ -2,10 +2,12 @@
 the real ``openai`` client and with raw HTTP, stopped by the tests; every wait is bounded."""
 
 import json
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -34,27 +36,52 @@ def free_port() -> int:
 
 
 class Server:
+    """``ponder serve --port 0``: the system picks a free port and the server names it in its start-up line (a port
+    picked here and closed again could be taken by a server of another test worker meanwhile). A thread keeps
+    reading the server's output (``output()``), so a chatty server never blocks on a full pipe."""
+
     def __init__(self, model_dir: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ponder", "serve", "--model", str(model_dir), "--served-model-name", MODEL,
-             "--host", "127.0.0.1", "--port", str(self.port), "--batch-size", "4",
+             "--host", "127.0.0.1", "--port", "0", "--batch-size", "4",
              *(("--device", DEVICE) if DEVICE != "cpu" else ()), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        deadline = time.monotonic() + 90
+        self._lines: list[str] = []
+        started = threading.Event()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                self._lines.append(line)
+                if re.search(r" on http://127\.0\.0\.1:\d+/v1 ", line):
+                    started.set()
+            started.set()  # the server exited
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+        if not started.wait(90) or self.proc.poll() is not None:
+            self.stop()
+            raise AssertionError(f"ponder serve did not start within 90 s: {self.output()}")
+        self.port = int(re.search(r" on http://127\.0\.0\.1:(\d+)/v1 ", self.output())[1])
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"ponder serve exited: {self.proc.stdout.read()}")
+                raise AssertionError(f"ponder serve exited: {self.output()}")
             try:
                 if httpx.get(self.base + "/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)
         self.stop()
-        raise AssertionError("ponder serve did not come up within 90 s")
+        raise AssertionError(f"ponder serve did not answer /health within 30 s of starting: {self.output()}")
+
+    def output(self) -> str:
+        """What the server wrote so far (all of it once it has stopped)."""
+        if self.proc.poll() is not None:
+            self._reader.join(10)
+        return "".join(self._lines)
 
     def client(self, key: str = "none", **kw) -> "openai.OpenAI":
         return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
@@ -362,7 +389,7 @@ def test_api_key(tiny_dir: Path) -> None:
         assert s.client(KEY).completions.create(model=MODEL, prompt="x", max_tokens=2).choices
     finally:
         assert s.stop() == 0
-    assert KEY not in s.proc.stdout.read()  # the key is never logged
+    assert KEY not in s.output()  # the key is never logged
 
 
 def test_tokenize_and_detokenize(server: Server, engine: Engine) -> None:

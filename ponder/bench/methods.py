@@ -162,8 +162,15 @@ def _check_common(text: str, options: dict[str, Any]) -> None:
     for key in ("compile", "native", "amx"):
         if options.get(key, "false") not in ("0", "1", "false", "true"):
             raise PonderError(f"method {text!r}: {key} must be true or false")
-    if options.get("amx", "false") in ("1", "true") and options.get("dtype", "fp32") not in ("int8", "q4"):
-        raise PonderError(f"method {text!r}: amx=true applies to dtype=int8 or dtype=q4")
+    if options.get("amx", "false") in ("1", "true"):
+        if options.get("dtype", "fp32") not in ("int8", "q4"):
+            raise PonderError(f"method {text!r}: amx=true applies to dtype=int8 or dtype=q4")
+        from ponder.model.loader import check_amx
+
+        try:  # here, before any method of the run has run, rather than when this method's turn comes
+            check_amx(options["dtype"], torch.device("cpu"))
+        except PonderError as e:
+            raise PonderError(f"method {text!r}: {e}") from None
 
 
 def parse_methods(text: str) -> list[MethodSpec]:

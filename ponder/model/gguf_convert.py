@@ -52,18 +52,33 @@ def convert_gguf(path: Path, out_dir: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": path.name})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _save_tokenizer(path, tmp)
-        if (out_dir / "config.json").is_file():
-            return  # another process converted the same file meanwhile: keep its directory (it may be reading it)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # an incomplete leftover
-        try:
-            os.replace(tmp, out_dir)  # atomic: a half-written conversion is never picked up as a cache hit
-        except OSError:
-            if not (out_dir / "config.json").is_file():
-                raise
+        _publish(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished conversion ``tmp`` to ``out_dir`` in one step, so a half-written one is never taken for
+    a cache hit. Where another process published the same conversion first, its directory stays (it may be
+    reading it); a leftover without config.json (from an older ponder, or a user's copy) is moved aside under a
+    name of its own before it is deleted, so no other process's finished directory is ever deleted."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, out_dir)  # fails where out_dir exists and is not empty
+            return
+        except OSError:
+            if (out_dir / "config.json").is_file():
+                return
+            if not out_dir.exists():
+                continue  # removed meanwhile: try again
+            aside = Path(tempfile.mkdtemp(prefix=".ponder-leftover-", dir=out_dir.parent))
+            try:
+                os.rename(out_dir, aside / "old")
+            except OSError:
+                pass  # another process moved it first, or published: the next try tells
+            shutil.rmtree(aside, ignore_errors=True)
+    raise PonderError(f"cannot write the converted model to {out_dir}: another process keeps replacing it")
 
 
 def _open(path: Path) -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ponder.files import remove_quietly, temp_beside
 from ponder.model.linear import MIN_PACKED_ROWS, Linear, can_dnn, can_pack
 
 ROWS = (*range(1, 17), 24, 32)  # row counts measured; others route to the next measured count above
@@ -168,21 +169,31 @@ def _read(path: Path | None) -> dict[str, Route] | None:
 
 
 def _write(path: Path | None, routes: dict[str, Route]) -> dict[str, Route]:
-    """Store ``routes`` unless another process stored its own first; returns the routes to use (the stored ones)."""
+    """Store ``routes`` unless another process stored its own first; returns the routes to use (the stored ones).
+    A stored file that cannot be read (damaged) is replaced."""
     if path is None:
         return routes
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({part: {str(n): list(v) for n, v in r.items()} for part, r in routes.items()}))
+        tmp = temp_beside(path)
+        with open(tmp, "w") as f:
+            f.write(json.dumps({part: {str(n): list(v) for n, v in r.items()} for part, r in routes.items()}))
+            f.flush()
+            os.fsync(f.fileno())  # whole on disk before it is published: a crash leaves no empty routes file
         try:
             os.link(tmp, path)  # fails where the file exists: the first process's routes stay
         except FileExistsError:
+            stored = _read(path)
+            if stored is not None:
+                return stored
+            os.replace(tmp, path)  # a damaged file: ours takes its place (or a process's that replaced it too)
             return _read(path) or routes
         except OSError:  # a file system without hard links: the last process's file stays, as before
-            tmp.replace(path)
+            os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs the next process the measurement
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            remove_quietly(tmp)
     return routes

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ponder.errors import PonderError
+from ponder.files import remove_quietly, temp_beside
 from ponder.model.config import ModelConfig
 from ponder.model.llama import LlamaModel
 
@@ -77,9 +78,12 @@ def _gguf_dir(path: Path) -> Path:
         convert_gguf(path, out)
     source = out / SOURCE_FILE
     if not source.is_file():  # written apart from the conversion, so caches made before it existed get one too
-        tmp = source.with_name(f"{source.name}.{os.getpid()}.tmp")  # whole or absent for a concurrent reader
-        tmp.write_text(json.dumps({"gguf": str(path.resolve())}))
-        tmp.replace(source)
+        tmp = temp_beside(source)  # whole or absent for a concurrent reader
+        try:
+            tmp.write_text(json.dumps({"gguf": str(path.resolve())}))
+            os.replace(tmp, source)
+        finally:
+            remove_quietly(tmp)
     return out
 
 
@@ -160,7 +164,15 @@ def load_model(path: Path, dtype: str = "fp32", compile: bool = False, device: s
 
     tune(model, cache_root() / "kernels")  # fp32: the fastest kernel per row count on this machine (linear.py)
     if amx:
+        from ponder.model.quant import Int8Linear
+
         bulk = [m for m in model.modules() if hasattr(m, "bulk_always") and getattr(m, "native", True)]
+        off = [m for m in model.modules() if isinstance(m, Int8Linear) or (hasattr(m, "bulk_always") and
+                                                                            not getattr(m, "native", True))]
+        if bulk and off:  # a switch that applied to some products only would be a silent half-measure
+            raise PonderError(f"--amx: {len(off)} of this model's {len(off) + len(bulk)} int8/q4 products have "
+                              "shapes ponder's GEMM does not tile, so they could not run on AMX; load it without "
+                              "--amx")
         if not bulk:
             raise PonderError("--amx: none of this model's layers is on ponder's int8/q4 GEMM (a build without "
                               "AVX512-BF16?): `ponder info` says which kernel runs")

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ponder.errors import PonderError
+from ponder.files import remove_quietly, temp_beside
 from ponder.model import native
 
 GROUP = 32  # weights per GGUF block and per scale of the int4 kernel
@@ -309,12 +310,16 @@ def _read_cache(path: Path | None) -> dict[str, torch.Tensor] | None:
 def _write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
+    tmp = None
     try:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent loads each write their own, one wins
+        tmp = temp_beside(path)  # concurrent loads each write their own, the last one's stays
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only cache directory only costs the next load the GGUF read
+        os.replace(tmp, path)
+    except Exception:  # OSError, or safetensors' own error for a full or read-only directory
+        pass  # it only costs the next load the GGUF read
+    finally:
+        if tmp is not None:
+            remove_quietly(tmp)  # also after an interrupt: no ~80 MB leftovers
 
 
 # GGUF tensor names of each fused projection, in fusion order

@@ -481,10 +481,34 @@ class _BodyTooLarge(Exception):
     """Raised from the body reader when a request's bytes pass the cap."""
 
 
-def serve(app: Any, host: str, port: int, grace_s: float = 30.0) -> None:
-    """Run ``app`` with uvicorn until SIGINT/SIGTERM; then new requests get 503 while the running ones finish (at
-    most ``grace_s``), and the process exits with code 0. A second signal stops at once. Call it on the main thread:
-    the engine loop runs there (``EngineLoop.run``), uvicorn's event loop on a thread of its own."""
+def bind(host: str, port: int) -> Any:
+    """A socket bound to ``host:port`` (port 0: a free port the system picks; ``getsockname()`` tells which), not
+    yet listening, so nothing connects before the server runs; a PonderError in one line where it cannot be bound
+    (a port in use, an address this machine does not have)."""
+    import socket
+
+    from ponder.errors import PonderError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise PonderError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart reuses a port in TIME_WAIT
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise PonderError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(app: Any, sock: Any, grace_s: float = 30.0) -> None:
+    """Run ``app`` with uvicorn on the bound socket ``sock`` (``bind``) until SIGINT/SIGTERM; then new requests get
+    503 while the running ones finish (at most ``grace_s``), and the process exits with code 0. A second signal
+    stops at once. Call it on the main thread: the engine loop runs there (``EngineLoop.run``), uvicorn's event loop
+    on a thread of its own."""
     import contextlib
     import signal
     import threading
@@ -514,10 +538,10 @@ def serve(app: Any, host: str, port: int, grace_s: float = 30.0) -> None:
 
             threading.Thread(target=wait, name="ponder-drain", daemon=True).start()
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace_s)
     server = Server(config)
     old = {sig: signal.signal(sig, server.drain) for sig in (signal.SIGINT, signal.SIGTERM)}
-    http = threading.Thread(target=server.run, name="ponder-http", daemon=True)
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ponder-http", daemon=True)
     http.start()
     try:
         loop.run(until=lambda: not http.is_alive())
