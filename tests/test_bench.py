@@ -302,6 +302,36 @@ def test_serve_suite_loads_each_methods_server_and_reports(tiny_dir: Path, tmp_p
         bench.run(_args(model=tiny_dir, suite="serve", methods="baseline", concurrency="0", out=tmp_path / "y"))
 
 
+def test_a_server_that_dies_during_the_serve_suite_is_said_so_with_its_signal(tmp_path: Path) -> None:
+    """A peer's server that dies mid-run (llama.cpp built for instructions this CPU lacks: SIGILL) would otherwise
+    leave only refused connections in the table: the report names the death, its signal and the log."""
+    import signal
+    import subprocess
+    import sys
+
+    from ponder.bench import serve
+
+    server = serve.ServerProcess.__new__(serve.ServerProcess)
+    server.log = tmp_path / "server-llamacpp.log"
+    server.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert server.died() is None  # running
+    finally:
+        server.proc.send_signal(signal.SIGILL)
+        server.proc.wait(10)
+    why = server.died()
+    assert why == f"the server died (killed by SIGILL) while the bench ran; its log: {server.log}"
+    server.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    server.proc.wait(10)
+    assert "(exit code 3)" in server.died()
+    level = {"concurrency": 1, "requests": 2, "completed": 0, "failed": 2, "unfinished": 0, "tokens": 0,
+             "throughput_tok_s": 0.0, "ttft_p50_s": None, "ttft_p99_s": None, "itl_p50_s": None, "itl_p99_s": None,
+             "e2e_p50_s": None, "errors": ["ConnectError: All connection attempts failed"]}
+    report = serve.markdown({"date": "today", "cpu": "cpu", "n_prompts": 2, "prompts": "p", "max_new_tokens": 4,
+                             "methods": {"llamacpp": {"levels": [level], "error": why}}})
+    assert f"- llamacpp: {why}; the levels it did not finish are not comparable" in report
+
+
 def test_depth_methods_in_a_run(tiny_dir: Path, tmp_path: Path) -> None:
     """Depth policies as bench methods: the no-op setting is exact with full agreement and zero KL, a lossy one
     reports its compute and fidelity, a KV policy joins one, and the frontier plot is written."""

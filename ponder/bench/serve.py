@@ -112,6 +112,15 @@ class ServerProcess:
         self.stop()
         raise PonderError(f"the server did not answer within {START_TIMEOUT_S:.0f} s; its log: {log}")
 
+    def died(self) -> str | None:
+        """Why the server is gone, while the bench still needs it (None while it runs)."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else \
+            f"exit code {code}"
+        return f"the server died ({how}) while the bench ran; its log: {self.log}"
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -310,14 +319,19 @@ def run_serve(args: Any, specs: list[Any]) -> int:
         try:
             asyncio.run(run_level(server.base, prompts[:1], 1, 1, 8, args.level_timeout))  # warm-up
             for c in levels:
+                if server.died():
+                    break
                 n = args.requests or max(16, 2 * c)
                 level = asyncio.run(run_level(server.base, prompts, c, n, args.max_new_tokens, args.level_timeout))
                 entry["levels"].append(level)
                 print(f"{spec.text}: concurrency {c}: {level['throughput_tok_s']:.1f} tok/s, TTFT p50 "
                       f"{_ms(level['ttft_p50_s'])}, ITL p99 {_ms(level['itl_p99_s'])}, {level['completed']}/{n} "
                       "done", file=sys.stderr, flush=True)
-            if args.prefix_probe:
+            if args.prefix_probe and not server.died():
                 entry["prefix"] = asyncio.run(prefix_probe(server.base, system, 8, args.level_timeout))
+            if server.died():  # its requests' errors alone (refused connections) would not say why
+                entry["error"] = server.died()
+                print(f"{spec.text}: {entry['error']}:\n{_tail(log)}", file=sys.stderr, flush=True)
         finally:
             server.stop()
         results["methods"][spec.text] = entry
@@ -378,6 +392,10 @@ def markdown(results: dict[str, Any]) -> str:
             scaling.append(f"- {name}: throughput at concurrency 8 is {by_c[8] / by_c[1]:.2f}x concurrency 1")
     if scaling:
         lines += ["", *scaling]
+    died = [f"- {name}: {e['error']}; the levels it did not finish are not comparable"
+            for name, e in results["methods"].items() if "error" in e]
+    if died:
+        lines += ["", *died]
     probes = [(n, e["prefix"]) for n, e in results["methods"].items() if "prefix" in e]
     if probes:
         lines += ["", "Prefix cache: time to first token of a request with a ~1,000-token system prompt, nothing "
