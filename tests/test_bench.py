@@ -302,6 +302,25 @@ def test_serve_suite_loads_each_methods_server_and_reports(tiny_dir: Path, tmp_p
         bench.run(_args(model=tiny_dir, suite="serve", methods="baseline", concurrency="0", out=tmp_path / "y"))
 
 
+def test_the_serve_suite_gives_llamacpp_as_many_threads_as_ponder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama-cpp-python's server decodes on half the cores unless told otherwise: the peer gets ponder's count."""
+    import torch
+
+    from ponder.bench import methods, serve
+
+    monkeypatch.setattr(methods, "gguf_path", lambda model: Path("/models/m.gguf"))
+    spec = methods.parse_spec("llamacpp")
+
+    def threads(cmd: list[str]) -> tuple[str, str]:
+        return cmd[cmd.index("--n_threads") + 1], cmd[cmd.index("--n_threads_batch") + 1]
+
+    n = str(torch.get_num_threads())
+    assert threads(serve.server_command(spec, "m", 8000, None, 16, 72, 4096)) == (n, n)
+    assert threads(serve.server_command(spec, "m", 8000, 3, 16, 72, 4096)) == ("3", "3")
+    ponder_cmd = serve.server_command(methods.parse_spec("baseline"), "m", 8000, 3, 16, 72, 0)
+    assert ponder_cmd[ponder_cmd.index("--threads") + 1] == "3"
+
+
 def test_a_server_that_dies_during_the_serve_suite_is_said_so_with_its_signal(tmp_path: Path) -> None:
     """A peer's server that dies mid-run (llama.cpp built for instructions this CPU lacks: SIGILL) would otherwise
     leave only refused connections in the table: the report names the death, its signal and the log."""

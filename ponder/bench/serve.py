@@ -68,7 +68,12 @@ def server_command(spec: Any, model: str, port: int, threads: int | None, batch:
                "--port", str(port), "--n_ctx", str(n_ctx), "--model_alias", "bench",
                # by default a new request interrupts the running one (its answer ends early): queue them instead
                "--interrupt_requests", "False"]
-        return cmd + (["--n_threads", str(threads), "--n_threads_batch", str(threads)] if threads else [])
+        # always as many threads as ponder's servers get: llama-cpp-python's server decodes on half the cores
+        # by default (n_threads = cpu_count // 2), which would measure it on one core of two
+        import torch
+
+        n = threads or torch.get_num_threads()
+        return cmd + ["--n_threads", str(n), "--n_threads_batch", str(n)]
     if not spec.is_ponder:
         raise PonderError(f"the serve suite runs ponder methods and llamacpp, not {spec.text}")
     cmd = [sys.executable, "-m", "ponder", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
