@@ -348,7 +348,7 @@ def test_a_server_that_dies_during_the_serve_suite_is_said_so_with_its_signal(tm
              "e2e_p50_s": None, "errors": ["ConnectError: All connection attempts failed"]}
     report = serve.markdown({"date": "today", "cpu": "cpu", "n_prompts": 2, "prompts": "p", "max_new_tokens": 4,
                              "methods": {"llamacpp": {"levels": [level], "error": why}}})
-    assert f"- llamacpp: {why}; the levels it did not finish are not comparable" in report
+    assert f"- llamacpp (the levels it did not finish are not comparable): {why}" in report
 
 
 def test_depth_methods_in_a_run(tiny_dir: Path, tmp_path: Path) -> None:

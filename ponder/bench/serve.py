@@ -335,7 +335,9 @@ def run_serve(args: Any, specs: list[Any]) -> int:
             if args.prefix_probe and not server.died():
                 entry["prefix"] = asyncio.run(prefix_probe(server.base, system, 8, args.level_timeout))
             if server.died():  # its requests' errors alone (refused connections) would not say why
-                entry["error"] = server.died()
+                from ponder.bench import LLAMACPP_CRASH_HINT
+
+                entry["error"] = server.died() + ("." + LLAMACPP_CRASH_HINT if spec.name == "llamacpp" else "")
                 print(f"{spec.text}: {entry['error']}:\n{_tail(log)}", file=sys.stderr, flush=True)
         finally:
             server.stop()
@@ -397,7 +399,7 @@ def markdown(results: dict[str, Any]) -> str:
             scaling.append(f"- {name}: throughput at concurrency 8 is {by_c[8] / by_c[1]:.2f}x concurrency 1")
     if scaling:
         lines += ["", *scaling]
-    died = [f"- {name}: {e['error']}; the levels it did not finish are not comparable"
+    died = [f"- {name} (the levels it did not finish are not comparable): {e['error']}"
             for name, e in results["methods"].items() if "error" in e]
     if died:
         lines += ["", *died]
