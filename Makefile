@@ -23,10 +23,11 @@ demo: install
 	$(PYTHON) -m ponder generate "$(PROMPT)" --max-new-tokens 96 --speculate lowbit
 
 # the tiny model's tests wait on processes, sockets and Python more than they compute: three workers of one thread
-# each (measured faster than two on 2 cores); then, with both cores, the real model's tests (compute-bound: workers
-# would only share the cores) and those that time something or compile (`serial`)
+# each (measured faster than two on 2 cores; `worksteal`: a worker that runs out takes the tests queued behind a
+# busy one, as behind the soak, which starts first); then, with both cores, the real model's tests (compute-bound:
+# workers would only share the cores) and those that time something or compile (`serial`)
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n 3 -m "not slow and not serial"
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n 3 --dist worksteal -m "not slow and not serial"
 	$(PYTHON) -m pytest -q -m "slow or serial"
 
 bench-quick: install

@@ -270,14 +270,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
 
-        from ponder.server.app import create_app, serve
+        from ponder.server.app import bind
     except ImportError as e:
         raise PonderError(f"ponder serve needs FastAPI and uvicorn ({e.name} is missing): "
                           "pip install 'ponder[serve]'") from None
-    import ponder
-    from ponder.engine import Engine
-    from ponder.server.loop import EngineLoop
-
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--max-queue", args.max_queue, 0),
                              ("--max-body-kb", args.max_body_kb, 1), ("--port", args.port, 0),
                              ("--prefill-chunk", args.prefill_chunk, 0), ("--prefill-ms", args.prefill_ms, 0),
@@ -288,10 +284,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port > 65535:
         raise PonderError(f"--port must be <= 65535, got {args.port}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("PONDER_API_KEY") or None
-    from ponder.server.app import bind
+    socks = bind(args.host, args.port)  # before the model loads: a port in use is said at once
+    try:
+        return _serve_on(args, socks, api_key)
+    finally:
+        for sock in socks:
+            sock.close()
 
-    sock = bind(args.host, args.port)  # before the model loads: a port in use is said at once
-    port = sock.getsockname()[1]
+
+def _serve_on(args: argparse.Namespace, socks: list, api_key: str | None) -> int:
+    import ponder
+    from ponder.engine import Engine
+    from ponder.server.app import create_app, listen, port_of, serve
+    from ponder.server.loop import EngineLoop
+
     loaded = ponder.load(args.model, args.dtype, compile=args.compile, device=args.device,
                          native=not args.no_native, amx=args.amx)
     from ponder.speculate import make_speculator
@@ -315,11 +321,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # every thread (HTTP answers included) whenever it ran
     gc.collect()
     gc.freeze()
+    listen(socks, args.host)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"ponder serve: {args.served_model_name or args.model} on http://{host}:{port}/v1 "
+    print(f"ponder serve: {args.served_model_name or args.model} on http://{host}:{port_of(socks)}/v1 "
           f"(batch {args.batch_size}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     try:
-        serve(app, sock)
+        serve(app, socks)
     finally:
         loop.stop()
     return 0

@@ -28,8 +28,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if unmarked:
         raise pytest.UsageError("these tests use the real model (a smollm2* fixture) but are not marked slow: add "
                                 "@pytest.mark.slow (or pytestmark = pytest.mark.slow) to " + ", ".join(unmarked))
-    # `long` tests (pyproject) first: under `make test`'s workers (pytest-xdist hands tests out in this order) one
-    # worker runs each of them while the others go through the rest, instead of the run ending on them alone
+    # `long` tests (pyproject) first: under `make test`'s workers (pytest-xdist hands tests out in this order, and
+    # with --dist worksteal idle workers take the tests queued behind them) one worker runs each of them while the
+    # others go through the rest, instead of the run ending on them alone
     items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 

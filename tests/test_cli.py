@@ -200,3 +200,15 @@ def test_serve_on_a_port_in_use_or_out_of_range_is_one_line_before_the_model_loa
     code, _, err = run_cli(capsys, "serve", "--model", str(tiny_dir), "--port", "70000")
     assert_one_line_error(code, err, "--port must be <= 65535")
     assert not loads
+    from ponder.errors import PonderError
+    from ponder.server.app import bind, listen, port_of
+
+    first = bind("127.0.0.1", 0)  # two servers started together both bind (SO_REUSEADDR, neither listening yet) ...
+    second = bind("127.0.0.1", port_of(first))
+    try:
+        listen(first, "127.0.0.1")
+        with pytest.raises(PonderError, match=f"cannot listen on 127.0.0.1:{port_of(first)}"):
+            listen(second, "127.0.0.1")  # ... but only one may listen: the other says so before its start-up line
+    finally:
+        for sock in first + second:
+            sock.close()

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from ponder.cache import KVCache
+from ponder.files import _umask
 from ponder.model.config import ModelConfig
 from ponder.model.llama import LlamaModel
 from ponder.model.quant import convert_dtype
@@ -184,8 +185,10 @@ def test_processes_measuring_at_once_all_take_the_first_stored_routes(tmp_path, 
         m.setattr(kernels.os, "link", lambda a, b: (_ for _ in ()).throw(PermissionError("no links")))
         assert kernels._write(tmp_path / "nolink.json", mine) == mine and kernels._read(tmp_path / "nolink.json") == mine
     damaged = tmp_path / "damaged.json"
-    damaged.write_text('{"layers": {"1": ["pl')  # a writer cut short: replaced, not kept forever
-    assert kernels._write(damaged, mine) == mine and kernels._read(damaged) == mine
+    for text in ('{"layers": {"1": ["pl', "null"):  # a writer cut short, JSON of another shape: replaced
+        damaged.write_text(text)
+        assert kernels._write(damaged, mine) == mine and kernels._read(damaged) == mine
+    assert damaged.stat().st_mode & 0o777 == 0o666 & ~_umask()  # readable by a shared cache's other users
     with monkeypatch.context() as m:  # a read-only cache: every write and even unlinking fail (EROFS)
         def refuse(*a, **k):
             raise OSError(30, "Read-only file system")

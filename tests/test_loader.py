@@ -168,6 +168,22 @@ def test_a_conversion_is_published_whole_and_never_deletes_another_process_finis
     assert sorted(p.name for p in leftover.iterdir()) == ["config.json"]
     assert (leftover / "config.json").read_text() == "whole"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ponder-leftover")]
+    real_rename = gguf_convert.os.rename
+
+    def refuse_moving_aside(src, dst) -> None:
+        if Path(dst).name == "old":
+            raise PermissionError(1, "Operation not permitted")
+        real_rename(src, dst)
+
+    leftover = tmp_path / "theirs"
+    leftover.mkdir()
+    (leftover / "x").write_text("not ours")
+    gguf_convert.os.rename = refuse_moving_aside
+    try:
+        with pytest.raises(PonderError, match="cannot replace .*theirs .*Operation not permitted; remove it"):
+            gguf_convert._publish(finished(".d", "new"), leftover)
+    finally:
+        gguf_convert.os.rename = real_rename
 
 
 def test_the_q4_cache_write_never_fails_a_load_nor_leaves_a_temporary_file(tmp_path: Path,

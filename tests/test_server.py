@@ -59,10 +59,11 @@ class Server:
 
         self._reader = threading.Thread(target=read, daemon=True)
         self._reader.start()
-        if not started.wait(90) or self.proc.poll() is not None:
+        line = re.search(r" on http://127\.0\.0\.1:(\d+)/v1 ", "".join(self._lines)) if started.wait(90) else None
+        if line is None or self.proc.poll() is not None:  # no start-up line: it exited (or is about to), or hangs
             self.stop()
             raise AssertionError(f"ponder serve did not start within 90 s: {self.output()}")
-        self.port = int(re.search(r" on http://127\.0\.0\.1:(\d+)/v1 ", self.output())[1])
+        self.port = int(line[1])
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

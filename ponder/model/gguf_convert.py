@@ -75,8 +75,12 @@ def _publish(tmp: Path, out_dir: Path) -> None:
             aside = Path(tempfile.mkdtemp(prefix=".ponder-leftover-", dir=out_dir.parent))
             try:
                 os.rename(out_dir, aside / "old")
-            except OSError:
-                pass  # another process moved it first, or published: the next try tells
+            except FileNotFoundError:
+                pass  # another process moved it first: the next try tells
+            except OSError as e:  # not ours to move (permissions, a mount point): say so
+                shutil.rmtree(aside, ignore_errors=True)
+                raise PonderError(f"cannot replace {out_dir} (an incomplete conversion without config.json): "
+                                  f"{e.strerror or e}; remove it and try again") from None
             shutil.rmtree(aside, ignore_errors=True)
     raise PonderError(f"cannot write the converted model to {out_dir}: another process keeps replacing it")
 

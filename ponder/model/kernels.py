@@ -164,7 +164,7 @@ def _read(path: Path | None) -> dict[str, Route] | None:
     try:
         raw = json.loads(path.read_text())
         return {part: {int(n): (str(k), int(m)) for n, (k, m) in r.items()} for part, r in raw.items()}
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):  # AttributeError: JSON of another shape ("null")
         return None  # a damaged cache file is measured again
 
 

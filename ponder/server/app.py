@@ -481,31 +481,56 @@ class _BodyTooLarge(Exception):
     """Raised from the body reader when a request's bytes pass the cap."""
 
 
-def bind(host: str, port: int) -> Any:
-    """A socket bound to ``host:port`` (port 0: a free port the system picks; ``getsockname()`` tells which), not
-    yet listening, so nothing connects before the server runs; a PonderError in one line where it cannot be bound
-    (a port in use, an address this machine does not have)."""
+def bind(host: str, port: int) -> list[Any]:
+    """Sockets bound to every address ``host`` names (``localhost`` may name 127.0.0.1 and ::1; "" or ``0.0.0.0``
+    every interface), all on ``port`` (0: a free one the system picks for the first, ``port_of`` tells which), not
+    yet listening (``listen``); a PonderError in one line where they cannot be bound (a port in use, an address
+    this machine does not have)."""
     import socket
 
     from ponder.errors import PonderError
 
+    socks: list[Any] = []
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart reuses a port in TIME_WAIT
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # IPv4 has sockets of its own
+            if len(socks) > 1:  # the others on the first one's port (port 0: the one the system picked)
+                address = (address[0], port_of(socks), *address[2:])
+            sock.bind(address)
     except OSError as e:
+        for sock in socks:
+            sock.close()
         raise PonderError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart reuses a port in TIME_WAIT
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise PonderError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
+    return socks
 
 
-def serve(app: Any, sock: Any, grace_s: float = 30.0) -> None:
-    """Run ``app`` with uvicorn on the bound socket ``sock`` (``bind``) until SIGINT/SIGTERM; then new requests get
+def port_of(socks: list[Any]) -> int:
+    """The port ``bind``'s sockets are on."""
+    return socks[0].getsockname()[1]
+
+
+def listen(socks: list[Any], host: str) -> None:
+    """Start listening (the port is taken for good only now: two sockets bound with SO_REUSEADDR may share a port
+    until one listens), or a PonderError in one line."""
+    from ponder.errors import PonderError
+
+    port = port_of(socks)
+    try:
+        for sock in socks:
+            sock.listen(2048)  # uvicorn's backlog
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        raise PonderError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def serve(app: Any, socks: list[Any], grace_s: float = 30.0) -> None:
+    """Run ``app`` with uvicorn on the listening sockets ``socks`` (``bind``, ``listen``) until SIGINT/SIGTERM; then new requests get
     503 while the running ones finish (at most ``grace_s``), and the process exits with code 0. A second signal
     stops at once. Call it on the main thread: the engine loop runs there (``EngineLoop.run``), uvicorn's event loop
     on a thread of its own."""
@@ -541,7 +566,7 @@ def serve(app: Any, sock: Any, grace_s: float = 30.0) -> None:
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace_s)
     server = Server(config)
     old = {sig: signal.signal(sig, server.drain) for sig in (signal.SIGINT, signal.SIGTERM)}
-    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ponder-http", daemon=True)
+    http = threading.Thread(target=server.run, kwargs={"sockets": socks}, name="ponder-http", daemon=True)
     http.start()
     try:
         loop.run(until=lambda: not http.is_alive())
@@ -550,3 +575,7 @@ def serve(app: Any, sock: Any, grace_s: float = 30.0) -> None:
         http.join(grace_s + 5)
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    if not server.started:  # its thread failed before serving (its traceback is above): not a clean exit
+        from ponder.errors import PonderError
+
+        raise PonderError("the HTTP server stopped before it served a request (the lines above say why)")
