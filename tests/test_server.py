@@ -4,7 +4,6 @@ the real ``openai`` client and with raw HTTP, stopped by the tests; every wait i
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,12 +26,6 @@ from tinymodel import make_model_dir  # noqa: E402
 
 MODEL = "tiny"
 KEY = "sk-test-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

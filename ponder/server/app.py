@@ -488,8 +488,6 @@ def bind(host: str, port: int) -> list[Any]:
     this machine does not have)."""
     import socket
 
-    from ponder.errors import PonderError
-
     socks: list[Any] = []
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -517,8 +515,6 @@ def port_of(socks: list[Any]) -> int:
 def listen(socks: list[Any], host: str) -> None:
     """Start listening (the port is taken for good only now: two sockets bound with SO_REUSEADDR may share a port
     until one listens), or a PonderError in one line."""
-    from ponder.errors import PonderError
-
     port = port_of(socks)
     try:
         for sock in socks:
@@ -530,10 +526,10 @@ def listen(socks: list[Any], host: str) -> None:
 
 
 def serve(app: Any, socks: list[Any], grace_s: float = 30.0) -> None:
-    """Run ``app`` with uvicorn on the listening sockets ``socks`` (``bind``, ``listen``) until SIGINT/SIGTERM; then new requests get
-    503 while the running ones finish (at most ``grace_s``), and the process exits with code 0. A second signal
-    stops at once. Call it on the main thread: the engine loop runs there (``EngineLoop.run``), uvicorn's event loop
-    on a thread of its own."""
+    """Run ``app`` with uvicorn on the listening sockets ``socks`` (``bind``, ``listen``) until SIGINT/SIGTERM;
+    then new requests get 503 while the running ones finish (at most ``grace_s``), and the process exits with code
+    0. A second signal stops at once. Call it on the main thread: the engine loop runs there (``EngineLoop.run``),
+    uvicorn's event loop on a thread of its own."""
     import contextlib
     import signal
     import threading
@@ -576,6 +572,4 @@ def serve(app: Any, socks: list[Any], grace_s: float = 30.0) -> None:
         for sig, handler in old.items():
             signal.signal(sig, handler)
     if not server.started:  # its thread failed before serving (its traceback is above): not a clean exit
-        from ponder.errors import PonderError
-
         raise PonderError("the HTTP server stopped before it served a request (the lines above say why)")
