@@ -334,10 +334,11 @@ def run_serve(args: Any, specs: list[Any]) -> int:
                       "done", file=sys.stderr, flush=True)
             if args.prefix_probe and not server.died():
                 entry["prefix"] = asyncio.run(prefix_probe(server.base, system, 8, args.level_timeout))
-            if server.died():  # its requests' errors alone (refused connections) would not say why
+            why = server.died()
+            if why:  # its requests' errors alone (refused connections) would not say why
                 from ponder.bench import LLAMACPP_CRASH_HINT
 
-                entry["error"] = server.died() + ("." + LLAMACPP_CRASH_HINT if spec.name == "llamacpp" else "")
+                entry["error"] = why + ("." + LLAMACPP_CRASH_HINT if spec.name == "llamacpp" else "")
                 print(f"{spec.text}: {entry['error']}:\n{_tail(log)}", file=sys.stderr, flush=True)
         finally:
             server.stop()
