@@ -420,7 +420,7 @@ def model_summary(loaded: Loaded) -> dict[str, str]:
 def _invariant_attention(model: nn.Module) -> str:
     """How batch-invariant attention (int8, q4, fp16) runs for this model, if it is on."""
     if not getattr(model, "invariant_attention", False):
-        return "off (fp32/bf16: verify forwards attend in one masked call)"
+        return "off (verify forwards attend in one masked call: bf16, or fp32 where the native kernel does not run)"
     if model.native_plan(torch.tensor([[[0, -1, 0]]])) is not None:
         return "native kernel (one call per layer)"
     why = native.reason() or f"{str(model.kv_dtype).removeprefix('torch.')} on {model.device.type}"

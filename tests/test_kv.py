@@ -231,6 +231,7 @@ def _masked_step(model, cache, token: int, kept: list[list[list[int]]], n_prompt
     """One decode step on the full cache, each layer's attention restricted to the kept prompt entries (per KV
     head) plus every decoded token."""
     ctx = model.step_context(cache, 1, [1])
+    ctx.queries = ctx.plan = None  # attend under ctx.mask (set below), not by the invariant path's own slot ranges
     S = cache.lengths[0] + 1
     h = model.embed(torch.tensor([[token]]))
     for layer in range(len(model.layers)):

@@ -258,8 +258,9 @@ class LlamaModel(nn.Module):
         self._cos = self._sin = torch.empty(0)
         # True: decode steps and verify forwards attend token by token (``attend_queries``), so a token's attention
         # output has the same bits whether it is computed alone (decode) or among other queries (a verify forward):
-        # quantized modes need that to stay lossless under speculation (see ``quant.py``). False: a verify forward
-        # attends in one masked call (faster; fp32 differs from a decode step only in last bits, at exact ties).
+        # quantized modes need that to stay lossless under speculation (see ``quant.py``); fp32 on the CPU turns it
+        # on where the native kernel runs (``loader.load_model``: one call per layer for all rows). False: a verify
+        # forward attends in one masked call (fp32 differs from a decode step only in last bits, at exact ties).
         # Prefills (several tokens per row in ``forward``) attend in one call either way: plain and speculative
         # decoding prefill alike
         self.invariant_attention = False

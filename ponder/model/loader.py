@@ -163,6 +163,14 @@ def load_model(path: Path, dtype: str = "fp32", compile: bool = False, device: s
     from ponder.model.kernels import tune
 
     tune(model, cache_root() / "kernels")  # fp32: the fastest kernel per row count on this machine (linear.py)
+    if dtype == "fp32" and dev.type == "cpu":
+        from ponder.model import native
+
+        # one native attention call per layer for all rows of a decode step or verify forward, instead of one
+        # PyTorch call per row of a ragged batch (serving: ~a quarter of an 8-row step), with the same bits for a
+        # token whether decoded or verified (``llama.attend_queries``); where the kernel is not built, PyTorch's
+        # calls as before (also for a head dim the kernel does not take: ``native.fits``)
+        model.invariant_attention = native.library() is not None and cfg.head_dim % 16 == 0
     if amx:
         from ponder.model.quant import Int8Linear
 
