@@ -136,3 +136,35 @@ def test_plan_prices_a_sequential_drafters_forwards():
     fixed = DraftPolicy(PolicyOptions(adaptive=False), curve)
     fixed.forward_s[1] = 1.0
     assert fixed.plan([9], ("lowbit",)) == [9]
+
+
+def test_a_batch_prices_its_steps_with_fewer_rows_by_one_rows_curve(tiny, monkeypatch) -> None:
+    """A server measures its curve for --batch-size rows, yet often steps one row. A 16-row curve knows nothing
+    under 16 tokens: a 1-row step looked its widths up there, where 1 to 16 tokens cost the same, and drafted its
+    most nodes even where each node costs most of a token's compute (q4 serving with pld: 0.67x plain). Forwards
+    that cost 0.4 ms + 0.6 ms a token (synthetic curves, whatever the rows): a 1-row step drafts nothing with
+    p = 0.3 nodes, and the 4-row sizes are the 4-row measurement's."""
+    from ponder.speculate import make_speculator
+    from ponder.speculate.policy import CostCurve, MEASURED_SIZES
+
+    measured = []
+
+    def linear(model, rows, max_tokens, prefix=64, reps=3):
+        measured.append(rows)
+        return CostCurve({rows * t: 0.001 * (0.4 + 0.6 * rows * t) * (1.01 if rows > 1 else 1.0)
+                          for t in MEASURED_SIZES if t <= max_tokens})
+
+    monkeypatch.setattr(CostCurve, "measure", classmethod(lambda cls, *a, **k: linear(*a, **k)))
+    spec = make_speculator("pld", tiny)
+    spec.prepare(tiny.model, 4)
+    assert measured == [4, 1]
+    curve = spec.policy.cost
+    assert curve(1) == pytest.approx(0.001) and curve(3) == pytest.approx(0.0022)  # one row's own sizes
+    assert curve(8) == pytest.approx(0.005252)  # 4 rows x 2 tokens: the batch's measurement (x 1.01)
+    tree = DraftTree.chain([5, 6, 7, 8], [0.3] * 4, "pld")
+    assert len(spec.policy.shape([tree])[0]) == 0  # (1 + 0.3) / 1.6 ms < 1 / 1 ms: no node pays
+    wide = DraftTree.chain([5, 6, 7, 8], [0.95] * 4, "pld")
+    assert len(spec.policy.shape([wide])[0]) > 0  # nodes that are nearly always accepted still do
+    spec.prepare(tiny.model, 2)  # another batch size: its own measurement, one row's reused
+    assert measured == [4, 1, 2]
+    assert spec.prepare(tiny.model, 1) is None and measured == [4, 1, 2]

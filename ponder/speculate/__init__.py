@@ -121,11 +121,21 @@ class Speculator:
         return self.policy.options.max_nodes
 
     def prepare(self, model: Any, rows: int) -> None:
-        """Pack the projections for verify-sized forwards and measure the verify cost curve (once per batch size)."""
+        """Pack the projections for verify-sized forwards and measure the verify cost curve (once per batch size).
+
+        A batch of ``rows`` also runs steps with fewer rows (a server's batch fills and drains; a run's last
+        prompts), whose forwards carry fewer tokens than any the ``rows``-row curve measured: one row's curve prices
+        those (a forward's cost follows its total tokens far more than how they split into rows), so a step of one
+        row does not take 2-16 drafts per row as free because a 16-row forward costs what a 1-row one does."""
         # each packed size is another copy of the weights: 4, 8 and 16 tokens per row, at most 32 tokens per forward
         model.pack_for_rows(*sorted({max(4, rows)} | {n * rows for n in (4, 8, 16) if n * rows <= 32}))
         if rows not in self.costs:
-            self.costs[rows] = CostCurve.measure(model, rows, self.max_nodes + 1)
+            curve = CostCurve.measure(model, rows, self.max_nodes + 1)
+            if rows > 1:
+                if 1 not in self.costs:
+                    self.costs[1] = CostCurve.measure(model, 1, self.max_nodes + 1)
+                curve = CostCurve({**self.costs[1].seconds, **curve.seconds})  # this batch's own sizes win
+            self.costs[rows] = curve
         self.policy.cost = self.costs[rows]
 
 
