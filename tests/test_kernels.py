@@ -28,6 +28,7 @@ from ponder.cache import KVCache
 from ponder.files import _umask
 from ponder.model.config import ModelConfig
 from ponder.model.llama import LlamaModel
+from ponder.model.loader import attend_natively
 from ponder.model.quant import convert_dtype
 
 # row counts of speculation's verify forwards (up to 32 tokens, ``Speculator.prepare``): every count where a kernel
@@ -47,6 +48,8 @@ def smollm2_like(dtype: str, layers: int = 2, vocab: int = 8192) -> LlamaModel:
             if p.dim() > 1:
                 p.normal_(0.0, 0.05)
     model = convert_dtype(model, dtype).eval()
+    if dtype == "fp32":
+        attend_natively(model)
     model.pack_for_rows(4, 8, 16, 32)
     return model
 

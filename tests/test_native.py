@@ -129,3 +129,23 @@ def test_built_once_into_the_cache_and_a_missing_compiler_is_a_fallback(tmp_path
                           env={**env, "PONDER_CACHE": str(tmp_path / "other"), "CC": str(tmp_path / "no-such-cc")})
     assert none.stdout.startswith("False "), none.stderr
     assert "no-such-cc" in none.stdout
+
+
+def test_fp32_with_per_head_holes_attends_as_without_the_kernel(tiny_dir) -> None:
+    """The kernel does not take per-head holes (``snapkv:alloc=...``): fp32, which needs no identical bits, keeps
+    PyTorch's one masked call there instead of the per-token fallback (~3x its time); int8 keeps the token-by-token
+    path, which its lossless speculation needs."""
+    import ponder
+
+    prompt = torch.tensor([[5, 6, 7, 8, 9], [9, 10, 11, 12, 13]])
+    depth, visible = torch.arange(3)[None].expand(2, 3), torch.ones(3, 3, dtype=torch.bool).tril()[None].expand(2, 3, 3)
+    for dtype, with_holes in (("fp32", False), ("int8", True)):
+        model = ponder.load(str(tiny_dir), dtype).model
+        cache = model.new_cache(2, 32)
+        with torch.inference_mode():
+            model(prompt, cache)
+        assert model.step_context(cache, 1, [1, 1]).queries is not None
+        assert model.tree_context(cache, depth, visible).queries is not None
+        cache._ensure_holes()
+        assert (model.step_context(cache, 1, [1, 1]).queries is not None) == with_holes
+        assert (model.tree_context(cache, depth, visible).queries is not None) == with_holes

@@ -165,6 +165,8 @@ def test_a_batch_prices_its_steps_with_fewer_rows_by_one_rows_curve(tiny, monkey
     assert len(spec.policy.shape([tree])[0]) == 0  # (1 + 0.3) / 1.6 ms < 1 / 1 ms: no node pays
     wide = DraftTree.chain([5, 6, 7, 8], [0.95] * 4, "pld")
     assert len(spec.policy.shape([wide])[0]) > 0  # nodes that are nearly always accepted still do
+    assert set(spec.costs[4].seconds) == {4 * t for t in MEASURED_SIZES if t <= spec.max_nodes + 1}  # as measured
     spec.prepare(tiny.model, 2)  # another batch size: its own measurement, one row's reused
     assert measured == [4, 1, 2]
-    assert spec.prepare(tiny.model, 1) is None and measured == [4, 1, 2]
+    spec.prepare(tiny.model, 1)
+    assert measured == [4, 1, 2] and spec.policy.cost.seconds == spec.costs[1].seconds

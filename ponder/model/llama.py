@@ -264,6 +264,9 @@ class LlamaModel(nn.Module):
         # Prefills (several tokens per row in ``forward``) attend in one call either way: plain and speculative
         # decoding prefill alike
         self.invariant_attention = False
+        # True (fp32, ``loader.attend_natively``): the token-by-token path only where the native kernel runs it; a
+        # cache with per-head holes, which the kernel does not take, attends in PyTorch's calls as without it
+        self.native_only = False
         self.fast: "FastPath | None" = None  # the compiled decode/verify layer (fast.py), when loaded with compile
         self.native_layers: "NativeLayers | None" = None  # decode/verify layers in one C call (native_layers.py)
 
@@ -393,9 +396,13 @@ class LlamaModel(nn.Module):
         cos, sin = self._rope_at(pos, max(cache.positions) + T)
         uniform = len(set(lengths)) == 1
         slots = None if uniform else L + torch.arange(T, device=dev)[None, :]
-        queries = self._tree_queries(cache, depth, visible) if self.invariant_attention else None
+        queries = self._tree_queries(cache, depth, visible) if self._invariant_for(cache) else None
         return StepContext(cos, sin, lengths[0] if uniform else None, slots, read_len, mask[:, None], False,
                            queries=queries, plan=self.native_plan(queries))
+
+    def _invariant_for(self, cache: KVCache) -> bool:
+        """Whether this forward over ``cache`` attends token by token (``invariant_attention``, ``native_only``)."""
+        return self.invariant_attention and not (self.native_only and cache.holes is not None)
 
     def native_plan(self, queries: torch.Tensor | None) -> torch.Tensor | None:
         """``StepContext.plan`` for these queries: where the native kernel is built and attention runs in float32
@@ -447,7 +454,7 @@ class LlamaModel(nn.Module):
         cos, sin = self._rope_at(pos, max(first) + T)
         # several tokens per row (a prefill) need not match a decode step bit for bit: one attention call
         queries = None
-        if T == 1 and self.invariant_attention:  # a decode step reads its row's slots from the window's first
+        if T == 1 and self._invariant_for(cache):  # a decode step reads its row's slots from the window's first
             lo = [0 if window is None else max(0, p + 1 - window) for p in first]
             queries = torch.tensor([[(n, -1, a)] for n, a in zip(lengths, lo)], dtype=torch.long)
         plan = self.native_plan(queries)

@@ -163,14 +163,8 @@ def load_model(path: Path, dtype: str = "fp32", compile: bool = False, device: s
     from ponder.model.kernels import tune
 
     tune(model, cache_root() / "kernels")  # fp32: the fastest kernel per row count on this machine (linear.py)
-    if dtype == "fp32" and dev.type == "cpu":
-        from ponder.model import native
-
-        # one native attention call per layer for all rows of a decode step or verify forward, instead of one
-        # PyTorch call per row of a ragged batch (serving: ~a quarter of an 8-row step), with the same bits for a
-        # token whether decoded or verified (``llama.attend_queries``); where the kernel is not built, PyTorch's
-        # calls as before (also for a head dim the kernel does not take: ``native.fits``)
-        model.invariant_attention = native.library() is not None and cfg.head_dim % 16 == 0
+    if dtype == "fp32":
+        attend_natively(model)
     if amx:
         from ponder.model.quant import Int8Linear
 
@@ -196,6 +190,20 @@ def load_model(path: Path, dtype: str = "fp32", compile: bool = False, device: s
 
         model.fast = FastPath()
     return model
+
+
+def attend_natively(model: torch.nn.Module) -> None:
+    """An fp32 model's decode steps and verify forwards attend through ponder's native kernel where it runs (the
+    CPU, the kernel built, a head dim it takes: ``native.fits``): one call per layer for all rows instead of one
+    PyTorch call per row of a ragged batch (serving: ~a quarter of an 8-row step), and a token's attention output
+    has the same bits decoded or verified (``llama.attend_queries``; the projections may still differ in last bits,
+    docs/speculation.md). ``native_only``: where the kernel could not run a forward (a cache with per-head holes),
+    PyTorch's calls as without it, since fp32 speculation does not rest on identical bits. Elsewhere: unchanged."""
+    from ponder.model import native
+
+    if model.device.type == "cpu" and native.library() is not None and model.config.head_dim % 16 == 0:
+        model.invariant_attention = True
+        model.native_only = True
 
 
 def check_amx(dtype: str, device: torch.device) -> None:

@@ -121,22 +121,22 @@ class Speculator:
         return self.policy.options.max_nodes
 
     def prepare(self, model: Any, rows: int) -> None:
-        """Pack the projections for verify-sized forwards and measure the verify cost curve (once per batch size).
+        """Pack the projections for verify-sized forwards and measure the verify cost curve (once per batch size:
+        ``costs``, each as measured).
 
         A batch of ``rows`` also runs steps with fewer rows (a server's batch fills and drains; a run's last
-        prompts), whose forwards carry fewer tokens than any the ``rows``-row curve measured: one row's curve prices
-        those (a forward's cost follows its total tokens far more than how they split into rows), so a step of one
-        row does not take 2-16 drafts per row as free because a 16-row forward costs what a 1-row one does."""
+        prompts), whose forwards carry fewer tokens than any the ``rows``-row curve measured. So the policy prices
+        forwards by both curves' sizes, one row's and the batch's (where both measured a size, the batch's; a
+        forward is priced at the smallest measured size that holds it): a forward's cost follows its total tokens
+        far more than how they split into rows, and without one row's sizes a step of one row took 2-16 drafts per
+        row as free because a 16-row forward costs what a 1-row one does. One row's curve is measured once, under
+        the packing of the first batch size prepared."""
         # each packed size is another copy of the weights: 4, 8 and 16 tokens per row, at most 32 tokens per forward
         model.pack_for_rows(*sorted({max(4, rows)} | {n * rows for n in (4, 8, 16) if n * rows <= 32}))
-        if rows not in self.costs:
-            curve = CostCurve.measure(model, rows, self.max_nodes + 1)
-            if rows > 1:
-                if 1 not in self.costs:
-                    self.costs[1] = CostCurve.measure(model, 1, self.max_nodes + 1)
-                curve = CostCurve({**self.costs[1].seconds, **curve.seconds})  # this batch's own sizes win
-            self.costs[rows] = curve
-        self.policy.cost = self.costs[rows]
+        for n in sorted({rows, 1}, reverse=True):  # the batch's first, under its own packing
+            if n not in self.costs:
+                self.costs[n] = CostCurve.measure(model, n, self.max_nodes + 1)
+        self.policy.cost = CostCurve({**self.costs[1].seconds, **self.costs[rows].seconds})
 
 
 def parse(text: str) -> list[tuple[str, dict[str, str]]]:
