@@ -418,7 +418,7 @@ def model_summary(loaded: Loaded) -> dict[str, str]:
 
 
 def _invariant_attention(model: nn.Module) -> str:
-    """How batch-invariant attention (int8, q4, fp16) runs for this model, if it is on."""
+    """How batch-invariant attention (fp32 on the CPU, int8, q4, fp16) runs for this model, if it is on."""
     if not getattr(model, "invariant_attention", False):
         return "off (verify forwards attend in one masked call: bf16, or fp32 where the native kernel does not run)"
     if model.native_plan(torch.tensor([[[0, -1, 0]]])) is not None:

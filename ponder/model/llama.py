@@ -259,7 +259,7 @@ class LlamaModel(nn.Module):
         # True: decode steps and verify forwards attend token by token (``attend_queries``), so a token's attention
         # output has the same bits whether it is computed alone (decode) or among other queries (a verify forward):
         # quantized modes need that to stay lossless under speculation (see ``quant.py``); fp32 on the CPU turns it
-        # on where the native kernel runs (``loader.load_model``: one call per layer for all rows). False: a verify
+        # on where the native kernel runs (``loader.attend_natively``: one call per layer for all rows). False: a verify
         # forward attends in one masked call (fp32 differs from a decode step only in last bits, at exact ties).
         # Prefills (several tokens per row in ``forward``) attend in one call either way: plain and speculative
         # decoding prefill alike
