@@ -316,6 +316,13 @@ def _serve_on(args: argparse.Namespace, socks: list, api_key: str | None) -> int
                       args.prefill_ms / 1000 if args.prefill_ms else None)
     app = create_app(loop, args.served_model_name or args.model, api_key, args.max_body_kb * 1024, args.speculate,
                      args.kv)
+    # the weights packed for the batch and the verify costs measured now, not in the first request's time
+    # (a few seconds with --speculate: ``Speculator.prepare``)
+    start = time.perf_counter()
+    loop.core.prepare()
+    if args.speculate:
+        print(f"ponder serve: verify costs measured in {time.perf_counter() - start:.1f} s", file=sys.stderr,
+              flush=True)
     # what exists now (the model, the tokenizer's tables, the modules: ~350k objects for SmolLM2) lives as long as
     # the server: out of the collector's sight, a full collection takes ~1 ms instead of ~150 ms, which would stall
     # every thread (HTTP answers included) whenever it ran

@@ -191,7 +191,7 @@ class EngineCore:
         if not self.has_work():
             return []
         with torch.inference_mode():
-            self._prepare()
+            self.prepare()
             if e.kv is not None:  # whole prompts, a batch at a time (module doc)
                 if self.waiting and e._has_room(self.rows, self.batch_size):
                     return self._admit()
@@ -210,8 +210,9 @@ class EngineCore:
         return events
 
     # --- internals ------------------------------------------------------------------------------------------------
-    def _prepare(self) -> None:
-        """Once per core: the weights packed for its batch size, the speculator's verify-cost curve measured."""
+    def prepare(self) -> None:
+        """Once per core: the weights packed for its batch size, the speculator's verify-cost curve measured (a
+        server calls it before it listens; else the first step does)."""
         if self._prepared:
             return
         self._prepared = True

@@ -201,6 +201,8 @@ def test_per_request_ponder_options(tiny_dir: Path, engine: Engine) -> None:
     naming the server's own settings is accepted; anything the engine cannot do per request is a 400 naming it."""
     s = Server(tiny_dir, "--speculate", "pld")
     try:
+        # the verify costs are measured before the server listens, not in the first request's time
+        assert "ponder serve: verify costs measured in" in s.output().split(" on http://127.0.0.1:")[0], s.output()
         body = {"model": MODEL, "prompt": "the cat the cat the cat", "max_tokens": 12, "temperature": 0}
         want = engine.generate(["the cat the cat the cat"], SamplingParams(max_new_tokens=12))[0].text
         for opts in ({"speculate": "off"}, {"speculate": False}, {"speculate": "pld"}, {"speculate": True}, {}):
