@@ -209,7 +209,6 @@ class EngineCore:
         self._forget(ev for ev in events if ev.finished)
         return events
 
-    # --- internals ------------------------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Once per core: the weights packed for its batch size, the speculator's verify-cost curve measured (a
         server calls it before it listens; else the first step does)."""
@@ -221,6 +220,7 @@ class EngineCore:
         if e.speculator is not None:
             e.speculator.prepare(e.model, self.batch_size)
 
+    # --- internals ------------------------------------------------------------------------------------------------
     def _prefill(self) -> list["StreamEvent"]:
         """Prefill waiting requests in order, at most ``prefill_chunk`` prompt tokens in all; those completed get
         their first token and join the running batch."""
