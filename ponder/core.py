@@ -18,9 +18,12 @@ thing and returns the events it produced:
   With ``prefill_seconds``, a step's prefill work is sized by time instead: while rows are decoding, as many cost
   units (tokens, counted as above) as the measured seconds per unit (an average over earlier prefill steps) fit in
   ``prefill_seconds``, so the running streams' gap between tokens is about their decode step plus that, on any
-  machine; while no row is decoding there is no one to keep waiting, and a step prefills up to ``prefill_chunk``
-  (large chunks prefill a long prompt faster: 7,000 SmolLM2 tokens on 2 EPYC cores took 49.6 s in 96-token chunks,
-  32.8 s in 512-token chunks and 26.3 s whole).
+  machine; while no row is decoding no stream waits, and a step prefills what fits in ``prefill_seconds`` or
+  ``IDLE_PREFILL_S``, whichever is longer (at most ``prefill_chunk``; 256 units before any measurement): a client
+  that leaves during a prefill, a shutdown and the requests that arrived meanwhile wait for the step to end, so it
+  stays short; longer chunks prefill a long prompt only a little faster once they pass ~200 tokens (2,000 SmolLM2
+  tokens alone on 2 Xeon cores: 3.0-3.2 s in 512-token steps of ~0.6 s, 3.1-3.4 s in steps of ~0.3 s, 3.3-3.5 s
+  whole; 7,000 tokens beside three decoding streams, on EPYC: 49.6 s in 96-token chunks, 32.8 s in 512-token ones).
 
 With ``max_kv_bytes``, a request starts only when the batch cache with its row added (every row as long as the
 longest: room for its prompt, its new tokens and a speculative step's verify slots) stays within that budget; until
@@ -59,6 +62,8 @@ if TYPE_CHECKING:
     from ponder.cache import KVCache
     from ponder.engine import Engine, StreamEvent, _Row
     from ponder.prefix import PrefixCache
+
+IDLE_PREFILL_S = 0.25  # the most seconds of prefill a step takes while no row decodes (with prefill_seconds)
 
 
 def parity_keys(config: Any) -> float:
@@ -291,8 +296,12 @@ class EngineCore:
         ``prefill_seconds`` and rows decoding, what fits that time at the measured rate (at most ``prefill_chunk``;
         32 units before any measurement)."""
         most = self.prefill_chunk or math.inf
-        if self.prefill_seconds is None or not self.rows:
+        if self.prefill_seconds is None:
             return most
+        if not self.rows:  # nobody's tokens wait, but an abort, a shutdown or the next step's admissions do
+            if self.unit_seconds is None:
+                return min(most, 256.0)
+            return max(1.0, min(most, max(self.prefill_seconds, IDLE_PREFILL_S) / self.unit_seconds))
         fits = 32.0 if self.unit_seconds is None else self.prefill_seconds / self.unit_seconds
         return max(1.0, min(most, fits))
 

@@ -318,13 +318,23 @@ def test_prefill_chunks_shrink_as_the_prefix_grows(cyclic) -> None:
 
 
 def test_prefill_by_time_sizes_steps_from_the_measured_rate_while_rows_decode(cyclic) -> None:
-    """With ``prefill_seconds``: while no row decodes, a step prefills up to ``prefill_chunk``; while rows decode,
-    what the measured seconds per unit fit in ``prefill_seconds`` (at most the chunk); outputs stay those of each
-    request alone."""
+    """With ``prefill_seconds``: while rows decode, a step prefills what the measured seconds per unit fit in
+    ``prefill_seconds`` (at most the chunk); while no row decodes, what fits in ``prefill_seconds`` or
+    ``IDLE_PREFILL_S``, whichever is longer (at most the chunk; so that an abort waits for a short step); outputs
+    stay those of each request alone."""
+    from ponder.core import IDLE_PREFILL_S
+
     eng = Engine(cyclic)
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
-    core = eng.core(batch_size=3, prefill_chunk=64, prefill_seconds=0.5)
-    assert core._budget() == 64  # nothing decoding: the whole chunk
+    core = eng.core(batch_size=3, prefill_chunk=64, prefill_seconds=0.1)
+    assert core._budget() == 64  # nothing decoding, nothing measured: up to 256 units, at most the chunk
+    core.unit_seconds = IDLE_PREFILL_S / 40
+    assert core._budget() == pytest.approx(40)  # nothing decoding: IDLE_PREFILL_S's worth (> prefill_seconds)
+    core.prefill_seconds = 2 * IDLE_PREFILL_S
+    assert core._budget() == pytest.approx(64)  # prefill_seconds' worth (80), at most the chunk
+    core.prefill_chunk = None
+    assert core._budget() == pytest.approx(80)
+    core.prefill_chunk, core.prefill_seconds, core.unit_seconds = 64, 0.5, None
     core.add_request(PROMPTS[0], params, "short")
     out: dict = {}
     while not core.rows:
