@@ -18,7 +18,9 @@ pytest.importorskip("fastapi")
 from test_server import Server  # noqa: E402
 
 KEY = "sk-fuzz"
-EXAMPLES = 50  # per operation and phase; a few hundred requests in all, ~15 s on 2 cores
+# per operation and phase: 50 in CI (a few hundred requests in all, ~15 s on 2 cores); a bench run sets more,
+# e.g. PONDER_FUZZ_EXAMPLES=200 (docs/serve.md)
+EXAMPLES = int(os.environ.get("PONDER_FUZZ_EXAMPLES", "50"))
 
 
 def schemathesis_cli() -> str:
@@ -39,11 +41,13 @@ def test_the_schema_fuzzer_finds_no_failure(tiny_dir: Path, tmp_path: Path) -> N
              "--seed", "20261203", "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "30",
              "--generation-database", "none", "--no-color", "--output-sanitize", "false"],
             capture_output=True, text=True, timeout=600, cwd=tmp_path,
-            env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+            env={**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_hooks",  # tests/fuzz_hooks.py: why
+                 "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])},
         )
         out = run.stdout + run.stderr
         assert run.returncode == 0, out[-6000:]
         assert "No issues found" in out, out[-3000:]
+        print("\n" + out[-1500:])
         assert httpx.get(server.base + "/health", timeout=10).json()["status"] == "ok"  # still serving
     finally:
         assert server.stop() == 0
