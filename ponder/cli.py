@@ -105,9 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most prompt tokens prefilled per step (chunked prefill; default 512; 0: whole prompts)")
     serve.add_argument("--prefill-ms", type=int, default=200, metavar="MS",
                        help="while requests are decoding, prefill only what fits this many milliseconds per step, "
-                            "by the measured prefill rate, so their tokens keep coming; while none is, what fits "
-                            "this or 250 ms, whichever is longer (default 200; 0: off, --prefill-chunk tokens every "
-                            "step)")
+                            "by the measured prefill rate, so their tokens keep coming (default 200; 0: off, "
+                            "--prefill-chunk tokens every step)")
     serve.add_argument("--prefix-cache-mb", type=int, default=512, metavar="MB",
                        help="memory for prompts' K/V reused by later prompts with the same prefix (default 512; "
                             "0: off)")

@@ -18,12 +18,9 @@ thing and returns the events it produced:
   With ``prefill_seconds``, a step's prefill work is sized by time instead: while rows are decoding, as many cost
   units (tokens, counted as above) as the measured seconds per unit (an average over earlier prefill steps) fit in
   ``prefill_seconds``, so the running streams' gap between tokens is about their decode step plus that, on any
-  machine; while no row is decoding no stream waits, and a step prefills what fits in ``prefill_seconds`` or
-  ``IDLE_PREFILL_S``, whichever is longer (at most ``prefill_chunk``; 256 units before any measurement): a client
-  that leaves during a prefill, a shutdown and the requests that arrived meanwhile wait for the step to end, so it
-  stays short; longer chunks prefill a long prompt only a little faster once they pass ~200 tokens (2,000 SmolLM2
-  tokens alone on 2 Xeon cores: 3.0-3.2 s in 512-token steps of ~0.6 s, 3.1-3.4 s in steps of ~0.3 s, 3.3-3.5 s
-  whole; 7,000 tokens beside three decoding streams, on EPYC: 49.6 s in 96-token chunks, 32.8 s in 512-token ones).
+  machine; while no row is decoding there is no one to keep waiting, and a step prefills up to ``prefill_chunk``
+  (large chunks prefill a long prompt faster: 7,000 SmolLM2 tokens on 2 EPYC cores took 49.6 s in 96-token chunks,
+  32.8 s in 512-token chunks and 26.3 s whole).
 
 With ``max_kv_bytes``, a request starts only when the batch cache with its row added (every row as long as the
 longest: room for its prompt, its new tokens and a speculative step's verify slots) stays within that budget; until
@@ -41,6 +38,11 @@ running batch. A sampled request draws its Gumbel noise from the stream keyed by
 and the prompt index, as before) and step until the core has no work.
 
 ``abort`` takes a request out of the waiting queue or out of the running batch (its cache row is dropped at once).
+A step's prefill of one long chunk takes a while (512 tokens' worth: ~0.6-0.8 s for SmolLM2 fp32 on 2 cores), and
+an abort that arrives meanwhile would wait for it: with ``aborting`` set (a predicate a server keeps, true from the
+moment an abort of that request is on its way), the chunk's forward asks it before each layer and stops there
+(``Interrupted``; the prompt's progress is not advanced, so were the request not aborted after all, the next step
+would prefill the same chunk again).
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 import torch
 
 from ponder.errors import PonderError
+from ponder.model.llama import Interrupted
 from ponder.sampling import RowNoise, SamplingParams, resolve_seed
 
 if TYPE_CHECKING:
@@ -62,8 +65,6 @@ if TYPE_CHECKING:
     from ponder.cache import KVCache
     from ponder.engine import Engine, StreamEvent, _Row
     from ponder.prefix import PrefixCache
-
-IDLE_PREFILL_S = 0.25  # the most seconds of prefill a step takes while no row decodes (with prefill_seconds)
 
 
 def parity_keys(config: Any) -> float:
@@ -112,6 +113,8 @@ class EngineCore:
         self.rows: list["_Row"] = []
         self.cache: "KVCache | None" = None
         self.partial: _Prefilling | None = None  # the request being prefilled over several steps
+        # set by a server: whether an abort of this request is on its way (its prefill then stops between layers)
+        self.aborting: Callable[[Hashable], bool] | None = None
         self._ids: set[Hashable] = set()
         self._next_id = 0
         self._prepared = False
@@ -252,7 +255,12 @@ class EngineCore:
                 break
             hidden = dict.fromkeys(capture)
             ids = torch.tensor([prompt[p.done : p.done + n]], device=e.model.device)
-            logits = e.model(ids, p.cache, last_only=True, capture=hidden)[:, -1]
+            stop = None if self.aborting is None else (lambda rid=p.row.index: self.aborting(rid))
+            try:
+                logits = e.model(ids, p.cache, last_only=True, capture=hidden, stop=stop)[:, -1]
+            except Interrupted:  # its client left: the abort drops it (and its cache) before the next step
+                units = 0.0  # measure no rate from a step that stopped halfway
+                break
             for layer, h in hidden.items():
                 p.hidden.setdefault(layer, []).append(h[0])
             cost = n + n * (p.done + n / 2) / self.parity_keys
@@ -296,12 +304,8 @@ class EngineCore:
         ``prefill_seconds`` and rows decoding, what fits that time at the measured rate (at most ``prefill_chunk``;
         32 units before any measurement)."""
         most = self.prefill_chunk or math.inf
-        if self.prefill_seconds is None:
+        if self.prefill_seconds is None or not self.rows:
             return most
-        if not self.rows:  # nobody's tokens wait, but an abort, a shutdown or the next step's admissions do
-            if self.unit_seconds is None:
-                return min(most, 256.0)
-            return max(1.0, min(most, max(self.prefill_seconds, IDLE_PREFILL_S) / self.unit_seconds))
         fits = 32.0 if self.unit_seconds is None else self.prefill_seconds / self.unit_seconds
         return max(1.0, min(most, fits))
 

@@ -318,23 +318,13 @@ def test_prefill_chunks_shrink_as_the_prefix_grows(cyclic) -> None:
 
 
 def test_prefill_by_time_sizes_steps_from_the_measured_rate_while_rows_decode(cyclic) -> None:
-    """With ``prefill_seconds``: while rows decode, a step prefills what the measured seconds per unit fit in
-    ``prefill_seconds`` (at most the chunk); while no row decodes, what fits in ``prefill_seconds`` or
-    ``IDLE_PREFILL_S``, whichever is longer (at most the chunk; so that an abort waits for a short step); outputs
-    stay those of each request alone."""
-    from ponder.core import IDLE_PREFILL_S
-
+    """With ``prefill_seconds``: while no row decodes, a step prefills up to ``prefill_chunk``; while rows decode,
+    what the measured seconds per unit fit in ``prefill_seconds`` (at most the chunk); outputs stay those of each
+    request alone."""
     eng = Engine(cyclic)
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
-    core = eng.core(batch_size=3, prefill_chunk=64, prefill_seconds=0.1)
-    assert core._budget() == 64  # nothing decoding, nothing measured: up to 256 units, at most the chunk
-    core.unit_seconds = IDLE_PREFILL_S / 40
-    assert core._budget() == pytest.approx(40)  # nothing decoding: IDLE_PREFILL_S's worth (> prefill_seconds)
-    core.prefill_seconds = 2 * IDLE_PREFILL_S
-    assert core._budget() == pytest.approx(64)  # prefill_seconds' worth (80), at most the chunk
-    core.prefill_chunk = None
-    assert core._budget() == pytest.approx(80)
-    core.prefill_chunk, core.prefill_seconds, core.unit_seconds = 64, 0.5, None
+    core = eng.core(batch_size=3, prefill_chunk=64, prefill_seconds=0.5)
+    assert core._budget() == 64  # nothing decoding: the whole chunk
     core.add_request(PROMPTS[0], params, "short")
     out: dict = {}
     while not core.rows:
@@ -415,3 +405,33 @@ def test_abort_of_a_row_in_the_batch_store_moves_the_last_row(cyclic) -> None:
     rest = run(core, out)
     for rid, i in zip(others, (1, 2, 3)):
         assert rest[rid] == alone(eng, PROMPTS[i], PARAMS[i])
+
+
+def test_a_prefill_stops_between_layers_when_its_request_is_being_aborted(cyclic) -> None:
+    """With ``aborting`` (a server's view of aborts on their way), a prefill chunk's forward asks it before each
+    layer and stops there: the prompt's progress is not advanced. Were the request not aborted after all, the chunk
+    is prefilled again and the output is the request's alone; when it is, ``abort`` drops it."""
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    eng = Engine(cyclic)
+    layers = eng.model.config.num_hidden_layers
+    core = eng.core(batch_size=2, prefill_chunk=32)
+    asked: list = []
+    stop_at = {"n": 3}  # true from the 3rd question on: two layers of the first chunk ran
+
+    def aborting(rid) -> bool:
+        asked.append(rid)
+        return len(asked) >= stop_at["n"]
+
+    core.aborting = aborting
+    core.add_request(LONG, params, "long")
+    assert core.step() == []
+    assert core.partial is not None and core.partial.done == 0 and asked == ["long"] * 3
+    stop_at["n"] = 10**9  # a false alarm: the next steps prefill the same chunk again, and the rest
+    out = run(core)
+    assert out["long"] == alone(Engine(cyclic), LONG, params)
+    assert len(asked) == 3 + layers * -(-len(LONG) // 32)  # asked before every layer of every chunk
+
+    core.add_request(LONG, params, "gone")
+    stop_at["n"] = 0
+    assert core.step() == [] and core.partial.done == 0
+    assert core.abort("gone") and not core.has_work()

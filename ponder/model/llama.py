@@ -48,6 +48,13 @@ class StepContext:
     # itself; -1 after the first token: padding, not computed) and the first slot it may read (sliding window)
     queries: torch.Tensor | None = None
     plan: torch.Tensor | None = None  # ``queries`` as the native kernel reads them (``native.plan``), where it runs
+    # asked before each layer the Python loop runs (not the native or compiled layers): True stops the forward with
+    # ``Interrupted``, its earlier layers' K/V for the new tokens written and the cache not advanced
+    stop: Callable[[], bool] | None = None
+
+
+class Interrupted(Exception):
+    """A forward stopped between two layers because its ``StepContext.stop`` said so (``LlamaModel.forward``)."""
 
 
 class Attention(nn.Module):
@@ -313,6 +320,8 @@ class LlamaModel(nn.Module):
         if self.fast is not None and (out := self.fast.run(self, h, ctx, cache, start, end, capture)) is not None:
             return out
         for i in range(start, end):
+            if ctx.stop is not None and ctx.stop():
+                raise Interrupted(f"stopped before layer {i}")
             if capture is not None and i in capture:
                 capture[i] = h
             h = self.layers[i](h, ctx, cache, i)
@@ -327,6 +336,7 @@ class LlamaModel(nn.Module):
     def forward(
         self, ids: torch.Tensor, cache: KVCache, n_new: list[int] | None = None, last_only: bool = False,
         kv_hook: "KVHook | None" = None, capture: dict[int, torch.Tensor] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """Append ids # [B, T] to the cache and return logits # [B, T, V] (# [B, 1, V] with ``last_only``).
 
@@ -334,11 +344,14 @@ class LlamaModel(nn.Module):
         ``kv_hook`` sees every layer's queries and readable keys (KV-cache policies score entries with it).
         ``capture``: as in ``forward_tree``, its keys name layers l whose input hidden state # [B, T, E] (the output
         of layers ``[0, l)``; l = the number of layers: the last layer's output) is stored into it.
+        ``stop``: asked before each layer (``StepContext.stop``); True raises ``Interrupted`` and leaves the cache's
+        lengths as they were (slots past them hold the stopped forward's K/V until a later write overwrites them).
         """
         B, T = ids.shape
         n_new = [T] * B if n_new is None else n_new
         ctx = self.step_context(cache, T, n_new)
         ctx.kv_hook = kv_hook
+        ctx.stop = stop
         h = self.run_layers(self.embed(ids), ctx, cache, 0, None, capture)
         cache.advance(n_new)
         if last_only:

@@ -4,7 +4,7 @@ PyTorch work and tokenization never run on the HTTP event loop, so ``/health`` a
 decodes. A handler ``submit``s a request with a callback (``sink``) that the loop thread calls with each of the
 request's ``StreamEvent``s (the app forwards them to the handler's asyncio queue with ``call_soon_threadsafe``), and
 ``abort``s it when the client goes away: the loop removes the row from the running batch before its next step, so
-its KV row is freed. Admission is bounded: at most ``batch_size`` requests run and ``max_queue`` more wait (``submit``
+its KV row is freed (a prefill of it under way stops at its next layer: ``EngineCore.aborting``). Admission is bounded: at most ``batch_size`` requests run and ``max_queue`` more wait (``submit``
 raises ``QueueFull``). A server counts a request from its arrival: ``reserve`` takes its places before its body is
 read or its prompt encoded (encoding waits for the loop thread's current step), so a burst is refused at once, and
 the places a request did not submit are given back by ``release`` when its HTTP exchange ends.
@@ -62,6 +62,8 @@ class EngineLoop:
         self._sinks: dict[Hashable, Sink] = {}
         self._pending = 0  # reserved (arrived) or submitted, not yet finished or aborted (guarded by _lock)
         self._lock = threading.Lock()
+        self._aborting: set[Hashable] = set()  # aborts on their way to the loop thread (guarded by _lock)
+        self.core.aborting = self._is_aborting  # a prefill of such a request stops between two layers
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ponder-engine", daemon=True)
         self.steps = 0
@@ -128,8 +130,14 @@ class EngineLoop:
         self._wake.set()
 
     def abort(self, request_id: Hashable) -> None:
+        with self._lock:
+            self._aborting.add(request_id)
         self._inbox.put(("abort", request_id))
         self._wake.set()
+
+    def _is_aborting(self, request_id: Hashable) -> bool:  # on the loop thread, between two layers of a prefill
+        with self._lock:
+            return request_id in self._aborting
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` on the loop thread between two steps (the tokenizer is not safe to share between threads:
@@ -183,6 +191,8 @@ class EngineLoop:
                     future.set_exception(e)
             else:
                 _, rid = item
+                with self._lock:
+                    self._aborting.discard(rid)
                 try:
                     if self.core.abort(rid):
                         self._done(rid)
