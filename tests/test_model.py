@@ -178,3 +178,45 @@ def test_masked_many_query_attention_folds_query_groups_exactly(with_holes: bool
     scores = (q.transpose(1, 2) @ k.transpose(-1, -2)) / D ** 0.5
     want = (scores.masked_fill(~m, float("-inf")).softmax(-1) @ v).transpose(1, 2)
     assert got.shape == (B, T, H, D) and torch.allclose(got, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_a_later_chunk_attends_to_its_prefix_and_itself_apart_exactly(group: int) -> None:
+    """A prompt's later chunk: attention over the common prefix (one unmasked call) and among the new tokens (one
+    causal call), merged by log-sum-exp, equals causal attention over all the keys."""
+    from ponder.model.llama import _attend_after_prefix
+
+    torch.manual_seed(0)
+    B, T, Hkv, D, prefix = 2, 7, 2, 8, 40
+    H = Hkv * group
+    q = torch.randn(B, T, H, D, dtype=torch.float64)
+    keys = torch.randn(B, Hkv, prefix + T, D, dtype=torch.float64)
+    values = torch.randn(B, Hkv, prefix + T, D, dtype=torch.float64)
+    got = _attend_after_prefix(q, keys, values, prefix, group)
+    k, v = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    mask = torch.ones(T, prefix + T, dtype=torch.bool).tril(prefix)
+    scores = (q.transpose(1, 2) @ k.transpose(-1, -2)) / D ** 0.5
+    want = (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v).transpose(1, 2)
+    assert got.shape == (B, T, H, D) and torch.allclose(got, want, atol=1e-10)
+
+
+def test_a_chunk_after_a_long_prefix_gives_the_whole_prompts_logits(tmp_path: Path, monkeypatch) -> None:
+    """Through the model: a 700-token prompt prefilled as 600 + 100 tokens (the second chunk attends apart to its
+    600-token prefix, past ``SPLIT_PREFIX``) gives the logits of the whole prompt and of one masked call."""
+    import ponder.model.llama as llama
+
+    model = load_model(make_model_dir(tmp_path, "llama", max_position_embeddings=1024))
+    ids = torch.randint(0, model.config.vocab_size, (1, 700), generator=torch.Generator().manual_seed(1))
+    assert llama.SPLIT_PREFIX <= 600
+
+    def chunked() -> torch.Tensor:
+        cache = model.new_cache(1, 700)
+        model(ids[:, :600], cache)
+        return model(ids[:, 600:], cache)[0]
+
+    with torch.inference_mode():
+        whole = model(ids, model.new_cache(1, 700))[0, 600:]
+        split = chunked()
+        monkeypatch.setattr(llama, "SPLIT_PREFIX", 10**9)  # the masked call, for reference
+        masked = chunked()
+    assert torch.allclose(split, whole, atol=1e-4) and torch.allclose(split, masked, atol=1e-4)

@@ -51,6 +51,9 @@ class StepContext:
     # asked before each layer the Python loop runs (not the native or compiled layers): True stops the forward with
     # ``Interrupted``, its earlier layers' K/V for the new tokens written and the cache not advanced
     stop: Callable[[], bool] | None = None
+    # every row continues a common prefix of this many slots, causally, with nothing else masked (a prompt's later
+    # chunk): attention may take the prefix and the new tokens apart (``_attend_after_prefix``); else None
+    prefix: int | None = None
 
 
 class Interrupted(Exception):
@@ -107,6 +110,9 @@ def _attend(
             return F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask).reshape(B, 1, H, D)
         return attend_rows(qg, keys, values, ctx.row_read, holes).reshape(B, 1, H, D)
     mask, causal = ctx.mask, ctx.causal
+    if (ctx.prefix is not None and ctx.prefix >= SPLIT_PREFIX and holes is None and q.device.type == "cpu"
+            and keys.shape[2] == ctx.prefix + T):
+        return _attend_after_prefix(q, keys, values, ctx.prefix, group)
     if mask is not None and not causal and group > 1:
         # A masked many-query step (verify, tree, ragged prefill): fold each KV head's query group into the query
         # axis as for one query, so SDPA takes its fused kernel instead of repeating K/V for every query head
@@ -128,6 +134,34 @@ def _attend(
         q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, enable_gqa=group > 1
     )
     return out.transpose(1, 2)
+
+
+SPLIT_PREFIX = 512  # the shortest prefix attended apart from a chunk's own tokens (shorter: one masked call)
+
+
+def _attend_after_prefix(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: int, group: int,
+) -> torch.Tensor:
+    """T new tokens per row after a common ``prefix`` of slots (a later chunk of a prompt), q # [B, T, H, D] ->
+    # [B, T, H, D], on the CPU: the prefix, which every new token sees whole, in one unmasked call (each KV head's
+    query group folded into the query axis, so GQA repeats no K/V), and the new tokens among themselves in one causal
+    call, merged by their log-sum-exps (the split of FlashAttention's online softmax, arXiv 2205.14135). One masked
+    call over all keys reads, per layer, a float mask of group x T x (prefix + T) that PyTorch makes from the boolean
+    one: at a 512-token chunk after 6,000 tokens on SmolLM2, 47 ms against 25 ms this way (2 Xeon cores); from a
+    ~512-token prefix on, never slower. Equal to the masked call up to float rounding (tests/test_model.py)."""
+    B, T, H, D = q.shape
+    Hkv = keys.shape[1]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    qf = q.transpose(1, 2).reshape(B, Hkv, group * T, D)  # query head h = kv * group + g -> row g * T + t
+    old, old_lse = flash(qf, keys[:, :, :prefix], values[:, :, :prefix])[:2]
+    new_k, new_v = keys[:, :, prefix:], values[:, :, prefix:]
+    if group > 1:
+        new_k, new_v = new_k.repeat_interleave(group, 1), new_v.repeat_interleave(group, 1)  # only T keys
+    new, new_lse = flash(q.transpose(1, 2), new_k, new_v, is_causal=True)[:2]
+    old, old_lse = old.reshape(B, H, T, D), old_lse.reshape(B, H, T, 1)
+    top = torch.maximum(old_lse, new_lse[..., None])
+    w_old, w_new = torch.exp(old_lse - top), torch.exp(new_lse[..., None] - top)
+    return ((old * w_old + new * w_new) / (w_old + w_new)).transpose(1, 2)
 
 
 def attend_rows(
@@ -483,7 +517,8 @@ class LlamaModel(nn.Module):
         if window is not None:
             mask &= keys[None, None, :] > pos[:, :, None] - window
         return StepContext(cos, sin, start if uniform else None, None if uniform else slots, read_len, mask[:, None],
-                           False, prefill=T > 1, queries=queries, plan=plan)
+                           False, prefill=T > 1, queries=queries, plan=plan,
+                           prefix=start if uniform and not needs_window and T > 1 else None)
 
     def _rope_at(self, pos: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin # [B, T, 1, D] for positions # [B, T] (all below ``need``), in the model dtype."""
