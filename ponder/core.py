@@ -38,11 +38,12 @@ running batch. A sampled request draws its Gumbel noise from the stream keyed by
 and the prompt index, as before) and step until the core has no work.
 
 ``abort`` takes a request out of the waiting queue or out of the running batch (its cache row is dropped at once).
-A step's prefill of one long chunk takes a while (512 tokens' worth: ~0.6-0.8 s for SmolLM2 fp32 on 2 cores), and
+A step's prefill of one long chunk takes a while (512 tokens' worth: ~0.5 s for SmolLM2 fp32 on 2 cores), and
 an abort that arrives meanwhile would wait for it: with ``aborting`` set (a predicate a server keeps, true from the
-moment an abort of that request is on its way), the chunk's forward asks it before each layer and stops there
-(``Interrupted``; the prompt's progress is not advanced, so were the request not aborted after all, the next step
-would prefill the same chunk again).
+moment an abort of that request is on its way until it is done), the chunk's forward asks it before each layer and
+stops there (``Interrupted``; the prompt's progress is not advanced, so were the request not aborted after all, the
+next step would prefill the same chunk again; a predicate that stays true for a request never aborted stalls its
+prefill). Not with a KV policy: its prompts are prefilled whole by ``Engine._admit``, which does not stop.
 """
 
 from __future__ import annotations

@@ -202,21 +202,27 @@ def test_a_later_chunk_attends_to_its_prefix_and_itself_apart_exactly(group: int
 
 def test_a_chunk_after_a_long_prefix_gives_the_whole_prompts_logits(tmp_path: Path, monkeypatch) -> None:
     """Through the model: a 700-token prompt prefilled as 600 + 100 tokens (the second chunk attends apart to its
-    600-token prefix, past ``SPLIT_PREFIX``) gives the logits of the whole prompt and of one masked call."""
+    600-token prefix, past ``SPLIT_PREFIX`` and ``SPLIT_TOKENS``) gives the logits of the whole prompt and of one
+    masked call."""
     import ponder.model.llama as llama
 
     model = load_model(make_model_dir(tmp_path, "llama", max_position_embeddings=1024))
     ids = torch.randint(0, model.config.vocab_size, (1, 700), generator=torch.Generator().manual_seed(1))
-    assert llama.SPLIT_PREFIX <= 600
+    assert llama.SPLIT_PREFIX <= 600 and llama.SPLIT_TOKENS <= 100
 
     def chunked() -> torch.Tensor:
         cache = model.new_cache(1, 700)
         model(ids[:, :600], cache)
         return model(ids[:, 600:], cache)[0]
 
+    calls = []
+    split_attention = llama._attend_after_prefix
+    monkeypatch.setattr(llama, "_attend_after_prefix", lambda *a: calls.append(1) or split_attention(*a))
     with torch.inference_mode():
         whole = model(ids, model.new_cache(1, 700))[0, 600:]
         split = chunked()
+        assert len(calls) == model.config.num_hidden_layers  # the second chunk's layers, split
         monkeypatch.setattr(llama, "SPLIT_PREFIX", 10**9)  # the masked call, for reference
         masked = chunked()
+    assert len(calls) == model.config.num_hidden_layers
     assert torch.allclose(split, whole, atol=1e-4) and torch.allclose(split, masked, atol=1e-4)

@@ -42,7 +42,8 @@ def test_the_schema_fuzzer_finds_no_failure(tiny_dir: Path, tmp_path: Path) -> N
              "--generation-database", "none", "--no-color", "--output-sanitize", "false"],
             capture_output=True, text=True, timeout=600, cwd=tmp_path,
             env={**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_hooks",  # tests/fuzz_hooks.py: why
-                 "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])},
+                 "PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).parent),
+                                                           os.environ.get("PYTHONPATH", "")] if p)},
         )
         out = run.stdout + run.stderr
         assert run.returncode == 0, out[-6000:]

@@ -19,6 +19,18 @@ from test_server_load import _pct  # noqa: E402
 pytestmark = pytest.mark.slow  # the real default model
 
 
+def _essay_ids(count: int) -> list[int]:
+    """The first ``count`` SmolLM2 tokens of the Paul Graham essays (the long-context suites' text)."""
+    from ponder.bench.longctx import essays_dir
+    from ponder.model.loader import load_tokenizer, resolve
+
+    tokenizer = load_tokenizer(resolve("smollm2-135m"))
+    words = " ".join(p.read_text(errors="replace") for p in sorted(essays_dir().glob("*.txt"))[:6]).split()
+    ids = tokenizer(" ".join(words))["input_ids"][:count]
+    assert len(ids) == count
+    return ids
+
+
 @pytest.mark.serial
 def test_a_7000_token_prefill_does_not_starve_running_streams() -> None:
     """Three streams decode while a 7,000-token prompt is prefilled (~290 steps of ~200 ms of prefill each, the
@@ -27,13 +39,7 @@ def test_a_7000_token_prefill_does_not_starve_running_streams() -> None:
     measured 0.35 s and 9 ms on 2 EPYC cores shared with the test's clients; docs/serve.md)."""
     if not HAVE_SMOLLM2:
         pytest.skip(SMOLLM2_MISSING)
-    from ponder.bench.longctx import essays_dir
-    from ponder.model.loader import load_tokenizer, resolve
-
-    tokenizer = load_tokenizer(resolve("smollm2-135m"))
-    words = " ".join(p.read_text(errors="replace") for p in sorted(essays_dir().glob("*.txt"))[:6]).split()
-    ids = tokenizer(" ".join(words))["input_ids"][:7000]
-    assert len(ids) == 7000
+    ids = _essay_ids(7000)
     s = Server("smollm2-135m", "--batch-size", "4")
     gaps: list[float] = []
     health: list[float] = []
@@ -88,24 +94,17 @@ def test_a_7000_token_prefill_does_not_starve_running_streams() -> None:
         assert s.stop() == 0
 
 
-def _essay_ids(count: int) -> list[int]:
-    from ponder.bench.longctx import essays_dir
-    from ponder.model.loader import load_tokenizer, resolve
-
-    tokenizer = load_tokenizer(resolve("smollm2-135m"))
-    words = " ".join(p.read_text(errors="replace") for p in sorted(essays_dir().glob("*.txt"))[:4]).split()
-    ids = tokenizer(" ".join(words))["input_ids"][:count]
-    assert len(ids) == count
-    return ids
-
 
 @pytest.mark.serial
 def test_a_client_that_leaves_during_a_2000_token_prefill_frees_it_within_500_ms() -> None:
     """50 trials (half streamed, half not): a client sends a 2,000-token prompt and closes its connection 0.3 s into
-    the prefill (which takes several times that, in ~200 ms steps): ``/health`` shows nothing in flight within
-    500 ms p99 of the close (issue 14's target during a prefill), no token was generated for any of them (each left
-    while its prompt was still being prefilled), and the running and waiting gauges and the KV bytes are back to
-    zero. Each trial's prompt starts at another place of the essays, so no prefix is reused."""
+    the prefill (which takes several times that, in steps of 512 tokens' worth, ~0.5 s each): ``/health`` shows
+    nothing in flight within 500 ms p99 of the close (issue 14's target during a prefill) and 200 ms p50 (the
+    step's forward stops at its next layer: waiting for the step's end instead, a close landing anywhere in it, the
+    median would be ~0.25 s and the p99 ~0.5 s; measured 37-45 ms and 95-111 ms on 2 Xeon cores), no token was
+    generated for any of them (each left while its prompt was still being prefilled), and the running and waiting
+    gauges and the KV bytes are back to zero. Each trial's prompt starts at another place of the essays, so no
+    prefix is reused."""
     if not HAVE_SMOLLM2:
         pytest.skip(SMOLLM2_MISSING)
     import socket
@@ -143,7 +142,7 @@ def test_a_client_that_leaves_during_a_2000_token_prefill_frees_it_within_500_ms
         assert after["ponder:generation_tokens_total"] == before["ponder:generation_tokens_total"]
         assert after["ponder:num_requests_running"] == 0 and after["ponder:num_requests_waiting"] == 0
         assert after["ponder:kv_cache_bytes"] == 0
-        assert _pct(latencies, 99) <= 0.5, [f"{x:.2f}" for x in latencies]
+        assert _pct(latencies, 99) <= 0.5 and _pct(latencies, 50) <= 0.2, [f"{x:.2f}" for x in latencies]
         print(f"\nleft during a 2,000-token prefill (whole: {whole:.2f} s): freed in p50 {_pct(latencies, 50):.3f} s, "
               f"p99 {_pct(latencies, 99):.3f} s")
     finally:

@@ -59,7 +59,7 @@ class Selector(KVHook):
             idx[b, :, : sel.shape[1]] = sel
             mask[b, ..., : sel.shape[1]] = True
         gather = idx[..., None].expand(-1, -1, -1, D)
-        ctx = dataclasses.replace(ctx, mask=mask, row_read=None, read_len=idx.shape[2])
+        ctx = dataclasses.replace(ctx, mask=mask, row_read=None, read_len=idx.shape[2], prefix=None)
         return keys.gather(2, gather), values.gather(2, gather), ctx
 
     def _row(self, layer: int, b: int, q: torch.Tensor, keys: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -110,8 +110,9 @@ def _attend(
             return F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask).reshape(B, 1, H, D)
         return attend_rows(qg, keys, values, ctx.row_read, holes).reshape(B, 1, H, D)
     mask, causal = ctx.mask, ctx.causal
-    if (ctx.prefix is not None and ctx.prefix >= SPLIT_PREFIX and holes is None and q.device.type == "cpu"
-            and keys.shape[2] == ctx.prefix + T):
+    if (ctx.prefix is not None and ctx.prefix >= SPLIT_PREFIX and T >= SPLIT_TOKENS and holes is None
+            and q.device.type == "cpu" and keys.shape[2] == ctx.prefix + T
+            and not (torch.is_grad_enabled() and q.requires_grad)):  # its log-sum-exps carry no gradient
         return _attend_after_prefix(q, keys, values, ctx.prefix, group)
     if mask is not None and not causal and group > 1:
         # A masked many-query step (verify, tree, ragged prefill): fold each KV head's query group into the query
@@ -136,7 +137,8 @@ def _attend(
     return out.transpose(1, 2)
 
 
-SPLIT_PREFIX = 512  # the shortest prefix attended apart from a chunk's own tokens (shorter: one masked call)
+# the shortest prefix, and the fewest new tokens, attended apart (``_attend_after_prefix``; else one masked call)
+SPLIT_PREFIX, SPLIT_TOKENS = 512, 64
 
 
 def _attend_after_prefix(
@@ -147,8 +149,10 @@ def _attend_after_prefix(
     query group folded into the query axis, so GQA repeats no K/V), and the new tokens among themselves in one causal
     call, merged by their log-sum-exps (the split of FlashAttention's online softmax, arXiv 2205.14135). One masked
     call over all keys reads, per layer, a float mask of group x T x (prefix + T) that PyTorch makes from the boolean
-    one: at a 512-token chunk after 6,000 tokens on SmolLM2, 47 ms against 25 ms this way (2 Xeon cores); from a
-    ~512-token prefix on, never slower. Equal to the masked call up to float rounding (tests/test_model.py)."""
+    one: at a 512-token chunk after 6,000 tokens on SmolLM2, 47 ms against 25 ms this way (2 Xeon cores); never
+    slower from ~512 prefix slots and 64 new tokens on (2-32 new tokens, as a draft model's catch-up: 5-25% slower,
+    so those keep the masked call). Equal to the masked call up to float rounding (tests/test_model.py). Inference
+    only: the flash call's log-sum-exp carries no gradient."""
     B, T, H, D = q.shape
     Hkv = keys.shape[1]
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
