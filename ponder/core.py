@@ -43,7 +43,9 @@ an abort that arrives meanwhile would wait for it: with ``aborting`` set (a pred
 moment an abort of that request is on its way until it is done), the chunk's forward asks it before each layer and
 stops there (``Interrupted``; the prompt's progress is not advanced, so were the request not aborted after all, the
 next step would prefill the same chunk again; a predicate that stays true for a request never aborted stalls its
-prefill). Not with a KV policy: its prompts are prefilled whole by ``Engine._admit``, which does not stop.
+prefill). With a KV policy, whose prompts are prefilled whole, a batch at a time (``Engine._admit``), the prompt's
+prefill stops the same way and the batch's rows go back to the waiting queue in order: the abort takes its row
+out, and the others are prefilled again at the next step.
 """
 
 from __future__ import annotations
@@ -381,8 +383,9 @@ class EngineCore:
         self.rows += new
 
     def _admit(self) -> list["StreamEvent"]:
+        stop = None if self.aborting is None else (lambda r: self.aborting(r.index))
         new, self.cache, events = self.engine._admit(self.waiting, self.batch_size - len(self.rows), self.rows,
-                                                     self.cache, self._verify_slots())
+                                                     self.cache, self._verify_slots(), stop)
         self._join(new)
         self._forget(ev for ev in events if ev.finished)  # rows that finished on their first token
         return events

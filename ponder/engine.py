@@ -21,12 +21,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
 from ponder.cache import KVCache
 from ponder.errors import PonderError
+from ponder.model.llama import Interrupted
 from ponder.model.loader import Loaded, eos_token_ids
 from ponder.sampling import RowNoise, SamplingParams, resolve_seed, sample, top2_gap
 
@@ -260,15 +261,24 @@ class Engine:
 
     def _admit(
         self, waiting: deque, n: int, rows: list[_Row], cache: KVCache | None, extra: int,
-    ) -> tuple[list[_Row], KVCache, list[StreamEvent]]:
+        stop: Callable[[_Row], bool] | None = None,
+    ) -> tuple[list[_Row], KVCache | None, list[StreamEvent]]:
         """Prefill up to n waiting rows, sample and commit their first tokens, and append those still running to
-        the batch cache; returns (the new running rows, the batch cache, the rows' first events)."""
+        the batch cache; returns (the new running rows, the batch cache, the rows' first events). ``stop(row)``:
+        asked before each layer of a row's prefill (``LlamaModel.forward``); when it is true the prefill stops and
+        every row taken goes back to the front of ``waiting``, in order (the abort on its way then takes that row
+        out; the others are prefilled again by a later call), and nothing is admitted."""
         start = time.perf_counter()
         new = [waiting.popleft() for _ in range(min(n, len(waiting)))]
         for r in new:
             r.start = start
         capture = self.speculator.drafter.prefill_capture if self.speculator is not None else ()
-        new_cache, logits = self._prefill(new, max(r.params.max_new_tokens for r in new), extra, capture)
+        try:
+            new_cache, logits = self._prefill(new, max(r.params.max_new_tokens for r in new), extra, capture, stop)
+        except Interrupted:
+            waiting.extendleft(reversed(new))
+            self.prefill_seconds += time.perf_counter() - start
+            return [], cache, []
         events = self._pick_and_commit(logits, new)
         alive = [i for i, e in enumerate(events) if not e.finished]
         new_cache.keep_rows(alive)
@@ -327,10 +337,12 @@ class Engine:
 
     def _prefill(
         self, rows: list[_Row], max_new: int, extra: int, capture: tuple[int, ...] = (),
+        stop: Callable[[_Row], bool] | None = None,
     ) -> tuple[KVCache, torch.Tensor]:
         """A batch cache holding every row's prompt (compressed by the KV policy), with room for ``max_new`` more
         tokens plus ``extra`` verify slots; and each row's last logits # [B, V]. Each row's hidden states at the
         ``capture`` layers go to its ``prompt_hidden`` (a drafter that learns from them, e.g. a draft head).
+        ``stop(row)``: asked before each layer of that row's prefill; true raises ``Interrupted`` (``_admit``).
 
         Rows are prefilled one at a time: padding ragged prompts to one width would multiply the work by up to
         B x (longest / mean length), and a prompt's own prefill is already a large matmul.
@@ -341,7 +353,7 @@ class Engine:
             last = []
             for b, (r, p) in enumerate(zip(rows, ids)):
                 row = cache.row(b)
-                last.append(self._prefill_one(r, p, row, None, capture))
+                last.append(self._prefill_one(r, p, row, None, capture, stop))
                 cache.set_length(b, row.lengths[0])
             self.kv_bytes = max(self.kv_bytes, cache.nbytes())
             self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
@@ -356,7 +368,7 @@ class Engine:
         for b, (r, p) in enumerate(zip(rows, ids)):
             full = self.model.new_cache(1, len(p))  # the full prompt's cache exists only while this row is prefilled
             hook = self.kv.prefill_hook(len(full.k), len(p))
-            last.append(self._prefill_one(r, p, full, hook, capture))
+            last.append(self._prefill_one(r, p, full, hook, capture, stop))
             r.kv_state = self.kv.compress(full, hook)
             if cache is not None:
                 cache.copy_row(b, full)
@@ -376,12 +388,14 @@ class Engine:
 
     def _prefill_one(
         self, row: _Row, prompt: list[int], cache: KVCache, hook: Any, capture: tuple[int, ...],
+        stop: Callable[[_Row], bool] | None = None,
     ) -> torch.Tensor:
         """Prefill one prompt into a one-row cache; its last logits # [1, V]. Hidden states at the ``capture``
-        layers go to ``row.prompt_hidden``."""
+        layers go to ``row.prompt_hidden``. ``stop`` as in ``_prefill``."""
         hidden = dict.fromkeys(capture)
         ids = torch.tensor([prompt], device=self.model.device)
-        logits = self.model(ids, cache, last_only=True, kv_hook=hook, capture=hidden)[:, -1]
+        asked = None if stop is None else (lambda: stop(row))
+        logits = self.model(ids, cache, last_only=True, kv_hook=hook, capture=hidden, stop=asked)[:, -1]
         row.prompt_hidden = {layer: h[0] for layer, h in hidden.items()} if capture else None
         return logits
 

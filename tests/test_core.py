@@ -435,3 +435,31 @@ def test_a_prefill_stops_between_layers_when_its_request_is_being_aborted(cyclic
     stop_at["n"] = 0
     assert core.step() == [] and core.partial.done == 0
     assert core.abort("gone") and not core.has_work()
+
+
+def test_with_a_kv_policy_a_prefill_stops_for_an_abort_and_its_batch_waits_again(cyclic) -> None:
+    """With a KV policy prompts are prefilled whole, a batch at a time: ``aborting`` stops the prefill of the
+    request being aborted between two layers, the batch's rows go back to the waiting queue in order, and once the
+    abort took its row out the others give what they give alone (with the same policy)."""
+    from ponder.kv import make_policy
+
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    spec = "snapkv:ratio=0.5:window=4:kernel=3"
+    eng = Engine(cyclic, kv=make_policy(spec))
+    core = eng.core(batch_size=3)
+    for i, prompt in enumerate([PROMPTS[0], LONG, PROMPTS[1]]):
+        core.add_request(prompt, params, f"r{i}")
+    asked: list = []
+
+    def aborting(rid) -> bool:
+        asked.append(rid)
+        return rid == "r1" and asked.count("r1") >= 2  # r1's second layer: r0 was prefilled, r1 had begun
+
+    core.aborting = aborting
+    assert core.step() == [] and not core.rows
+    assert [r.index for r in core.waiting] == ["r0", "r1", "r2"] and "r2" not in asked
+    assert core.abort("r1")
+    out = run(core)
+    assert set(out) == {"r0", "r2"}
+    for rid, prompt in (("r0", PROMPTS[0]), ("r2", PROMPTS[1])):
+        assert out[rid] == alone(Engine(cyclic, kv=make_policy(spec)), prompt, params)

@@ -4,7 +4,7 @@ PyTorch work and tokenization never run on the HTTP event loop, so ``/health`` a
 decodes. A handler ``submit``s a request with a callback (``sink``) that the loop thread calls with each of the
 request's ``StreamEvent``s (the app forwards them to the handler's asyncio queue with ``call_soon_threadsafe``), and
 ``abort``s it when the client goes away: the loop removes the row from the running batch before its next step, so
-its KV row is freed (a chunked prefill of it under way stops at its next layer: ``EngineCore.aborting``). Admission is
+its KV row is freed (a prefill of it under way stops at its next layer: ``EngineCore.aborting``). Admission is
 bounded: at most ``batch_size`` requests run and ``max_queue`` more wait (``submit`` raises ``QueueFull``). A server
 counts a request from its arrival: ``reserve`` takes its places before its body is read or its prompt encoded
 (encoding waits for the loop thread's current step), so a burst is refused at once, and the places a request did
