@@ -42,6 +42,12 @@ static inline vec load(const float *p) {
 
 static inline void store(float *p, vec x) { memcpy(p, &x, sizeof x); }
 
+/* Lane-wise a > b ? a : b (a NaN lane of a gives b's, as a scalar running maximum skips NaN). */
+static inline vec vmax(vec a, vec b) {
+    ivec m = a > b;
+    return (vec)(((ivec)a & m) | ((ivec)b & ~m));
+}
+
 /* The lanes of x summed by halving: lanes i and i + 8, then i and i + 4, i + 2, i + 1. */
 static inline float lane_sum(vec x) {
     vec y = x + PICK(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -84,6 +90,39 @@ static inline int64_t key_slot(int64_t j, int64_t lo, int64_t hi, const int64_t 
     return j < hi - lo ? lo + j : ext[j - (hi - lo)];
 }
 
+/* The value sums of queries u0 .. u0 + UT - 1 (a group's, attend_group) over keys [jb, jb + cnt) at vp, added to
+   acc (U x D; jb = 0: from zero): query u takes the probabilities s[u * nn + jb + i] of its first n[u] - jb of
+   them, key after key, into D / LANES lane-wise sums, exactly as alone. */
+static inline __attribute__((always_inline)) void value_tile(int64_t UT, int64_t u0, const int64_t *n, int64_t jb,
+                                                              int64_t cnt, const float *const *vp, const float *s,
+                                                              int64_t nn, float *acc, int64_t D) {
+    const vec zero = {0};
+    vec a[4][4]; /* UT <= 4 queries of D <= 64: fixed sizes, so the sums stay in registers */
+    int64_t c[4], common = cnt;
+    for (int64_t t = 0; t < UT; t++) {
+        int64_t u = u0 + t;
+        c[t] = jb >= n[u] ? 0 : n[u] - jb < cnt ? n[u] - jb : cnt;
+        common = c[t] < common ? c[t] : common;
+        for (int64_t k = 0; k < D / LANES; k++) a[t][k] = jb == 0 ? zero : load(acc + u * D + k * LANES);
+    }
+    for (int64_t i = 0; i < common; i++) { /* the keys every query of the tile reads */
+        vec x[4];
+        for (int64_t k = 0; k < D / LANES; k++) x[k] = load(vp[i] + k * LANES);
+        for (int64_t t = 0; t < UT; t++) {
+            float p = s[(u0 + t) * nn + jb + i];
+            for (int64_t k = 0; k < D / LANES; k++) a[t][k] += p * x[k];
+        }
+    }
+    for (int64_t t = 0; t < UT; t++) {
+        for (int64_t i = common; i < c[t]; i++) { /* then each query's own last keys */
+            float p = s[(u0 + t) * nn + jb + i];
+            for (int64_t k = 0; k < D / LANES; k++) a[t][k] += p * load(vp[i] + k * LANES);
+        }
+        if (c[t] > 0)
+            for (int64_t k = 0; k < D / LANES; k++) store(acc + (u0 + t) * D + k * LANES, a[t][k]);
+    }
+}
+
 /* Query heads g0 .. g0 + Gi - 1 (of KV head h's G) for every token of a group: U = T x Gi queries, query u = (token
    t = u / Gi, head g0 + u % Gi) at qs + t * qstride + (u % Gi) * D with n[t] keys (the group's first n[t] keys; the
    longest reads all `most`); s: U x nn scores, acc: U x D. Each query's arithmetic is the same whatever U is. */
@@ -95,9 +134,10 @@ static inline __attribute__((always_inline)) void attend_group(
     int64_t n[U > 0 ? U : 1];
     for (int64_t u = 0; u < U; u++) n[u] = nt[u / Gi];
     int64_t nn = (most + LANES - 1) / LANES * LANES;
-    float top[U > 0 ? U : 1];
-    for (int64_t u = 0; u < U; u++) top[u] = -INFINITY;
-    const vec zero = {0};
+    const vec zero = {0}, lowest = zero - INFINITY;
+    const ivec lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vec top[U > 0 ? U : 1]; /* per query, its scores' lane-wise maximum (a max is exact: any order gives the same) */
+    for (int64_t u = 0; u < U; u++) top[u] = lowest;
     for (int64_t jb = 0; jb < most; jb += LANES) { /* scores, 16 keys at a time */
         int64_t cnt = most - jb < LANES ? most - jb : LANES;
         const float *kp[LANES];
@@ -115,14 +155,23 @@ static inline __attribute__((always_inline)) void attend_group(
             for (int64_t i = c; i < LANES; i++) part[i] = zero;
             vec x = lane_sums16(part) * scale;
             store(s + u * nn + jb, x);
-            for (int64_t i = 0; i < c; i++) top[u] = x[i] > top[u] ? x[i] : top[u];
+            if (c < LANES) { /* lanes past the query's keys take no part */
+                ivec in = lane < (ivec){0} + (int32_t)c;
+                x = (vec)(((ivec)x & in) | ((ivec)lowest & ~in));
+            }
+            top[u] = vmax(x, top[u]);
         }
     }
     float total[U > 0 ? U : 1];
     for (int64_t u = 0; u < U; u++) { /* softmax numerators, summed lane-wise then across lanes */
         float *st = s + u * nn;
         for (int64_t j = n[u]; j < nn; j++) st[j] = -INFINITY;
-        vec m = zero + top[u], sum = zero;
+        vec t = top[u]; /* its lanes' maximum by halving */
+        t = vmax(t, PICK(t, t, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+        t = vmax(t, PICK(t, t, 4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15));
+        t = vmax(t, PICK(t, t, 2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        t = vmax(t, PICK(t, t, 1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        vec m = zero + t[0], sum = zero;
         for (int64_t j = 0; j < nn; j += LANES) {
             vec e = exp_neg(load(st + j) - m);
             store(st + j, e);
@@ -134,7 +183,16 @@ static inline __attribute__((always_inline)) void attend_group(
         int64_t cnt = most - jb < VBLOCK ? most - jb : VBLOCK;
         const float *vp[VBLOCK];
         for (int64_t i = 0; i < cnt; i++) vp[i] = vb + key_slot(jb + i, lo, hi, ext) * ss;
-        for (int64_t u = 0; u < U; u++) {
+        /* queries a few at a time, each value loaded once for them (their sums are independent chains, which
+           also hides the adds' latency); the tile's size only interleaves the queries, each still sums alone */
+        int64_t u = 0;
+        if (D <= 4 * LANES) {
+            for (; u + 4 <= U; u += 4) value_tile(4, u, n, jb, cnt, vp, s, nn, acc, D);
+            if (U - u == 3) value_tile(3, u, n, jb, cnt, vp, s, nn, acc, D), u += 3;
+            if (U - u == 2) value_tile(2, u, n, jb, cnt, vp, s, nn, acc, D), u += 2;
+            if (U - u == 1) value_tile(1, u, n, jb, cnt, vp, s, nn, acc, D), u += 1;
+        }
+        for (; u < U; u++) { /* wider heads: one query at a time */
             if (jb >= n[u]) continue;
             int64_t c = n[u] - jb < cnt ? n[u] - jb : cnt;
             const float *pu = s + u * nn + jb;
@@ -166,8 +224,10 @@ int ponder_attend(const float *q, const float *k, const float *v, const int64_t 
     memset(out, 0, (size_t)(N * Hkv * G * D) * sizeof(float));
     int64_t nn = (max_keys + LANES - 1) / LANES * LANES, per_thread = max_group * G * (nn + D);
     /* work items: (group, KV head) with its G query heads together (each key loaded once for all of them), or, when
-       that leaves threads idle (a one-row decode step), (group, KV head, query head) */
-    int64_t Gi = n_groups * Hkv >= 2 * threads ? G : 1, items = n_groups * Hkv * (G / Gi);
+       that leaves threads idle (a one-row verify forward), (group, KV head, query head). A one-row decode step keeps
+       its query heads together all the same: alone, a query's value sums are one chain of dependent adds, and G of
+       them interleaved ran faster than the threads' even share of single chains (SmolLM2's 3 KV heads, 2 threads) */
+    int64_t Gi = n_groups * Hkv >= 2 * threads || max_group == 1 ? G : 1, items = n_groups * Hkv * (G / Gi);
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
     {
