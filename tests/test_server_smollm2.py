@@ -97,8 +97,9 @@ def test_a_7000_token_prefill_does_not_starve_running_streams() -> None:
 @pytest.mark.serial
 @pytest.mark.parametrize("extra", [(), ("--kv", "snapkv:ratio=0.5")], ids=["chunked", "kv-policy"])
 def test_a_client_that_leaves_during_a_2000_token_prefill_frees_it_within_500_ms(extra) -> None:
-    """50 trials (half streamed, half not): a client sends a 2,000-token prompt and closes its connection 0.3 s into
-    the prefill (which takes several times that, in steps of 512 tokens' worth, ~0.5 s each): ``/health`` shows
+    """50 trials (24 with a KV policy, for CI's time; half streamed, half not): a client sends a 2,000-token prompt
+    and closes its connection 0.3 s into the prefill (which takes several times that, in steps of 512 tokens'
+    worth, ~0.5 s each): ``/health`` shows
     nothing in flight within 500 ms p99 of the close (issue 14's target during a prefill) and 200 ms p50, 300 ms
     with a KV policy (the step's forward stops at its next layer: waiting for the step's end instead, a close
     landing anywhere in it, the median would be ~0.25 s and the p99 ~0.5 s; measured 37-49 ms and 95-210 ms on 2
@@ -121,7 +122,7 @@ def test_a_client_that_leaves_during_a_2000_token_prefill_frees_it_within_500_ms
         assert whole > 0.6, f"a 2,000-token prefill took {whole:.2f} s: too short to leave during it"
         before = scrape(s)
         latencies = []
-        for trial in range(50):
+        for trial in range(24 if extra else 50):
             body = json.dumps({"model": "tiny", "prompt": ids[trial * 13:trial * 13 + 2000], "max_tokens": 8,
                                "stream": trial % 2 == 0}).encode()
             sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)

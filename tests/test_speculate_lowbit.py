@@ -132,8 +132,8 @@ def test_bench_keeps_a_draft_models_dtype_with_the_drafter() -> None:
 
 
 def test_policy_defaults_follow_the_drafter_unless_the_spec_sets_them(cyclic) -> None:
-    assert make_speculator("lowbit", cyclic).max_nodes == 24
-    assert make_speculator("pld+lowbit", cyclic).max_nodes == 24
+    assert make_speculator("lowbit", cyclic).max_nodes == 40
+    assert make_speculator("pld+lowbit", cyclic).max_nodes == 40
     assert make_speculator("lowbit:max_nodes=8", cyclic).max_nodes == 8
     assert make_speculator("pld", cyclic).max_nodes == 15
 

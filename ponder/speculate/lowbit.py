@@ -56,7 +56,7 @@ MAX_MATCH = 3  # the longest recurring tail looked up for a guess
 @dataclass(frozen=True)
 class LowBitOptions:
     weights: str = "q4"  # the copy's weights: q4 (CPU) or int8
-    k: int = 24  # most draft tokens per row per step (and the policy's max_nodes: 24 unless the SPEC sets it)
+    k: int = 40  # most draft tokens per row per step (and the policy's max_nodes: 40 unless the SPEC sets it)
     threshold: float = 0.0  # stop a row's chain when the copy's probability of its draft falls below this
     couple: bool = True  # sampling rows draft the copy's draws with the target's noise (False: its argmax)
     guess: int = 2  # most tokens guessed from the row's history per copy forward (0: one token per forward)
