@@ -511,7 +511,8 @@ class Engine:
         t2 = time.perf_counter()
         spec.drafter.observe(batch, results)
         forwards = max((d for t in proposal.trees for d, src in zip(t.depths(), t.sources) if src in seq), default=0)
-        spec.policy.observe(trees, [r.path for r in results], drafting, time.perf_counter() - t0, t1 - t0, forwards)
+        spec.policy.observe(trees, [r.path for r in results], drafting, time.perf_counter() - t0, t1 - t0, forwards,
+                            t2 - t1, len(rows) * (max(len(t) for t in trees) + 1))
         events = []
         for row, tree, res in zip(rows, trees, results):
             event = self._commit_many(row, res.committed, res.gaps, res.logprobs)

@@ -1,5 +1,7 @@
 """The draft policy's gate: drafting runs only while it commits more tokens per second than plain steps."""
 
+import random
+
 import pytest
 
 from ponder.speculate.policy import DraftGate, DraftPolicy, PolicyOptions
@@ -170,3 +172,49 @@ def test_a_batch_prices_its_steps_with_fewer_rows_by_one_rows_curve(tiny, monkey
     assert measured == [4, 1, 2]
     spec.prepare(tiny.model, 1)
     assert measured == [4, 1, 2] and spec.policy.cost.seconds == spec.costs[1].seconds
+
+
+def test_the_cost_curve_never_falls_with_more_tokens():
+    """A noisy dip in the measured curve (16 tokens timed below 8) must not make a longer verify look cheaper, nor
+    make the extrapolation past the measured sizes fall."""
+    from ponder.speculate.policy import CostCurve
+
+    curve = CostCurve({1: 0.020, 4: 0.025, 8: 0.030, 16: 0.028})
+    assert [curve(n) for n in (1, 3, 8, 12, 16)] == [0.020, 0.025, 0.030, 0.030, 0.030]
+    assert curve(40) == pytest.approx(0.030)  # the last two sizes' slope is 0 after the dip, never negative
+    rising = CostCurve({8: 0.030, 16: 0.040})
+    assert rising(24) == pytest.approx(0.050)
+
+
+def test_observed_verify_times_rescale_the_curve_and_lengthen_chains():
+    """The curve is measured after a 64-token prefix; after a long prompt every verify costs more. Observed verify
+    forwards (seconds for so many tokens) rescale the curve by their moving-average ratio to it (clamped against a
+    single stalled forward), and a dearer verify makes longer chains pay against the same draft forwards."""
+    from ponder.speculate.policy import CostCurve
+
+    curve = CostCurve({1: 0.025, 2: 0.026, 4: 0.03, 8: 0.035, 16: 0.045, 32: 0.065})
+    policy = DraftPolicy(PolicyOptions(max_nodes=31), curve)
+    chain = DraftTree.chain([1] * 8, [1.0] * 8, "lowbit")
+    rng = random.Random(0)
+    for _ in range(400):  # each depth accepted 80% of the time after its parent; 5 ms per draft forward
+        n = 0
+        while n < 8 and rng.random() < 0.8:
+            n += 1
+        policy.observe([chain], [list(range(n))], forwards=8, draft_seconds=0.04)
+    short = policy.plan([31], ("lowbit",))[0]
+    assert 1 < short < 31
+    assert policy.verify_scale is None
+    for _ in range(30):  # every verify of 9 tokens takes 3x what the curve says (acceptance as before)
+        n = 0
+        while n < 8 and rng.random() < 0.8:
+            n += 1
+        policy.observe([chain], [list(range(n))], forwards=8, draft_seconds=0.04, verify_seconds=3 * curve(9),
+                       verify_tokens=9)
+    assert policy.verify_scale == pytest.approx(3.0, rel=0.05)
+    longer = policy.plan([31], ("lowbit",))[0]
+    assert longer > short
+    policy.verify_scale = None  # the same acceptance unscaled: the shorter chains again
+    assert policy.plan([31], ("lowbit",))[0] < longer
+    policy.verify_scale = 3.0
+    policy.observe([], [], verify_seconds=100.0, verify_tokens=9)  # a stalled forward
+    assert policy.verify_scale < 3.0 * 0.7 + 4.0 * 0.3 + 1e-9

@@ -32,7 +32,7 @@ import torch
 
 from ponder.speculate.tree import DraftTree
 
-MEASURED_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+MEASURED_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 64)
 
 
 @dataclass(frozen=True)
@@ -59,16 +59,22 @@ class CostCurve:
     seconds: dict[int, float] = field(default_factory=dict)
 
     def __call__(self, n: int) -> float:
+        """The seconds of a forward of n tokens: the smallest measured size that holds it, never less than a smaller
+        size's (a forward of more tokens costs no less: a noisy dip in the measurements must not make longer
+        chains look free); past the measured range, growing by the last two sizes' slope (0 at least)."""
         if not self.seconds:
             return 1.0
         sizes = sorted(self.seconds)
+        cost, top = {}, 0.0
         for s in sizes:
+            top = max(top, self.seconds[s])
+            cost[s] = top
             if s >= n:
-                return self.seconds[s]
-        big = sizes[-1]  # beyond the measured range: grow linearly from the last two points
+                return top
+        big = sizes[-1]
         prev = sizes[-2] if len(sizes) > 1 else 0
-        slope = (self.seconds[big] - self.seconds.get(prev, 0.0)) / max(big - prev, 1)
-        return self.seconds[big] + slope * (n - big)
+        slope = max(0.0, (cost[big] - cost.get(prev, 0.0)) / max(big - prev, 1))
+        return cost[big] + slope * (n - big)
 
     @classmethod
     def measure(cls, model: object, rows: int, max_tokens: int, prefix: int = 64, reps: int = 3) -> "CostCurve":
@@ -180,6 +186,10 @@ class DraftPolicy:
         self.calibration = Calibration()
         self.gate = DraftGate(max(self.options.explore, 2))
         self.forward_s: dict[int, float] = {}  # rows -> seconds per forward of a sequential drafter (moving average)
+        # observed verify seconds over the curve's (moving average): the curve is measured after a 64-token prefix,
+        # and after a long prompt every verify forward costs more (its attention), while ``forward_s`` is measured
+        # where the drafter runs; scaling the curve keeps the two prices comparable
+        self.verify_scale: float | None = None
 
     def plan(self, budgets: list[int], sources: tuple[str, ...]) -> list[int]:
         """Chain lengths for a sequential drafter whose nodes carry ``sources``, before it drafts: the n (at least 1,
@@ -198,7 +208,7 @@ class DraftPolicy:
             path *= acc[n - 1]
             cum.append(cum[-1] + path)
             tokens = sum(1 + cum[min(n, b)] for b in budgets)
-            rate = tokens / (self.cost(rows * (n + 1)) + n * per)
+            rate = tokens / (self.cost(rows * (n + 1)) * (self.verify_scale or 1.0) + n * per)
             if rate > best_rate + 1e-12:
                 best_n, best_rate = n, rate
         return [min(b, best_n) for b in budgets]
@@ -244,13 +254,19 @@ class DraftPolicy:
 
     def observe(
         self, trees: list[DraftTree], paths: list[list[int]], drafted: bool = True, seconds: float = 0.0,
-        draft_seconds: float = 0.0, forwards: int = 0,
+        draft_seconds: float = 0.0, forwards: int = 0, verify_seconds: float = 0.0, verify_tokens: int = 0,
     ) -> None:
         """Calibrate on what was accepted; ``seconds``: the whole step's wall time (draft, verify, accept), of which
         ``draft_seconds`` drafting; ``forwards``: the sequential drafter's forwards in that drafting (its longest
-        chain), which times one of them for this many rows."""
+        chain), which times one of them for this many rows; ``verify_seconds``: the verify forward's (and the
+        acceptance's) wall time, for ``verify_tokens`` tokens in that forward (rows x tokens per row), which
+        rescales the measured cost curve (``verify_scale``)."""
         for tree, path in zip(trees, paths):
             self.calibration.update(tree, path)
+        if verify_tokens > 0 and verify_seconds > 0 and self.cost.seconds:
+            # clamped: one forward that met a pause of the machine (or a collection) must not reprice every size
+            ratio = min(4.0, max(0.25, verify_seconds / self.cost(verify_tokens)))
+            self.verify_scale = moving_average(self.verify_scale, ratio)
         if forwards > 0:
             self.forward_s[len(trees)] = moving_average(self.forward_s.get(len(trees)), draft_seconds / forwards)
         if seconds > 0:
