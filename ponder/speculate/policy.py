@@ -77,11 +77,14 @@ class CostCurve:
         return cost[big] + slope * (n - big)
 
     @classmethod
-    def measure(cls, model: object, rows: int, max_tokens: int, prefix: int = 64, reps: int = 3) -> "CostCurve":
-        """Time ``model.forward_tree`` on scratch data for ``rows`` rows and each measured size up to max_tokens:
-        the best of ``reps`` rounds after a warm-up round, each round timing every size once (so a slow moment of
-        a shared machine hits all sizes alike rather than one)."""
-        sizes = [t for t in MEASURED_SIZES if t <= max_tokens] or [1]
+    def measure(cls, model: object, rows: int, max_tokens: int, prefix: int = 64, reps: int = 3,
+                most: int = 256) -> "CostCurve":
+        """Time ``model.forward_tree`` on scratch data for ``rows`` rows and each measured size up to max_tokens
+        per row and ``most`` in all (past it the curve extrapolates: a batch's long forwards are compute-bound,
+        and measuring 8 rows x 40 tokens added ~3 s to a start): the best of ``reps`` rounds after a warm-up
+        round, each round timing every size once (so a slow moment of a shared machine hits all sizes alike rather
+        than one)."""
+        sizes = [t for t in MEASURED_SIZES if t <= max_tokens and (rows * t <= most or t == 1)] or [1]
         cache = model.new_cache(rows, prefix + max(sizes))
         out: dict[int, float] = {rows * t: float("inf") for t in sizes}
         with torch.inference_mode():
