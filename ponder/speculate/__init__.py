@@ -42,9 +42,9 @@ def _registry() -> dict[str, Entry]:
         "lowbit": Entry(lowbit.LowBitOptions, lowbit.LowBit.build,
                         help="the target's own q4/int8 copy drafting over its KV cache (2410.11305, 2503.13565)",
                         # its chains are ~96-99% accepted: up to 40 nodes (the policy plans the length from the
-                        # measured verify costs; 40 against 24 cut verifying by ~25% on held-out Spec-Bench, fp32
-                        # target; an int8 target's verify forward of more than 32 tokens leaves the packed kernels,
-                        # linear.py, which its cost curve prices)
+                        # verify costs; 40 against 24: 3.03x -> 3.28x plain fp32 decoding, held-out Spec-Bench,
+                        # docs/speculation.md; an int8 target's verify forward of more than 32 tokens leaves the
+                        # packed kernels, linear.py, which its cost curve prices)
                         policy=(("max_nodes", "40"),)),
         "early-exit": Entry(early_exit.EarlyExitOptions, early_exit.EarlyExit.build,
                             help="self-speculation with the first layers (2404.16710, 2404.18911; auto: 2504.05598)"),
