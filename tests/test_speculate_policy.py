@@ -180,10 +180,25 @@ def test_the_cost_curve_never_falls_with_more_tokens():
     from ponder.speculate.policy import CostCurve
 
     curve = CostCurve({1: 0.020, 4: 0.025, 8: 0.030, 16: 0.028})
-    assert [curve(n) for n in (1, 3, 8, 12, 16)] == [0.020, 0.025, 0.030, 0.030, 0.030]
-    assert curve(40) == pytest.approx(0.030)  # the last two sizes' slope is 0 after the dip, never negative
+    assert [curve(n) for n in (1, 3, 8, 12, 16)] == pytest.approx([0.020, 0.025, 0.029, 0.029, 0.029])  # pooled
+    assert curve(40) == pytest.approx(0.029)  # the last two sizes' slope is 0 after the dip, never negative
     rising = CostCurve({8: 0.030, 16: 0.040})
     assert rising(24) == pytest.approx(0.050)
+
+
+def test_a_spike_at_a_small_size_does_not_price_every_larger_one():
+    """One size timed at twice its neighbours (a loaded machine) is pooled with them, not carried up to every
+    larger size: nodes accepted half the time still pay against a flat 1 ms curve (under a running maximum every
+    width would cost 2 ms and no node would: 2 expected tokens / 2 ms is no better than 1 / 1 ms)."""
+    from ponder.speculate.policy import CostCurve
+
+    flat = {t: 0.001 for t in (1, 2, 3, 4, 6, 8, 12)}
+    curve = CostCurve({**flat, 2: 0.002})
+    assert curve(1) == pytest.approx(0.001) and curve(2) == curve(12) == pytest.approx(0.007 / 6)
+    policy = DraftPolicy(PolicyOptions(max_nodes=11), curve)
+    chain = DraftTree.chain(list(range(1, 12)), [0.5] * 11, "pld")
+    assert len(policy.shape([chain])[0]) > 0
+    assert all(curve(a) <= curve(b) for a, b in zip(range(1, 30), range(2, 31)))
 
 
 def test_observed_verify_times_rescale_the_curve_and_lengthen_chains():
@@ -218,3 +233,15 @@ def test_observed_verify_times_rescale_the_curve_and_lengthen_chains():
     policy.verify_scale = 3.0
     policy.observe([], [], verify_seconds=100.0, verify_tokens=9)  # a stalled forward
     assert policy.verify_scale < 3.0 * 0.7 + 4.0 * 0.3 + 1e-9
+
+
+def test_explore_0_verifies_each_rows_best_node_however_dear():
+    """``explore=0`` never stops drafting: where no node pays (a verify of 2 tokens at 3x one's cost) or none
+    passes ``min_prob``, each row still verifies its most likely node; the default prunes them all."""
+    from ponder.speculate.policy import CostCurve
+
+    curve = CostCurve({1: 0.001, 2: 0.003, 4: 0.004})
+    chains = [DraftTree.chain([1, 2], [0.3, 0.3], "pld"), DraftTree.chain([3], [0.01], "pld")]
+    assert [len(t) for t in DraftPolicy(PolicyOptions(), curve).shape(chains)] == [0, 0]
+    always = DraftPolicy(PolicyOptions(explore=0), curve)
+    assert [t.tokens for t in always.shape(chains)] == [[1], [3]]

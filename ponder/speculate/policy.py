@@ -41,7 +41,8 @@ class PolicyOptions:
     min_prob: float = 0.02  # drop nodes whose estimated chance of acceptance is lower
     adaptive: bool = True  # size trees by expected tokens per second, draft only when it pays (False: always
     # draft and keep the best max_nodes nodes)
-    explore: int = 16  # adaptive: retry the slower of drafting / not drafting every `explore` steps (0: always draft)
+    explore: int = 16  # adaptive: retry the slower of drafting / not drafting every `explore` steps (0: always
+    # draft, at least each row's best node)
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_nodes <= 64:
@@ -58,23 +59,23 @@ class CostCurve:
 
     seconds: dict[int, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._sizes, self._fit = isotonic(self.seconds)
+
     def __call__(self, n: int) -> float:
-        """The seconds of a forward of n tokens: the smallest measured size that holds it, never less than a smaller
-        size's (a forward of more tokens costs no less: a noisy dip in the measurements must not make longer
-        chains look free); past the measured range, growing by the last two sizes' slope (0 at least)."""
-        if not self.seconds:
+        """The seconds of a forward of n tokens: the smallest measured size that holds it, on the measurements'
+        least-squares non-decreasing fit (a forward of more tokens costs no less; a noisy point is pooled with its
+        neighbours rather than believed: a dip must not make longer chains look free, and a spike at a small
+        size must not price every larger size, which stopped drafting on a loaded 3-worker test machine); past
+        the measured range, growing by the last two sizes' fitted slope (0 at least)."""
+        if not self._sizes:
             return 1.0
-        sizes = sorted(self.seconds)
-        cost, top = {}, 0.0
-        for s in sizes:
-            top = max(top, self.seconds[s])
-            cost[s] = top
+        for s, c in zip(self._sizes, self._fit):
             if s >= n:
-                return top
-        big = sizes[-1]
-        prev = sizes[-2] if len(sizes) > 1 else 0
-        slope = max(0.0, (cost[big] - cost.get(prev, 0.0)) / max(big - prev, 1))
-        return cost[big] + slope * (n - big)
+                return c
+        big, top = self._sizes[-1], self._fit[-1]
+        prev, low = (self._sizes[-2], self._fit[-2]) if len(self._sizes) > 1 else (0, 0.0)
+        return top + max(0.0, (top - low) / max(big - prev, 1)) * (n - big)
 
     @classmethod
     def measure(cls, model: object, rows: int, max_tokens: int, prefix: int = 64, reps: int = 3,
@@ -102,6 +103,21 @@ class CostCurve:
                     if rep:
                         out[rows * t] = min(out[rows * t], time.perf_counter() - start)
         return cls(out)
+
+
+def isotonic(values: dict[int, float]) -> tuple[list[int], list[float]]:
+    """The sorted keys of ``values`` and the least-squares non-decreasing fit of their values (pool adjacent
+    violators: a run of points that falls is replaced by its mean, repeatedly)."""
+    sizes = sorted(values)
+    blocks: list[list[float]] = []  # [sum, count] of pooled runs
+    for s in sizes:
+        blocks.append([values[s], 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fit = [b[0] / b[1] for b in blocks for _ in range(int(b[1]))]
+    return sizes, fit
 
 
 @dataclass
@@ -237,9 +253,14 @@ class DraftPolicy:
         for tree in trees:
             probs = self.path_probs(tree)
             order = sorted(range(len(tree)), key=lambda i: (-probs[i], i))
-            order = [i for i in order if probs[i] >= self.options.min_prob][: self.options.max_nodes]
+            kept = [i for i in order if probs[i] >= self.options.min_prob][: self.options.max_nodes]
+            if not self.options.explore and self.options.max_nodes:  # explore=0 promises never to stop drafting
+                kept = kept or order[:1]
+            order = kept
             ranked.append((tree, order, [probs[i] for i in order]))
         n = self._common_size(ranked) if self.options.adaptive else self.options.max_nodes
+        if not self.options.explore:  # each row's best node at least
+            n = max(n, 1)
         return [tree.keep(sorted(order[:n])) for tree, order, _ in ranked]
 
     def _common_size(self, ranked: list[tuple[DraftTree, list[int], list[float]]]) -> int:
