@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -436,3 +437,65 @@ def test_sampling_runs_compare_seeded_samples(cyclic_dir: Path, tmp_path: Path) 
 def test_bad_sampling_options(tiny_dir: Path, tmp_path: Path, extra: dict, needle: str) -> None:
     with pytest.raises(PonderError, match=needle):
         bench.run(_args(**{"model": tiny_dir, "out": tmp_path, **extra}))
+
+
+def test_interleave_runs_each_prompt_by_every_method_in_turn(cyclic_dir: Path, tmp_path: Path) -> None:
+    """``--interleave``: the same records as a plain run (the baseline's ids, exact match of a lossless method,
+    top-1 agreement of int8, second turns built from the baseline's answers), measured a prompt at a time."""
+    suite = tmp_path / "suite.jsonl"
+    rows = [{"question_id": 1, "category": "qa", "turns": ["hello there", "and then?"]},
+            {"question_id": 2, "category": "rag", "turns": ["one two three one two three"]},
+            {"question_id": 3, "category": "qa", "turns": ["a b c a b c"]}]
+    suite.write_text("\n".join(json.dumps(r) for r in rows))
+    methods = "baseline,pld:explore=0,baseline:dtype=int8"
+    out, plain = tmp_path / "inter", tmp_path / "plain"
+    args = _args(model=cyclic_dir, suite=f"specbench:{suite}", methods=methods, max_new_tokens=12, out=out)
+    args.interleave = args.second_turns = True
+    assert bench.run(args) == 0
+    args = _args(model=cyclic_dir, suite=f"specbench:{suite}", methods=methods, max_new_tokens=12, out=plain)
+    args.second_turns = True
+    assert bench.run(args) == 0
+    r, p = (json.loads((d / "results.json").read_text()) for d in (out, plain))
+    assert r["settings"]["interleave"] is True and p["settings"]["interleave"] is False
+    assert "interleaved" in (out / "report.md").read_text()
+    key = lambda res: sorted((x["method"], x["id"], x["turn"], x["output_ids"]) for x in res["prompts"])  # noqa: E731
+    assert len(r["prompts"]) == 3 * 4 and key(r) == key(p)  # 4 cases (one second turn) x 3 methods, same outputs
+    assert r["methods"]["pld:explore=0"]["exact_match"] == 1.0
+    assert r["methods"]["baseline:dtype=int8"]["top1_agreement"] == p["methods"]["baseline:dtype=int8"]["top1_agreement"]
+    assert set(r["categories"]) == {"qa", "rag"} and r["methods"]["baseline"]["speedup"] == 1.0
+
+
+def test_interleave_rotates_the_methods_order_and_scores_after_each_prompt() -> None:
+    from ponder.bench.interleave import _rounds
+    from ponder.bench.methods import Output
+    from ponder.bench.suites import Case
+
+    calls: list[tuple[str, str, object]] = []
+
+    class Fake:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def call(self, command: str, payload=None):
+            calls.append((self.text, command, payload))
+            return [Output([len(calls)], 0.1, 0.0, [1.0])] if command == "generate" else None
+
+    children = {t: Fake(t) for t in ("baseline", "a", "b")}
+    cases = [Case(id=str(i), category="qa", turn=1, prompt_ids=[1, 2], turns=["x"]) for i in range(4)]
+    answers = _rounds(children, cases, type("Bar", (), {"update": lambda self, n: None})())
+    runs = [t for t, c, _ in calls if c == "generate"]
+    assert runs == ["baseline", "a", "b", "a", "b", "baseline", "b", "baseline", "a", "baseline", "a", "b"]
+    # after each prompt's three runs, three records: the baseline's without a reference, the others with its ids
+    assert [c for _, c, _ in calls[:6]] == ["generate"] * 3 + ["record"] * 3
+    refs = {t: p for t, c, p in calls[3:6]}
+    assert refs["baseline"] is None and refs["a"]["0/1"].ids == [1] == answers["0"]
+
+
+@pytest.mark.parametrize("extra,needle", [({"batch_size": 2}, "--batch-size 1"),
+                                          ({"methods": "baseline,pld:batch=4"}, "pld:batch=4"),
+                                          ({"suite": "ppl"}, "ppl suite")])
+def test_interleave_refuses_what_it_cannot_interleave(tiny_dir: Path, tmp_path: Path, extra, needle) -> None:
+    args = _args(**({"model": tiny_dir, "methods": "baseline", "out": tmp_path} | extra))
+    args.interleave = True
+    with pytest.raises(PonderError, match=re.escape(needle)):
+        bench.run(args)

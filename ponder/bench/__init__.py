@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ponder methods only: sample at this temperature (default 0: greedy); seeded, so every "
                         "method draws the same noise and a lossless one must still match plain sampling exactly")
     p.add_argument("--seed", type=int, default=0, help="the sampling seed with --temperature (default 0)")
+    p.add_argument("--interleave", action="store_true",
+                   help="every method in its own process at once, each prompt run by every method in turn (a "
+                        "rotating order): per-category ratios that a machine's drifting speed cannot skew "
+                        "(batch size 1; docs/bench.md)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (default 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per method (default: torch's choice)")
     p.add_argument("--profile", action="store_true",
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     baseline = MethodSpec("baseline", "baseline")
     results: dict[str, dict[str, Any]] = {}
     args.bandwidth = _bandwidth_in_child(args.threads)  # before any method runs, with the methods' threads
-    ref = _run_baseline(args, baseline, cases, tokenizer, eos, n_ctx, results)
+    others = []
     for spec in specs:
         if spec.text == "baseline":
             continue
@@ -95,7 +99,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"{spec.text}: skipped (pip install 'ponder[llamacpp]')",
                   file=sys.stderr)
             continue
-        results[spec.text] = _in_child(spec, args, cases, eos, n_ctx, ref)
+        others.append(spec)
+    if getattr(args, "interleave", False):
+        from ponder.bench.interleave import run_interleaved
+
+        results = run_interleaved(args, [baseline, *others], cases, tokenizer, eos, n_ctx)
+    else:
+        ref = _run_baseline(args, baseline, cases, tokenizer, eos, n_ctx, results)
+        for spec in others:
+            results[spec.text] = _in_child(spec, args, cases, eos, n_ctx, ref)
     write_outputs(Path(args.out), args, cases, results)
     return 0
 
@@ -110,6 +122,14 @@ def _check(args: argparse.Namespace) -> list[MethodSpec]:
     if args.threads is not None and args.threads < 1:
         raise PonderError(f"--threads must be >= 1, got {args.threads}")
     specs = parse_methods(args.methods)
+    if getattr(args, "interleave", False):
+        suite = args.suite.split(":")[0]
+        if suite in ("serve", "ppl"):
+            raise PonderError(f"--interleave runs generation suites; the {suite} suite has its own schedule")
+        if args.batch_size != 1 or (wide := [s.text for s in specs if s.batch(1) != 1]):
+            raise PonderError("--interleave runs a prompt at a time: use --batch-size 1"
+                              + (f" and drop the methods' own batch sizes ({', '.join(wide)})" if args.batch_size == 1
+                                 else ""))
     peers = [s.text for s in specs if not s.is_ponder]
     if getattr(args, "ignore_eos", False) and peers:
         raise PonderError(f"--ignore-eos applies to ponder methods only; drop {', '.join(peers)}")

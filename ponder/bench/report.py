@@ -81,7 +81,7 @@ def build_results(args: argparse.Namespace, cases: list[Case], raw: dict[str, di
                      "per_category": getattr(args, "per_category", None), "batch_size": args.batch_size,
                      "second_turns": args.second_turns, "warmup": args.warmup,
                      "greedy": not getattr(args, "temperature", 0.0), "temperature": getattr(args, "temperature", 0.0),
-                     "seed": getattr(args, "seed", 0),
+                     "seed": getattr(args, "seed", 0), "interleave": getattr(args, "interleave", False),
                      "prompts": len(cases)},
         "methods": methods,
         "categories": categories,
@@ -134,7 +134,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"{results['date']}, {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
         f"{results['settings']['prompts']} prompts, {_decoding(results['settings'])}, "
-        f"max {results['settings']['max_new_tokens']} new tokens.",
+        f"max {results['settings']['max_new_tokens']} new tokens"
+        + ("; interleaved (every method ran each prompt in turn, in a rotating order)."
+           if results["settings"].get("interleave") else "."),
         "",
         "| method | batch | tokens/s | speedup | exact match | near ties | TTFT (s) | peak RSS (MB) | top-1 agreement |",
         "|---|---|---|---|---|---|---|---|---|",
