@@ -126,6 +126,13 @@ def serve(conn: Any, init: tuple) -> None:
     """A method's process: build its ``MethodRun``, then answer ``generate`` (a list of cases: run them, keep
     the outputs for ``record`` and return them), ``record`` (the baseline's outputs or None: score the kept ones),
     ``result`` and ``stop``, each with ("ok", value) or ("error", message)."""
+    try:
+        _serve(conn, init)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it, quietly here
+        return
+
+
+def _serve(conn: Any, init: tuple) -> None:
     from ponder.bench.worker import MethodRun
 
     try:
