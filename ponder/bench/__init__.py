@@ -259,6 +259,13 @@ def _bandwidth_in_child(threads: int | None) -> float:
         return pool.submit(memory_bandwidth, threads).result()
 
 
+def crash_error(spec: MethodSpec, exitcode: int | None = None) -> PonderError:
+    """The one-line error for a method whose process died (with llama.cpp's AMX hint for ``llamacpp``)."""
+    code = f"exit code {exitcode}, " if exitcode is not None else ""
+    hint = LLAMACPP_CRASH_HINT if spec.name == "llamacpp" else ""
+    return PonderError(f"method {spec.text} crashed: its process died ({code}e.g. a segmentation fault).{hint}")
+
+
 def _in_child(
     spec: MethodSpec, args: argparse.Namespace, cases: list[Case], eos: set[int], n_ctx: int,
     ref: dict[str, Output] | None,
@@ -274,8 +281,7 @@ def _in_child(
         except PonderError:
             raise
         except BrokenProcessPool:
-            hint = LLAMACPP_CRASH_HINT if spec.name == "llamacpp" else ""
-            raise PonderError(f"method {spec.text} crashed: its process died (e.g. a segmentation fault).{hint}")
+            raise crash_error(spec)
         except Exception as e:  # a peer library failing is reported, not a traceback
             raise PonderError(f"method {spec.text} failed: {type(e).__name__}: {e}")
 

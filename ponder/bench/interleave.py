@@ -103,12 +103,10 @@ class Child:
         return value
 
     def _died(self) -> None:
-        from ponder.bench import LLAMACPP_CRASH_HINT
+        from ponder.bench import crash_error
 
         self.process.join(timeout=5)
-        hint = LLAMACPP_CRASH_HINT if self.spec.name == "llamacpp" else ""
-        raise PonderError(f"method {self.spec.text} crashed: its process died (exit code {self.process.exitcode}, "
-                          f"e.g. a segmentation fault).{hint}")
+        raise crash_error(self.spec, self.process.exitcode)
 
     def close(self) -> None:
         try:
@@ -137,11 +135,8 @@ def _serve(conn: Any, init: tuple) -> None:
 
     try:
         run = MethodRun(*init)
-    except PonderError as e:
-        conn.send(("error", str(e)))
-        return
     except Exception as e:  # a peer library failing is reported, not a traceback
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(("error", _message(e)))
         return
     conn.send(("ok", None))
     kept: tuple[list[Case], list[Output], float] | None = None
@@ -166,10 +161,12 @@ def _serve(conn: Any, init: tuple) -> None:
                 value = run.result()
             else:
                 raise PonderError(f"unknown command {command!r}")
-        except PonderError as e:
-            conn.send(("error", str(e)))
-            continue
         except Exception as e:
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            conn.send(("error", _message(e)))
             continue
         conn.send(("ok", value))
+
+
+def _message(e: Exception) -> str:
+    """A method's failure in one line: a PonderError's own message, else the exception's type and message."""
+    return str(e) if isinstance(e, PonderError) else f"{type(e).__name__}: {e}"

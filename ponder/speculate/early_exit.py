@@ -7,8 +7,8 @@ once per token. Drafting stops early when the exit head's top-1 probability fall
 second early exit), or at ``k`` tokens.
 
 ``layer=auto`` follows DEL: every ``probe`` verify steps the verify forward reports the hidden states entering each
-candidate exit layer (one candidate in turn while drafting is paused); the shared head on them tells how often each layer's prediction matches the token the target
-committed. With those acceptance rates (running averages) and the measured costs (a layer, the head, the verify
+candidate exit layer (one candidate in turn while drafting is paused); the shared head on them tells how often each
+layer's prediction matches the token the target committed. With those acceptance rates (running averages) and the measured costs (a layer, the head, the verify
 curve), the drafter picks the exit layer and draft length with the most expected tokens per second. Whether drafting
 pays at all is measured, not modelled, by the draft policy's gate (``policy.DraftGate``: whole steps timed with and
 without drafting, the faster kept, the other retried every ``explore`` steps); a step it leaves undrafted gives
@@ -99,9 +99,6 @@ class EarlyExit(Drafter):
         self.k = options.k
         self.drafting_steps = 0
         self.paused_probes = 0  # probes while not drafting (each probes one candidate layer)
-
-    def new_state(self, prompt_ids: list[int]) -> None:
-        return None
 
     @classmethod
     def build(cls, options: EarlyExitOptions, target: Any) -> "EarlyExit":
