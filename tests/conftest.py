@@ -131,6 +131,6 @@ def cyclic_medusa_dir(cyclic_dir: Path, cyclic_head_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def cyclic_exits_dir(cyclic_dir: Path, cyclic_head_dir: Path) -> Path:
-    """Exit adapters (layers 1 and 2) trained on the cyclic model, in seconds."""
+    """Exit adapters (layers 1 and 2, an MLP after layer 1's map) trained on the cyclic model, in seconds."""
     return _train_on_cyclic("exits", cyclic_dir, cyclic_head_dir, "--epochs", "2", "--lr", "1e-2", "--accum", "2",
-                            "--positions", "32")
+                            "--positions", "32", "--mlp-layers", "1", "--width", "16")

@@ -17,10 +17,12 @@ from ponder.speculate import DraftBatch, DraftRow, make_speculator
 from test_speculate_core import PROMPTS
 
 
-def _identity_artifact(path: Path, model, layers: tuple[int, ...]) -> Path:
+def _identity_artifact(path: Path, model, layers: tuple[int, ...], mlp: dict[int, int] | None = None) -> Path:
     """Untrained adapters saved as ``ponder distill train exits`` saves trained ones."""
-    adapters = ExitAdapters(model.config.hidden_size, layers)
-    save_artifact(path, adapters.tensors(), {"kind": "exits", "layers": list(layers), "model": "test"})
+    adapters = ExitAdapters(model.config.hidden_size, layers, mlp)
+    recipe = {"kind": "exits", "layers": list(layers), "mlp": {str(k): v for k, v in (mlp or {}).items()},
+              "model": "test"}
+    save_artifact(path, adapters.tensors(), recipe)
     return path
 
 
@@ -29,14 +31,17 @@ def test_default_layers_scale_with_depth() -> None:
     assert default_layers(3) == (1, 2) and default_layers(2) == (1,)
 
 
-def test_identity_adapters_are_the_plain_early_exit(cyclic, tmp_path: Path) -> None:
-    """Untrained adapters change nothing, bit for bit: the same logits, the same drafts with the same scores, the
-    same hidden states handed to the verify."""
-    path = _identity_artifact(tmp_path / "exits", cyclic.model, (1, 2))
+@pytest.mark.parametrize("mlp", [None, {1: 8}])
+def test_identity_adapters_are_the_plain_early_exit(cyclic, tmp_path: Path, mlp) -> None:
+    """Untrained adapters (with or without an MLP) change nothing, bit for bit: the same logits, the same drafts
+    with the same scores, the same hidden states handed to the verify."""
+    path = _identity_artifact(tmp_path / "exits", cyclic.model, (1, 2), mlp)
     adapters, _ = load_exits(path, cyclic.model)
+    assert adapters.mlp_widths == (mlp or {})
     h = torch.randn(4, 7, cyclic.model.config.hidden_size)
     with torch.inference_mode():
         assert torch.equal(cyclic.model.logits(adapters(1, h)), cyclic.model.logits(h))
+        assert torch.equal(adapters(1, h.to(torch.bfloat16)), h.to(torch.bfloat16))
     model, tokens = cyclic.model, PROMPTS[0]
     cache = model.new_cache(1, 64)
     proposals = []
@@ -81,6 +86,28 @@ def test_train_exits_end_to_end(tiny, tiny_dir: Path, tiny_data_dir: Path, tmp_p
     assert all(a > b for a, b in zip(after, before)), (before, after)
 
 
+def test_exit_mlp_trains_and_loads(tiny, tiny_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """``--mlp-layers``: the named exit layer's map is followed by a trained residual MLP of ``--width``; the
+    artifact reloads to the adapters that were evaluated, and the MLP changes that layer's exit."""
+    out = tmp_path / "exits"
+    assert main(["distill", "train", "exits", "--model", str(tiny_dir), "--data", str(tiny_data_dir), "--out",
+                 str(out), "--epochs", "3", "--lr", "1e-2", "--positions", "48", "--max-len", "256",
+                 "--mlp-layers", "2", "--width", "24", "--quiet"]) == 0
+    adapters, recipe = load_exits(out, tiny.model)
+    assert recipe["mlp"] == {"2": 24} and adapters.mlp_widths == {2: 24} and set(adapters.mlps) == {"2"}
+    mlp = adapters.mlps["2"]
+    assert mlp.up.weight.shape == (24, tiny.model.config.hidden_size) and mlp.down.weight.abs().sum() > 0
+    _, seqs = read_data(tiny_data_dir, 256)
+    held = [states(tiny.model, s, (1, 2), None) for s in split(seqs)[1]]
+    assert agreement(adapters, tiny.model, held, (1, 2)) == recipe["heldback"]["top1_adapted"]
+    h = held[0].hidden[2].float()
+    with torch.inference_mode():
+        affine = h + adapters.maps["2"](h)
+        assert torch.equal(adapters(2, h), mlp(affine)) and not torch.equal(adapters(2, h), affine)
+    E = tiny.model.config.hidden_size
+    assert adapters.extra_macs(2) == E * E + 2 * E * 24 and adapters.extra_macs(1) == E * E
+
+
 def test_auto_chooses_among_the_adapters_layers(cyclic, cyclic_exits_dir: Path) -> None:
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     want = [c.output_ids for c in Engine(cyclic).generate(PROMPTS, params)]
@@ -104,7 +131,9 @@ def test_errors_are_one_line_and_name_the_fix(
     with pytest.raises(PonderError, match="no layer 1"):
         make_speculator(f"early-exit:layer=1:adapter={only2}", cyclic)
     for args, message in ((["--layers", "0,2"], "must lie in [1, 2]"), (["--layers", "x"], "comma-separated"),
-                          (["--positions", "-1"], "--positions >= 0")):
+                          (["--positions", "-1"], "--positions >= 0"), (["--mlp-layers", "1;2"], "--mlp-layers"),
+                          (["--mlp-layers", "2", "--layers", "1"], "exit MLPs go on exit layers"),
+                          (["--mlp-layers", "1", "--width", "0"], "--width >= 1")):
         capsys.readouterr()
         data = tmp_path / "nodata"
         assert main(["distill", "train", "exits", "--model", str(cyclic_dir), "--data", str(data), "--quiet", *args]) == 1

@@ -46,7 +46,11 @@ def add_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
     train.add_argument("--positions", type=int, default=None,
                        help="exits, duo: positions per sequence trained on, drawn at random (0: all; default 64 for "
                             "exits, 48 answer positions for duo)")
-    train.add_argument("--width", type=int, default=64, help="duo: the small FFNs' width (default 64)")
+    train.add_argument("--width", type=int, default=None,
+                       help="duo: the small FFNs' width (default 64); exits: the MLPs' width (default 512)")
+    train.add_argument("--mlp-layers", default="",
+                       help="exits: exit layers whose affine map is followed by a residual MLP, e.g. 24 (default: "
+                            "none)")
     train.add_argument("--batch", type=int, default=256, help="duo: positions per optimizer step (default 256)")
     train.add_argument("--router", default="margin", choices=["margin", "local"],
                        help="duo: what the routers predict: margin (each option's first-order change of the final "
@@ -115,9 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise PonderError("train needs --vocab, --steps, --epochs, --accum >= 1, --lr > 0 and --max-len >= 8")
     if not args.feature_weight >= 0:  # NaN too
         raise PonderError("train needs --feature-weight >= 0")
-    if args.heads < 1 or (args.positions or 0) < 0 or args.width < 1 or args.batch < 1:
+    if args.heads < 1 or (args.positions or 0) < 0 or (args.width is not None and args.width < 1) or args.batch < 1:
         raise PonderError("train needs --heads >= 1, --width >= 1, --batch >= 1 and --positions >= 0")
-    _layers(args.layers)  # a malformed list fails before the model loads
+    _layers(args.layers), _layers(args.mlp_layers, "--mlp-layers")  # a malformed list fails before the model loads
     loaded = ponder.load(args.model, args.dtype)
     data = Path(args.data).expanduser() if args.data else artifact_dir(loaded, "data")
     out = Path(args.out).expanduser() if args.out else artifact_dir(loaded, args.kind)
@@ -154,7 +158,8 @@ def _train_exits(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Na
 
     positions = 64 if args.positions is None else args.positions
     recipe = train_exits(loaded, data, out, _layers(args.layers), positions, cfg, args.max_len,
-                         progress=not args.quiet)
+                         progress=not args.quiet, mlp_layers=_layers(args.mlp_layers, "--mlp-layers"),
+                         mlp_width=512 if args.width is None else args.width)
     ev = recipe["heldback"]
     acc = ", ".join(f"{layer}: {b:.1%} -> {a:.1%}"
                     for layer, b, a in zip(recipe["layers"], ev["top1_identity"], ev["top1_adapted"]))
@@ -165,7 +170,8 @@ def _train_duo(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Name
     from ponder.distill.duo import train_duo
 
     positions = 48 if args.positions is None else args.positions
-    recipe = train_duo(loaded, data, out, args.width, positions, cfg, min(args.max_len, 1024), args.batch,
+    width = 64 if args.width is None else args.width
+    recipe = train_duo(loaded, data, out, width, positions, cfg, min(args.max_len, 1024), args.batch,
                        progress=not args.quiet, router=args.router)
     ev = recipe["heldback"]
     sweep = ", ".join(f"{r['threshold']}: {r['top1']:.1%} at {r['big_ffn']:.1f} big + {r['small_ffn']:.1f} small"
@@ -179,8 +185,8 @@ def _train_duo(loaded: Any, data: Path, out: Path, cfg: Any, args: argparse.Name
 _TRAIN = {"head": _train_head, "medusa": _train_medusa, "exits": _train_exits, "duo": _train_duo}
 
 
-def _layers(text: str) -> tuple[int, ...]:
+def _layers(text: str, flag: str = "--layers") -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",")) if text else ()
     except ValueError:
-        raise PonderError(f"--layers takes comma-separated layer numbers, got {text!r}")
+        raise PonderError(f"{flag} takes comma-separated layer numbers, got {text!r}")

@@ -109,7 +109,8 @@ class EarlyExit(Drafter):
         head = cfg.vocab_size * cfg.hidden_size
         adapters = _load_adapters(options.adapter, target) if options.adapter else None
         if adapters is not None:
-            head += cfg.hidden_size * cfg.hidden_size  # the adapter runs before the head on every exit
+            # the adapter runs before the head on every exit (its dearest layer's: an MLP's is 1.8 E x E more)
+            head += max(adapters.extra_macs(layer) for layer in adapters.layers)
         try:
             return cls(options, cfg.num_hidden_layers, head / layer_params, adapters)
         except ValueError as e:
