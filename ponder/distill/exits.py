@@ -57,8 +57,8 @@ class ExitAdapters(nn.Module):
         self.layers = tuple(sorted(layers))
         self.mlp_widths = {int(k): int(v) for k, v in (mlp or {}).items()}
         if not set(self.mlp_widths) <= set(self.layers) or any(w < 1 for w in self.mlp_widths.values()):
-            raise PonderError(f"exit MLPs need exit layers and widths >= 1, got {self.mlp_widths} for layers "
-                              f"{list(self.layers)}")
+            raise PonderError(f"exit MLPs go on exit layers ({', '.join(map(str, self.layers))}) with widths >= 1, "
+                              f"got {self.mlp_widths}")
         self.maps = nn.ModuleDict({str(layer): nn.Linear(hidden_size, hidden_size) for layer in self.layers})
         self.mlps = nn.ModuleDict({str(layer): ExitMLP(hidden_size, w, eps) for layer, w in self.mlp_widths.items()})
         for m in self.maps.values():
@@ -73,7 +73,7 @@ class ExitAdapters(nn.Module):
         z = z + m(z)
         if str(layer) in self.mlps:
             z = self.mlps[str(layer)](z)
-        return z.to(h.dtype) if z.dtype != h.dtype else z
+        return z.to(h.dtype)
 
     def extra_macs(self, layer: int) -> int:
         """Multiply-adds per position of the adapter at ``layer``."""
@@ -195,17 +195,14 @@ def train_exits(
         raise PonderError(f"exit layers must lie in [1, {n - 1}] for this {n}-layer model, got {list(layers)}")
     if positions < 0:
         raise PonderError(f"exits needs positions >= 0, got {positions}")
-    if not set(mlp_layers) <= set(layers) or mlp_width < 1:
-        raise PonderError(f"exit MLPs go on exit layers ({', '.join(map(str, layers))}) and need a width >= 1, got "
-                          f"layers {list(mlp_layers)}, width {mlp_width}")
     mlp = {layer: mlp_width for layer in sorted(set(mlp_layers))}
+    adapters = ExitAdapters(target.config.hidden_size, layers, mlp, target.config.rms_norm_eps).to(target.device)
     manifest, seqs = read_data(Path(data_dir), max_len)
     train, held = split(seqs)
     g = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
     train = [states(target, s, layers, sample_positions(len(s.tokens), positions, g)) for s in _bar(train, progress)]
     held = [states(target, s, layers, None) for s in held]
-    adapters = ExitAdapters(target.config.hidden_size, layers, mlp, target.config.rms_norm_eps).to(target.device)
     before = agreement(None, target, held, layers)
     curve = train_loop(list(adapters.parameters()), lambda s: sum(kl_loss(adapters, target, s)) / len(layers),
                        train, cfg, progress, desc="train exits")
