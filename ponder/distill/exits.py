@@ -241,14 +241,9 @@ def load_exits(path: Any, target: Any) -> tuple[ExitAdapters, dict[str, Any]]:
         raise PonderError(f"the exit adapters in {path} were trained for another model ({recipe.get('model')})")
     adapters = ExitAdapters(E, layers, mlp, target.config.rms_norm_eps)
     with torch.no_grad():
-        for layer in layers:
-            adapters.maps[str(layer)].weight.copy_(tensors[f"delta.{layer}"])
-            adapters.maps[str(layer)].bias.copy_(tensors[f"bias.{layer}"])
-        for layer in mlp:
-            for name, t in adapters.mlps[str(layer)].named_tensors().items():
-                key = f"mlp.{layer}.{name}"
-                if key not in tensors or tensors[key].shape != t.shape:
-                    raise PonderError(f"the exit adapters in {path} lack {key} (or it has the wrong shape): retrain "
-                                      "them with ponder distill train exits")
-                t.copy_(tensors[key])
+        for key, t in adapters.tensors().items():  # the parameters themselves, by their stored names
+            if key not in tensors or tensors[key].shape != t.shape:
+                raise PonderError(f"the exit adapters in {path} lack {key} (or it has the wrong shape): retrain "
+                                  "them with ponder distill train exits")
+            t.copy_(tensors[key])
     return adapters.to(target.device).eval().requires_grad_(False), recipe

@@ -8,8 +8,9 @@ second early exit), or at ``k`` tokens.
 
 ``layer=auto`` follows DEL: every ``probe`` verify steps the verify forward reports the hidden states entering each
 candidate exit layer (one candidate in turn while drafting is paused); the shared head on them tells how often each
-layer's prediction matches the token the target committed. With those acceptance rates (running averages) and the measured costs (a layer, the head, the verify
-curve), the drafter picks the exit layer and draft length with the most expected tokens per second. Whether drafting
+layer's prediction matches the token the target committed. With those acceptance rates (running averages) and the
+measured costs (a layer, the head, the verify curve), the drafter picks the exit layer and draft length with the
+most expected tokens per second. Whether drafting
 pays at all is measured, not modelled, by the draft policy's gate (``policy.DraftGate``: whole steps timed with and
 without drafting, the faster kept, the other retried every ``explore`` steps); a step it leaves undrafted gives
 every row a budget of 0. (The drafter once kept a gate of its own too; each gate then timed the other's plain
