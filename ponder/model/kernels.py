@@ -6,7 +6,7 @@ rows where MKL has it) are timed on the model's own shapes: the projections of i
 routed to the cheapest (kernel, padded row count m >= n), taking the fewest rows within ``MARGIN`` of the cheapest;
 ``plain`` unpadded is kept unless another choice saves at least ``MARGIN``, so noise does not move a route. The
 result is cached on disk per CPU model, thread count, PyTorch version, shapes and candidate kernels
-(``$PONDER_CACHE/kernels``), so only the first process on a machine pays the measurement (~5-10 s for SmolLM2).
+(``$PONDER_CACHE/kernels``; the row counts measured too), so only the first process on a machine pays the measurement (~5-10 s for SmolLM2).
 Processes that measure at the same time all take the first one's file: a route decides a product's last bits, and
 two processes on one machine (a server and a client engine, parallel tests) must compute the same tokens.
 """
@@ -27,7 +27,10 @@ import torch
 from ponder.files import remove_quietly, temp_beside
 from ponder.model.linear import MIN_PACKED_ROWS, Linear, can_dnn, can_pack
 
-ROWS = (*range(1, 17), 24, 32)  # row counts measured; others route to the next measured count above
+# row counts measured; others route to the next measured count above, and counts past the last stay on F.linear.
+# Up to 64: lowbit's chains verify 41 tokens at batch 1 and speculation's batches of 4 up to 4 x 16, and on the AMD
+# EPYC of 2026-12-06 oneDNN ran SmolLM2's projections for 41 rows in 51 ms against F.linear's 79 ms (64 rows: 71 / 100)
+ROWS = (*range(1, 17), 24, 32, 40, 48, 64)
 SAMPLE_LAYERS = 6
 MARGIN = 0.05
 KERNELS = ("plain", "nt", "packed", "dnn")  # part of the cache key: a new candidate measures every machine again
@@ -67,7 +70,7 @@ def tune(model: Any, cache_dir: Path | None) -> dict[str, Route]:
         return {}
     shapes = [sorted({tuple(m.weight.shape) for m in sample}), tuple(head.weight.shape) if head else None]
     key = hashlib.sha1(json.dumps([cpu_name(), torch.get_num_threads(), torch.__version__, shapes, KERNELS,
-                                   MAX_PACKED]).encode())
+                                   MAX_PACKED, ROWS]).encode())
     path = None if cache_dir is None else cache_dir / f"{key.hexdigest()[:16]}.json"
     routes = _read(path)
     if routes is None:
