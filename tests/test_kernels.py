@@ -280,6 +280,10 @@ def test_dnn_kernel_rows_do_not_depend_on_the_other_rows() -> None:
         assert torch.equal(wo(x, bulk=True), plain)
         assert torch.equal(wo(x), wo.run("dnn", x, n))
         assert torch.equal(wo(x[:PREFILL_ROUTED], bulk=True), wo.run("dnn", x[:PREFILL_ROUTED], PREFILL_ROUTED))
+    # an input that needs a gradient takes F.linear, the one kernel with autograd
+    xg = x.clone().requires_grad_(True)
+    wo(xg).sum().backward()
+    assert xg.grad is not None and torch.allclose(xg.grad, wo.weight.detach().sum(0).expand_as(x), atol=1e-5)
 
 
 def test_route_plan_takes_the_fewest_rows_within_the_margin() -> None:

@@ -98,6 +98,8 @@ class Linear(nn.Linear):
         """x # [..., in] -> # [..., out]. ``bulk``: the rows are a prefill's, whose bits need not match a decode
         step's (the quantized layers multiply them on a kernel of their own where one is faster: ``q4.py``)."""
         n = x.numel() // self.in_features
+        if x.requires_grad and torch.is_grad_enabled():  # a backward through it (duo's margin gradients): the
+            return F.linear(x, self.weight, self.bias)  # packed and oneDNN kernels have no autograd
         if self.route:
             kernel, rows = self.route.get(n, ("plain", n)) if n <= PREFILL_ROUTED or not bulk else ("plain", n)
             if (kernel == "packed" and rows not in self.packed) or (kernel == "dnn" and self.dnn is None):
