@@ -8,7 +8,7 @@ SPECBENCH ?= ../shared/specbench/dev.jsonl
 HEADS_DATA ?= $(HOME)/.cache/ponder/distill/heads-data
 SHIPPED = ponder/artifacts/smollm2-135m
 
-.PHONY: install demo test bench-quick heads head-large exits-mlp clean
+.PHONY: install demo test bench-quick heads head-large clean
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
@@ -39,7 +39,8 @@ heads: install
 		--out $(HEADS_DATA)
 	$(PYTHON) -m ponder distill train head --data $(HEADS_DATA) --out $(SHIPPED)/head --epochs 4
 	$(PYTHON) -m ponder distill train medusa --data $(HEADS_DATA) --out $(SHIPPED)/medusa --epochs 4
-	$(PYTHON) -m ponder distill train exits --data $(HEADS_DATA) --out $(SHIPPED)/exits
+	$(PYTHON) -m ponder distill train exits --data $(HEADS_DATA) --out $(SHIPPED)/exits --mlp-layers 24 --positions 192 \
+		--epochs 4 --bf16
 	$(PYTHON) -m ponder distill train duo --data $(HEADS_DATA) --out $(SHIPPED)/duo --epochs 4 --max-len 512
 
 # a head trained on 3.3x the answers, past the 20-minute budgets of the shipped recipe (~50 min of data, ~28 min of
@@ -50,15 +51,6 @@ head-large: install
 	$(PYTHON) -m ponder distill data --specbench $(SPECBENCH) --tokens 200000 --layers 2,8,12,15,16,20,24,27,30 \
 		--out $(HEADS_DATA)-200k
 	$(PYTHON) -m ponder distill train head --data $(HEADS_DATA)-200k --epochs 3 --bf16
-
-# exit adapters past the shipped ones' 67% held-back agreement at layer 24: a residual MLP after layer 24's map, 3x
-# the positions, twice the epochs (~26 min of training on 2 cores, past the shipped recipe's 20-minute budget;
-# docs/distill.md). They go to ponder's cache, where they take precedence over the shipped adapters (for
-# `early-exit:adapter=default` and `--depth exit:adapter=default` alike). The data step resumes (a no-op when done)
-exits-mlp: install
-	$(PYTHON) -m ponder distill data --specbench $(SPECBENCH) --tokens 65000 --layers 2,8,12,15,16,20,24,27,30 \
-		--out $(HEADS_DATA)
-	$(PYTHON) -m ponder distill train exits --data $(HEADS_DATA) --mlp-layers 24 --positions 192 --epochs 4
 
 clean:
 	rm -rf bench-out build dist *.egg-info .pytest_cache
