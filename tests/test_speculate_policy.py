@@ -134,6 +134,21 @@ def test_plan_prices_a_sequential_drafters_forwards():
     for i in range(200):
         policy.observe([pair], [[0, 1] if i % 2 else [0]], forwards=2, draft_seconds=0.02)
     assert policy.plan([15], ("lowbit",))[0] <= 2
+    # a few early rejections past depth 7 (chains of 15 rejected at depth 9), then a drafter that is always
+    # accepted: the plan tries longer chains every `explore` plans, so the estimate of the deeper depths recovers
+    # and the chains grow back to the budget (without those tries they stayed at 7: tau 7.3 where 26 was possible)
+    policy = DraftPolicy(PolicyOptions(max_nodes=15, explore=16), curve)
+    policy.forward_s[1] = 0.004
+    long = DraftTree.chain([1] * 15, [1.0] * 15, "lowbit")
+    for _ in range(3):
+        policy.observe([long], [list(range(8))], forwards=15, draft_seconds=0.06)
+    plans = []
+    for _ in range(80):
+        n = policy.plan([15], ("lowbit",))[0]
+        plans.append(n)
+        policy.observe([DraftTree.chain([1] * n, [1.0] * n, "lowbit")], [list(range(n))], forwards=n,
+                       draft_seconds=0.004 * n)
+    assert plans[0] < 15 and plans[-1] == 15, plans
     # adaptive=false: always the budgets
     fixed = DraftPolicy(PolicyOptions(adaptive=False), curve)
     fixed.forward_s[1] = 1.0
@@ -245,3 +260,15 @@ def test_explore_0_verifies_each_rows_best_node_however_dear():
     assert [len(t) for t in DraftPolicy(PolicyOptions(), curve).shape(chains)] == [0, 0]
     always = DraftPolicy(PolicyOptions(explore=0), curve)
     assert [t.tokens for t in always.shape(chains)] == [[1], [3]]
+
+
+def test_cost_curve_measures_the_largest_forward_it_will_price(tiny) -> None:
+    """A forward between two measured sizes may run on another kernel (a route pads 41 rows to 48), so the curve
+    measures its largest size (a lowbit chain of 40 drafts: 41 tokens) instead of extrapolating to it."""
+    from ponder.speculate.policy import CostCurve
+
+    assert set(CostCurve.measure(tiny.model, 1, 41, reps=1).seconds) == {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 41}
+    assert set(CostCurve.measure(tiny.model, 4, 41, reps=1).seconds) == {4 * t for t in (1, 2, 3, 4, 6, 8, 12, 16,
+                                                                                        24, 32, 40, 41)}
+    assert set(CostCurve.measure(tiny.model, 8, 41, reps=1).seconds) == {8 * t for t in (1, 2, 3, 4, 6, 8, 12, 16,
+                                                                                        24, 32)}  # 256 at most
