@@ -27,10 +27,11 @@ import torch
 from ponder.files import remove_quietly, temp_beside
 from ponder.model.linear import MIN_PACKED_ROWS, Linear, can_dnn, can_pack
 
-# row counts measured; others route to the next measured count above, and counts past the last stay on F.linear.
-# Up to 64: lowbit's chains verify 41 tokens at batch 1 and speculation's batches of 4 up to 4 x 16, and on the AMD
-# EPYC of 2026-12-06 oneDNN ran SmolLM2's projections for 41 rows in 51 ms against F.linear's 79 ms (64 rows: 71 / 100)
-ROWS = (*range(1, 17), 24, 32, 40, 48, 64)
+# row counts measured; others route to the next measured count above, and counts past the last stay on F.linear
+# (prefills: transformers' kernel). Routes up to 64 rows were tried (2026-12-06, AMD EPYC: lowbit's 41-token verify
+# forward 170 -> 129 ms at 800 tokens of context) and gave lowbit on held-out Spec-Bench 2.93x plain decoding
+# against 3.02-3.07x without them (its planned chains grew, and drafting with them), so they are not kept
+ROWS = (*range(1, 17), 24, 32)
 SAMPLE_LAYERS = 6
 MARGIN = 0.05
 KERNELS = ("plain", "nt", "packed", "dnn")  # part of the cache key: a new candidate measures every machine again

@@ -24,9 +24,9 @@ cost curve monotone in the row count: no cliffs for the speculative policy to tr
   of SmolLM2's projection shapes, against 15 / 21 / 44 / 55 ms for the best MKL call: the cheapest kernel from 4 rows
   up, which takes the verify forwards of speculation (and batches) off MKL's slow small-M paths. From 2 rows on, a
   row's bits do not depend on the other rows of the call (tests/test_kernels.py; a 1-row call may sum in another
-  order). Row counts beyond the route, and a prefill's (``bulk``) beyond ``PREFILL_ROUTED`` rows, stay on
-  ``F.linear``, the kernel transformers uses, so prompt logits keep matching transformers' within 1e-4 (oneDNN is
-  1.3-1.6x faster there for 41-512 rows, but moved SmolLM2's prompt logits 1.1e-4).
+  order). Row counts beyond the route (prefills) stay on ``F.linear``, the kernel transformers uses, so prompt logits
+  keep matching transformers' within 1e-4 (oneDNN would be 1.3-1.4x faster there for 64-512 rows, but moved SmolLM2's
+  prompt logits 1.1e-4).
 
 Bits: kernels may differ in the last bits of fp32 sums (see tests/test_kernels.py); fp32 speculation is therefore
 exact up to near ties (docs/speculation.md), as it was with one kernel, whose 1-row and n-row calls differ too.
@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_PACKED_ROWS = 4  # below this the packed kernel is never chosen
-PREFILL_ROUTED = 32  # a prefill's (``bulk``) products of more rows stay on F.linear (module doc)
 # fp16 on the CPU: a one-row product runs padded with a zero row to two. On a Xeon with AVX512-FP16 (2026-12-05) a
 # row's fp16 product alone had other bits than among 2-33 rows (which all agreed), so decode steps and speculation's
 # verify forwards disagreed in last bits, which fp16's rounding turns into other tokens; padded, they agree
@@ -101,7 +100,7 @@ class Linear(nn.Linear):
         if x.requires_grad and torch.is_grad_enabled():  # a backward through it (duo's margin gradients): the
             return F.linear(x, self.weight, self.bias)  # packed and oneDNN kernels have no autograd
         if self.route:
-            kernel, rows = self.route.get(n, ("plain", n)) if n <= PREFILL_ROUTED or not bulk else ("plain", n)
+            kernel, rows = self.route.get(n, ("plain", n))
             if (kernel == "packed" and rows not in self.packed) or (kernel == "dnn" and self.dnn is None):
                 kernel, rows = "plain", n
         else:  # no route: F.linear, or the smallest packed size that holds the rows
