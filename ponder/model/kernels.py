@@ -5,8 +5,8 @@ rows where MKL has it) are timed on the model's own shapes: the projections of i
 (enough weights to leave the caches, as a decode step does), and the LM head on its own. Each row count n is then
 routed to the cheapest (kernel, padded row count m >= n), taking the fewest rows within ``MARGIN`` of the cheapest;
 ``plain`` unpadded is kept unless another choice saves at least ``MARGIN``, so noise does not move a route. The
-result is cached on disk per CPU model, thread count, PyTorch version, shapes and candidate kernels
-(``$PONDER_CACHE/kernels``; the row counts measured too), so only the first process on a machine pays the measurement (~5-10 s for SmolLM2).
+result is cached on disk per CPU model, thread count, PyTorch version, shapes, candidate kernels and row counts
+(``$PONDER_CACHE/kernels``), so only the first process on a machine pays the measurement (~5-10 s for SmolLM2).
 Processes that measure at the same time all take the first one's file: a route decides a product's last bits, and
 two processes on one machine (a server and a client engine, parallel tests) must compute the same tokens.
 """
@@ -30,7 +30,7 @@ from ponder.model.linear import MIN_PACKED_ROWS, Linear, can_dnn, can_pack
 # row counts measured; others route to the next measured count above, and counts past the last stay on F.linear
 # (prefills: transformers' kernel). Routes up to 64 rows were tried (2026-12-06, AMD EPYC: lowbit's 41-token verify
 # forward 170 -> 129 ms at 800 tokens of context) and gave lowbit on held-out Spec-Bench 2.93x plain decoding
-# against 3.02-3.07x without them (its planned chains grew, and drafting with them), so they are not kept
+# against 2.99-3.07x without them (its planned chains grew, and drafting with them), so they are not kept
 ROWS = (*range(1, 17), 24, 32)
 SAMPLE_LAYERS = 6
 MARGIN = 0.05
