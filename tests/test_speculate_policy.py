@@ -263,8 +263,9 @@ def test_explore_0_verifies_each_rows_best_node_however_dear():
 
 
 def test_cost_curve_measures_the_largest_forward_it_will_price(tiny) -> None:
-    """A forward between two measured sizes may run on another kernel (a route pads 41 rows to 48), so the curve
-    measures its largest size (a lowbit chain of 40 drafts: 41 tokens) instead of extrapolating to it."""
+    """The kernel can change between two measured sizes (a route padding rows to the next measured count, F.linear
+    past the routes), so the curve measures its largest size (a lowbit chain of 40 drafts: 41 tokens) instead of
+    extrapolating to it."""
     from ponder.speculate.policy import CostCurve
 
     assert set(CostCurve.measure(tiny.model, 1, 41, reps=1).seconds) == {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 41}

@@ -85,9 +85,9 @@ class CostCurve:
         and measuring 8 rows x 40 tokens added ~3 s to a start): the best of ``reps`` rounds after a warm-up
         round, each round timing every size once (so a slow moment of a shared machine hits all sizes alike rather
         than one)."""
-        # the largest forward the policy will price is measured too: a size between two measured ones may run on
-        # another kernel (padded to the next measured row count: on an AMD EPYC a 41-token verify cost 114 ms
-        # against 85 ms for 40, where the curve said 78), and lowbit's chains stop right there
+        # the largest forward the policy will price is measured too, not extrapolated: the kernel can change between
+        # two sizes (fp32 routes end at 32 rows; with routes padding 41 rows to 48 a 41-token verify cost 114 ms
+        # against 85 ms for 40 where the curve said 78, AMD EPYC), and lowbit's chains stop right there
         sizes = sorted({t for t in (*MEASURED_SIZES, max_tokens) if t <= max_tokens and (rows * t <= most or t == 1)}) \
             or [1]
         cache = model.new_cache(rows, prefix + max(sizes))
